@@ -1,0 +1,222 @@
+//! Attention for the one text-then-image stream [P 2.2, appendix B.1].
+//!
+//! The stream has `T + I` input positions: position 0 holds a start token, positions 1..=T
+//! the caption, positions T+1.. the image tokens 0..I−2 in raster order (the output at position
+//! p predicts stream token p). A position holding a text token sees the positions before it
+//! (causal). A position holding image token j sees every text position and the image tokens
+//! its layer's sparse pattern allows among 0..=j. Masks are boolean (`true` = may attend),
+//! built once per kind and shape with tensor operations, and handed to libtorch's fused
+//! scaled-dot-product attention; decode steps take one row of the mask.
+
+use std::collections::HashMap;
+
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::AttentionKind;
+
+/// The shape of the stream a mask is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamShape {
+    pub text_len: usize,
+    pub grid: usize,
+    pub conv_kernel: usize,
+}
+
+impl StreamShape {
+    pub fn image_len(&self) -> usize {
+        self.grid * self.grid
+    }
+    pub fn seq_len(&self) -> usize {
+        self.text_len + self.image_len()
+    }
+}
+
+/// The `[L, L]` boolean mask of `kind` (rows: queries, columns: keys).
+pub fn build_mask(kind: AttentionKind, s: StreamShape, device: Device) -> Tensor {
+    let l = s.seq_len() as i64;
+    let t = s.text_len as i64;
+    let w = s.grid as i64;
+    let pos = Tensor::arange(l, (Kind::Int64, device));
+    let q = pos.view([l, 1]);
+    let k = pos.view([1, l]);
+    let causal = k.le_tensor(&q);
+    let key_is_text = k.le(t);
+    let q_img = q.gt(t);
+    // Image index j = p − T − 1; clamped for text positions, which `q_img` masks anyway.
+    let jq = (&q - t - 1).clamp_min(0);
+    let jk = (&k - t - 1).clamp_min(0);
+    let (rq, cq) = (jq.floor_divide_scalar(w), jq.remainder(w));
+    let (rk, ck) = (jk.floor_divide_scalar(w), jk.remainder(w));
+    let pattern = match kind {
+        AttentionKind::Full => Tensor::ones([l, l], (Kind::Bool, device)),
+        AttentionKind::Row => (&jq - &jk).le(w),
+        AttentionKind::Column => cq.eq_tensor(&ck),
+        AttentionKind::Conv => {
+            let r = (s.conv_kernel / 2) as i64;
+            (&rq - &rk)
+                .abs()
+                .le(r)
+                .logical_and(&(&cq - &ck).abs().le(r))
+        }
+    };
+    let image_part = q_img.logical_and(&pattern);
+    causal.logical_and(&key_is_text.logical_or(&image_part))
+}
+
+/// Masks for every kind a model uses, built once for a stream shape and device.
+#[derive(Debug)]
+pub struct MaskSet {
+    shape: StreamShape,
+    masks: HashMap<AttentionKind, Tensor>,
+}
+
+impl MaskSet {
+    pub fn new(kinds: &[AttentionKind], shape: StreamShape, device: Device) -> Self {
+        let mut masks = HashMap::new();
+        for &k in kinds {
+            masks
+                .entry(k)
+                .or_insert_with(|| build_mask(k, shape, device));
+        }
+        Self { shape, masks }
+    }
+
+    pub fn shape(&self) -> StreamShape {
+        self.shape
+    }
+
+    /// The mask for queries `start..start+n` over keys `0..start+n`, or `None` where every
+    /// such key is allowed (full attention on a single trailing query needs no mask).
+    pub fn window(&self, kind: AttentionKind, start: usize, n: usize) -> Option<Tensor> {
+        if n == 1 && kind == AttentionKind::Full {
+            return None;
+        }
+        let m = self.masks.get(&kind)?;
+        Some(
+            m.narrow(0, start as i64, n as i64)
+                .narrow(1, 0, (start + n) as i64),
+        )
+    }
+}
+
+/// Keys and values of every layer for a batch, preallocated to the whole stream.
+#[derive(Debug)]
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(
+        layers: usize,
+        batch: usize,
+        heads: usize,
+        max_len: usize,
+        head_dim: usize,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        let shape = [batch as i64, heads as i64, max_len as i64, head_dim as i64];
+        let mk = || {
+            (0..layers)
+                .map(|_| Tensor::zeros(shape, (kind, device)))
+                .collect()
+        };
+        Self {
+            keys: mk(),
+            values: mk(),
+            len: 0,
+        }
+    }
+
+    /// Number of positions already stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every stored position (the buffers are kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Rows the cache was allocated for.
+    pub fn batch(&self) -> usize {
+        self.keys.first().map(|k| k.size()[0] as usize).unwrap_or(0)
+    }
+}
+
+/// Multi-head self-attention with a fused kernel.
+#[derive(Debug)]
+pub struct Attention {
+    qkv: nn::Linear,
+    out: nn::Linear,
+    n_heads: i64,
+    head_dim: i64,
+    dropout: f64,
+}
+
+impl Attention {
+    pub fn new(
+        vs: nn::Path,
+        d_model: usize,
+        n_heads: usize,
+        head_dim: usize,
+        dropout: f64,
+    ) -> Self {
+        let inner = (n_heads * head_dim) as i64;
+        Self {
+            qkv: nn::linear(&vs / "qkv", d_model as i64, 3 * inner, Default::default()),
+            out: nn::linear(&vs / "out", inner, d_model as i64, Default::default()),
+            n_heads: n_heads as i64,
+            head_dim: head_dim as i64,
+            dropout,
+        }
+    }
+
+    /// `x`: [B, n, d] for positions `start..start+n`. With a cache, this layer's keys and
+    /// values are written at those positions and attention runs over `0..start+n`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        start: usize,
+        train: bool,
+    ) -> Tensor {
+        let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
+        let qkv = self
+            .qkv
+            .forward(x)
+            .view([b, n, 3, self.n_heads, self.head_dim])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let (k, v) = match cache {
+            Some((c, layer)) => {
+                let end = (start as i64) + n;
+                c.keys[layer].narrow(2, start as i64, n).copy_(&k);
+                c.values[layer].narrow(2, start as i64, n).copy_(&v);
+                (
+                    c.keys[layer].narrow(2, 0, end),
+                    c.values[layer].narrow(2, 0, end),
+                )
+            }
+            None => (k, v),
+        };
+        let p = if train { self.dropout } else { 0.0 };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, p, false, None, false);
+        self.out.forward(
+            &y.transpose(1, 2)
+                .reshape([b, n, self.n_heads * self.head_dim]),
+        )
+    }
+}

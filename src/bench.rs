@@ -1,0 +1,230 @@
+//! `tessera bench`: sampling and training throughput of named configurations against the
+//! machine's measured matrix-multiply peak. Every figure is the median of several timed runs
+//! after a warm-up; models are randomly initialised (speed does not depend on the weights).
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::model::Model;
+use crate::params;
+use crate::sample::{SampleOptions, Sampler, batch_seeds};
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub device: Device,
+    pub kind: Kind,
+    pub threads: usize,
+    pub runs: usize,
+    pub configs: Vec<String>,
+    pub sample_batch: usize,
+    pub train_batch: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigBench {
+    pub params: u64,
+    pub transformer_params: u64,
+    pub sample_batch: usize,
+    pub sample_tokens_per_s: f64,
+    pub sample_with_decode_tokens_per_s: f64,
+    pub sample_ms_per_step: f64,
+    pub decode_ms_per_image: f64,
+    pub train_batch: usize,
+    pub train_tokens_per_s: f64,
+    pub train_ms_per_step: f64,
+    pub train_gflops_per_step: f64,
+    pub train_mfu: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub runs: usize,
+    pub matmul_gflops: f64,
+    pub configs: std::collections::BTreeMap<String, ConfigBench>,
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Times `f` `runs` times after one warm-up call; returns the seconds of each run.
+fn time_runs(device: Device, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    f()?;
+    sync(device);
+    let mut out = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        f()?;
+        sync(device);
+        out.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
+/// The machine's matrix-multiply rate in GFLOP/s: median over runs of n×n products.
+pub fn matmul_gflops(device: Device, kind: Kind, runs: usize) -> Result<f64> {
+    let n = if device.is_cuda() { 8192 } else { 2048 };
+    let a = Tensor::randn([n, n], (kind, device));
+    let b = Tensor::randn([n, n], (kind, device));
+    let reps = if device.is_cuda() { 20 } else { 3 };
+    let times = time_runs(device, runs.max(3), || {
+        for _ in 0..reps {
+            let _ = a.matmul(&b);
+        }
+        Ok(())
+    })?;
+    let flops = 2.0 * (n as f64).powi(3) * reps as f64;
+    Ok(flops / median(times) / 1e9)
+}
+
+fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64) -> Result<ConfigBench> {
+    let dev = opts.device;
+    let mut model = Model::random_init(cfg, dev, 0)?;
+    if opts.kind != Kind::Float {
+        model.transformer.vs.set_kind(opts.kind);
+        model.dvae.vs.set_kind(opts.kind);
+    }
+    let counts = params::count(cfg);
+    let net = &model.transformer.net;
+    let b = opts.sample_batch;
+    let image_len = cfg.image_len();
+    let tl = cfg.text.text_len;
+
+    // Sampling: a caption of random tokens filling the text length, all image tokens drawn.
+    let text = Tensor::randint(
+        cfg.text.vocab_size as i64,
+        [b as i64, tl as i64],
+        (Kind::Int64, dev),
+    );
+    let sopts = SampleOptions::default();
+    let mut sample_times = Vec::new();
+    let mut decode_times = Vec::new();
+    let mut run = |record: bool| -> Result<()> {
+        let t0 = Instant::now();
+        let tokens = tch::no_grad(|| {
+            Sampler::new(net, &text, None, &batch_seeds(1, b), &sopts)?.run(|_| true)
+        })?;
+        sync(dev);
+        let t1 = Instant::now();
+        let g = cfg.grid_size() as i64;
+        let imgs = tch::no_grad(|| model.dvae.net.decode(&tokens.view([-1, g, g])));
+        let _ = imgs.to_device(Device::Cpu);
+        let t2 = Instant::now();
+        if record {
+            sample_times.push((t1 - t0).as_secs_f64());
+            decode_times.push((t2 - t1).as_secs_f64());
+        }
+        Ok(())
+    };
+    run(false)?;
+    for _ in 0..opts.runs {
+        run(true)?;
+    }
+    let t_sample = median(sample_times.clone());
+    let t_both = median(
+        sample_times
+            .iter()
+            .zip(&decode_times)
+            .map(|(a, b)| a + b)
+            .collect(),
+    );
+    let tokens = (b * image_len) as f64;
+
+    // Training: forward, backward, clipping and an AdamW update on random tokens.
+    let tb = opts.train_batch;
+    let mut opt = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.96,
+        wd: 4.5e-2,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+    .build(&model.transformer.vs, 1e-4)?;
+    let ttext = Tensor::randint(
+        cfg.text.vocab_size as i64,
+        [tb as i64, tl as i64],
+        (Kind::Int64, dev),
+    );
+    let timg = Tensor::randint(
+        cfg.dvae.vocab_size as i64,
+        [tb as i64, image_len as i64],
+        (Kind::Int64, dev),
+    );
+    let train_times = time_runs(dev, opts.runs, || {
+        let loss = net.loss(&ttext, &timg, true);
+        opt.zero_grad();
+        loss.loss.backward();
+        opt.clip_grad_norm(4.0);
+        opt.step();
+        Ok(())
+    })?;
+    let t_train = median(train_times);
+    let step_flops = 3.0 * params::transformer_forward_flops(cfg) * tb as f64;
+    Ok(ConfigBench {
+        params: counts.total,
+        transformer_params: counts.transformer,
+        sample_batch: b,
+        sample_tokens_per_s: tokens / t_sample,
+        sample_with_decode_tokens_per_s: tokens / t_both,
+        sample_ms_per_step: 1e3 * t_sample / image_len as f64,
+        decode_ms_per_image: 1e3 * median(decode_times) / b as f64,
+        train_batch: tb,
+        train_tokens_per_s: (tb * cfg.seq_len()) as f64 / t_train,
+        train_ms_per_step: 1e3 * t_train,
+        train_gflops_per_step: step_flops / 1e9,
+        train_mfu: step_flops / t_train / (peak_gflops * 1e9),
+    })
+}
+
+/// Runs the benchmark and returns its report.
+pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport> {
+    if opts.device == Device::Cpu {
+        tch::set_num_threads(opts.threads as i32);
+    }
+    log(&format!(
+        "measuring the matrix-multiply peak on {:?}",
+        opts.device
+    ));
+    let peak = matmul_gflops(opts.device, opts.kind, opts.runs)?;
+    let mut configs = std::collections::BTreeMap::new();
+    for name in &opts.configs {
+        log(&format!("config {name}"));
+        let cfg = Config::preset(name)?;
+        configs.insert(cfg.name.clone(), bench_config(&cfg, opts, peak)?);
+    }
+    Ok(BenchReport {
+        device: format!("{:?}", opts.device).to_lowercase(),
+        dtype: format!("{:?}", opts.kind).to_lowercase(),
+        threads: if opts.device == Device::Cpu {
+            opts.threads
+        } else {
+            tch::get_num_threads() as usize
+        },
+        runs: opts.runs,
+        matmul_gflops: peak,
+        configs,
+    })
+}

@@ -1,0 +1,349 @@
+//! Model configuration: one plain struct per component, serialised as `config.json` beside the
+//! weights. Presets reproduce the paper's shapes (`dalle_12b`, SPEC §1) and the small
+//! configurations the project trains and benchmarks on a CPU. Derived sizes are methods, never
+//! stored twice.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Which image-to-image pattern a transformer layer uses (paper, appendix B.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKind {
+    /// Every image token sees every earlier image token.
+    Full,
+    /// Each image token sees itself and the previous `W` image tokens in raster order.
+    Row,
+    /// Each image token sees the earlier image tokens of its own column.
+    Column,
+    /// Each image token sees the causal part of an `k × k` window centred on it.
+    Conv,
+}
+
+/// How the per-layer attention kinds are chosen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionPattern {
+    /// Full attention in every layer.
+    Full,
+    /// The paper's rule: layer i (1-based) < n uses column attention when (i − 2) mod 4 = 0 and
+    /// row attention otherwise; the last layer uses convolutional attention.
+    Paper,
+    /// An explicit list, one entry per layer.
+    Layers(Vec<AttentionKind>),
+}
+
+/// The text side: BPE vocabulary and caption length [P 2.2].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TextConfig {
+    /// BPE vocabulary size (the tokenizer may use fewer).
+    pub vocab_size: usize,
+    /// Caption positions; each has its own learned padding token.
+    pub text_len: usize,
+    /// BPE dropout probability used while training.
+    pub bpe_dropout: f32,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 16_384,
+            text_len: 256,
+            bpe_dropout: 0.1,
+        }
+    }
+}
+
+/// The discrete VAE [P 2.1, appendix A].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DvaeConfig {
+    /// Side of the square RGB input in pixels.
+    pub image_size: usize,
+    /// Codebook size (number of image tokens).
+    pub vocab_size: usize,
+    /// Base width n: groups have widths n, 2n, 4n, 8n.
+    pub hidden: usize,
+    /// Channels after the decoder's first 1×1 convolution.
+    pub n_init: usize,
+    /// Number of groups; the grid is `image_size / 2^(groups − 1)`.
+    pub groups: usize,
+    /// Residual blocks per group.
+    pub blocks_per_group: usize,
+    /// Pixel mapping margin ε: x' = (1 − 2ε)x + ε.
+    pub eps: f64,
+}
+
+impl Default for DvaeConfig {
+    fn default() -> Self {
+        Self {
+            image_size: 256,
+            vocab_size: 8192,
+            hidden: 256,
+            n_init: 128,
+            groups: 4,
+            blocks_per_group: 2,
+            eps: 0.1,
+        }
+    }
+}
+
+impl DvaeConfig {
+    pub fn downsample(&self) -> usize {
+        1 << (self.groups.saturating_sub(1))
+    }
+    pub fn grid_size(&self) -> usize {
+        self.image_size / self.downsample()
+    }
+    pub fn total_blocks(&self) -> usize {
+        self.groups * self.blocks_per_group
+    }
+    /// Width of group `g` (0-based): n·2^g.
+    pub fn group_width(&self, g: usize) -> usize {
+        self.hidden << g
+    }
+}
+
+/// The decoder-only transformer [P 2.2, appendix B].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TransformerConfig {
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub head_dim: usize,
+    /// Hidden width of the MLP as a multiple of `d_model`.
+    pub mlp_ratio: usize,
+    pub attention: AttentionPattern,
+    /// Side of the causal window of convolutional attention.
+    pub conv_kernel: usize,
+    /// Loss weight of the text tokens; the image tokens get 1 − this.
+    pub text_loss_weight: f64,
+    /// Probability of replacing a caption by the null caption while training
+    /// (classifier-free guidance).
+    pub cond_drop_prob: f64,
+    pub dropout: f64,
+}
+
+impl Default for TransformerConfig {
+    fn default() -> Self {
+        Self {
+            d_model: 3968,
+            n_layers: 64,
+            n_heads: 62,
+            head_dim: 64,
+            mlp_ratio: 4,
+            attention: AttentionPattern::Paper,
+            conv_kernel: 11,
+            text_loss_weight: 1.0 / 8.0,
+            cond_drop_prob: 0.0,
+            dropout: 0.0,
+        }
+    }
+}
+
+impl TransformerConfig {
+    pub fn inner_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// The attention kind of every layer.
+    pub fn layer_kinds(&self) -> Vec<AttentionKind> {
+        match &self.attention {
+            AttentionPattern::Full => vec![AttentionKind::Full; self.n_layers],
+            AttentionPattern::Layers(v) => v.clone(),
+            AttentionPattern::Paper => (1..=self.n_layers)
+                .map(|i| {
+                    if i == self.n_layers {
+                        AttentionKind::Conv
+                    } else if (i as i64 - 2).rem_euclid(4) == 0 {
+                        AttentionKind::Column
+                    } else {
+                        AttentionKind::Row
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A whole model: text, dVAE and transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Preset or model name, for display.
+    pub name: String,
+    pub text: TextConfig,
+    pub dvae: DvaeConfig,
+    pub transformer: TransformerConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::dalle_12b()
+    }
+}
+
+/// Names accepted by [`Config::preset`].
+pub const PRESETS: &[&str] = &["tiny", "S", "P", "dalle_12b"];
+
+impl Config {
+    /// The paper's model: 64 layers, 62 heads of 64, 256 text + 1,024 image tokens.
+    pub fn dalle_12b() -> Self {
+        Self {
+            name: "dalle_12b".into(),
+            text: TextConfig::default(),
+            dvae: DvaeConfig::default(),
+            transformer: TransformerConfig::default(),
+        }
+    }
+
+    /// Benchmark configuration S: 64×64 → 8×8 grid, small full-attention transformer.
+    pub fn s() -> Self {
+        Self {
+            name: "S".into(),
+            text: TextConfig {
+                vocab_size: 4096,
+                text_len: 32,
+                bpe_dropout: 0.1,
+            },
+            dvae: DvaeConfig {
+                image_size: 64,
+                vocab_size: 1024,
+                hidden: 64,
+                n_init: 64,
+                ..DvaeConfig::default()
+            },
+            transformer: TransformerConfig {
+                d_model: 256,
+                n_layers: 6,
+                n_heads: 8,
+                head_dim: 32,
+                attention: AttentionPattern::Full,
+                ..TransformerConfig::default()
+            },
+        }
+    }
+
+    /// Benchmark configuration P: the paper's sequence shapes with a small transformer.
+    pub fn p() -> Self {
+        Self {
+            name: "P".into(),
+            text: TextConfig::default(),
+            dvae: DvaeConfig {
+                hidden: 64,
+                n_init: 64,
+                ..DvaeConfig::default()
+            },
+            transformer: TransformerConfig {
+                d_model: 256,
+                n_layers: 4,
+                n_heads: 4,
+                head_dim: 64,
+                ..TransformerConfig::default()
+            },
+        }
+    }
+
+    /// A configuration small enough for unit tests: 16×16 images, 4×4 grid.
+    pub fn tiny() -> Self {
+        Self {
+            name: "tiny".into(),
+            text: TextConfig {
+                vocab_size: 300,
+                text_len: 8,
+                bpe_dropout: 0.0,
+            },
+            dvae: DvaeConfig {
+                image_size: 16,
+                vocab_size: 32,
+                hidden: 8,
+                n_init: 8,
+                groups: 3,
+                blocks_per_group: 1,
+                eps: 0.1,
+            },
+            transformer: TransformerConfig {
+                d_model: 32,
+                n_layers: 4,
+                n_heads: 2,
+                head_dim: 16,
+                conv_kernel: 3,
+                ..TransformerConfig::default()
+            },
+        }
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "tiny" => Ok(Self::tiny()),
+            "S" | "s" => Ok(Self::s()),
+            "P" | "p" => Ok(Self::p()),
+            "dalle_12b" | "dalle-12b" => Ok(Self::dalle_12b()),
+            other => Err(Error::Config(format!(
+                "unknown preset {other:?}; known presets: {}",
+                PRESETS.join(", ")
+            ))),
+        }
+    }
+
+    /// Grid side of the image tokens.
+    pub fn grid_size(&self) -> usize {
+        self.dvae.grid_size()
+    }
+    /// Image tokens per image.
+    pub fn image_len(&self) -> usize {
+        self.grid_size() * self.grid_size()
+    }
+    /// Length of the model's input stream: text positions then image positions.
+    pub fn seq_len(&self) -> usize {
+        self.text.text_len + self.image_len()
+    }
+
+    /// Checks the internal consistency of the configuration.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let d = &self.dvae;
+        let t = &self.transformer;
+        if d.groups == 0 || d.blocks_per_group == 0 || d.hidden == 0 || d.vocab_size < 2 {
+            return bad("dvae: groups, blocks_per_group, hidden must be ≥ 1, vocab ≥ 2".into());
+        }
+        if d.image_size == 0 || d.image_size % d.downsample() != 0 {
+            return bad(format!(
+                "dvae: image_size {} is not a multiple of the downsampling factor {}",
+                d.image_size,
+                d.downsample()
+            ));
+        }
+        if !(0.0..0.5).contains(&d.eps) {
+            return bad(format!("dvae: eps {} must lie in [0, 0.5)", d.eps));
+        }
+        if self.text.text_len == 0 || self.text.vocab_size < 2 {
+            return bad("text: text_len must be ≥ 1 and vocab_size ≥ 2".into());
+        }
+        if t.n_layers == 0 || t.n_heads == 0 || t.head_dim == 0 || t.d_model == 0 {
+            return bad("transformer: layers, heads, head_dim and d_model must be ≥ 1".into());
+        }
+        if let AttentionPattern::Layers(v) = &t.attention {
+            if v.len() != t.n_layers {
+                return bad(format!(
+                    "transformer: {} attention kinds listed for {} layers",
+                    v.len(),
+                    t.n_layers
+                ));
+            }
+        }
+        if t.conv_kernel % 2 == 0 {
+            return bad(format!(
+                "transformer: conv_kernel {} must be odd",
+                t.conv_kernel
+            ));
+        }
+        if !(0.0..=1.0).contains(&t.text_loss_weight) {
+            return bad("transformer: text_loss_weight must lie in [0, 1]".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,332 @@
+//! The discrete VAE that turns an image into a grid of tokens and back [P 2.1, appendix A].
+//!
+//! Encoder: 7×7 conv, `groups` groups of bottleneck residual blocks of widths n·2^g with a
+//! 2× max-pool between groups, ReLU and a 1×1 conv to codebook logits. Decoder: a 1×1 conv
+//! from the (relaxed) one-hot codes, groups of widths 8n … n with nearest 2× upsampling between
+//! them, ReLU and a 1×1 conv to the 6 parameters of a logit-Laplace distribution per pixel.
+//! Residual paths are scaled by 1/L² (L = number of blocks). Pixels live in (ε, 1 − ε).
+//! Training uses the Gumbel-softmax relaxation and a KL term to the uniform prior; tokens for
+//! the transformer are the argmax of the encoder logits.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::config::DvaeConfig;
+
+fn conv(vs: nn::Path, i: usize, o: usize, k: usize) -> nn::Conv2D {
+    let c = nn::ConvConfig {
+        padding: (k / 2) as i64,
+        ..Default::default()
+    };
+    nn::conv2d(vs, i as i64, o as i64, k as i64, c)
+}
+
+/// One bottleneck residual block: identity (or 1×1 conv) + gain · path.
+#[derive(Debug)]
+struct ResBlock {
+    id_path: Option<nn::Conv2D>,
+    res_path: Vec<nn::Conv2D>,
+    post_gain: f64,
+}
+
+impl ResBlock {
+    /// `kernels` are the four kernel sizes of the path: (3,3,3,1) in the encoder,
+    /// (1,3,3,3) in the decoder.
+    fn new(vs: nn::Path, n_in: usize, n_out: usize, kernels: [usize; 4], n_layers: usize) -> Self {
+        let hid = (n_out / 4).max(1);
+        let id_path = (n_in != n_out).then(|| conv(&vs / "id", n_in, n_out, 1));
+        let dims = [(n_in, hid), (hid, hid), (hid, hid), (hid, n_out)];
+        let res = &vs / "res";
+        let res_path = dims
+            .iter()
+            .zip(kernels)
+            .enumerate()
+            .map(|(i, (&(a, b), k))| conv(&res / i, a, b, k))
+            .collect();
+        Self {
+            id_path,
+            res_path,
+            post_gain: 1.0 / (n_layers * n_layers) as f64,
+        }
+    }
+}
+
+impl Module for ResBlock {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let id = match &self.id_path {
+            Some(c) => c.forward(x),
+            None => x.shallow_clone(),
+        };
+        let mut h = x.shallow_clone();
+        for c in &self.res_path {
+            h = c.forward(&h.relu());
+        }
+        id + h * self.post_gain
+    }
+}
+
+#[derive(Debug)]
+struct Encoder {
+    input: nn::Conv2D,
+    groups: Vec<Vec<ResBlock>>,
+    output: nn::Conv2D,
+}
+
+impl Encoder {
+    fn new(vs: nn::Path, cfg: &DvaeConfig) -> Self {
+        let n_layers = cfg.total_blocks();
+        let input = conv(&vs / "input", 3, cfg.hidden, 7);
+        let mut width = cfg.hidden;
+        let groups = (0..cfg.groups)
+            .map(|g| {
+                let w = cfg.group_width(g);
+                let blocks = (0..cfg.blocks_per_group)
+                    .map(|b| {
+                        let n_in = if b == 0 { width } else { w };
+                        ResBlock::new(&vs / "groups" / g / b, n_in, w, [3, 3, 3, 1], n_layers)
+                    })
+                    .collect();
+                width = w;
+                blocks
+            })
+            .collect();
+        let output = conv(&vs / "output", width, cfg.vocab_size, 1);
+        Self {
+            input,
+            groups,
+            output,
+        }
+    }
+}
+
+impl Module for Encoder {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut h = self.input.forward(x);
+        let last = self.groups.len() - 1;
+        for (g, blocks) in self.groups.iter().enumerate() {
+            for b in blocks {
+                h = b.forward(&h);
+            }
+            if g < last {
+                h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+            }
+        }
+        self.output.forward(&h.relu())
+    }
+}
+
+#[derive(Debug)]
+struct Decoder {
+    input: nn::Conv2D,
+    groups: Vec<Vec<ResBlock>>,
+    output: nn::Conv2D,
+    vocab: usize,
+}
+
+impl Decoder {
+    fn new(vs: nn::Path, cfg: &DvaeConfig) -> Self {
+        let n_layers = cfg.total_blocks();
+        let input = conv(&vs / "input", cfg.vocab_size, cfg.n_init, 1);
+        let mut width = cfg.n_init;
+        let groups = (0..cfg.groups)
+            .map(|g| {
+                let w = cfg.group_width(cfg.groups - 1 - g);
+                let blocks = (0..cfg.blocks_per_group)
+                    .map(|b| {
+                        let n_in = if b == 0 { width } else { w };
+                        ResBlock::new(&vs / "groups" / g / b, n_in, w, [1, 3, 3, 3], n_layers)
+                    })
+                    .collect();
+                width = w;
+                blocks
+            })
+            .collect();
+        let output = conv(&vs / "output", width, 6, 1);
+        Self {
+            input,
+            groups,
+            output,
+            vocab: cfg.vocab_size,
+        }
+    }
+
+    /// The body after the input convolution.
+    fn body(&self, mut h: Tensor) -> Tensor {
+        let last = self.groups.len() - 1;
+        for (g, blocks) in self.groups.iter().enumerate() {
+            for b in blocks {
+                h = b.forward(&h);
+            }
+            if g < last {
+                let (_, _, hh, ww) = h.size4().unwrap_or((0, 0, 0, 0));
+                h = h.upsample_nearest2d([2 * hh, 2 * ww], 2.0, 2.0);
+            }
+        }
+        self.output.forward(&h.relu())
+    }
+
+    /// Hard codes [B, G, G] → distribution parameters: the 1×1 input conv of a one-hot is a
+    /// column lookup, done as a gather instead of materialising the one-hot.
+    fn forward_codes(&self, codes: &Tensor) -> Tensor {
+        let (b, gh, gw) = codes.size3().unwrap_or((0, 0, 0));
+        let w = self.input.ws.view([-1, self.vocab as i64]);
+        let mut h = w
+            .index_select(1, &codes.flatten(0, -1))
+            .view([-1, b, gh, gw])
+            .permute([1, 0, 2, 3]);
+        if let Some(bias) = &self.input.bs {
+            h = h + bias.view([1, -1, 1, 1]);
+        }
+        self.body(h.contiguous())
+    }
+}
+
+/// Loss terms of one dVAE training step.
+#[derive(Debug)]
+pub struct DvaeLoss {
+    /// Total to minimise: nll + β · kl · (grid cells) / (pixel values).
+    pub loss: Tensor,
+    /// Mean negative log-likelihood per pixel value (logit-Laplace).
+    pub nll: Tensor,
+    /// Mean KL to the uniform prior per grid position (nats).
+    pub kl: Tensor,
+    /// Mean squared error of the reconstruction in [0, 1].
+    pub mse: Tensor,
+}
+
+/// The discrete VAE.
+#[derive(Debug)]
+pub struct Dvae {
+    encoder: Encoder,
+    decoder: Decoder,
+    cfg: DvaeConfig,
+}
+
+impl Dvae {
+    pub fn new(vs: nn::Path, cfg: &DvaeConfig) -> Self {
+        Self {
+            encoder: Encoder::new(&vs / "encoder", cfg),
+            decoder: Decoder::new(&vs / "decoder", cfg),
+            cfg: cfg.clone(),
+        }
+    }
+
+    pub fn config(&self) -> &DvaeConfig {
+        &self.cfg
+    }
+
+    /// [0, 1] → (ε, 1 − ε).
+    pub fn map_pixels(&self, x: &Tensor) -> Tensor {
+        let e = self.cfg.eps;
+        x * (1.0 - 2.0 * e) + e
+    }
+
+    /// (ε, 1 − ε) → [0, 1].
+    pub fn unmap_pixels(&self, x: &Tensor) -> Tensor {
+        let e = self.cfg.eps;
+        ((x - e) / (1.0 - 2.0 * e)).clamp(0.0, 1.0)
+    }
+
+    /// Codebook logits [B, V, G, G] for images [B, 3, H, W] in [0, 1].
+    pub fn encoder_logits(&self, images: &Tensor) -> Tensor {
+        self.encoder.forward(&self.map_pixels(images))
+    }
+
+    /// Image tokens [B, G, G] (argmax of the encoder logits, no noise).
+    pub fn encode(&self, images: &Tensor) -> Tensor {
+        self.encoder_logits(images).argmax(1, false)
+    }
+
+    /// Images [B, 3, H, W] in [0, 1] from tokens [B, G, G].
+    pub fn decode(&self, codes: &Tensor) -> Tensor {
+        let stats = self.decoder.forward_codes(codes);
+        self.unmap_pixels(&stats.narrow(1, 0, 3).sigmoid())
+    }
+
+    /// One training step's losses with Gumbel-softmax temperature `tau` and KL weight `beta`.
+    pub fn loss(&self, images: &Tensor, tau: f64, beta: f64) -> DvaeLoss {
+        let x = self.map_pixels(images);
+        let logits = self.encoder.forward(&x);
+        let u = logits.rand_like().clamp(1e-10, 1.0 - 1e-7);
+        let gumbel = -(-u.log()).log();
+        let z = ((&logits + gumbel) / tau).softmax(1, Kind::Float);
+        let stats = self.decoder.body(self.decoder.input.forward(&z));
+        let mu = stats.narrow(1, 0, 3);
+        let ln_b = stats.narrow(1, 3, 3);
+        let logit_x = (&x / (-&x + 1.0)).log();
+        // −ln f(x | μ, b) = |logit x − μ| / b + ln(2b) + ln(x(1 − x))
+        let nll = ((&logit_x - &mu).abs() * (-&ln_b).exp()
+            + &ln_b
+            + std::f64::consts::LN_2
+            + (&x * (-&x + 1.0)).log())
+        .mean(Kind::Float);
+        let log_q = logits.log_softmax(1, Kind::Float);
+        let kl = (log_q.exp() * (&log_q + (self.cfg.vocab_size as f64).ln()))
+            .sum_dim_intlist(1, false, Kind::Float)
+            .mean(Kind::Float);
+        let (_, _, gh, gw) = logits.size4().unwrap_or((1, 1, 1, 1));
+        let (_, c, h, w) = images.size4().unwrap_or((1, 3, 1, 1));
+        let kl_weight = beta * (gh * gw) as f64 / (c * h * w) as f64;
+        let recon = self.unmap_pixels(&mu.sigmoid());
+        let mse = (recon.detach() - images).square().mean(Kind::Float);
+        DvaeLoss {
+            loss: &nll + &kl * kl_weight,
+            nll,
+            kl,
+            mse,
+        }
+    }
+}
+
+/// Cosine interpolation from `start` (step 0) to `end` (step ≥ `total`).
+pub fn cosine_anneal(start: f64, end: f64, step: usize, total: usize) -> f64 {
+    let t = if total == 0 {
+        1.0
+    } else {
+        (step as f64 / total as f64).min(1.0)
+    };
+    end + (start - end) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// The paper's dVAE schedules [P A.2] as functions of the update count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DvaeSchedule {
+    pub beta_max: f64,
+    pub beta_steps: usize,
+    pub tau_start: f64,
+    pub tau_end: f64,
+    pub tau_steps: usize,
+    pub lr_start: f64,
+    pub lr_end: f64,
+    pub lr_steps: usize,
+}
+
+impl Default for DvaeSchedule {
+    fn default() -> Self {
+        Self {
+            beta_max: 6.6,
+            beta_steps: 5_000,
+            tau_start: 1.0,
+            tau_end: 1.0 / 16.0,
+            tau_steps: 150_000,
+            lr_start: 1e-4,
+            lr_end: 1.25e-6,
+            lr_steps: 1_200_000,
+        }
+    }
+}
+
+impl DvaeSchedule {
+    /// KL weight, increased from 0 to `beta_max`.
+    pub fn beta(&self, step: usize) -> f64 {
+        cosine_anneal(0.0, self.beta_max, step, self.beta_steps)
+    }
+    /// Gumbel-softmax temperature, decreased from `tau_start` to `tau_end`.
+    pub fn tau(&self, step: usize) -> f64 {
+        cosine_anneal(self.tau_start, self.tau_end, step, self.tau_steps)
+    }
+    /// Learning rate, decreased from `lr_start` to `lr_end`.
+    pub fn lr(&self, step: usize) -> f64 {
+        cosine_anneal(self.lr_start, self.lr_end, step, self.lr_steps)
+    }
+}

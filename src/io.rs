@@ -1,0 +1,192 @@
+//! Files: atomic writes and strict safetensors reading and writing of a `VarStore`.
+//!
+//! Every file Tessera writes goes to a temporary file in the same folder first and is renamed
+//! into place, so a kill or a full disk leaves either the old file or the new one, never half
+//! of one. Loading compares the file against the model the config describes and names each
+//! missing, unexpected or wrongly shaped tensor.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+struct Raw {
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Raw {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn tensor_f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let flat = t
+        .detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous()
+        .flatten(0, -1);
+    let v = Vec::<f32>::try_from(&flat)?;
+    Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// Serialises the variables of `vs` (as f32) into safetensors bytes, names sorted.
+pub fn varstore_to_safetensors(vs: &VarStore) -> Result<Vec<u8>> {
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let mut raws = Vec::with_capacity(vars.len());
+    for (name, t) in &vars {
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        raws.push((
+            name.clone(),
+            Raw {
+                shape,
+                data: tensor_f32_bytes(t)?,
+            },
+        ));
+    }
+    let views = raws.iter().map(|(n, r)| (n.as_str(), r));
+    safetensors::serialize(views, &None)
+        .map_err(|e| Error::Invalid(format!("cannot serialise weights: {e}")))
+}
+
+/// Writes the variables of `vs` to a safetensors file, atomically.
+pub fn save_varstore(vs: &VarStore, path: &Path) -> Result<()> {
+    write_atomic(path, &varstore_to_safetensors(vs)?)
+}
+
+fn decode_values(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    match dtype {
+        Dtype::F32 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        Dtype::F16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        Dtype::BF16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// Loads safetensors bytes into `vs`, which must hold exactly the same names and shapes.
+pub fn load_varstore_bytes(vs: &mut VarStore, bytes: &[u8], path: &Path) -> Result<()> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::checkpoint(
+            path,
+            format!("not a readable safetensors file (corrupt or truncated?): {e}"),
+        )
+    })?;
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let mut problems = Vec::new();
+    for (name, var) in &vars {
+        match st.tensor(name) {
+            Err(_) => problems.push(format!("missing tensor {name}")),
+            Ok(view) => {
+                let want: Vec<usize> = var.size().iter().map(|&d| d as usize).collect();
+                if view.shape() != want.as_slice() {
+                    problems.push(format!(
+                        "tensor {name} has shape {:?} in the file but the config needs {:?}",
+                        view.shape(),
+                        want
+                    ));
+                } else if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                    problems.push(format!(
+                        "tensor {name} has unsupported dtype {:?}",
+                        view.dtype()
+                    ));
+                }
+            }
+        }
+    }
+    for name in st.names() {
+        if !vars.contains_key(name.as_str()) {
+            problems.push(format!("unexpected tensor {name}"));
+        }
+    }
+    if !problems.is_empty() {
+        let n = problems.len();
+        problems.truncate(6);
+        let more = if n > 6 {
+            format!(" (and {} more)", n - 6)
+        } else {
+            String::new()
+        };
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "weights do not match the config: {}{more}",
+                problems.join("; ")
+            ),
+        ));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, var) in &vars {
+            let view = st
+                .tensor(name)
+                .map_err(|e| Error::checkpoint(path, e.to_string()))?;
+            let values = decode_values(view.dtype(), view.data())
+                .ok_or_else(|| Error::checkpoint(path, format!("tensor {name}: bad dtype")))?;
+            let t = Tensor::from_slice(&values).view(var.size().as_slice());
+            let mut var = var.shallow_clone();
+            var.f_copy_(&t.to_kind(var.kind()).to_device(var.device()))?;
+        }
+        Ok(())
+    })
+}
+
+/// Loads a safetensors file into `vs` (see [`load_varstore_bytes`]).
+pub fn load_varstore(vs: &mut VarStore, path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    load_varstore_bytes(vs, &bytes, path)
+}

@@ -1,0 +1,47 @@
+//! Tessera: OpenAI's DALL·E (Ramesh et al. 2021, "Zero-Shot Text-to-Image Generation") on
+//! libtorch. A discrete VAE turns images into a grid of tokens ([`dvae`]), a transformer
+//! models caption and image tokens as one stream with the paper's sparse attention
+//! ([`transformer`], [`attention`]), and [`sample`] draws images token by token with a KV cache.
+
+pub mod attention;
+pub mod bench;
+pub mod config;
+pub mod dvae;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod params;
+pub mod sample;
+pub mod text;
+pub mod transformer;
+
+pub use config::{AttentionKind, AttentionPattern, Config};
+pub use error::{Error, Result};
+pub use model::Model;
+pub use sample::{SampleOptions, Sampler};
+
+/// Picks the compute device from a name: `cpu`, `cuda`, `cuda:N` or `auto`.
+pub fn parse_device(name: &str) -> Result<tch::Device> {
+    match name {
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" | "gpu" => {
+            if tch::Cuda::is_available() {
+                Ok(tch::Device::Cuda(0))
+            } else {
+                Err(Error::Invalid(
+                    "CUDA was asked for but no CUDA device is available".into(),
+                ))
+            }
+        }
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(i) if (i as i64) < tch::Cuda::device_count() => Ok(tch::Device::Cuda(i)),
+            _ => Err(Error::Invalid(format!(
+                "unknown or unavailable device {other:?}"
+            ))),
+        },
+    }
+}

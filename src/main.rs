@@ -1,0 +1,338 @@
+//! The `tessera` command line: generate images, describe models, benchmark.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use tessera::bench::{self, BenchOptions};
+use tessera::model::Model;
+use tessera::{Config, SampleOptions, params};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "DALL·E on libtorch: text-to-image with a discrete VAE and a sparse transformer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images for a prompt and write them as PNG files.
+    Generate(GenerateArgs),
+    /// Print a model's or a preset's configuration and parameter counts.
+    Info(InfoArgs),
+    /// Measure sampling and training throughput (JSON on stdout).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelSource {
+    /// Model directory (config.json, tokenizer.json, *.safetensors).
+    #[arg(long, conflicts_with = "random_init")]
+    model: Option<PathBuf>,
+    /// Use a randomly initialised preset instead of a trained model (tiny, S, P, dalle_12b).
+    #[arg(long, value_name = "PRESET")]
+    random_init: Option<String>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    source: ModelSource,
+    /// The caption to draw.
+    #[arg(long)]
+    prompt: String,
+    /// Number of samples.
+    #[arg(short = 'n', long, default_value_t = 4)]
+    n: usize,
+    /// Seed of the first sample (sample i uses seed + i); random when omitted.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Classifier-free guidance scale (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    guidance: f64,
+    /// An image whose top rows are kept; the model completes the rest.
+    #[arg(long, requires = "keep_rows")]
+    prefix_image: Option<PathBuf>,
+    /// Token rows of the prefix image to keep.
+    #[arg(long, requires = "prefix_image")]
+    keep_rows: Option<usize>,
+    /// Output folder.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// CPU threads for libtorch (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    preset: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// libtorch CPU threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Timed runs per figure (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Configurations to measure.
+    #[arg(long, value_delimiter = ',', default_value = "S,P")]
+    configs: Vec<String>,
+    #[arg(long, default_value_t = 4)]
+    sample_batch: usize,
+    #[arg(long, default_value_t = 8)]
+    train_batch: usize,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Info(a) => info(a),
+        Command::Bench(a) => run_bench(a),
+    }
+}
+
+fn load_model(src: &ModelSource, device: tch::Device) -> Result<Model> {
+    match (&src.model, &src.random_init) {
+        (Some(dir), _) => {
+            Model::load(dir, device).with_context(|| format!("loading model {}", dir.display()))
+        }
+        (None, Some(preset)) => {
+            let cfg = Config::preset(preset)?;
+            eprintln!("note: {preset} is randomly initialised; its images are noise until trained");
+            Ok(Model::random_init(&cfg, device, 0)?)
+        }
+        (None, None) => bail!("give --model DIR or --random-init PRESET"),
+    }
+}
+
+/// Reads an image file, centre-crops it to a square and resizes it to `size`.
+fn load_square_rgb(path: &Path, size: usize) -> Result<Vec<u8>> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("reading {}", path.display()))?
+        .decode()
+        .with_context(|| format!("{} is not a readable image", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    let side = w.min(h);
+    let cropped =
+        image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
+    let resized = image::imageops::resize(
+        &cropped,
+        size as u32,
+        size as u32,
+        image::imageops::FilterType::Triangle,
+    );
+    Ok(resized.into_raw())
+}
+
+fn unused_path(dir: &Path, seed: u64) -> PathBuf {
+    let first = tessera::model::sample_file_name(dir, seed);
+    if !first.exists() {
+        return first;
+    }
+    (1..)
+        .map(|i| dir.join(format!("sample-{seed}-{i}.png")))
+        .find(|p| !p.exists())
+        .unwrap_or(first)
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t as i32);
+    }
+    let device = tessera::parse_device(&a.device)?;
+    let model = load_model(&a.source, device)?;
+    let enc = model.encode_prompt(&a.prompt)?;
+    if enc.truncated() {
+        eprintln!(
+            "warning: the prompt has {} tokens; only the first {} are used",
+            enc.full_len, model.config.text.text_len
+        );
+    }
+    let prefix = match (&a.prefix_image, a.keep_rows) {
+        (Some(path), Some(rows)) => {
+            let rgb = load_square_rgb(path, model.config.dvae.image_size)?;
+            Some(model.prefix_tokens(&rgb, rows)?)
+        }
+        _ => None,
+    };
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 % 1_000_000_007)
+            .unwrap_or(0)
+    });
+    let opts = SampleOptions {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        guidance: a.guidance,
+    };
+    let t0 = std::time::Instant::now();
+    let mut last_pct = usize::MAX;
+    let samples = model.generate(&a.prompt, a.n, seed, prefix.as_ref(), &opts, |s| {
+        let p = s.progress();
+        let pct = 100 * p.done / p.total.max(1);
+        if pct != last_pct {
+            last_pct = pct;
+            eprint!("\rsampling {}/{} tokens ({pct}%)", p.done, p.total);
+            let _ = std::io::stderr().flush();
+        }
+        true
+    })?;
+    eprintln!();
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    for s in &samples {
+        let path = unused_path(&a.out, s.seed);
+        let img = image::RgbImage::from_raw(s.size as u32, s.size as u32, s.rgb.clone())
+            .context("image buffer")?;
+        let mut bytes = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )?;
+        tessera::io::write_atomic(&path, &bytes)?;
+        println!("{}", path.display());
+    }
+    eprintln!(
+        "{} images in {:.1}s on {:?}",
+        samples.len(),
+        t0.elapsed().as_secs_f64(),
+        device
+    );
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let cfg = match (&a.model, &a.preset) {
+        (Some(dir), _) => Model::load_config(dir)?,
+        (None, Some(p)) => Config::preset(p)?,
+        (None, None) => bail!("give --model DIR or --preset NAME"),
+    };
+    let count = params::count(&cfg);
+    if a.json {
+        let mut p = serde_json::Map::new();
+        p.insert("total".into(), count.total.into());
+        p.insert("transformer".into(), count.transformer.into());
+        p.insert("dvae".into(), count.dvae.into());
+        for (k, v) in count
+            .transformer_parts
+            .iter()
+            .map(|(k, v)| (format!("transformer.{k}"), v))
+            .chain(
+                count
+                    .dvae_parts
+                    .iter()
+                    .map(|(k, v)| (format!("dvae.{k}"), v)),
+            )
+        {
+            p.insert(k, (*v).into());
+        }
+        let out = serde_json::json!({
+            "name": cfg.name,
+            "params": p,
+            "grid": cfg.grid_size(),
+            "seq_len": cfg.seq_len(),
+            "layer_attention": cfg.transformer.layer_kinds(),
+            "config": cfg,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{}", serde_json::to_string_pretty(&cfg)?);
+    println!();
+    println!(
+        "stream: {} text + {} image tokens ({}×{} grid)",
+        cfg.text.text_len,
+        cfg.image_len(),
+        cfg.grid_size(),
+        cfg.grid_size()
+    );
+    println!("parameters: {} total", human(count.total));
+    println!("  transformer {}", human(count.transformer));
+    for (k, v) in &count.transformer_parts {
+        println!("    {k:<11} {}", human(*v));
+    }
+    println!("  dvae        {}", human(count.dvae));
+    for (k, v) in &count.dvae_parts {
+        println!("    {k:<11} {}", human(*v));
+    }
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    let f = n as f64;
+    if f >= 1e9 {
+        format!("{n} ({:.2} B)", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{n} ({:.2} M)", f / 1e6)
+    } else {
+        n.to_string()
+    }
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    let device = tessera::parse_device(&a.device)?;
+    let kind = match a.dtype.as_str() {
+        "f32" | "float32" => tch::Kind::Float,
+        "bf16" | "bfloat16" => tch::Kind::BFloat16,
+        other => bail!("unknown dtype {other:?} (f32 or bf16)"),
+    };
+    if a.runs < 1 {
+        bail!("--runs must be at least 1");
+    }
+    let opts = BenchOptions {
+        device,
+        kind,
+        threads: a.threads,
+        runs: a.runs,
+        configs: a.configs,
+        sample_batch: a.sample_batch,
+        train_batch: a.train_batch,
+    };
+    let report = bench::run(&opts, |m| eprintln!("bench: {m}"))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

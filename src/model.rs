@@ -1,0 +1,274 @@
+//! A whole model on disk and in memory: one directory with `config.json`, `tokenizer.json`,
+//! `dvae.safetensors` and `transformer.safetensors`. Each component has its own `VarStore`, so
+//! it can be loaded, frozen, cast and placed on its own. Loading checks every file against the
+//! config and names what does not match.
+
+use std::path::{Path, PathBuf};
+
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::Config;
+use crate::dvae::Dvae;
+use crate::error::{Error, Result};
+use crate::io::{load_varstore, save_varstore, write_atomic};
+use crate::sample::{SampleOptions, Sampler, batch_seeds};
+use crate::text::{Encoded, TextTokenizer, bootstrap_corpus};
+use crate::transformer::Transformer;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const DVAE_FILE: &str = "dvae.safetensors";
+pub const TRANSFORMER_FILE: &str = "transformer.safetensors";
+
+/// The dVAE with its weights.
+#[derive(Debug)]
+pub struct DvaeModel {
+    pub vs: VarStore,
+    pub net: Dvae,
+}
+
+impl DvaeModel {
+    pub fn new(cfg: &Config, device: Device) -> Self {
+        let vs = VarStore::new(device);
+        let net = Dvae::new(vs.root(), &cfg.dvae);
+        Self { vs, net }
+    }
+}
+
+/// The transformer with its weights.
+#[derive(Debug)]
+pub struct TransformerModel {
+    pub vs: VarStore,
+    pub net: Transformer,
+}
+
+impl TransformerModel {
+    pub fn new(cfg: &Config, device: Device) -> Self {
+        let vs = VarStore::new(device);
+        let net = Transformer::new(vs.root(), cfg);
+        Self { vs, net }
+    }
+}
+
+/// A caption, image tokenizer and transformer ready to sample.
+#[derive(Debug)]
+pub struct Model {
+    pub config: Config,
+    pub tokenizer: TextTokenizer,
+    pub dvae: DvaeModel,
+    pub transformer: TransformerModel,
+    pub device: Device,
+}
+
+/// One generated image.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub seed: u64,
+    pub tokens: Vec<i64>,
+    /// RGB8, row-major, `size × size × 3`.
+    pub rgb: Vec<u8>,
+    pub size: usize,
+}
+
+/// Converts images [B, 3, H, W] in [0, 1] to RGB8 buffers.
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let imgs = (images.clamp(0.0, 1.0) * 255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .to_device(Device::Cpu)
+        .contiguous();
+    let b = imgs.size()[0];
+    (0..b)
+        .map(|i| Ok(Vec::<u8>::try_from(&imgs.get(i).flatten(0, -1))?))
+        .collect()
+}
+
+/// Converts RGB8 images (each `size × size × 3`) to a tensor [B, 3, H, W] in [0, 1].
+pub fn from_rgb8(images: &[Vec<u8>], size: usize, device: Device) -> Result<Tensor> {
+    let mut flat = Vec::with_capacity(images.len() * size * size * 3);
+    for img in images {
+        if img.len() != size * size * 3 {
+            return Err(Error::Invalid(format!(
+                "image buffer of {} bytes is not {size}×{size} RGB",
+                img.len()
+            )));
+        }
+        flat.extend_from_slice(img);
+    }
+    Ok(Tensor::from_slice(&flat)
+        .view([images.len() as i64, size as i64, size as i64, 3])
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        .to_device(device)
+        / 255.0)
+}
+
+impl Model {
+    /// A randomly initialised model whose tokenizer is trained on a small built-in corpus.
+    pub fn random_init(config: &Config, device: Device, seed: i64) -> Result<Self> {
+        config.validate()?;
+        tch::manual_seed(seed);
+        let corpus = bootstrap_corpus();
+        let vocab = config.text.vocab_size.max(300);
+        let tokenizer = TextTokenizer::train(corpus.iter(), vocab)?;
+        if tokenizer.vocab_size() > config.text.vocab_size {
+            return Err(Error::Config(format!(
+                "text vocabulary {} is too small for the byte-level tokenizer ({} tokens)",
+                config.text.vocab_size,
+                tokenizer.vocab_size()
+            )));
+        }
+        Ok(Self {
+            config: config.clone(),
+            tokenizer,
+            dvae: DvaeModel::new(config, device),
+            transformer: TransformerModel::new(config, device),
+            device,
+        })
+    }
+
+    /// Writes the model directory (each file atomically).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let json = serde_json::to_string_pretty(&self.config)
+            .map_err(|e| Error::Invalid(format!("cannot serialise config: {e}")))?;
+        write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
+        self.tokenizer.save(&dir.join(TOKENIZER_FILE))?;
+        save_varstore(&self.dvae.vs, &dir.join(DVAE_FILE))?;
+        save_varstore(&self.transformer.vs, &dir.join(TRANSFORMER_FILE))?;
+        Ok(())
+    }
+
+    /// Reads and validates `config.json` of a model directory.
+    pub fn load_config(dir: &Path) -> Result<Config> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let cfg: Config = serde_json::from_str(&text)
+            .map_err(|e| Error::checkpoint(&path, format!("not a valid config: {e}")))?;
+        cfg.validate()
+            .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Loads a model directory onto `device`.
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(dir, "no such model directory"));
+        }
+        let config = Self::load_config(dir)?;
+        let tok_path = dir.join(TOKENIZER_FILE);
+        let tokenizer = TextTokenizer::load(&tok_path)?;
+        if tokenizer.vocab_size() > config.text.vocab_size {
+            return Err(Error::checkpoint(
+                &tok_path,
+                format!(
+                    "tokenizer has {} tokens but the config's text vocabulary is {}",
+                    tokenizer.vocab_size(),
+                    config.text.vocab_size
+                ),
+            ));
+        }
+        let mut dvae = DvaeModel::new(&config, device);
+        load_varstore(&mut dvae.vs, &dir.join(DVAE_FILE))?;
+        let mut transformer = TransformerModel::new(&config, device);
+        load_varstore(&mut transformer.vs, &dir.join(TRANSFORMER_FILE))?;
+        Ok(Self {
+            config,
+            tokenizer,
+            dvae,
+            transformer,
+            device,
+        })
+    }
+
+    /// Encodes a prompt; empty prompts are an error.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Encoded> {
+        self.tokenizer.encode(prompt, self.config.text.text_len)
+    }
+
+    /// Image tokens [1, P] of the first `keep_rows` grid rows of an RGB8 image.
+    pub fn prefix_tokens(&self, rgb: &[u8], keep_rows: usize) -> Result<Tensor> {
+        let g = self.config.grid_size();
+        if keep_rows > g {
+            return Err(Error::Invalid(format!(
+                "keep-rows {keep_rows} exceeds the grid's {g} rows"
+            )));
+        }
+        let x = from_rgb8(&[rgb.to_vec()], self.config.dvae.image_size, self.device)?;
+        let codes = tch::no_grad(|| self.dvae.net.encode(&x));
+        Ok(codes.flatten(1, -1).narrow(1, 0, (keep_rows * g) as i64))
+    }
+
+    /// Starts sampling `n` images for `prompt`, seeds `seed..seed+n`, optionally completing
+    /// from given image tokens [1, P] or [n, P].
+    pub fn sampler(
+        &self,
+        prompt: &str,
+        n: usize,
+        seed: u64,
+        prefix: Option<&Tensor>,
+        opts: &SampleOptions,
+    ) -> Result<Sampler<'_>> {
+        if n == 0 {
+            return Err(Error::Invalid(
+                "the number of samples must be at least 1".into(),
+            ));
+        }
+        let enc = self.encode_prompt(prompt)?;
+        let text = self.transformer.net.pad_text(&vec![enc.ids; n]);
+        let prefix = prefix.map(|p| {
+            if p.size()[0] == 1 && n > 1 {
+                p.repeat([n as i64, 1])
+            } else {
+                p.shallow_clone()
+            }
+        });
+        Sampler::new(
+            &self.transformer.net,
+            &text,
+            prefix.as_ref(),
+            &batch_seeds(seed, n),
+            opts,
+        )
+    }
+
+    /// Decodes image tokens [B, I] into RGB8 images.
+    pub fn decode(&self, tokens: &Tensor) -> Result<Vec<Vec<u8>>> {
+        let g = self.config.grid_size() as i64;
+        let imgs = tch::no_grad(|| self.dvae.net.decode(&tokens.view([-1, g, g])));
+        to_rgb8(&imgs)
+    }
+
+    /// Samples and decodes `n` images in one batch.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        n: usize,
+        seed: u64,
+        prefix: Option<&Tensor>,
+        opts: &SampleOptions,
+        on_step: impl FnMut(&Sampler) -> bool,
+    ) -> Result<Vec<Sample>> {
+        let tokens = self.sampler(prompt, n, seed, prefix, opts)?.run(on_step)?;
+        let rgb = self.decode(&tokens)?;
+        let toks = tokens.to_device(Device::Cpu);
+        rgb.into_iter()
+            .enumerate()
+            .map(|(i, rgb)| {
+                Ok(Sample {
+                    seed: seed.wrapping_add(i as u64),
+                    tokens: Vec::<i64>::try_from(&toks.get(i as i64))?,
+                    rgb,
+                    size: self.config.dvae.image_size,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Default output file name for sample `i` of a run.
+pub fn sample_file_name(dir: &Path, seed: u64) -> PathBuf {
+    dir.join(format!("sample-{seed}.png"))
+}

@@ -1,0 +1,296 @@
+//! The decoder-only transformer over one stream of caption then image tokens [P 2.2, B.1–B.2].
+//!
+//! Caption slots that hold no token take the learned padding token of their position (id
+//! `text_vocab + position`); the stream begins with a start token. Image tokens get a row and a
+//! column embedding. Pre-norm blocks with sparse attention by layer (see `attention`), a text
+//! head over caption tokens and padding tokens, and an image head over the codebook. The loss is
+//! cross-entropy normalised per modality and weighted (1/8 text, 7/8 image in the paper).
+
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::attention::{Attention, KvCache, MaskSet, StreamShape};
+use crate::config::{AttentionKind, Config};
+
+#[derive(Debug)]
+struct Block {
+    ln1: nn::LayerNorm,
+    attn: Attention,
+    ln2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    kind: AttentionKind,
+}
+
+impl Block {
+    fn new(vs: nn::Path, cfg: &Config, kind: AttentionKind) -> Self {
+        let t = &cfg.transformer;
+        let d = t.d_model as i64;
+        let hidden = (t.d_model * t.mlp_ratio) as i64;
+        Self {
+            ln1: nn::layer_norm(&vs / "ln1", vec![d], Default::default()),
+            attn: Attention::new(&vs / "attn", t.d_model, t.n_heads, t.head_dim, t.dropout),
+            ln2: nn::layer_norm(&vs / "ln2", vec![d], Default::default()),
+            fc1: nn::linear(&vs / "fc1", d, hidden, Default::default()),
+            fc2: nn::linear(&vs / "fc2", hidden, d, Default::default()),
+            kind,
+        }
+    }
+}
+
+/// Loss of one training batch.
+#[derive(Debug)]
+pub struct TransformerLoss {
+    pub loss: Tensor,
+    pub text: Tensor,
+    pub image: Tensor,
+}
+
+#[derive(Debug)]
+pub struct Transformer {
+    text_emb: nn::Embedding,
+    text_pos: nn::Embedding,
+    image_emb: nn::Embedding,
+    row_emb: nn::Embedding,
+    col_emb: nn::Embedding,
+    blocks: Vec<Block>,
+    ln_f: nn::LayerNorm,
+    text_head: nn::Linear,
+    image_head: nn::Linear,
+    masks: MaskSet,
+    cfg: Config,
+    dropout: f64,
+}
+
+impl Transformer {
+    pub fn new(vs: nn::Path, cfg: &Config) -> Self {
+        let t = &cfg.transformer;
+        let d = t.d_model as i64;
+        let tl = cfg.text.text_len as i64;
+        let tv = cfg.text.vocab_size as i64;
+        let g = cfg.grid_size() as i64;
+        let emb = |name: &str, n: i64| {
+            let c = nn::EmbeddingConfig {
+                ws_init: nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+                ..Default::default()
+            };
+            nn::embedding(&vs / name, n, d, c)
+        };
+        let kinds = t.layer_kinds();
+        let blocks = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| Block::new(&vs / "blocks" / i, cfg, k))
+            .collect();
+        let shape = StreamShape {
+            text_len: cfg.text.text_len,
+            grid: cfg.grid_size(),
+            conv_kernel: t.conv_kernel,
+        };
+        Self {
+            // caption tokens, one padding token per position, and the start token
+            text_emb: emb("text_emb", tv + tl + 1),
+            text_pos: emb("text_pos", tl + 1),
+            image_emb: emb("image_emb", cfg.dvae.vocab_size as i64),
+            row_emb: emb("row_emb", g),
+            col_emb: emb("col_emb", g),
+            blocks,
+            ln_f: nn::layer_norm(&vs / "ln_f", vec![d], Default::default()),
+            text_head: nn::linear(&vs / "text_head", d, tv + tl, Default::default()),
+            image_head: nn::linear(
+                &vs / "image_head",
+                d,
+                cfg.dvae.vocab_size as i64,
+                Default::default(),
+            ),
+            masks: MaskSet::new(&kinds, shape, vs.device()),
+            cfg: cfg.clone(),
+            dropout: t.dropout,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> Device {
+        self.text_head.ws.device()
+    }
+
+    /// Id of the start token in the text embedding.
+    fn bos_id(&self) -> i64 {
+        (self.cfg.text.vocab_size + self.cfg.text.text_len) as i64
+    }
+
+    /// Caption ids [B, T] with each empty slot replaced by its position's padding token.
+    pub fn pad_text(&self, captions: &[Vec<i64>]) -> Tensor {
+        let tl = self.cfg.text.text_len;
+        let tv = self.cfg.text.vocab_size as i64;
+        let mut flat = Vec::with_capacity(captions.len() * tl);
+        for c in captions {
+            for i in 0..tl {
+                flat.push(c.get(i).copied().unwrap_or(tv + i as i64));
+            }
+        }
+        Tensor::from_slice(&flat)
+            .view([captions.len() as i64, tl as i64])
+            .to_device(self.device())
+    }
+
+    /// The null caption (all padding) for `batch` rows: the unconditional input of
+    /// classifier-free guidance.
+    pub fn null_text(&self, batch: usize) -> Tensor {
+        self.pad_text(&vec![Vec::new(); batch])
+    }
+
+    /// Embeddings of stream positions `start..start+n`, given the caption [B, T] and the image
+    /// tokens [B, ≥ n_image] that those positions hold.
+    fn embed(&self, text: &Tensor, image: Option<&Tensor>, start: usize, n: usize) -> Tensor {
+        let tl = self.cfg.text.text_len;
+        let g = self.cfg.grid_size() as i64;
+        let dev = self.device();
+        let b = text.size()[0];
+        let end = start + n;
+        let mut parts = Vec::new();
+        let text_end = end.min(tl + 1);
+        if start < text_end {
+            // stream position p ≤ T holds the start token (p = 0) or caption token p − 1
+            let bos = Tensor::full([b, 1], self.bos_id(), (Kind::Int64, dev));
+            let ids = Tensor::cat(&[bos, text.shallow_clone()], 1).narrow(
+                1,
+                start as i64,
+                (text_end - start) as i64,
+            );
+            let pos = Tensor::arange_start(start as i64, text_end as i64, (Kind::Int64, dev));
+            parts.push(self.text_emb.forward(&ids) + self.text_pos.forward(&pos).unsqueeze(0));
+        }
+        if end > tl + 1 {
+            let j0 = start.max(tl + 1) - tl - 1;
+            let j1 = end - tl - 1;
+            let img = image.map(|i| i.narrow(1, j0 as i64, (j1 - j0) as i64));
+            if let Some(ids) = img {
+                let j = Tensor::arange_start(j0 as i64, j1 as i64, (Kind::Int64, dev));
+                let pos = self.row_emb.forward(&j.floor_divide_scalar(g))
+                    + self.col_emb.forward(&j.remainder(g));
+                parts.push(self.image_emb.forward(&ids) + pos.unsqueeze(0));
+            }
+        }
+        if parts.len() == 1 {
+            parts
+                .pop()
+                .unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)))
+        } else {
+            Tensor::cat(&parts, 1)
+        }
+    }
+
+    /// Runs the blocks over positions `start..start+n` (embedded in `x`).
+    fn run(
+        &self,
+        mut x: Tensor,
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let n = x.size()[1] as usize;
+        if train && self.dropout > 0.0 {
+            x = x.dropout(self.dropout, true);
+        }
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let mask = self.masks.window(blk.kind, start, n);
+            let c = cache.as_deref_mut().map(|c| (c, i));
+            let h = blk
+                .attn
+                .forward(&blk.ln1.forward(&x), mask.as_ref(), c, start, train);
+            x = x + h;
+            let h = blk
+                .fc2
+                .forward(&blk.fc1.forward(&blk.ln2.forward(&x)).gelu("none"));
+            x = if train && self.dropout > 0.0 {
+                x + h.dropout(self.dropout, true)
+            } else {
+                x + h
+            };
+        }
+        if let Some(c) = cache {
+            c.advance(n);
+        }
+        self.ln_f.forward(&x)
+    }
+
+    /// Full forward pass: text [B, T] (padded) and image [B, I] tokens → text logits
+    /// [B, T, text_vocab + T] and image logits [B, I, image_vocab].
+    pub fn forward(&self, text: &Tensor, image: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let tl = self.cfg.text.text_len;
+        let l = self.cfg.seq_len();
+        let x = self.embed(text, Some(image), 0, l);
+        let h = self.run(x, 0, None, train);
+        let text_logits = self.text_head.forward(&h.narrow(1, 0, tl as i64));
+        let image_logits =
+            self.image_head
+                .forward(&h.narrow(1, tl as i64, self.cfg.image_len() as i64));
+        (text_logits, image_logits)
+    }
+
+    /// The training loss for captions [B, T] (padded) and image tokens [B, I].
+    pub fn loss(&self, text: &Tensor, image: &Tensor, train: bool) -> TransformerLoss {
+        let (tlog, ilog) = self.forward(text, image, train);
+        let text_loss = tlog
+            .flatten(0, 1)
+            .cross_entropy_for_logits(&text.flatten(0, 1));
+        let image_loss = ilog
+            .flatten(0, 1)
+            .cross_entropy_for_logits(&image.flatten(0, 1));
+        let w = self.cfg.transformer.text_loss_weight;
+        TransformerLoss {
+            loss: &text_loss * w + &image_loss * (1.0 - w),
+            text: text_loss,
+            image: image_loss,
+        }
+    }
+
+    /// A cache for `batch` rows in the weights' dtype.
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        let t = &self.cfg.transformer;
+        KvCache::new(
+            self.blocks.len(),
+            batch,
+            t.n_heads,
+            self.cfg.seq_len(),
+            t.head_dim,
+            self.text_head.ws.kind(),
+            self.device(),
+        )
+    }
+
+    /// Feeds the caption and the first `image.size(1)` image tokens into an empty cache;
+    /// returns the image logits [B, V] for the next image token.
+    pub fn prefill(&self, cache: &mut KvCache, text: &Tensor, image: Option<&Tensor>) -> Tensor {
+        let n_img = image.map(|i| i.size()[1] as usize).unwrap_or(0);
+        let n = self.cfg.text.text_len + 1 + n_img;
+        cache.clear();
+        let x = self.embed(text, image, 0, n);
+        let h = self.run(x, 0, Some(cache), false);
+        self.image_head
+            .forward(&h.narrow(1, n as i64 - 1, 1).squeeze_dim(1))
+    }
+
+    /// Feeds image token `j` ([B]) at its stream position; returns the logits for token j+1.
+    pub fn decode_step(&self, cache: &mut KvCache, token: &Tensor, j: usize) -> Tensor {
+        let start = self.cfg.text.text_len + 1 + j;
+        debug_assert_eq!(cache.len(), start);
+        let b = token.size()[0];
+        let ids = token.view([b, 1]);
+        let g = self.cfg.grid_size() as i64;
+        let dev = self.device();
+        let pos_j = Tensor::from_slice(&[j as i64]).to_device(dev);
+        let pos = self.row_emb.forward(&pos_j.floor_divide_scalar(g))
+            + self.col_emb.forward(&pos_j.remainder(g));
+        let x = self.image_emb.forward(&ids) + pos.unsqueeze(0);
+        let h = self.run(x, start, Some(cache), false);
+        self.image_head.forward(&h.squeeze_dim(1))
+    }
+}
