@@ -310,7 +310,7 @@ impl Config {
         if d.groups == 0 || d.blocks_per_group == 0 || d.hidden == 0 || d.vocab_size < 2 {
             return bad("dvae: groups, blocks_per_group, hidden must be ≥ 1, vocab ≥ 2".into());
         }
-        if d.image_size == 0 || d.image_size % d.downsample() != 0 {
+        if d.image_size == 0 || !d.image_size.is_multiple_of(d.downsample()) {
             return bad(format!(
                 "dvae: image_size {} is not a multiple of the downsampling factor {}",
                 d.image_size,
@@ -326,16 +326,16 @@ impl Config {
         if t.n_layers == 0 || t.n_heads == 0 || t.head_dim == 0 || t.d_model == 0 {
             return bad("transformer: layers, heads, head_dim and d_model must be ≥ 1".into());
         }
-        if let AttentionPattern::Layers(v) = &t.attention {
-            if v.len() != t.n_layers {
-                return bad(format!(
-                    "transformer: {} attention kinds listed for {} layers",
-                    v.len(),
-                    t.n_layers
-                ));
-            }
+        if let AttentionPattern::Layers(v) = &t.attention
+            && v.len() != t.n_layers
+        {
+            return bad(format!(
+                "transformer: {} attention kinds listed for {} layers",
+                v.len(),
+                t.n_layers
+            ));
         }
-        if t.conv_kernel % 2 == 0 {
+        if t.conv_kernel.is_multiple_of(2) {
             return bad(format!(
                 "transformer: conv_kernel {} must be odd",
                 t.conv_kernel

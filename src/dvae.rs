@@ -175,7 +175,7 @@ impl Decoder {
             .view([-1, b, gh, gw])
             .permute([1, 0, 2, 3]);
         if let Some(bias) = &self.input.bs {
-            h = h + bias.view([1, -1, 1, 1]);
+            h += bias.view([1, -1, 1, 1]);
         }
         self.body(h.contiguous())
     }

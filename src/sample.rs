@@ -88,7 +88,7 @@ pub fn filter_logits(logits: &Tensor, opts: &SampleOptions) -> Tensor {
     let v = logits.size()[1];
     let mut l = logits.to_kind(Kind::Float);
     if opts.temperature > 0.0 && opts.temperature != 1.0 {
-        l = l / opts.temperature;
+        l = l.divide_scalar(opts.temperature);
     }
     if opts.top_k > 0 && (opts.top_k as i64) < v {
         let (top, _) = l.topk(opts.top_k as i64, 1, true, true);
@@ -99,7 +99,7 @@ pub fn filter_logits(logits: &Tensor, opts: &SampleOptions) -> Tensor {
         let (sorted, idx) = l.sort_stable(true, 1, true);
         let probs = sorted.softmax(1, Kind::Float);
         let before = probs.cumsum(1, Kind::Float) - &probs;
-        let sorted = sorted.masked_fill(&before.gt(opts.top_p), f64::NEG_INFINITY);
+        let sorted = sorted.masked_fill(&before.ge(opts.top_p), f64::NEG_INFINITY);
         l = l.full_like(f64::NEG_INFINITY).scatter(1, &idx, &sorted);
     }
     l

@@ -1,1 +1,10 @@
+//! The integration tests, one binary (each test binary links libtorch again).
 
+mod checkpoint;
+mod cli;
+mod common;
+mod masks;
+mod params;
+mod sampling;
+mod text;
+mod training;

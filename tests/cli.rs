@@ -1,0 +1,147 @@
+//! The command line, as a user runs it.
+
+use std::process::Command;
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+#[test]
+fn generate_writes_pngs_and_completes_from_an_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = tessera()
+        .args([
+            "generate",
+            "--random-init",
+            "tiny",
+            "--prompt",
+            "a red circle",
+            "-n",
+            "2",
+            "--seed",
+            "7",
+        ])
+        .args([
+            "--top-k",
+            "10",
+            "--guidance",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for seed in [7, 8] {
+        let img = image::open(out.join(format!("sample-{seed}.png"))).unwrap();
+        assert_eq!((img.width(), img.height()), (16, 16));
+    }
+    // the same run again never overwrites
+    let o = tessera()
+        .args([
+            "generate",
+            "--random-init",
+            "tiny",
+            "--prompt",
+            "a red circle",
+            "-n",
+            "1",
+            "--seed",
+            "7",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(out.join("sample-7-1.png").exists());
+    // completion from a picture of another size
+    let pic = dir.path().join("top.png");
+    image::RgbImage::from_pixel(40, 30, image::Rgb([200, 30, 30]))
+        .save(&pic)
+        .unwrap();
+    let o = tessera()
+        .args([
+            "generate",
+            "--random-init",
+            "tiny",
+            "--prompt",
+            "a cat",
+            "-n",
+            "1",
+            "--keep-rows",
+            "2",
+            "--prefix-image",
+        ])
+        .arg(&pic)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn bad_input_gives_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = tessera()
+            .args(args)
+            .arg("--out")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        err
+    };
+    assert!(
+        run(&["generate", "--random-init", "tiny", "--prompt", ""]).contains("prompt is empty")
+    );
+    assert!(
+        run(&["generate", "--random-init", "nope", "--prompt", "x"]).contains("unknown preset")
+    );
+    let model = dir.path().join("missing");
+    assert!(
+        run(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x"
+        ])
+        .contains("no such model directory")
+    );
+    let bad = dir.path().join("bad.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let err = run(&[
+        "generate",
+        "--random-init",
+        "tiny",
+        "--prompt",
+        "x",
+        "--keep-rows",
+        "1",
+        "--prefix-image",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not a readable image"), "{err}");
+}
+
+#[test]
+fn info_reports_parameter_counts_as_json() {
+    let o = tessera()
+        .args(["info", "--preset", "dalle_12b", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let t = v["params"]["transformer"].as_u64().unwrap() as f64;
+    assert!((t - 12e9).abs() / 12e9 < 0.05);
+    assert!(v["params"]["total"].as_u64().unwrap() > v["params"]["transformer"].as_u64().unwrap());
+    assert_eq!(v["layer_attention"][63], "conv");
+}

@@ -1,0 +1,135 @@
+//! Each attention mask against a brute-force definition of its pattern.
+
+use tch::{Device, Kind};
+use tessera::AttentionKind;
+use tessera::attention::{StreamShape, build_mask};
+
+/// What a query at stream position `q` may see, written from the paper's words: text is
+/// causal; an image token sees all text, and among image tokens the layer's pattern.
+#[allow(clippy::needless_range_loop)] // written as index loops on purpose: a second, plain definition
+fn brute_force(kind: AttentionKind, s: StreamShape) -> Vec<Vec<bool>> {
+    let (t, w) = (s.text_len, s.grid);
+    let l = s.seq_len();
+    let mut m = vec![vec![false; l]; l];
+    for q in 0..l {
+        if q <= t {
+            for k in 0..=q {
+                m[q][k] = true;
+            }
+            continue;
+        }
+        for k in 0..=t {
+            m[q][k] = true;
+        }
+        let j = q - t - 1; // image token held at q
+        let (row, col) = (j / w, j % w);
+        let mut keys: Vec<usize> = Vec::new();
+        match kind {
+            AttentionKind::Full => keys.extend(0..=j),
+            // itself and the previous W tokens in raster order
+            AttentionKind::Row => keys.extend(j.saturating_sub(w)..=j),
+            // the same column in this and every earlier row
+            AttentionKind::Column => keys.extend((0..=row).map(|r| r * w + col)),
+            // the causal part of a k×k window centred on the token
+            AttentionKind::Conv => {
+                let r = (s.conv_kernel / 2) as i64;
+                for dr in -r..=r {
+                    for dc in -r..=r {
+                        let (rr, cc) = (row as i64 + dr, col as i64 + dc);
+                        if rr < 0 || cc < 0 || rr >= w as i64 || cc >= w as i64 {
+                            continue;
+                        }
+                        let k = rr as usize * w + cc as usize;
+                        if k <= j {
+                            keys.push(k);
+                        }
+                    }
+                }
+            }
+        }
+        for k in keys {
+            m[q][t + 1 + k] = true;
+        }
+    }
+    m
+}
+
+fn check(kind: AttentionKind, s: StreamShape) {
+    let fast = build_mask(kind, s, Device::Cpu).to_kind(Kind::Int64);
+    let l = s.seq_len();
+    let fast: Vec<i64> = Vec::try_from(fast.flatten(0, -1)).unwrap();
+    let slow = brute_force(kind, s);
+    for q in 0..l {
+        for k in 0..l {
+            assert_eq!(
+                fast[q * l + k] != 0,
+                slow[q][k],
+                "{kind:?} {s:?}: query {q}, key {k}"
+            );
+        }
+    }
+}
+
+#[test]
+fn masks_match_brute_force() {
+    for s in [
+        StreamShape {
+            text_len: 5,
+            grid: 6,
+            conv_kernel: 5,
+        },
+        StreamShape {
+            text_len: 3,
+            grid: 8,
+            conv_kernel: 11,
+        },
+        StreamShape {
+            text_len: 1,
+            grid: 4,
+            conv_kernel: 3,
+        },
+    ] {
+        for kind in [
+            AttentionKind::Full,
+            AttentionKind::Row,
+            AttentionKind::Column,
+            AttentionKind::Conv,
+        ] {
+            check(kind, s);
+        }
+    }
+}
+
+#[test]
+fn sparse_masks_are_sparser_than_full() {
+    let s = StreamShape {
+        text_len: 4,
+        grid: 8,
+        conv_kernel: 5,
+    };
+    let count = |k| {
+        build_mask(k, s, Device::Cpu)
+            .to_kind(Kind::Int64)
+            .sum(Kind::Int64)
+            .int64_value(&[])
+    };
+    let full = count(AttentionKind::Full);
+    for k in [
+        AttentionKind::Row,
+        AttentionKind::Column,
+        AttentionKind::Conv,
+    ] {
+        assert!(count(k) < full, "{k:?} is not sparser than full attention");
+    }
+}
+
+#[test]
+fn paper_layer_rule() {
+    use AttentionKind::*;
+    let kinds = tessera::Config::dalle_12b().transformer.layer_kinds();
+    assert_eq!(kinds.len(), 64);
+    assert_eq!(&kinds[..6], &[Row, Column, Row, Row, Row, Column]);
+    assert_eq!(kinds[62], Row); // layer 63: (63 − 2) mod 4 = 1
+    assert_eq!(kinds[63], Conv);
+    assert_eq!(kinds.iter().filter(|k| **k == Column).count(), 16);
+}

@@ -1,0 +1,308 @@
+//! Cached sampling against full recomputation, prefixes, seeds, filters, guidance, cancel.
+
+use tch::{Device, Kind, Tensor};
+use tessera::sample::{Sampler, batch_seeds, draw, filter_logits};
+use tessera::{AttentionKind, Error, SampleOptions};
+
+use crate::common::{max_abs_diff, random_batch, tiny_model};
+
+const KINDS: [Option<AttentionKind>; 5] = [
+    Some(AttentionKind::Full),
+    Some(AttentionKind::Row),
+    Some(AttentionKind::Column),
+    Some(AttentionKind::Conv),
+    None, // the paper's mix
+];
+
+#[test]
+fn cached_logits_equal_full_recomputation() {
+    for kind in KINDS {
+        let model = tiny_model(kind, 1);
+        let net = &model.transformer.net;
+        let (text, image) = random_batch(&model, 3, 2);
+        let (_, full) = tch::no_grad(|| net.forward(&text, &image, false));
+        let i_len = image.size()[1];
+        // from the caption alone, then one token at a time
+        let mut cache = net.new_cache(3);
+        let mut logits = tch::no_grad(|| net.prefill(&mut cache, &text, None));
+        for j in 0..i_len {
+            let want = full.select(1, j);
+            let d = max_abs_diff(&logits, &want);
+            assert!(
+                d < 1e-4,
+                "{kind:?}: logits of image token {j} differ by {d}"
+            );
+            if j + 1 < i_len {
+                logits =
+                    tch::no_grad(|| net.decode_step(&mut cache, &image.select(1, j), j as usize));
+            }
+        }
+        // from the caption and a prefix of 5 tokens in one pass
+        let logits = tch::no_grad(|| net.prefill(&mut cache, &text, Some(&image.narrow(1, 0, 5))));
+        let d = max_abs_diff(&logits, &full.select(1, 5));
+        assert!(d < 1e-4, "{kind:?}: prefilled logits differ by {d}");
+    }
+}
+
+#[test]
+fn given_prefix_comes_back_unchanged() {
+    let model = tiny_model(None, 3);
+    let net = &model.transformer.net;
+    let (text, image) = random_batch(&model, 2, 4);
+    for p in [0, 1, 7, 16] {
+        let prefix = image.narrow(1, 0, p);
+        let out = Sampler::new(
+            net,
+            &text,
+            Some(&prefix),
+            &[1, 2],
+            &SampleOptions::default(),
+        )
+        .unwrap()
+        .run(|_| true)
+        .unwrap();
+        assert_eq!(out.size(), image.size());
+        assert!(
+            out.narrow(1, 0, p).equal(&prefix),
+            "prefix of {p} tokens changed"
+        );
+    }
+}
+
+#[test]
+fn a_seed_gives_the_same_codes_at_any_batch_size() {
+    let model = tiny_model(None, 5);
+    let opts = SampleOptions {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 0.95,
+        guidance: 1.0,
+    };
+    let run = |n: usize, seed: u64| {
+        model
+            .sampler("a red circle above a blue square", n, seed, None, &opts)
+            .unwrap()
+            .run(|_| true)
+            .unwrap()
+    };
+    let five = run(5, 100);
+    for i in 0..5 {
+        let one = run(1, 100 + i as u64);
+        assert!(
+            one.get(0).equal(&five.get(i)),
+            "sample with seed {} differs between batch 1 and 5",
+            100 + i
+        );
+    }
+    // and different seeds do differ
+    assert!(!five.get(0).equal(&five.get(1)));
+}
+
+#[test]
+fn top_k_one_and_tiny_top_p_are_greedy() {
+    tch::manual_seed(0);
+    let logits = Tensor::randn([6, 50], (Kind::Float, Device::Cpu));
+    let greedy = logits.argmax(1, false);
+    let u: Vec<f64> = (0..6).map(|i| (i as f64 + 0.5) / 6.0).collect();
+    for opts in [
+        SampleOptions {
+            top_k: 1,
+            ..Default::default()
+        },
+        SampleOptions {
+            top_p: 1e-6,
+            ..Default::default()
+        },
+        SampleOptions {
+            temperature: 0.0,
+            ..Default::default()
+        },
+    ] {
+        let got = draw(&filter_logits(&logits, &opts), &u, opts.temperature == 0.0);
+        assert!(got.equal(&greedy), "{opts:?} is not greedy");
+    }
+}
+
+#[test]
+fn top_k_and_top_p_keep_the_right_tokens() {
+    let logits = Tensor::from_slice(&[0.5f32, 0.2, 0.15, 0.1, 0.05])
+        .log()
+        .view([1, 5]);
+    let kept = |o: SampleOptions| {
+        let f = filter_logits(&logits, &o);
+        Vec::<bool>::try_from(f.isfinite().view([-1])).unwrap()
+    };
+    assert_eq!(
+        kept(SampleOptions {
+            top_k: 2,
+            ..Default::default()
+        }),
+        [true, true, false, false, false]
+    );
+    // 0.5 + 0.2 = 0.7 < 0.8, so the third token is needed to reach 0.8
+    assert_eq!(
+        kept(SampleOptions {
+            top_p: 0.8,
+            ..Default::default()
+        }),
+        [true, true, true, false, false]
+    );
+    assert_eq!(
+        kept(SampleOptions {
+            top_p: 0.5,
+            ..Default::default()
+        }),
+        [true, false, false, false, false]
+    );
+}
+
+#[test]
+fn inverse_cdf_draws_follow_the_distribution() {
+    let probs = [0.1f64, 0.6, 0.3];
+    let logits = Tensor::from_slice(&probs)
+        .log()
+        .to_kind(Kind::Float)
+        .view([1, 3]);
+    let n = 3000;
+    let mut counts = [0usize; 3];
+    for i in 0..n {
+        let u = (i as f64 + 0.5) / n as f64; // a uniform grid: exact quantiles
+        let t = draw(&logits, &[u], false).int64_value(&[0]) as usize;
+        counts[t] += 1;
+    }
+    for k in 0..3 {
+        let f = counts[k] as f64 / n as f64;
+        assert!(
+            (f - probs[k]).abs() < 2e-3,
+            "token {k}: frequency {f}, probability {}",
+            probs[k]
+        );
+    }
+}
+
+#[test]
+fn guidance_zero_is_the_unconditional_model() {
+    let model = tiny_model(None, 7);
+    let net = &model.transformer.net;
+    let (text, _) = random_batch(&model, 2, 8);
+    let greedy = SampleOptions {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let guided = Sampler::new(
+        net,
+        &text,
+        None,
+        &[1, 2],
+        &SampleOptions {
+            guidance: 0.0,
+            ..greedy.clone()
+        },
+    )
+    .unwrap()
+    .run(|_| true)
+    .unwrap();
+    let uncond = Sampler::new(net, &net.null_text(2), None, &[1, 2], &greedy)
+        .unwrap()
+        .run(|_| true)
+        .unwrap();
+    assert!(guided.equal(&uncond));
+    let cond = Sampler::new(net, &text, None, &[1, 2], &greedy)
+        .unwrap()
+        .run(|_| true)
+        .unwrap();
+    let one = Sampler::new(
+        net,
+        &text,
+        None,
+        &[1, 2],
+        &SampleOptions {
+            guidance: 1.0,
+            ..greedy
+        },
+    )
+    .unwrap()
+    .run(|_| true)
+    .unwrap();
+    assert!(cond.equal(&one));
+}
+
+#[test]
+fn cancel_stops_between_steps() {
+    let model = tiny_model(None, 9);
+    let mut steps = 0;
+    let r = model
+        .sampler("a cat", 2, 0, None, &SampleOptions::default())
+        .unwrap()
+        .run(|_| {
+            steps += 1;
+            steps < 3
+        });
+    assert!(matches!(r, Err(Error::Cancelled)));
+    assert_eq!(steps, 3);
+}
+
+#[test]
+fn progress_counts_every_token() {
+    let model = tiny_model(None, 10);
+    let mut seen = Vec::new();
+    let prefix = Tensor::zeros([1, 4], (Kind::Int64, Device::Cpu));
+    let _ = model
+        .sampler("a dog", 2, 0, Some(&prefix), &SampleOptions::default())
+        .unwrap()
+        .run(|s| {
+            seen.push(s.progress().done);
+            true
+        })
+        .unwrap();
+    let total = model.config.image_len();
+    assert_eq!(seen, (5..=total).collect::<Vec<_>>());
+    assert_eq!(batch_seeds(7, 3), vec![7, 8, 9]);
+}
+
+#[test]
+fn bad_sampling_input_is_an_error() {
+    let model = tiny_model(None, 11);
+    let o = SampleOptions::default();
+    assert!(matches!(
+        model.sampler("", 1, 0, None, &o),
+        Err(Error::EmptyPrompt)
+    ));
+    assert!(matches!(
+        model.sampler("   ", 1, 0, None, &o),
+        Err(Error::EmptyPrompt)
+    ));
+    assert!(model.sampler("x", 0, 0, None, &o).is_err());
+    assert!(
+        model
+            .sampler(
+                "x",
+                1,
+                0,
+                None,
+                &SampleOptions {
+                    top_p: 0.0,
+                    ..o.clone()
+                }
+            )
+            .is_err()
+    );
+    assert!(
+        model
+            .sampler(
+                "x",
+                1,
+                0,
+                None,
+                &SampleOptions {
+                    temperature: -1.0,
+                    ..o.clone()
+                }
+            )
+            .is_err()
+    );
+    let too_long = Tensor::zeros([1, 17], (Kind::Int64, Device::Cpu));
+    assert!(model.sampler("x", 1, 0, Some(&too_long), &o).is_err());
+    let bad_ids = Tensor::full([1, 3], 999, (Kind::Int64, Device::Cpu));
+    assert!(model.sampler("x", 1, 0, Some(&bad_ids), &o).is_err());
+}

@@ -1,0 +1,108 @@
+//! A few hundred optimiser steps on a tiny batch drive both losses down, and the schedules
+//! follow the paper's endpoints.
+
+use tch::nn::OptimizerConfig;
+use tch::{Device, Kind, Tensor, nn};
+use tessera::dvae::{DvaeSchedule, cosine_anneal};
+
+use crate::common::{random_batch, tiny_model};
+
+/// Four 16×16 pictures: coloured squares on different backgrounds.
+fn pictures() -> Tensor {
+    let mut imgs = Tensor::zeros([4, 3, 16, 16], (Kind::Float, Device::Cpu));
+    let colours = [
+        [1.0, 0.0, 0.0],
+        [0.0, 0.8, 0.2],
+        [0.1, 0.2, 0.9],
+        [0.9, 0.9, 0.1],
+    ];
+    for (i, c) in colours.iter().enumerate() {
+        let bg = colours[(i + 1) % 4];
+        for ch in 0..3 {
+            let _ = imgs.get(i as i64).get(ch).fill_(bg[ch as usize] * 0.5);
+            let (y, x) = (2 + 2 * i as i64, 8 - 2 * i as i64);
+            let _ = imgs
+                .get(i as i64)
+                .get(ch)
+                .narrow(0, y, 6)
+                .narrow(1, x.max(0), 6)
+                .fill_(c[ch as usize]);
+        }
+    }
+    imgs = imgs.clamp(0.0, 1.0);
+    imgs
+}
+
+#[test]
+fn dvae_loss_goes_down() {
+    tch::manual_seed(0);
+    let model = tiny_model(None, 1);
+    let x = pictures();
+    let mut opt = nn::Adam::default().build(&model.dvae.vs, 3e-3).unwrap();
+    let first = model.dvae.net.loss(&x, 1.0, 0.0);
+    let (nll0, mse0) = (first.nll.double_value(&[]), first.mse.double_value(&[]));
+    for step in 0..300 {
+        let l = model
+            .dvae
+            .net
+            .loss(&x, 1.0, cosine_anneal(0.0, 0.5, step, 300));
+        opt.backward_step(&l.loss);
+    }
+    let last = tch::no_grad(|| model.dvae.net.loss(&x, 1.0, 0.5));
+    let (nll1, mse1) = (last.nll.double_value(&[]), last.mse.double_value(&[]));
+    assert!(nll1 < nll0 - 0.5, "dVAE nll {nll0} → {nll1}");
+    assert!(mse1 < 0.5 * mse0, "dVAE mse {mse0} → {mse1}");
+    // hard codes decode to something close to the input too
+    let rec = tch::no_grad(|| model.dvae.net.decode(&model.dvae.net.encode(&x)));
+    assert_eq!(rec.size(), x.size());
+    let mse_hard = (rec - &x).square().mean(Kind::Float).double_value(&[]);
+    assert!(
+        mse_hard < mse0,
+        "hard-code reconstruction mse {mse_hard} vs initial {mse0}"
+    );
+}
+
+#[test]
+fn transformer_loss_goes_down() {
+    let model = tiny_model(None, 2);
+    let (text, image) = random_batch(&model, 4, 3);
+    let mut opt = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.96,
+        wd: 4.5e-2,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+    .build(&model.transformer.vs, 3e-3)
+    .unwrap();
+    let net = &model.transformer.net;
+    let l0 = net.loss(&text, &image, true);
+    let (img0, txt0) = (l0.image.double_value(&[]), l0.text.double_value(&[]));
+    for _ in 0..200 {
+        let l = net.loss(&text, &image, true);
+        opt.zero_grad();
+        l.loss.backward();
+        opt.clip_grad_norm(4.0);
+        opt.step();
+    }
+    let l1 = tch::no_grad(|| net.loss(&text, &image, false));
+    let (img1, txt1) = (l1.image.double_value(&[]), l1.text.double_value(&[]));
+    assert!(img1 < 0.3 * img0, "image loss {img0} → {img1}");
+    assert!(txt1 < 0.5 * txt0, "text loss {txt0} → {txt1}");
+    // the combined loss weighs the modalities 1/8 and 7/8
+    let w = model.config.transformer.text_loss_weight;
+    let combined = l1.loss.double_value(&[]);
+    assert!((combined - (w * txt1 + (1.0 - w) * img1)).abs() < 1e-5);
+}
+
+#[test]
+fn schedules_follow_the_paper() {
+    let s = DvaeSchedule::default();
+    assert_eq!(s.beta(0), 0.0);
+    assert!((s.beta(5_000) - 6.6).abs() < 1e-12 && (s.beta(9_999) - 6.6).abs() < 1e-12);
+    assert!((s.beta(2_500) - 3.3).abs() < 1e-9);
+    assert_eq!(s.tau(0), 1.0);
+    assert!((s.tau(150_000) - 1.0 / 16.0).abs() < 1e-12);
+    assert!(s.tau(75_000) < 1.0 && s.tau(75_000) > 1.0 / 16.0);
+    assert!((s.lr(0) - 1e-4).abs() < 1e-15 && (s.lr(s.lr_steps) - 1.25e-6).abs() < 1e-15);
+}
