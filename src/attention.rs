@@ -54,10 +54,7 @@ pub fn build_mask(kind: AttentionKind, s: StreamShape, device: Device) -> Tensor
         AttentionKind::Column => cq.eq_tensor(&ck),
         AttentionKind::Conv => {
             let r = (s.conv_kernel / 2) as i64;
-            (&rq - &rk)
-                .abs()
-                .le(r)
-                .logical_and(&(&cq - &ck).abs().le(r))
+            (&rq - &rk).abs().le(r).logical_and(&(&cq - &ck).abs().le(r))
         }
     };
     let image_part = q_img.logical_and(&pattern);
@@ -68,6 +65,7 @@ pub fn build_mask(kind: AttentionKind, s: StreamShape, device: Device) -> Tensor
 #[derive(Debug)]
 pub struct MaskSet {
     shape: StreamShape,
+    device: Device,
     masks: HashMap<AttentionKind, Tensor>,
 }
 
@@ -75,29 +73,47 @@ impl MaskSet {
     pub fn new(kinds: &[AttentionKind], shape: StreamShape, device: Device) -> Self {
         let mut masks = HashMap::new();
         for &k in kinds {
-            masks
-                .entry(k)
-                .or_insert_with(|| build_mask(k, shape, device));
+            if k != AttentionKind::Full {
+                masks.entry(k).or_insert_with(|| build_mask(k, shape, device));
+            }
         }
-        Self { shape, masks }
+        Self { shape, device, masks }
     }
 
     pub fn shape(&self) -> StreamShape {
         self.shape
     }
 
-    /// The mask for queries `start..start+n` over keys `0..start+n`, or `None` where every
-    /// such key is allowed (full attention on a single trailing query needs no mask).
-    pub fn window(&self, kind: AttentionKind, start: usize, n: usize) -> Option<Tensor> {
-        if n == 1 && kind == AttentionKind::Full {
-            return None;
+    /// The mask for queries `start..start+n` over keys `0..start+n`. Full attention is plain
+    /// causal attention, which the fused kernels do without a mask (and a single trailing
+    /// query needs none at all).
+    pub fn window(&self, kind: AttentionKind, start: usize, n: usize) -> Mask {
+        let cut = |m: &Tensor| m.narrow(0, start as i64, n as i64).narrow(1, 0, (start + n) as i64);
+        match (kind, self.masks.get(&kind)) {
+            (AttentionKind::Full, _) if n == 1 => Mask::None,
+            (AttentionKind::Full, _) if start == 0 => Mask::Causal,
+            (AttentionKind::Full, _) => Mask::Explicit(causal_window(start, n, self.device)),
+            (_, Some(m)) => Mask::Explicit(cut(m)),
+            (_, None) => Mask::Explicit(cut(&build_mask(kind, self.shape, self.device))),
         }
-        let m = self.masks.get(&kind)?;
-        Some(
-            m.narrow(0, start as i64, n as i64)
-                .narrow(1, 0, (start + n) as i64),
-        )
     }
+}
+
+fn causal_window(start: usize, n: usize, device: Device) -> Tensor {
+    let q = Tensor::arange_start(start as i64, (start + n) as i64, (Kind::Int64, device));
+    let k = Tensor::arange((start + n) as i64, (Kind::Int64, device));
+    k.view([1, -1]).le_tensor(&q.view([-1, 1]))
+}
+
+/// What restricts the keys of an attention call.
+#[derive(Debug)]
+pub enum Mask {
+    /// Every key is allowed.
+    None,
+    /// Queries and keys are the same positions from 0: plain causal attention.
+    Causal,
+    /// A boolean mask [queries, keys], `true` = may attend.
+    Explicit(Tensor),
 }
 
 /// Keys and values of every layer for a batch, preallocated to the whole stream.
@@ -119,16 +135,8 @@ impl KvCache {
         device: Device,
     ) -> Self {
         let shape = [batch as i64, heads as i64, max_len as i64, head_dim as i64];
-        let mk = || {
-            (0..layers)
-                .map(|_| Tensor::zeros(shape, (kind, device)))
-                .collect()
-        };
-        Self {
-            keys: mk(),
-            values: mk(),
-            len: 0,
-        }
+        let mk = || (0..layers).map(|_| Tensor::zeros(shape, (kind, device))).collect();
+        Self { keys: mk(), values: mk(), len: 0 }
     }
 
     /// Number of positions already stored.
@@ -166,13 +174,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(
-        vs: nn::Path,
-        d_model: usize,
-        n_heads: usize,
-        head_dim: usize,
-        dropout: f64,
-    ) -> Self {
+    pub fn new(vs: nn::Path, d_model: usize, n_heads: usize, head_dim: usize, dropout: f64) -> Self {
         let inner = (n_heads * head_dim) as i64;
         Self {
             qkv: nn::linear(&vs / "qkv", d_model as i64, 3 * inner, Default::default()),
@@ -188,35 +190,30 @@ impl Attention {
     pub fn forward(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &Mask,
         cache: Option<(&mut KvCache, usize)>,
         start: usize,
         train: bool,
     ) -> Tensor {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
-        let qkv = self
-            .qkv
-            .forward(x)
-            .view([b, n, 3, self.n_heads, self.head_dim])
-            .permute([2, 0, 3, 1, 4]);
+        let qkv = self.qkv.forward(x).view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let (k, v) = match cache {
             Some((c, layer)) => {
                 let end = (start as i64) + n;
                 c.keys[layer].narrow(2, start as i64, n).copy_(&k);
                 c.values[layer].narrow(2, start as i64, n).copy_(&v);
-                (
-                    c.keys[layer].narrow(2, 0, end),
-                    c.values[layer].narrow(2, 0, end),
-                )
+                (c.keys[layer].narrow(2, 0, end), c.values[layer].narrow(2, 0, end))
             }
             None => (k, v),
         };
         let p = if train { self.dropout } else { 0.0 };
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, p, false, None, false);
-        self.out.forward(
-            &y.transpose(1, 2)
-                .reshape([b, n, self.n_heads * self.head_dim]),
-        )
+        let (m, causal) = match mask {
+            Mask::None => (None, false),
+            Mask::Causal => (None, true),
+            Mask::Explicit(m) => (Some(m), false),
+        };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, m, p, causal, None, false);
+        self.out.forward(&y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]))
     }
 }

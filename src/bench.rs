@@ -57,11 +57,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
 }
 
 fn sync(device: Device) {
@@ -114,19 +110,13 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64) -> Result<C
     let tl = cfg.text.text_len;
 
     // Sampling: a caption of random tokens filling the text length, all image tokens drawn.
-    let text = Tensor::randint(
-        cfg.text.vocab_size as i64,
-        [b as i64, tl as i64],
-        (Kind::Int64, dev),
-    );
+    let text = Tensor::randint(cfg.text.vocab_size as i64, [b as i64, tl as i64], (Kind::Int64, dev));
     let sopts = SampleOptions::default();
     let mut sample_times = Vec::new();
     let mut decode_times = Vec::new();
     let mut run = |record: bool| -> Result<()> {
         let t0 = Instant::now();
-        let tokens = tch::no_grad(|| {
-            Sampler::new(net, &text, None, &batch_seeds(1, b), &sopts)?.run(|_| true)
-        })?;
+        let tokens = tch::no_grad(|| Sampler::new(net, &text, None, &batch_seeds(1, b), &sopts)?.run(|_| true))?;
         sync(dev);
         let t1 = Instant::now();
         let g = cfg.grid_size() as i64;
@@ -144,35 +134,15 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64) -> Result<C
         run(true)?;
     }
     let t_sample = median(sample_times.clone());
-    let t_both = median(
-        sample_times
-            .iter()
-            .zip(&decode_times)
-            .map(|(a, b)| a + b)
-            .collect(),
-    );
+    let t_both = median(sample_times.iter().zip(&decode_times).map(|(a, b)| a + b).collect());
     let tokens = (b * image_len) as f64;
 
     // Training: forward, backward, clipping and an AdamW update on random tokens.
     let tb = opts.train_batch;
-    let mut opt = nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.96,
-        wd: 4.5e-2,
-        eps: 1e-8,
-        amsgrad: false,
-    }
-    .build(&model.transformer.vs, 1e-4)?;
-    let ttext = Tensor::randint(
-        cfg.text.vocab_size as i64,
-        [tb as i64, tl as i64],
-        (Kind::Int64, dev),
-    );
-    let timg = Tensor::randint(
-        cfg.dvae.vocab_size as i64,
-        [tb as i64, image_len as i64],
-        (Kind::Int64, dev),
-    );
+    let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.96, wd: 4.5e-2, eps: 1e-8, amsgrad: false }
+        .build(&model.transformer.vs, 1e-4)?;
+    let ttext = Tensor::randint(cfg.text.vocab_size as i64, [tb as i64, tl as i64], (Kind::Int64, dev));
+    let timg = Tensor::randint(cfg.dvae.vocab_size as i64, [tb as i64, image_len as i64], (Kind::Int64, dev));
     let train_times = time_runs(dev, opts.runs, || {
         let loss = net.loss(&ttext, &timg, true);
         opt.zero_grad();
@@ -204,10 +174,7 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
     if opts.device == Device::Cpu {
         tch::set_num_threads(opts.threads as i32);
     }
-    log(&format!(
-        "measuring the matrix-multiply peak on {:?}",
-        opts.device
-    ));
+    log(&format!("measuring the matrix-multiply peak on {:?}", opts.device));
     let peak = matmul_gflops(opts.device, opts.kind, opts.runs)?;
     let mut configs = std::collections::BTreeMap::new();
     for name in &opts.configs {
@@ -218,11 +185,7 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
     Ok(BenchReport {
         device: format!("{:?}", opts.device).to_lowercase(),
         dtype: format!("{:?}", opts.kind).to_lowercase(),
-        threads: if opts.device == Device::Cpu {
-            opts.threads
-        } else {
-            tch::get_num_threads() as usize
-        },
+        threads: if opts.device == Device::Cpu { opts.threads } else { tch::get_num_threads() as usize },
         runs: opts.runs,
         matmul_gflops: peak,
         configs,

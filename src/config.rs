@@ -48,11 +48,7 @@ pub struct TextConfig {
 
 impl Default for TextConfig {
     fn default() -> Self {
-        Self {
-            vocab_size: 16_384,
-            text_len: 256,
-            bpe_dropout: 0.1,
-        }
+        Self { vocab_size: 16_384, text_len: 256, bpe_dropout: 0.1 }
     }
 }
 
@@ -78,15 +74,7 @@ pub struct DvaeConfig {
 
 impl Default for DvaeConfig {
     fn default() -> Self {
-        Self {
-            image_size: 256,
-            vocab_size: 8192,
-            hidden: 256,
-            n_init: 128,
-            groups: 4,
-            blocks_per_group: 2,
-            eps: 0.1,
-        }
+        Self { image_size: 256, vocab_size: 8192, hidden: 256, n_init: 128, groups: 4, blocks_per_group: 2, eps: 0.1 }
     }
 }
 
@@ -204,18 +192,8 @@ impl Config {
     pub fn s() -> Self {
         Self {
             name: "S".into(),
-            text: TextConfig {
-                vocab_size: 4096,
-                text_len: 32,
-                bpe_dropout: 0.1,
-            },
-            dvae: DvaeConfig {
-                image_size: 64,
-                vocab_size: 1024,
-                hidden: 64,
-                n_init: 64,
-                ..DvaeConfig::default()
-            },
+            text: TextConfig { vocab_size: 4096, text_len: 32, bpe_dropout: 0.1 },
+            dvae: DvaeConfig { image_size: 64, vocab_size: 1024, hidden: 64, n_init: 64, ..DvaeConfig::default() },
             transformer: TransformerConfig {
                 d_model: 256,
                 n_layers: 6,
@@ -232,11 +210,7 @@ impl Config {
         Self {
             name: "P".into(),
             text: TextConfig::default(),
-            dvae: DvaeConfig {
-                hidden: 64,
-                n_init: 64,
-                ..DvaeConfig::default()
-            },
+            dvae: DvaeConfig { hidden: 64, n_init: 64, ..DvaeConfig::default() },
             transformer: TransformerConfig {
                 d_model: 256,
                 n_layers: 4,
@@ -251,11 +225,7 @@ impl Config {
     pub fn tiny() -> Self {
         Self {
             name: "tiny".into(),
-            text: TextConfig {
-                vocab_size: 300,
-                text_len: 8,
-                bpe_dropout: 0.0,
-            },
+            text: TextConfig { vocab_size: 300, text_len: 8, bpe_dropout: 0.0 },
             dvae: DvaeConfig {
                 image_size: 16,
                 vocab_size: 32,
@@ -282,10 +252,7 @@ impl Config {
             "S" | "s" => Ok(Self::s()),
             "P" | "p" => Ok(Self::p()),
             "dalle_12b" | "dalle-12b" => Ok(Self::dalle_12b()),
-            other => Err(Error::Config(format!(
-                "unknown preset {other:?}; known presets: {}",
-                PRESETS.join(", ")
-            ))),
+            other => Err(Error::Config(format!("unknown preset {other:?}; known presets: {}", PRESETS.join(", ")))),
         }
     }
 
@@ -329,17 +296,10 @@ impl Config {
         if let AttentionPattern::Layers(v) = &t.attention
             && v.len() != t.n_layers
         {
-            return bad(format!(
-                "transformer: {} attention kinds listed for {} layers",
-                v.len(),
-                t.n_layers
-            ));
+            return bad(format!("transformer: {} attention kinds listed for {} layers", v.len(), t.n_layers));
         }
         if t.conv_kernel.is_multiple_of(2) {
-            return bad(format!(
-                "transformer: conv_kernel {} must be odd",
-                t.conv_kernel
-            ));
+            return bad(format!("transformer: conv_kernel {} must be odd", t.conv_kernel));
         }
         if !(0.0..=1.0).contains(&t.text_loss_weight) {
             return bad("transformer: text_loss_weight must lie in [0, 1]".into());

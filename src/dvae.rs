@@ -14,10 +14,7 @@ use tch::{Kind, Tensor};
 use crate::config::DvaeConfig;
 
 fn conv(vs: nn::Path, i: usize, o: usize, k: usize) -> nn::Conv2D {
-    let c = nn::ConvConfig {
-        padding: (k / 2) as i64,
-        ..Default::default()
-    };
+    let c = nn::ConvConfig { padding: (k / 2) as i64, ..Default::default() };
     nn::conv2d(vs, i as i64, o as i64, k as i64, c)
 }
 
@@ -37,17 +34,8 @@ impl ResBlock {
         let id_path = (n_in != n_out).then(|| conv(&vs / "id", n_in, n_out, 1));
         let dims = [(n_in, hid), (hid, hid), (hid, hid), (hid, n_out)];
         let res = &vs / "res";
-        let res_path = dims
-            .iter()
-            .zip(kernels)
-            .enumerate()
-            .map(|(i, (&(a, b), k))| conv(&res / i, a, b, k))
-            .collect();
-        Self {
-            id_path,
-            res_path,
-            post_gain: 1.0 / (n_layers * n_layers) as f64,
-        }
+        let res_path = dims.iter().zip(kernels).enumerate().map(|(i, (&(a, b), k))| conv(&res / i, a, b, k)).collect();
+        Self { id_path, res_path, post_gain: 1.0 / (n_layers * n_layers) as f64 }
     }
 }
 
@@ -91,11 +79,7 @@ impl Encoder {
             })
             .collect();
         let output = conv(&vs / "output", width, cfg.vocab_size, 1);
-        Self {
-            input,
-            groups,
-            output,
-        }
+        Self { input, groups, output }
     }
 }
 
@@ -142,12 +126,7 @@ impl Decoder {
             })
             .collect();
         let output = conv(&vs / "output", width, 6, 1);
-        Self {
-            input,
-            groups,
-            output,
-            vocab: cfg.vocab_size,
-        }
+        Self { input, groups, output, vocab: cfg.vocab_size }
     }
 
     /// The body after the input convolution.
@@ -170,10 +149,7 @@ impl Decoder {
     fn forward_codes(&self, codes: &Tensor) -> Tensor {
         let (b, gh, gw) = codes.size3().unwrap_or((0, 0, 0));
         let w = self.input.ws.view([-1, self.vocab as i64]);
-        let mut h = w
-            .index_select(1, &codes.flatten(0, -1))
-            .view([-1, b, gh, gw])
-            .permute([1, 0, 2, 3]);
+        let mut h = w.index_select(1, &codes.flatten(0, -1)).view([-1, b, gh, gw]).permute([1, 0, 2, 3]);
         if let Some(bias) = &self.input.bs {
             h += bias.view([1, -1, 1, 1]);
         }
@@ -255,11 +231,8 @@ impl Dvae {
         let ln_b = stats.narrow(1, 3, 3);
         let logit_x = (&x / (-&x + 1.0)).log();
         // −ln f(x | μ, b) = |logit x − μ| / b + ln(2b) + ln(x(1 − x))
-        let nll = ((&logit_x - &mu).abs() * (-&ln_b).exp()
-            + &ln_b
-            + std::f64::consts::LN_2
-            + (&x * (-&x + 1.0)).log())
-        .mean(Kind::Float);
+        let nll = ((&logit_x - &mu).abs() * (-&ln_b).exp() + &ln_b + std::f64::consts::LN_2 + (&x * (-&x + 1.0)).log())
+            .mean(Kind::Float);
         let log_q = logits.log_softmax(1, Kind::Float);
         let kl = (log_q.exp() * (&log_q + (self.cfg.vocab_size as f64).ln()))
             .sum_dim_intlist(1, false, Kind::Float)
@@ -269,22 +242,13 @@ impl Dvae {
         let kl_weight = beta * (gh * gw) as f64 / (c * h * w) as f64;
         let recon = self.unmap_pixels(&mu.sigmoid());
         let mse = (recon.detach() - images).square().mean(Kind::Float);
-        DvaeLoss {
-            loss: &nll + &kl * kl_weight,
-            nll,
-            kl,
-            mse,
-        }
+        DvaeLoss { loss: &nll + &kl * kl_weight, nll, kl, mse }
     }
 }
 
 /// Cosine interpolation from `start` (step 0) to `end` (step ≥ `total`).
 pub fn cosine_anneal(start: f64, end: f64, step: usize, total: usize) -> f64 {
-    let t = if total == 0 {
-        1.0
-    } else {
-        (step as f64 / total as f64).min(1.0)
-    };
+    let t = if total == 0 { 1.0 } else { (step as f64 / total as f64).min(1.0) };
     end + (start - end) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
 }
 

@@ -22,10 +22,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -61,12 +58,7 @@ impl View for &Raw {
 }
 
 fn tensor_f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let flat = t
-        .detach()
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Float)
-        .contiguous()
-        .flatten(0, -1);
+    let flat = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous().flatten(0, -1);
     let v = Vec::<f32>::try_from(&flat)?;
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
@@ -77,17 +69,10 @@ pub fn varstore_to_safetensors(vs: &VarStore) -> Result<Vec<u8>> {
     let mut raws = Vec::with_capacity(vars.len());
     for (name, t) in &vars {
         let shape = t.size().iter().map(|&d| d as usize).collect();
-        raws.push((
-            name.clone(),
-            Raw {
-                shape,
-                data: tensor_f32_bytes(t)?,
-            },
-        ));
+        raws.push((name.clone(), Raw { shape, data: tensor_f32_bytes(t)? }));
     }
     let views = raws.iter().map(|(n, r)| (n.as_str(), r));
-    safetensors::serialize(views, &None)
-        .map_err(|e| Error::Invalid(format!("cannot serialise weights: {e}")))
+    safetensors::serialize(views, &None).map_err(|e| Error::Invalid(format!("cannot serialise weights: {e}")))
 }
 
 /// Writes the variables of `vs` to a safetensors file, atomically.
@@ -97,24 +82,9 @@ pub fn save_varstore(vs: &VarStore, path: &Path) -> Result<()> {
 
 fn decode_values(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     match dtype {
-        Dtype::F32 => Some(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        Dtype::F16 => Some(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
-        Dtype::BF16 => Some(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
+        Dtype::F32 => Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::F16 => Some(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+        Dtype::BF16 => Some(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
         _ => None,
     }
 }
@@ -122,10 +92,7 @@ fn decode_values(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 /// Loads safetensors bytes into `vs`, which must hold exactly the same names and shapes.
 pub fn load_varstore_bytes(vs: &mut VarStore, bytes: &[u8], path: &Path) -> Result<()> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| {
-        Error::checkpoint(
-            path,
-            format!("not a readable safetensors file (corrupt or truncated?): {e}"),
-        )
+        Error::checkpoint(path, format!("not a readable safetensors file (corrupt or truncated?): {e}"))
     })?;
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let mut problems = Vec::new();
@@ -141,10 +108,7 @@ pub fn load_varstore_bytes(vs: &mut VarStore, bytes: &[u8], path: &Path) -> Resu
                         want
                     ));
                 } else if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-                    problems.push(format!(
-                        "tensor {name} has unsupported dtype {:?}",
-                        view.dtype()
-                    ));
+                    problems.push(format!("tensor {name} has unsupported dtype {:?}", view.dtype()));
                 }
             }
         }
@@ -157,24 +121,12 @@ pub fn load_varstore_bytes(vs: &mut VarStore, bytes: &[u8], path: &Path) -> Resu
     if !problems.is_empty() {
         let n = problems.len();
         problems.truncate(6);
-        let more = if n > 6 {
-            format!(" (and {} more)", n - 6)
-        } else {
-            String::new()
-        };
-        return Err(Error::checkpoint(
-            path,
-            format!(
-                "weights do not match the config: {}{more}",
-                problems.join("; ")
-            ),
-        ));
+        let more = if n > 6 { format!(" (and {} more)", n - 6) } else { String::new() };
+        return Err(Error::checkpoint(path, format!("weights do not match the config: {}{more}", problems.join("; "))));
     }
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &vars {
-            let view = st
-                .tensor(name)
-                .map_err(|e| Error::checkpoint(path, e.to_string()))?;
+            let view = st.tensor(name).map_err(|e| Error::checkpoint(path, e.to_string()))?;
             let values = decode_values(view.dtype(), view.data())
                 .ok_or_else(|| Error::checkpoint(path, format!("tensor {name}: bad dtype")))?;
             let t = Tensor::from_slice(&values).view(var.size().as_slice());

@@ -29,19 +29,12 @@ pub fn parse_device(name: &str) -> Result<tch::Device> {
             if tch::Cuda::is_available() {
                 Ok(tch::Device::Cuda(0))
             } else {
-                Err(Error::Invalid(
-                    "CUDA was asked for but no CUDA device is available".into(),
-                ))
+                Err(Error::Invalid("CUDA was asked for but no CUDA device is available".into()))
             }
         }
-        other => match other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(i) if (i as i64) < tch::Cuda::device_count() => Ok(tch::Device::Cuda(i)),
-            _ => Err(Error::Invalid(format!(
-                "unknown or unavailable device {other:?}"
-            ))),
+            _ => Err(Error::Invalid(format!("unknown or unavailable device {other:?}"))),
         },
     }
 }

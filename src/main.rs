@@ -133,9 +133,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn load_model(src: &ModelSource, device: tch::Device) -> Result<Model> {
     match (&src.model, &src.random_init) {
-        (Some(dir), _) => {
-            Model::load(dir, device).with_context(|| format!("loading model {}", dir.display()))
-        }
+        (Some(dir), _) => Model::load(dir, device).with_context(|| format!("loading model {}", dir.display())),
         (None, Some(preset)) => {
             let cfg = Config::preset(preset)?;
             eprintln!("note: {preset} is randomly initialised; its images are noise until trained");
@@ -156,14 +154,8 @@ fn load_square_rgb(path: &Path, size: usize) -> Result<Vec<u8>> {
         .to_rgb8();
     let (w, h) = img.dimensions();
     let side = w.min(h);
-    let cropped =
-        image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
-    let resized = image::imageops::resize(
-        &cropped,
-        size as u32,
-        size as u32,
-        image::imageops::FilterType::Triangle,
-    );
+    let cropped = image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
+    let resized = image::imageops::resize(&cropped, size as u32, size as u32, image::imageops::FilterType::Triangle);
     Ok(resized.into_raw())
 }
 
@@ -172,10 +164,7 @@ fn unused_path(dir: &Path, seed: u64) -> PathBuf {
     if !first.exists() {
         return first;
     }
-    (1..)
-        .map(|i| dir.join(format!("sample-{seed}-{i}.png")))
-        .find(|p| !p.exists())
-        .unwrap_or(first)
+    (1..).map(|i| dir.join(format!("sample-{seed}-{i}.png"))).find(|p| !p.exists()).unwrap_or(first)
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -204,12 +193,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             .map(|d| d.as_nanos() as u64 % 1_000_000_007)
             .unwrap_or(0)
     });
-    let opts = SampleOptions {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        guidance: a.guidance,
-    };
+    let opts = SampleOptions { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, guidance: a.guidance };
     let t0 = std::time::Instant::now();
     let mut last_pct = usize::MAX;
     let samples = model.generate(&a.prompt, a.n, seed, prefix.as_ref(), &opts, |s| {
@@ -226,22 +210,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for s in &samples {
         let path = unused_path(&a.out, s.seed);
-        let img = image::RgbImage::from_raw(s.size as u32, s.size as u32, s.rgb.clone())
-            .context("image buffer")?;
+        let img = image::RgbImage::from_raw(s.size as u32, s.size as u32, s.rgb.clone()).context("image buffer")?;
         let mut bytes = Vec::new();
-        img.write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )?;
+        img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
         tessera::io::write_atomic(&path, &bytes)?;
         println!("{}", path.display());
     }
-    eprintln!(
-        "{} images in {:.1}s on {:?}",
-        samples.len(),
-        t0.elapsed().as_secs_f64(),
-        device
-    );
+    eprintln!("{} images in {:.1}s on {:?}", samples.len(), t0.elapsed().as_secs_f64(), device);
     Ok(())
 }
 
@@ -261,12 +236,7 @@ fn info(a: InfoArgs) -> Result<()> {
             .transformer_parts
             .iter()
             .map(|(k, v)| (format!("transformer.{k}"), v))
-            .chain(
-                count
-                    .dvae_parts
-                    .iter()
-                    .map(|(k, v)| (format!("dvae.{k}"), v)),
-            )
+            .chain(count.dvae_parts.iter().map(|(k, v)| (format!("dvae.{k}"), v)))
         {
             p.insert(k, (*v).into());
         }

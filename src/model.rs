@@ -80,9 +80,7 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<Vec<u8>>> {
         .to_device(Device::Cpu)
         .contiguous();
     let b = imgs.size()[0];
-    (0..b)
-        .map(|i| Ok(Vec::<u8>::try_from(&imgs.get(i).flatten(0, -1))?))
-        .collect()
+    (0..b).map(|i| Ok(Vec::<u8>::try_from(&imgs.get(i).flatten(0, -1))?)).collect()
 }
 
 /// Converts RGB8 images (each `size × size × 3`) to a tensor [B, 3, H, W] in [0, 1].
@@ -90,10 +88,7 @@ pub fn from_rgb8(images: &[Vec<u8>], size: usize, device: Device) -> Result<Tens
     let mut flat = Vec::with_capacity(images.len() * size * size * 3);
     for img in images {
         if img.len() != size * size * 3 {
-            return Err(Error::Invalid(format!(
-                "image buffer of {} bytes is not {size}×{size} RGB",
-                img.len()
-            )));
+            return Err(Error::Invalid(format!("image buffer of {} bytes is not {size}×{size} RGB", img.len())));
         }
         flat.extend_from_slice(img);
     }
@@ -145,10 +140,9 @@ impl Model {
     pub fn load_config(dir: &Path) -> Result<Config> {
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let cfg: Config = serde_json::from_str(&text)
-            .map_err(|e| Error::checkpoint(&path, format!("not a valid config: {e}")))?;
-        cfg.validate()
-            .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+        let cfg: Config =
+            serde_json::from_str(&text).map_err(|e| Error::checkpoint(&path, format!("not a valid config: {e}")))?;
+        cfg.validate().map_err(|e| Error::checkpoint(&path, e.to_string()))?;
         Ok(cfg)
     }
 
@@ -174,13 +168,7 @@ impl Model {
         load_varstore(&mut dvae.vs, &dir.join(DVAE_FILE))?;
         let mut transformer = TransformerModel::new(&config, device);
         load_varstore(&mut transformer.vs, &dir.join(TRANSFORMER_FILE))?;
-        Ok(Self {
-            config,
-            tokenizer,
-            dvae,
-            transformer,
-            device,
-        })
+        Ok(Self { config, tokenizer, dvae, transformer, device })
     }
 
     /// Encodes a prompt; empty prompts are an error.
@@ -192,9 +180,7 @@ impl Model {
     pub fn prefix_tokens(&self, rgb: &[u8], keep_rows: usize) -> Result<Tensor> {
         let g = self.config.grid_size();
         if keep_rows > g {
-            return Err(Error::Invalid(format!(
-                "keep-rows {keep_rows} exceeds the grid's {g} rows"
-            )));
+            return Err(Error::Invalid(format!("keep-rows {keep_rows} exceeds the grid's {g} rows")));
         }
         let x = from_rgb8(&[rgb.to_vec()], self.config.dvae.image_size, self.device)?;
         let codes = tch::no_grad(|| self.dvae.net.encode(&x));
@@ -212,26 +198,13 @@ impl Model {
         opts: &SampleOptions,
     ) -> Result<Sampler<'_>> {
         if n == 0 {
-            return Err(Error::Invalid(
-                "the number of samples must be at least 1".into(),
-            ));
+            return Err(Error::Invalid("the number of samples must be at least 1".into()));
         }
         let enc = self.encode_prompt(prompt)?;
         let text = self.transformer.net.pad_text(&vec![enc.ids; n]);
-        let prefix = prefix.map(|p| {
-            if p.size()[0] == 1 && n > 1 {
-                p.repeat([n as i64, 1])
-            } else {
-                p.shallow_clone()
-            }
-        });
-        Sampler::new(
-            &self.transformer.net,
-            &text,
-            prefix.as_ref(),
-            &batch_seeds(seed, n),
-            opts,
-        )
+        let prefix =
+            prefix.map(|p| if p.size()[0] == 1 && n > 1 { p.repeat([n as i64, 1]) } else { p.shallow_clone() });
+        Sampler::new(&self.transformer.net, &text, prefix.as_ref(), &batch_seeds(seed, n), opts)
     }
 
     /// Decodes image tokens [B, I] into RGB8 images.

@@ -28,17 +28,9 @@ fn linear(i: u64, o: u64) -> u64 {
 
 fn res_block(n_in: u64, n_out: u64, kernels: [u64; 4]) -> u64 {
     let hid = (n_out / 4).max(1);
-    let id = if n_in != n_out {
-        conv(n_in, n_out, 1)
-    } else {
-        0
-    };
+    let id = if n_in != n_out { conv(n_in, n_out, 1) } else { 0 };
     let dims = [(n_in, hid), (hid, hid), (hid, hid), (hid, n_out)];
-    id + dims
-        .iter()
-        .zip(kernels)
-        .map(|(&(a, b), k)| conv(a, b, k))
-        .sum::<u64>()
+    id + dims.iter().zip(kernels).map(|(&(a, b), k)| conv(a, b, k)).sum::<u64>()
 }
 
 fn dvae_groups(cfg: &Config, first_in: u64, widths: &[u64], kernels: [u64; 4]) -> u64 {
@@ -78,9 +70,8 @@ pub fn count(cfg: &Config) -> ParamCount {
     let rev: Vec<u64> = widths.iter().rev().copied().collect();
     let last = *widths.last().unwrap_or(&n);
     let encoder = conv(3, n, 7) + dvae_groups(cfg, n, &widths, [3, 3, 3, 1]) + conv(last, vi, 1);
-    let decoder = conv(vi, dv.n_init as u64, 1)
-        + dvae_groups(cfg, dv.n_init as u64, &rev, [1, 3, 3, 3])
-        + conv(n, 6, 1);
+    let decoder =
+        conv(vi, dv.n_init as u64, 1) + dvae_groups(cfg, dv.n_init as u64, &rev, [1, 3, 3, 3]) + conv(n, 6, 1);
     let dvae = encoder + decoder;
 
     ParamCount {
@@ -108,10 +99,8 @@ pub fn transformer_forward_flops(cfg: &Config) -> f64 {
     let tl = cfg.text.text_len as f64;
     let per_token = 2.0 * (d * 3.0 * inner + inner * d + 2.0 * d * hidden);
     let attn = 2.0 * 2.0 * l * l * inner;
-    let heads = 2.0
-        * d
-        * (tl * (cfg.text.vocab_size as f64 + tl)
-            + cfg.image_len() as f64 * cfg.dvae.vocab_size as f64);
+    let heads =
+        2.0 * d * (tl * (cfg.text.vocab_size as f64 + tl) + cfg.image_len() as f64 * cfg.dvae.vocab_size as f64);
     t.n_layers as f64 * (per_token * l + attn) + heads
 }
 
@@ -120,7 +109,6 @@ pub fn decode_step_flops(cfg: &Config, pos: usize) -> f64 {
     let t = &cfg.transformer;
     let (d, inner) = (t.d_model as f64, t.inner_dim() as f64);
     let hidden = (t.d_model * t.mlp_ratio) as f64;
-    let per_layer =
-        2.0 * (d * 3.0 * inner + inner * d + 2.0 * d * hidden) + 4.0 * (pos as f64 + 1.0) * inner;
+    let per_layer = 2.0 * (d * 3.0 * inner + inner * d + 2.0 * d * hidden) + 4.0 * (pos as f64 + 1.0) * inner;
     t.n_layers as f64 * per_layer + 2.0 * d * cfg.dvae.vocab_size as f64
 }

@@ -29,34 +29,20 @@ pub struct SampleOptions {
 
 impl Default for SampleOptions {
     fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            guidance: 1.0,
-        }
+        Self { temperature: 1.0, top_k: 0, top_p: 1.0, guidance: 1.0 }
     }
 }
 
 impl SampleOptions {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Invalid(format!(
-                "temperature {} must be ≥ 0",
-                self.temperature
-            )));
+            return Err(Error::Invalid(format!("temperature {} must be ≥ 0", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Invalid(format!(
-                "top-p {} must lie in (0, 1]",
-                self.top_p
-            )));
+            return Err(Error::Invalid(format!("top-p {} must lie in (0, 1]", self.top_p)));
         }
         if !(self.guidance.is_finite() && self.guidance >= 0.0) {
-            return Err(Error::Invalid(format!(
-                "guidance {} must be ≥ 0",
-                self.guidance
-            )));
+            return Err(Error::Invalid(format!("guidance {} must be ≥ 0", self.guidance)));
         }
         Ok(())
     }
@@ -114,13 +100,8 @@ pub fn draw(logits: &Tensor, uniforms: &[f64], greedy: bool) -> Tensor {
     let v = logits.size()[1];
     let cdf = logits.softmax(1, Kind::Double).cumsum(1, Kind::Double);
     let total = cdf.narrow(1, v - 1, 1);
-    let u = Tensor::from_slice(uniforms)
-        .to_device(logits.device())
-        .view([-1, 1])
-        * total;
-    u.searchsorted(&cdf, false, true, "right", None::<Tensor>)
-        .clamp_max(v - 1)
-        .squeeze_dim(1)
+    let u = Tensor::from_slice(uniforms).to_device(logits.device()).view([-1, 1]) * total;
+    u.searchsorted(&cdf, false, true, "right", None::<Tensor>).clamp_max(v - 1).squeeze_dim(1)
 }
 
 /// Progress of a sampling run, for callbacks.
@@ -163,16 +144,10 @@ impl<'a> Sampler<'a> {
         let b = text.size()[0] as usize;
         let image_len = cfg.image_len();
         if seeds.len() != b {
-            return Err(Error::Invalid(format!(
-                "{} seeds for a batch of {b}",
-                seeds.len()
-            )));
+            return Err(Error::Invalid(format!("{} seeds for a batch of {b}", seeds.len())));
         }
         if text.size() != [b as i64, cfg.text.text_len as i64] {
-            return Err(Error::Invalid(format!(
-                "caption tensor has shape {:?}",
-                text.size()
-            )));
+            return Err(Error::Invalid(format!("caption tensor has shape {:?}", text.size())));
         }
         let dev = model.device();
         let tokens = Tensor::zeros([b as i64, image_len as i64], (Kind::Int64, dev));
@@ -200,20 +175,11 @@ impl<'a> Sampler<'a> {
         let rows = if guided { 2 * b } else { b };
         let mut cache = model.new_cache(rows);
         let logits = if p < image_len {
-            let text_in = if guided {
-                Tensor::cat(&[text.shallow_clone(), model.null_text(b)], 0)
-            } else {
-                text.shallow_clone()
-            };
+            let text_in =
+                if guided { Tensor::cat(&[text.shallow_clone(), model.null_text(b)], 0) } else { text.shallow_clone() };
             let given = tokens.narrow(1, 0, p as i64);
-            let given = if guided {
-                Tensor::cat(&[&given, &given], 0)
-            } else {
-                given
-            };
-            Some(tch::no_grad(|| {
-                model.prefill(&mut cache, &text_in, (p > 0).then_some(&given))
-            }))
+            let given = if guided { Tensor::cat(&[&given, &given], 0) } else { given };
+            Some(tch::no_grad(|| model.prefill(&mut cache, &text_in, (p > 0).then_some(&given))))
         } else {
             None
         };
@@ -231,11 +197,7 @@ impl<'a> Sampler<'a> {
     }
 
     pub fn progress(&self) -> Progress {
-        Progress {
-            done: self.pos,
-            total: self.tokens.size()[1] as usize,
-            prefix: self.prefix,
-        }
+        Progress { done: self.pos, total: self.tokens.size()[1] as usize, prefix: self.prefix }
     }
 
     pub fn is_done(&self) -> bool {
@@ -265,14 +227,8 @@ impl<'a> Sampler<'a> {
         self.tokens.narrow(1, j as i64, 1).copy_(&tok.view([b, 1]));
         self.pos += 1;
         if self.pos < self.tokens.size()[1] as usize {
-            let feed = if self.guided {
-                Tensor::cat(&[&tok, &tok], 0)
-            } else {
-                tok.shallow_clone()
-            };
-            self.logits = Some(tch::no_grad(|| {
-                self.model.decode_step(&mut self.cache, &feed, j)
-            }));
+            let feed = if self.guided { Tensor::cat(&[&tok, &tok], 0) } else { tok.shallow_clone() };
+            self.logits = Some(tch::no_grad(|| self.model.decode_step(&mut self.cache, &feed, j)));
         }
         Some(tok)
     }

@@ -79,9 +79,7 @@ impl TextTokenizer {
     pub fn from_json(json: &str) -> Result<Self> {
         let tok: Tokenizer = json.parse().map_err(tk_err)?;
         if !matches!(tok.get_model(), ModelWrapper::BPE(_)) {
-            return Err(Error::Tokenizer(
-                "tokenizer.json does not hold a BPE model".into(),
-            ));
+            return Err(Error::Tokenizer("tokenizer.json does not hold a BPE model".into()));
         }
         Ok(Self { tok, dropout: None })
     }
@@ -108,9 +106,7 @@ impl TextTokenizer {
     /// Returns a copy whose training-time encoding drops merges with probability `p`.
     pub fn with_dropout(mut self, p: f32) -> Result<Self> {
         if !(0.0..1.0).contains(&p) {
-            return Err(Error::Invalid(format!(
-                "BPE dropout {p} must lie in [0, 1)"
-            )));
+            return Err(Error::Invalid(format!("BPE dropout {p} must lie in [0, 1)")));
         }
         self.dropout = None;
         if p > 0.0 {
@@ -133,10 +129,7 @@ impl TextTokenizer {
         let enc = tok.encode(prompt, false).map_err(tk_err)?;
         let all = enc.get_ids();
         let ids = all.iter().take(text_len).map(|&i| i as i64).collect();
-        Ok(Encoded {
-            ids,
-            full_len: all.len(),
-        })
+        Ok(Encoded { ids, full_len: all.len() })
     }
 
     /// Encodes a prompt for sampling: lowercased, at most `text_len` tokens.
@@ -146,11 +139,7 @@ impl TextTokenizer {
 
     /// Encodes a caption for training, with BPE dropout when it was enabled.
     pub fn encode_train(&self, caption: &str, text_len: usize) -> Result<Encoded> {
-        Self::encode_with(
-            self.dropout.as_ref().unwrap_or(&self.tok),
-            caption,
-            text_len,
-        )
+        Self::encode_with(self.dropout.as_ref().unwrap_or(&self.tok), caption, text_len)
     }
 
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
@@ -163,22 +152,15 @@ impl TextTokenizer {
 /// a working tokenizer before a trained one exists.
 pub fn bootstrap_corpus() -> Vec<String> {
     const COLOURS: &[&str] = &[
-        "red", "green", "blue", "yellow", "purple", "orange", "pink", "brown", "black", "white",
-        "gray", "navy", "olive", "teal", "cyan", "magenta",
+        "red", "green", "blue", "yellow", "purple", "orange", "pink", "brown", "black", "white", "gray", "navy",
+        "olive", "teal", "cyan", "magenta",
     ];
     const SHAPES: &[&str] = &[
-        "circle", "square", "triangle", "pentagon", "hexagon", "heptagon", "octagon", "star",
-        "heart", "cube", "diamond", "cross", "sign",
+        "circle", "square", "triangle", "pentagon", "hexagon", "heptagon", "octagon", "star", "heart", "cube",
+        "diamond", "cross", "sign",
     ];
     const SIZES: &[&str] = &["small", "large", "tiny", "big", "medium"];
-    const RELS: &[&str] = &[
-        "above",
-        "below",
-        "left of",
-        "right of",
-        "on top of",
-        "next to",
-    ];
+    const RELS: &[&str] = &["above", "below", "left of", "right of", "on top of", "next to"];
     let mut out = Vec::new();
     for (i, c) in COLOURS.iter().enumerate() {
         for (j, s) in SHAPES.iter().enumerate() {
@@ -187,10 +169,7 @@ pub fn bootstrap_corpus() -> Vec<String> {
             let c2 = COLOURS[(i + 3 * j + 1) % COLOURS.len()];
             let s2 = SHAPES[(2 * i + j + 5) % SHAPES.len()];
             out.push(format!("a {size} {c} {s} {rel} a {c2} {s2}"));
-            out.push(format!(
-                "an image of {} {c} {s}s on a white background",
-                i % 6 + 2
-            ));
+            out.push(format!("an image of {} {c} {s}s on a white background", i % 6 + 2));
             out.push(format!("a sign with the word '{s}' on it"));
         }
     }

@@ -70,26 +70,12 @@ impl Transformer {
         let tv = cfg.text.vocab_size as i64;
         let g = cfg.grid_size() as i64;
         let emb = |name: &str, n: i64| {
-            let c = nn::EmbeddingConfig {
-                ws_init: nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-                ..Default::default()
-            };
+            let c = nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() };
             nn::embedding(&vs / name, n, d, c)
         };
         let kinds = t.layer_kinds();
-        let blocks = kinds
-            .iter()
-            .enumerate()
-            .map(|(i, &k)| Block::new(&vs / "blocks" / i, cfg, k))
-            .collect();
-        let shape = StreamShape {
-            text_len: cfg.text.text_len,
-            grid: cfg.grid_size(),
-            conv_kernel: t.conv_kernel,
-        };
+        let blocks = kinds.iter().enumerate().map(|(i, &k)| Block::new(&vs / "blocks" / i, cfg, k)).collect();
+        let shape = StreamShape { text_len: cfg.text.text_len, grid: cfg.grid_size(), conv_kernel: t.conv_kernel };
         Self {
             // caption tokens, one padding token per position, and the start token
             text_emb: emb("text_emb", tv + tl + 1),
@@ -100,12 +86,7 @@ impl Transformer {
             blocks,
             ln_f: nn::layer_norm(&vs / "ln_f", vec![d], Default::default()),
             text_head: nn::linear(&vs / "text_head", d, tv + tl, Default::default()),
-            image_head: nn::linear(
-                &vs / "image_head",
-                d,
-                cfg.dvae.vocab_size as i64,
-                Default::default(),
-            ),
+            image_head: nn::linear(&vs / "image_head", d, cfg.dvae.vocab_size as i64, Default::default()),
             masks: MaskSet::new(&kinds, shape, vs.device()),
             cfg: cfg.clone(),
             dropout: t.dropout,
@@ -135,9 +116,7 @@ impl Transformer {
                 flat.push(c.get(i).copied().unwrap_or(tv + i as i64));
             }
         }
-        Tensor::from_slice(&flat)
-            .view([captions.len() as i64, tl as i64])
-            .to_device(self.device())
+        Tensor::from_slice(&flat).view([captions.len() as i64, tl as i64]).to_device(self.device())
     }
 
     /// The null caption (all padding) for `batch` rows: the unconditional input of
@@ -159,11 +138,7 @@ impl Transformer {
         if start < text_end {
             // stream position p ≤ T holds the start token (p = 0) or caption token p − 1
             let bos = Tensor::full([b, 1], self.bos_id(), (Kind::Int64, dev));
-            let ids = Tensor::cat(&[bos, text.shallow_clone()], 1).narrow(
-                1,
-                start as i64,
-                (text_end - start) as i64,
-            );
+            let ids = Tensor::cat(&[bos, text.shallow_clone()], 1).narrow(1, start as i64, (text_end - start) as i64);
             let pos = Tensor::arange_start(start as i64, text_end as i64, (Kind::Int64, dev));
             parts.push(self.text_emb.forward(&ids) + self.text_pos.forward(&pos).unsqueeze(0));
         }
@@ -173,15 +148,12 @@ impl Transformer {
             let img = image.map(|i| i.narrow(1, j0 as i64, (j1 - j0) as i64));
             if let Some(ids) = img {
                 let j = Tensor::arange_start(j0 as i64, j1 as i64, (Kind::Int64, dev));
-                let pos = self.row_emb.forward(&j.floor_divide_scalar(g))
-                    + self.col_emb.forward(&j.remainder(g));
+                let pos = self.row_emb.forward(&j.floor_divide_scalar(g)) + self.col_emb.forward(&j.remainder(g));
                 parts.push(self.image_emb.forward(&ids) + pos.unsqueeze(0));
             }
         }
         if parts.len() == 1 {
-            parts
-                .pop()
-                .unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)))
+            parts.pop().unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)))
         } else {
             Tensor::cat(&parts, 1)
         }
@@ -190,13 +162,7 @@ impl Transformer {
     /// Runs the blocks over positions `start..start+n` (embedded in `x`).
     // The residual sums stay out of place: autograd needs the block inputs unchanged.
     #[allow(clippy::assign_op_pattern)]
-    fn run(
-        &self,
-        mut x: Tensor,
-        start: usize,
-        mut cache: Option<&mut KvCache>,
-        train: bool,
-    ) -> Tensor {
+    fn run(&self, mut x: Tensor, start: usize, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let n = x.size()[1] as usize;
         if train && self.dropout > 0.0 {
             x = x.dropout(self.dropout, true);
@@ -204,18 +170,10 @@ impl Transformer {
         for (i, blk) in self.blocks.iter().enumerate() {
             let mask = self.masks.window(blk.kind, start, n);
             let c = cache.as_deref_mut().map(|c| (c, i));
-            let h = blk
-                .attn
-                .forward(&blk.ln1.forward(&x), mask.as_ref(), c, start, train);
+            let h = blk.attn.forward(&blk.ln1.forward(&x), &mask, c, start, train);
             x = x + h;
-            let h = blk
-                .fc2
-                .forward(&blk.fc1.forward(&blk.ln2.forward(&x)).gelu("none"));
-            x = if train && self.dropout > 0.0 {
-                x + h.dropout(self.dropout, true)
-            } else {
-                x + h
-            };
+            let h = blk.fc2.forward(&blk.fc1.forward(&blk.ln2.forward(&x)).gelu("none"));
+            x = if train && self.dropout > 0.0 { x + h.dropout(self.dropout, true) } else { x + h };
         }
         if let Some(c) = cache {
             c.advance(n);
@@ -231,27 +189,17 @@ impl Transformer {
         let x = self.embed(text, Some(image), 0, l);
         let h = self.run(x, 0, None, train);
         let text_logits = self.text_head.forward(&h.narrow(1, 0, tl as i64));
-        let image_logits =
-            self.image_head
-                .forward(&h.narrow(1, tl as i64, self.cfg.image_len() as i64));
+        let image_logits = self.image_head.forward(&h.narrow(1, tl as i64, self.cfg.image_len() as i64));
         (text_logits, image_logits)
     }
 
     /// The training loss for captions [B, T] (padded) and image tokens [B, I].
     pub fn loss(&self, text: &Tensor, image: &Tensor, train: bool) -> TransformerLoss {
         let (tlog, ilog) = self.forward(text, image, train);
-        let text_loss = tlog
-            .flatten(0, 1)
-            .cross_entropy_for_logits(&text.flatten(0, 1));
-        let image_loss = ilog
-            .flatten(0, 1)
-            .cross_entropy_for_logits(&image.flatten(0, 1));
+        let text_loss = tlog.flatten(0, 1).cross_entropy_for_logits(&text.flatten(0, 1));
+        let image_loss = ilog.flatten(0, 1).cross_entropy_for_logits(&image.flatten(0, 1));
         let w = self.cfg.transformer.text_loss_weight;
-        TransformerLoss {
-            loss: &text_loss * w + &image_loss * (1.0 - w),
-            text: text_loss,
-            image: image_loss,
-        }
+        TransformerLoss { loss: &text_loss * w + &image_loss * (1.0 - w), text: text_loss, image: image_loss }
     }
 
     /// A cache for `batch` rows in the weights' dtype.
@@ -276,8 +224,7 @@ impl Transformer {
         cache.clear();
         let x = self.embed(text, image, 0, n);
         let h = self.run(x, 0, Some(cache), false);
-        self.image_head
-            .forward(&h.narrow(1, n as i64 - 1, 1).squeeze_dim(1))
+        self.image_head.forward(&h.narrow(1, n as i64 - 1, 1).squeeze_dim(1))
     }
 
     /// Feeds image token `j` ([B]) at its stream position; returns the logits for token j+1.
@@ -289,8 +236,7 @@ impl Transformer {
         let g = self.cfg.grid_size() as i64;
         let dev = self.device();
         let pos_j = Tensor::from_slice(&[j as i64]).to_device(dev);
-        let pos = self.row_emb.forward(&pos_j.floor_divide_scalar(g))
-            + self.col_emb.forward(&pos_j.remainder(g));
+        let pos = self.row_emb.forward(&pos_j.floor_divide_scalar(g)) + self.col_emb.forward(&pos_j.remainder(g));
         let x = self.image_emb.forward(&ids) + pos.unsqueeze(0);
         let h = self.run(x, start, Some(cache), false);
         self.image_head.forward(&h.squeeze_dim(1))

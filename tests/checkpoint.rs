@@ -23,16 +23,10 @@ fn saved_then_loaded_model_gives_identical_outputs() {
     let (text, image) = random_batch(&a, 2, 3);
     let (ta, ia) = tch::no_grad(|| a.transformer.net.forward(&text, &image, false));
     let (tb, ib) = tch::no_grad(|| b.transformer.net.forward(&text, &image, false));
-    assert!(
-        ta.equal(&tb) && ia.equal(&ib),
-        "transformer outputs differ after a round trip"
-    );
+    assert!(ta.equal(&tb) && ia.equal(&ib), "transformer outputs differ after a round trip");
     let g = a.config.grid_size() as i64;
     let codes = image.view([-1, g, g]);
-    assert!(
-        a.dvae.net.decode(&codes).equal(&b.dvae.net.decode(&codes)),
-        "dVAE outputs differ"
-    );
+    assert!(a.dvae.net.decode(&codes).equal(&b.dvae.net.decode(&codes)), "dVAE outputs differ");
     let p = "A Small Red Circle";
     assert_eq!(a.encode_prompt(p).unwrap(), b.encode_prompt(p).unwrap());
     let opts = tessera::SampleOptions::default();
@@ -57,10 +51,7 @@ fn corrupt_or_truncated_weights_are_named() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let msg = load_err(dir.path());
-    assert!(
-        msg.contains(TRANSFORMER_FILE) && msg.contains("corrupt or truncated"),
-        "{msg}"
-    );
+    assert!(msg.contains(TRANSFORMER_FILE) && msg.contains("corrupt or truncated"), "{msg}");
     std::fs::write(&path, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}").unwrap();
     let msg = load_err(dir.path());
     assert!(msg.contains("corrupt or truncated"), "{msg}");
@@ -78,10 +69,7 @@ fn weights_that_do_not_match_the_config_are_named() {
     cfg.transformer.d_model = 48;
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
     let msg = load_err(dir.path());
-    assert!(
-        msg.contains("do not match the config") && msg.contains("shape"),
-        "{msg}"
-    );
+    assert!(msg.contains("do not match the config") && msg.contains("shape"), "{msg}");
 
     cfg.transformer.d_model = 32;
     cfg.transformer.n_layers = 5;
@@ -92,10 +80,7 @@ fn weights_that_do_not_match_the_config_are_named() {
 
     std::fs::write(&cfg_path, "{ \"transformer\": { \"n_layers\": \"many\" } }").unwrap();
     let msg = load_err(dir.path());
-    assert!(
-        msg.contains("config.json") && msg.contains("not a valid config"),
-        "{msg}"
-    );
+    assert!(msg.contains("config.json") && msg.contains("not a valid config"), "{msg}");
 }
 
 #[test]
@@ -109,10 +94,7 @@ fn dvae_file_from_another_model_is_rejected() {
     tessera::io::save_varstore(&m.vs, &dir.path().join(DVAE_FILE)).unwrap();
     let msg = load_err(dir.path());
     assert!(msg.contains(DVAE_FILE) && msg.contains("shape"), "{msg}");
-    assert!(matches!(
-        Model::load(dir.path(), Device::Cpu),
-        Err(Error::Checkpoint { .. })
-    ));
+    assert!(matches!(Model::load(dir.path(), Device::Cpu), Err(Error::Checkpoint { .. })));
 }
 
 #[test]

@@ -11,26 +11,8 @@ fn generate_writes_pngs_and_completes_from_an_image() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let o = tessera()
-        .args([
-            "generate",
-            "--random-init",
-            "tiny",
-            "--prompt",
-            "a red circle",
-            "-n",
-            "2",
-            "--seed",
-            "7",
-        ])
-        .args([
-            "--top-k",
-            "10",
-            "--guidance",
-            "2",
-            "--device",
-            "cpu",
-            "--out",
-        ])
+        .args(["generate", "--random-init", "tiny", "--prompt", "a red circle", "-n", "2", "--seed", "7"])
+        .args(["--top-k", "10", "--guidance", "2", "--device", "cpu", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -41,18 +23,7 @@ fn generate_writes_pngs_and_completes_from_an_image() {
     }
     // the same run again never overwrites
     let o = tessera()
-        .args([
-            "generate",
-            "--random-init",
-            "tiny",
-            "--prompt",
-            "a red circle",
-            "-n",
-            "1",
-            "--seed",
-            "7",
-            "--out",
-        ])
+        .args(["generate", "--random-init", "tiny", "--prompt", "a red circle", "-n", "1", "--seed", "7", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -60,9 +31,7 @@ fn generate_writes_pngs_and_completes_from_an_image() {
     assert!(out.join("sample-7-1.png").exists());
     // completion from a picture of another size
     let pic = dir.path().join("top.png");
-    image::RgbImage::from_pixel(40, 30, image::Rgb([200, 30, 30]))
-        .save(&pic)
-        .unwrap();
+    image::RgbImage::from_pixel(40, 30, image::Rgb([200, 30, 30])).save(&pic).unwrap();
     let o = tessera()
         .args([
             "generate",
@@ -88,33 +57,17 @@ fn generate_writes_pngs_and_completes_from_an_image() {
 fn bad_input_gives_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let o = tessera()
-            .args(args)
-            .arg("--out")
-            .arg(dir.path())
-            .output()
-            .unwrap();
+        let o = tessera().args(args).arg("--out").arg(dir.path()).output().unwrap();
         assert!(!o.status.success(), "{args:?} should fail");
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
         err
     };
-    assert!(
-        run(&["generate", "--random-init", "tiny", "--prompt", ""]).contains("prompt is empty")
-    );
-    assert!(
-        run(&["generate", "--random-init", "nope", "--prompt", "x"]).contains("unknown preset")
-    );
+    assert!(run(&["generate", "--random-init", "tiny", "--prompt", ""]).contains("prompt is empty"));
+    assert!(run(&["generate", "--random-init", "nope", "--prompt", "x"]).contains("unknown preset"));
     let model = dir.path().join("missing");
     assert!(
-        run(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "x"
-        ])
-        .contains("no such model directory")
+        run(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x"]).contains("no such model directory")
     );
     let bad = dir.path().join("bad.png");
     std::fs::write(&bad, b"not an image").unwrap();
@@ -134,10 +87,7 @@ fn bad_input_gives_a_clear_error() {
 
 #[test]
 fn info_reports_parameter_counts_as_json() {
-    let o = tessera()
-        .args(["info", "--preset", "dalle_12b", "--json"])
-        .output()
-        .unwrap();
+    let o = tessera().args(["info", "--preset", "dalle_12b", "--json"]).output().unwrap();
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let t = v["params"]["transformer"].as_u64().unwrap() as f64;

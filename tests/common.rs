@@ -22,20 +22,12 @@ pub fn random_batch(model: &Model, b: usize, seed: i64) -> (Tensor, Tensor) {
     let caps: Vec<Vec<i64>> = (0..b)
         .map(|i| {
             let len = 1 + (i * 3) % cfg.text.text_len;
-            Vec::<i64>::try_from(Tensor::randint(
-                tv,
-                [len as i64],
-                (Kind::Int64, Device::Cpu),
-            ))
-            .unwrap()
+            Vec::<i64>::try_from(Tensor::randint(tv, [len as i64], (Kind::Int64, Device::Cpu))).unwrap()
         })
         .collect();
     let text = model.transformer.net.pad_text(&caps);
-    let image = Tensor::randint(
-        cfg.dvae.vocab_size as i64,
-        [b as i64, cfg.image_len() as i64],
-        (Kind::Int64, Device::Cpu),
-    );
+    let image =
+        Tensor::randint(cfg.dvae.vocab_size as i64, [b as i64, cfg.image_len() as i64], (Kind::Int64, Device::Cpu));
     (text, image)
 }
 

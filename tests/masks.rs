@@ -61,11 +61,7 @@ fn check(kind: AttentionKind, s: StreamShape) {
     let slow = brute_force(kind, s);
     for q in 0..l {
         for k in 0..l {
-            assert_eq!(
-                fast[q * l + k] != 0,
-                slow[q][k],
-                "{kind:?} {s:?}: query {q}, key {k}"
-            );
+            assert_eq!(fast[q * l + k] != 0, slow[q][k], "{kind:?} {s:?}: query {q}, key {k}");
         }
     }
 }
@@ -73,28 +69,11 @@ fn check(kind: AttentionKind, s: StreamShape) {
 #[test]
 fn masks_match_brute_force() {
     for s in [
-        StreamShape {
-            text_len: 5,
-            grid: 6,
-            conv_kernel: 5,
-        },
-        StreamShape {
-            text_len: 3,
-            grid: 8,
-            conv_kernel: 11,
-        },
-        StreamShape {
-            text_len: 1,
-            grid: 4,
-            conv_kernel: 3,
-        },
+        StreamShape { text_len: 5, grid: 6, conv_kernel: 5 },
+        StreamShape { text_len: 3, grid: 8, conv_kernel: 11 },
+        StreamShape { text_len: 1, grid: 4, conv_kernel: 3 },
     ] {
-        for kind in [
-            AttentionKind::Full,
-            AttentionKind::Row,
-            AttentionKind::Column,
-            AttentionKind::Conv,
-        ] {
+        for kind in [AttentionKind::Full, AttentionKind::Row, AttentionKind::Column, AttentionKind::Conv] {
             check(kind, s);
         }
     }
@@ -102,23 +81,10 @@ fn masks_match_brute_force() {
 
 #[test]
 fn sparse_masks_are_sparser_than_full() {
-    let s = StreamShape {
-        text_len: 4,
-        grid: 8,
-        conv_kernel: 5,
-    };
-    let count = |k| {
-        build_mask(k, s, Device::Cpu)
-            .to_kind(Kind::Int64)
-            .sum(Kind::Int64)
-            .int64_value(&[])
-    };
+    let s = StreamShape { text_len: 4, grid: 8, conv_kernel: 5 };
+    let count = |k| build_mask(k, s, Device::Cpu).to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]);
     let full = count(AttentionKind::Full);
-    for k in [
-        AttentionKind::Row,
-        AttentionKind::Column,
-        AttentionKind::Conv,
-    ] {
+    for k in [AttentionKind::Row, AttentionKind::Column, AttentionKind::Conv] {
         assert!(count(k) < full, "{k:?} is not sparser than full attention");
     }
 }

@@ -5,12 +5,7 @@ use tessera::model::{DvaeModel, TransformerModel};
 use tessera::{Config, params};
 
 fn real(cfg: &Config) -> (u64, u64) {
-    let count = |vs: &tch::nn::VarStore| {
-        vs.variables()
-            .values()
-            .map(|t| t.numel() as u64)
-            .sum::<u64>()
-    };
+    let count = |vs: &tch::nn::VarStore| vs.variables().values().map(|t| t.numel() as u64).sum::<u64>();
     let d = DvaeModel::new(cfg, Device::Cpu);
     let t = TransformerModel::new(cfg, Device::Cpu);
     (count(&t.vs), count(&d.vs))
@@ -31,18 +26,8 @@ fn formula_matches_allocated_weights() {
 #[test]
 fn paper_preset_has_twelve_billion_parameters() {
     let cfg = Config::dalle_12b();
-    assert_eq!(
-        (
-            cfg.transformer.n_layers,
-            cfg.transformer.n_heads,
-            cfg.transformer.head_dim
-        ),
-        (64, 62, 64)
-    );
-    assert_eq!(
-        (cfg.text.text_len, cfg.image_len(), cfg.grid_size()),
-        (256, 1024, 32)
-    );
+    assert_eq!((cfg.transformer.n_layers, cfg.transformer.n_heads, cfg.transformer.head_dim), (64, 62, 64));
+    assert_eq!((cfg.text.text_len, cfg.image_len(), cfg.grid_size()), (256, 1024, 32));
     let c = params::count(&cfg);
     let rel = (c.transformer as f64 - 12e9).abs() / 12e9;
     assert!(rel < 0.05, "transformer has {} parameters", c.transformer);

@@ -28,13 +28,9 @@ fn cached_logits_equal_full_recomputation() {
         for j in 0..i_len {
             let want = full.select(1, j);
             let d = max_abs_diff(&logits, &want);
-            assert!(
-                d < 1e-4,
-                "{kind:?}: logits of image token {j} differ by {d}"
-            );
+            assert!(d < 1e-4, "{kind:?}: logits of image token {j} differ by {d}");
             if j + 1 < i_len {
-                logits =
-                    tch::no_grad(|| net.decode_step(&mut cache, &image.select(1, j), j as usize));
+                logits = tch::no_grad(|| net.decode_step(&mut cache, &image.select(1, j), j as usize));
             }
         }
         // from the caption and a prefix of 5 tokens in one pass
@@ -51,48 +47,24 @@ fn given_prefix_comes_back_unchanged() {
     let (text, image) = random_batch(&model, 2, 4);
     for p in [0, 1, 7, 16] {
         let prefix = image.narrow(1, 0, p);
-        let out = Sampler::new(
-            net,
-            &text,
-            Some(&prefix),
-            &[1, 2],
-            &SampleOptions::default(),
-        )
-        .unwrap()
-        .run(|_| true)
-        .unwrap();
+        let out =
+            Sampler::new(net, &text, Some(&prefix), &[1, 2], &SampleOptions::default()).unwrap().run(|_| true).unwrap();
         assert_eq!(out.size(), image.size());
-        assert!(
-            out.narrow(1, 0, p).equal(&prefix),
-            "prefix of {p} tokens changed"
-        );
+        assert!(out.narrow(1, 0, p).equal(&prefix), "prefix of {p} tokens changed");
     }
 }
 
 #[test]
 fn a_seed_gives_the_same_codes_at_any_batch_size() {
     let model = tiny_model(None, 5);
-    let opts = SampleOptions {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 0.95,
-        guidance: 1.0,
-    };
+    let opts = SampleOptions { temperature: 1.0, top_k: 0, top_p: 0.95, guidance: 1.0 };
     let run = |n: usize, seed: u64| {
-        model
-            .sampler("a red circle above a blue square", n, seed, None, &opts)
-            .unwrap()
-            .run(|_| true)
-            .unwrap()
+        model.sampler("a red circle above a blue square", n, seed, None, &opts).unwrap().run(|_| true).unwrap()
     };
     let five = run(5, 100);
     for i in 0..5 {
         let one = run(1, 100 + i as u64);
-        assert!(
-            one.get(0).equal(&five.get(i)),
-            "sample with seed {} differs between batch 1 and 5",
-            100 + i
-        );
+        assert!(one.get(0).equal(&five.get(i)), "sample with seed {} differs between batch 1 and 5", 100 + i);
     }
     // and different seeds do differ
     assert!(!five.get(0).equal(&five.get(1)));
@@ -105,18 +77,9 @@ fn top_k_one_and_tiny_top_p_are_greedy() {
     let greedy = logits.argmax(1, false);
     let u: Vec<f64> = (0..6).map(|i| (i as f64 + 0.5) / 6.0).collect();
     for opts in [
-        SampleOptions {
-            top_k: 1,
-            ..Default::default()
-        },
-        SampleOptions {
-            top_p: 1e-6,
-            ..Default::default()
-        },
-        SampleOptions {
-            temperature: 0.0,
-            ..Default::default()
-        },
+        SampleOptions { top_k: 1, ..Default::default() },
+        SampleOptions { top_p: 1e-6, ..Default::default() },
+        SampleOptions { temperature: 0.0, ..Default::default() },
     ] {
         let got = draw(&filter_logits(&logits, &opts), &u, opts.temperature == 0.0);
         assert!(got.equal(&greedy), "{opts:?} is not greedy");
@@ -125,44 +88,21 @@ fn top_k_one_and_tiny_top_p_are_greedy() {
 
 #[test]
 fn top_k_and_top_p_keep_the_right_tokens() {
-    let logits = Tensor::from_slice(&[0.5f32, 0.2, 0.15, 0.1, 0.05])
-        .log()
-        .view([1, 5]);
+    let logits = Tensor::from_slice(&[0.5f32, 0.2, 0.15, 0.1, 0.05]).log().view([1, 5]);
     let kept = |o: SampleOptions| {
         let f = filter_logits(&logits, &o);
         Vec::<bool>::try_from(f.isfinite().view([-1])).unwrap()
     };
-    assert_eq!(
-        kept(SampleOptions {
-            top_k: 2,
-            ..Default::default()
-        }),
-        [true, true, false, false, false]
-    );
+    assert_eq!(kept(SampleOptions { top_k: 2, ..Default::default() }), [true, true, false, false, false]);
     // 0.5 + 0.2 = 0.7 < 0.8, so the third token is needed to reach 0.8
-    assert_eq!(
-        kept(SampleOptions {
-            top_p: 0.8,
-            ..Default::default()
-        }),
-        [true, true, true, false, false]
-    );
-    assert_eq!(
-        kept(SampleOptions {
-            top_p: 0.5,
-            ..Default::default()
-        }),
-        [true, false, false, false, false]
-    );
+    assert_eq!(kept(SampleOptions { top_p: 0.8, ..Default::default() }), [true, true, true, false, false]);
+    assert_eq!(kept(SampleOptions { top_p: 0.5, ..Default::default() }), [true, false, false, false, false]);
 }
 
 #[test]
 fn inverse_cdf_draws_follow_the_distribution() {
     let probs = [0.1f64, 0.6, 0.3];
-    let logits = Tensor::from_slice(&probs)
-        .log()
-        .to_kind(Kind::Float)
-        .view([1, 3]);
+    let logits = Tensor::from_slice(&probs).log().to_kind(Kind::Float).view([1, 3]);
     let n = 3000;
     let mut counts = [0usize; 3];
     for i in 0..n {
@@ -172,11 +112,7 @@ fn inverse_cdf_draws_follow_the_distribution() {
     }
     for k in 0..3 {
         let f = counts[k] as f64 / n as f64;
-        assert!(
-            (f - probs[k]).abs() < 2e-3,
-            "token {k}: frequency {f}, probability {}",
-            probs[k]
-        );
+        assert!((f - probs[k]).abs() < 2e-3, "token {k}: frequency {f}, probability {}", probs[k]);
     }
 }
 
@@ -185,45 +121,18 @@ fn guidance_zero_is_the_unconditional_model() {
     let model = tiny_model(None, 7);
     let net = &model.transformer.net;
     let (text, _) = random_batch(&model, 2, 8);
-    let greedy = SampleOptions {
-        temperature: 0.0,
-        ..Default::default()
-    };
-    let guided = Sampler::new(
-        net,
-        &text,
-        None,
-        &[1, 2],
-        &SampleOptions {
-            guidance: 0.0,
-            ..greedy.clone()
-        },
-    )
-    .unwrap()
-    .run(|_| true)
-    .unwrap();
-    let uncond = Sampler::new(net, &net.null_text(2), None, &[1, 2], &greedy)
+    let greedy = SampleOptions { temperature: 0.0, ..Default::default() };
+    let guided = Sampler::new(net, &text, None, &[1, 2], &SampleOptions { guidance: 0.0, ..greedy.clone() })
         .unwrap()
         .run(|_| true)
         .unwrap();
+    let uncond = Sampler::new(net, &net.null_text(2), None, &[1, 2], &greedy).unwrap().run(|_| true).unwrap();
     assert!(guided.equal(&uncond));
-    let cond = Sampler::new(net, &text, None, &[1, 2], &greedy)
+    let cond = Sampler::new(net, &text, None, &[1, 2], &greedy).unwrap().run(|_| true).unwrap();
+    let one = Sampler::new(net, &text, None, &[1, 2], &SampleOptions { guidance: 1.0, ..greedy })
         .unwrap()
         .run(|_| true)
         .unwrap();
-    let one = Sampler::new(
-        net,
-        &text,
-        None,
-        &[1, 2],
-        &SampleOptions {
-            guidance: 1.0,
-            ..greedy
-        },
-    )
-    .unwrap()
-    .run(|_| true)
-    .unwrap();
     assert!(cond.equal(&one));
 }
 
@@ -231,13 +140,10 @@ fn guidance_zero_is_the_unconditional_model() {
 fn cancel_stops_between_steps() {
     let model = tiny_model(None, 9);
     let mut steps = 0;
-    let r = model
-        .sampler("a cat", 2, 0, None, &SampleOptions::default())
-        .unwrap()
-        .run(|_| {
-            steps += 1;
-            steps < 3
-        });
+    let r = model.sampler("a cat", 2, 0, None, &SampleOptions::default()).unwrap().run(|_| {
+        steps += 1;
+        steps < 3
+    });
     assert!(matches!(r, Err(Error::Cancelled)));
     assert_eq!(steps, 3);
 }
@@ -264,43 +170,11 @@ fn progress_counts_every_token() {
 fn bad_sampling_input_is_an_error() {
     let model = tiny_model(None, 11);
     let o = SampleOptions::default();
-    assert!(matches!(
-        model.sampler("", 1, 0, None, &o),
-        Err(Error::EmptyPrompt)
-    ));
-    assert!(matches!(
-        model.sampler("   ", 1, 0, None, &o),
-        Err(Error::EmptyPrompt)
-    ));
+    assert!(matches!(model.sampler("", 1, 0, None, &o), Err(Error::EmptyPrompt)));
+    assert!(matches!(model.sampler("   ", 1, 0, None, &o), Err(Error::EmptyPrompt)));
     assert!(model.sampler("x", 0, 0, None, &o).is_err());
-    assert!(
-        model
-            .sampler(
-                "x",
-                1,
-                0,
-                None,
-                &SampleOptions {
-                    top_p: 0.0,
-                    ..o.clone()
-                }
-            )
-            .is_err()
-    );
-    assert!(
-        model
-            .sampler(
-                "x",
-                1,
-                0,
-                None,
-                &SampleOptions {
-                    temperature: -1.0,
-                    ..o.clone()
-                }
-            )
-            .is_err()
-    );
+    assert!(model.sampler("x", 1, 0, None, &SampleOptions { top_p: 0.0, ..o.clone() }).is_err());
+    assert!(model.sampler("x", 1, 0, None, &SampleOptions { temperature: -1.0, ..o.clone() }).is_err());
     let too_long = Tensor::zeros([1, 17], (Kind::Int64, Device::Cpu));
     assert!(model.sampler("x", 1, 0, Some(&too_long), &o).is_err());
     let bad_ids = Tensor::full([1, 3], 999, (Kind::Int64, Device::Cpu));

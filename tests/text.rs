@@ -22,9 +22,7 @@ fn lowercases_and_round_trips() {
 #[test]
 fn truncation_is_reported() {
     let t = tok();
-    let e = t
-        .encode("a red circle above a green square left of a blue star", 4)
-        .unwrap();
+    let e = t.encode("a red circle above a green square left of a blue star", 4).unwrap();
     assert_eq!(e.ids.len(), 4);
     assert!(e.truncated() && e.full_len > 4);
     assert!(!t.encode("red", 4).unwrap().truncated());

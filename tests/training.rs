@@ -10,23 +10,13 @@ use crate::common::{random_batch, tiny_model};
 /// Four 16×16 pictures: coloured squares on different backgrounds.
 fn pictures() -> Tensor {
     let mut imgs = Tensor::zeros([4, 3, 16, 16], (Kind::Float, Device::Cpu));
-    let colours = [
-        [1.0, 0.0, 0.0],
-        [0.0, 0.8, 0.2],
-        [0.1, 0.2, 0.9],
-        [0.9, 0.9, 0.1],
-    ];
+    let colours = [[1.0, 0.0, 0.0], [0.0, 0.8, 0.2], [0.1, 0.2, 0.9], [0.9, 0.9, 0.1]];
     for (i, c) in colours.iter().enumerate() {
         let bg = colours[(i + 1) % 4];
         for ch in 0..3 {
             let _ = imgs.get(i as i64).get(ch).fill_(bg[ch as usize] * 0.5);
             let (y, x) = (2 + 2 * i as i64, 8 - 2 * i as i64);
-            let _ = imgs
-                .get(i as i64)
-                .get(ch)
-                .narrow(0, y, 6)
-                .narrow(1, x.max(0), 6)
-                .fill_(c[ch as usize]);
+            let _ = imgs.get(i as i64).get(ch).narrow(0, y, 6).narrow(1, x.max(0), 6).fill_(c[ch as usize]);
         }
     }
     imgs = imgs.clamp(0.0, 1.0);
@@ -42,10 +32,7 @@ fn dvae_loss_goes_down() {
     let first = model.dvae.net.loss(&x, 1.0, 0.0);
     let (nll0, mse0) = (first.nll.double_value(&[]), first.mse.double_value(&[]));
     for step in 0..300 {
-        let l = model
-            .dvae
-            .net
-            .loss(&x, 1.0, cosine_anneal(0.0, 0.5, step, 300));
+        let l = model.dvae.net.loss(&x, 1.0, cosine_anneal(0.0, 0.5, step, 300));
         opt.backward_step(&l.loss);
     }
     let last = tch::no_grad(|| model.dvae.net.loss(&x, 1.0, 0.5));
@@ -56,25 +43,16 @@ fn dvae_loss_goes_down() {
     let rec = tch::no_grad(|| model.dvae.net.decode(&model.dvae.net.encode(&x)));
     assert_eq!(rec.size(), x.size());
     let mse_hard = (rec - &x).square().mean(Kind::Float).double_value(&[]);
-    assert!(
-        mse_hard < mse0,
-        "hard-code reconstruction mse {mse_hard} vs initial {mse0}"
-    );
+    assert!(mse_hard < mse0, "hard-code reconstruction mse {mse_hard} vs initial {mse0}");
 }
 
 #[test]
 fn transformer_loss_goes_down() {
     let model = tiny_model(None, 2);
     let (text, image) = random_batch(&model, 4, 3);
-    let mut opt = nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.96,
-        wd: 4.5e-2,
-        eps: 1e-8,
-        amsgrad: false,
-    }
-    .build(&model.transformer.vs, 3e-3)
-    .unwrap();
+    let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.96, wd: 4.5e-2, eps: 1e-8, amsgrad: false }
+        .build(&model.transformer.vs, 3e-3)
+        .unwrap();
     let net = &model.transformer.net;
     let l0 = net.loss(&text, &image, true);
     let (img0, txt0) = (l0.image.double_value(&[]), l0.text.double_value(&[]));
