@@ -163,6 +163,16 @@ impl KvCache {
     }
 }
 
+/// A linear layer run in `compute` precision when it is given and differs from the weights'
+/// dtype (mixed precision: f32 master weights, bf16 products, gradients flowing back through the
+/// casts).
+pub fn dense(l: &nn::Linear, x: &Tensor, compute: Option<Kind>) -> Tensor {
+    match compute {
+        Some(k) if l.ws.kind() != k => x.to_kind(k).linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k))),
+        _ => l.forward(x),
+    }
+}
+
 /// Multi-head self-attention with a fused kernel.
 #[derive(Debug)]
 pub struct Attention {
@@ -194,9 +204,10 @@ impl Attention {
         cache: Option<(&mut KvCache, usize)>,
         start: usize,
         train: bool,
+        compute: Option<Kind>,
     ) -> Tensor {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
-        let qkv = self.qkv.forward(x).view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
+        let qkv = dense(&self.qkv, x, compute).view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let (k, v) = match cache {
             Some((c, layer)) => {
@@ -214,6 +225,6 @@ impl Attention {
             Mask::Explicit(m) => (Some(m), false),
         };
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, m, p, causal, None, false);
-        self.out.forward(&y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]))
+        dense(&self.out, &y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]), compute)
     }
 }

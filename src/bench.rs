@@ -44,6 +44,8 @@ pub struct ConfigBench {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub device: String,
+    /// Compute dtype: bf16 samples with bf16 weights and trains with f32 master weights and
+    /// bf16 matrix products.
     pub dtype: String,
     pub threads: usize,
     pub runs: usize,
@@ -99,10 +101,7 @@ pub fn matmul_gflops(device: Device, kind: Kind, runs: usize) -> Result<f64> {
 fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64) -> Result<ConfigBench> {
     let dev = opts.device;
     let mut model = Model::random_init(cfg, dev, 0)?;
-    if opts.kind != Kind::Float {
-        model.transformer.vs.set_kind(opts.kind);
-        model.dvae.vs.set_kind(opts.kind);
-    }
+    model.set_dtype(opts.kind)?;
     let counts = params::count(cfg);
     let net = &model.transformer.net;
     let b = opts.sample_batch;
@@ -137,7 +136,11 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64) -> Result<C
     let t_both = median(sample_times.iter().zip(&decode_times).map(|(a, b)| a + b).collect());
     let tokens = (b * image_len) as f64;
 
-    // Training: forward, backward, clipping and an AdamW update on random tokens.
+    // Training: forward, backward, clipping and an AdamW update on random tokens, with f32
+    // master weights; a bf16 dtype runs the matrix products in bf16 (mixed precision).
+    model.set_dtype(Kind::Float)?;
+    model.transformer.net.set_compute_kind((opts.kind != Kind::Float).then_some(opts.kind));
+    let net = &model.transformer.net;
     let tb = opts.train_batch;
     let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.96, wd: 4.5e-2, eps: 1e-8, amsgrad: false }
         .build(&model.transformer.vs, 1e-4)?;

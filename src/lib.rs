@@ -38,3 +38,13 @@ pub fn parse_device(name: &str) -> Result<tch::Device> {
         },
     }
 }
+
+/// Picks the sampling dtype from a name: `f32`, `bf16`, or `auto` (bf16 on CUDA, f32 on the CPU).
+pub fn parse_dtype(name: &str, device: tch::Device) -> Result<tch::Kind> {
+    match name {
+        "auto" => Ok(if device.is_cuda() { tch::Kind::BFloat16 } else { tch::Kind::Float }),
+        "f32" | "float32" => Ok(tch::Kind::Float),
+        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
+        other => Err(Error::Invalid(format!("unknown dtype {other:?} (auto, f32 or bf16)"))),
+    }
+}

@@ -80,6 +80,9 @@ struct GenerateArgs {
     /// CPU threads for libtorch (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Sampling dtype of the transformer: auto (bf16 on CUDA, f32 on CPU), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
 }
 
 #[derive(Args)]
@@ -98,7 +101,8 @@ struct BenchArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// f32 or bf16.
+    /// Compute dtype: f32, or bf16 (bf16 weights for sampling; f32 master weights and bf16
+    /// matrix products for training).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// libtorch CPU threads.
@@ -172,7 +176,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         tch::set_num_threads(t as i32);
     }
     let device = tessera::parse_device(&a.device)?;
-    let model = load_model(&a.source, device)?;
+    let mut model = load_model(&a.source, device)?;
+    model.set_dtype(tessera::parse_dtype(&a.dtype, device)?)?;
     let enc = model.encode_prompt(&a.prompt)?;
     if enc.truncated() {
         eprintln!(
@@ -285,11 +290,7 @@ fn human(n: u64) -> String {
 
 fn run_bench(a: BenchArgs) -> Result<()> {
     let device = tessera::parse_device(&a.device)?;
-    let kind = match a.dtype.as_str() {
-        "f32" | "float32" => tch::Kind::Float,
-        "bf16" | "bfloat16" => tch::Kind::BFloat16,
-        other => bail!("unknown dtype {other:?} (f32 or bf16)"),
-    };
+    let kind = tessera::parse_dtype(&a.dtype, device)?;
     if a.runs < 1 {
         bail!("--runs must be at least 1");
     }

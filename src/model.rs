@@ -124,6 +124,19 @@ impl Model {
         })
     }
 
+    /// Casts the transformer's weights for sampling: bf16 halves the bytes each decode step
+    /// reads and runs on the CPU's bf16 dot-product units where it has them. The dVAE stays in
+    /// f32. Saving writes f32 whatever the dtype.
+    pub fn set_dtype(&mut self, kind: Kind) -> Result<()> {
+        match kind {
+            Kind::Float | Kind::BFloat16 | Kind::Half => {
+                self.transformer.vs.set_kind(kind);
+                Ok(())
+            }
+            other => Err(Error::Invalid(format!("cannot sample in dtype {other:?}"))),
+        }
+    }
+
     /// Writes the model directory (each file atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

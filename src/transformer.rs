@@ -9,7 +9,7 @@
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{Attention, KvCache, MaskSet, StreamShape};
+use crate::attention::{Attention, KvCache, MaskSet, StreamShape, dense};
 use crate::config::{AttentionKind, Config};
 
 #[derive(Debug)]
@@ -60,6 +60,8 @@ pub struct Transformer {
     masks: MaskSet,
     cfg: Config,
     dropout: f64,
+    /// Precision of the matrix products when it differs from the weights' (mixed precision).
+    compute: Option<Kind>,
 }
 
 impl Transformer {
@@ -90,11 +92,18 @@ impl Transformer {
             masks: MaskSet::new(&kinds, shape, vs.device()),
             cfg: cfg.clone(),
             dropout: t.dropout,
+            compute: None,
         }
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Runs the matrix products in `kind` (e.g. bf16) while the weights stay as they are:
+    /// mixed-precision training with f32 master weights. `None` computes in the weights' dtype.
+    pub fn set_compute_kind(&mut self, kind: Option<Kind>) {
+        self.compute = kind;
     }
 
     pub fn device(&self) -> Device {
@@ -170,9 +179,10 @@ impl Transformer {
         for (i, blk) in self.blocks.iter().enumerate() {
             let mask = self.masks.window(blk.kind, start, n);
             let c = cache.as_deref_mut().map(|c| (c, i));
-            let h = blk.attn.forward(&blk.ln1.forward(&x), &mask, c, start, train);
+            let h = blk.attn.forward(&blk.ln1.forward(&x), &mask, c, start, train, self.compute);
             x = x + h;
-            let h = blk.fc2.forward(&blk.fc1.forward(&blk.ln2.forward(&x)).gelu("none"));
+            let h = dense(&blk.fc1, &blk.ln2.forward(&x), self.compute).gelu("none");
+            let h = dense(&blk.fc2, &h, self.compute);
             x = if train && self.dropout > 0.0 { x + h.dropout(self.dropout, true) } else { x + h };
         }
         if let Some(c) = cache {
@@ -188,13 +198,26 @@ impl Transformer {
         let l = self.cfg.seq_len();
         let x = self.embed(text, Some(image), 0, l);
         let h = self.run(x, 0, None, train);
-        let text_logits = self.text_head.forward(&h.narrow(1, 0, tl as i64));
-        let image_logits = self.image_head.forward(&h.narrow(1, tl as i64, self.cfg.image_len() as i64));
+        let text_logits = dense(&self.text_head, &h.narrow(1, 0, tl as i64), self.compute);
+        let image_logits = dense(&self.image_head, &h.narrow(1, tl as i64, self.cfg.image_len() as i64), self.compute);
         (text_logits, image_logits)
     }
 
     /// The training loss for captions [B, T] (padded) and image tokens [B, I].
+    /// While training, each caption is replaced by the null caption with probability
+    /// `cond_drop_prob`, which teaches the unconditional model that classifier-free guidance
+    /// needs.
     pub fn loss(&self, text: &Tensor, image: &Tensor, train: bool) -> TransformerLoss {
+        let p = self.cfg.transformer.cond_drop_prob;
+        let dropped;
+        let text = if train && p > 0.0 {
+            let b = text.size()[0];
+            let drop = Tensor::rand([b, 1], (Kind::Float, text.device())).lt(p);
+            dropped = text.where_self(&drop.logical_not(), &self.null_text(b as usize));
+            &dropped
+        } else {
+            text
+        };
         let (tlog, ilog) = self.forward(text, image, train);
         let text_loss = tlog.flatten(0, 1).cross_entropy_for_logits(&text.flatten(0, 1));
         let image_loss = ilog.flatten(0, 1).cross_entropy_for_logits(&image.flatten(0, 1));
@@ -211,7 +234,7 @@ impl Transformer {
             t.n_heads,
             self.cfg.seq_len(),
             t.head_dim,
-            self.text_head.ws.kind(),
+            self.compute.unwrap_or(self.text_head.ws.kind()),
             self.device(),
         )
     }
@@ -224,7 +247,7 @@ impl Transformer {
         cache.clear();
         let x = self.embed(text, image, 0, n);
         let h = self.run(x, 0, Some(cache), false);
-        self.image_head.forward(&h.narrow(1, n as i64 - 1, 1).squeeze_dim(1))
+        dense(&self.image_head, &h.narrow(1, n as i64 - 1, 1).squeeze_dim(1), self.compute)
     }
 
     /// Feeds image token `j` ([B]) at its stream position; returns the logits for token j+1.
@@ -239,6 +262,6 @@ impl Transformer {
         let pos = self.row_emb.forward(&pos_j.floor_divide_scalar(g)) + self.col_emb.forward(&pos_j.remainder(g));
         let x = self.image_emb.forward(&ids) + pos.unsqueeze(0);
         let h = self.run(x, start, Some(cache), false);
-        self.image_head.forward(&h.squeeze_dim(1))
+        dense(&self.image_head, &h.squeeze_dim(1), self.compute)
     }
 }

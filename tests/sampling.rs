@@ -180,3 +180,23 @@ fn bad_sampling_input_is_an_error() {
     let bad_ids = Tensor::full([1, 3], 999, (Kind::Int64, Device::Cpu));
     assert!(model.sampler("x", 1, 0, Some(&bad_ids), &o).is_err());
 }
+
+#[test]
+fn bf16_sampling_tracks_f32() {
+    let mut model = tiny_model(None, 12);
+    let (text, image) = random_batch(&model, 2, 13);
+    let logits = |m: &tessera::Model| {
+        let net = &m.transformer.net;
+        let mut cache = net.new_cache(2);
+        tch::no_grad(|| net.prefill(&mut cache, &text, Some(&image.narrow(1, 0, 6)))).to_kind(Kind::Float)
+    };
+    let f32_logits = logits(&model);
+    model.set_dtype(Kind::BFloat16).unwrap();
+    let bf16_logits = logits(&model);
+    let scale = f32_logits.abs().max().double_value(&[]);
+    let d = max_abs_diff(&f32_logits, &bf16_logits);
+    assert!(d < 0.05 * scale.max(1.0), "bf16 logits differ by {d} (scale {scale})");
+    let s = model.generate("a red circle", 2, 3, None, &SampleOptions::default(), |_| true).unwrap();
+    assert_eq!(s.len(), 2);
+    assert!(model.set_dtype(Kind::Int64).is_err());
+}

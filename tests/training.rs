@@ -84,3 +84,37 @@ fn schedules_follow_the_paper() {
     assert!(s.tau(75_000) < 1.0 && s.tau(75_000) > 1.0 / 16.0);
     assert!((s.lr(0) - 1e-4).abs() < 1e-15 && (s.lr(s.lr_steps) - 1.25e-6).abs() < 1e-15);
 }
+
+#[test]
+fn caption_dropout_trains_the_null_caption() {
+    let mut cfg = crate::common::tiny_with(None);
+    cfg.transformer.cond_drop_prob = 1.0;
+    let model = tessera::Model::random_init(&cfg, Device::Cpu, 4).unwrap();
+    let (text, image) = random_batch(&model, 3, 5);
+    let net = &model.transformer.net;
+    let loss = |t: &Tensor, train: bool| tch::no_grad(|| net.loss(t, &image, train).loss.double_value(&[]));
+    let dropped = loss(&text, true);
+    let null = loss(&net.null_text(3), false);
+    let kept = loss(&text, false);
+    assert!((dropped - null).abs() < 1e-6, "dropped {dropped} vs null {null}");
+    assert!((dropped - kept).abs() > 1e-4, "the caption was not dropped");
+}
+
+#[test]
+fn mixed_precision_matches_f32_and_trains() {
+    let mut model = tiny_model(None, 6);
+    let (text, image) = random_batch(&model, 4, 7);
+    let f32_loss = tch::no_grad(|| model.transformer.net.loss(&text, &image, false).loss.double_value(&[]));
+    model.transformer.net.set_compute_kind(Some(Kind::BFloat16));
+    let net = &model.transformer.net;
+    let bf16_loss = tch::no_grad(|| net.loss(&text, &image, false).loss.double_value(&[]));
+    assert!((f32_loss - bf16_loss).abs() < 0.02 * f32_loss, "f32 {f32_loss} vs mixed {bf16_loss}");
+    let mut opt = nn::Adam::default().build(&model.transformer.vs, 3e-3).unwrap();
+    for _ in 0..150 {
+        opt.backward_step(&net.loss(&text, &image, true).loss);
+    }
+    let after = tch::no_grad(|| net.loss(&text, &image, false).image.double_value(&[]));
+    assert!(after < 0.5 * bf16_loss, "mixed-precision training: {bf16_loss} → {after}");
+    // the master weights stay f32
+    assert!(model.transformer.vs.variables().values().all(|t| t.kind() == Kind::Float));
+}
