@@ -33,6 +33,11 @@ pub struct ConfigBench {
     pub sample_tokens_per_s: f64,
     pub sample_with_decode_tokens_per_s: f64,
     pub sample_ms_per_step: f64,
+    /// Bytes one decode step must read: the weights it multiplies by and, on average over
+    /// the image, the KV cache.
+    pub sample_bytes_per_step: f64,
+    /// `sample_bytes_per_step` per step time, against the measured read bandwidth.
+    pub sample_bandwidth_utilisation: f64,
     pub decode_ms_per_image: f64,
     pub train_batch: usize,
     pub train_tokens_per_s: f64,
@@ -50,6 +55,8 @@ pub struct BenchReport {
     pub threads: usize,
     pub runs: usize,
     pub matmul_gflops: f64,
+    /// Memory read bandwidth: a sum over a 256 MiB tensor.
+    pub memory_read_gbps: f64,
     pub configs: std::collections::BTreeMap<String, ConfigBench>,
 }
 
@@ -98,7 +105,30 @@ pub fn matmul_gflops(device: Device, kind: Kind, runs: usize) -> Result<f64> {
     Ok(flops / median(times) / 1e9)
 }
 
-fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64) -> Result<ConfigBench> {
+/// Memory read bandwidth in GB/s: median over runs of summing a 256 MiB tensor.
+pub fn read_gbps(device: Device, runs: usize) -> Result<f64> {
+    let t = Tensor::ones([64 << 20], (Kind::Float, device));
+    let times = time_runs(device, runs.max(3), || {
+        let _ = t.sum(Kind::Float);
+        Ok(())
+    })?;
+    Ok((t.numel() * 4) as f64 / median(times) / 1e9)
+}
+
+/// Bytes a decode step reads at batch `b`: the block weights and the image head in `kind`,
+/// plus the KV cache averaged over the image positions.
+fn decode_bytes(cfg: &Config, b: usize, kind: Kind) -> f64 {
+    let counts = params::count(cfg);
+    let part = |name: &str| counts.transformer_parts.iter().find(|p| p.0 == name).map(|p| p.1).unwrap_or(0);
+    let t = &cfg.transformer;
+    let d = t.d_model as u64;
+    let weights = part("attention") + part("mlp") + part("norms") + (d + 1) * cfg.dvae.vocab_size as u64;
+    let avg_len = cfg.text.text_len as f64 + 1.0 + cfg.image_len() as f64 / 2.0;
+    let kv = (2 * t.n_layers * b * t.inner_dim()) as f64 * avg_len;
+    (weights as f64 + kv) * kind.elt_size_in_bytes() as f64
+}
+
+fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) -> Result<ConfigBench> {
     let dev = opts.device;
     let mut model = Model::random_init(cfg, dev, 0)?;
     model.set_dtype(opts.kind)?;
@@ -163,6 +193,8 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64) -> Result<C
         sample_tokens_per_s: tokens / t_sample,
         sample_with_decode_tokens_per_s: tokens / t_both,
         sample_ms_per_step: 1e3 * t_sample / image_len as f64,
+        sample_bytes_per_step: decode_bytes(cfg, b, opts.kind),
+        sample_bandwidth_utilisation: decode_bytes(cfg, b, opts.kind) / (t_sample / image_len as f64) / (gbps * 1e9),
         decode_ms_per_image: 1e3 * median(decode_times) / b as f64,
         train_batch: tb,
         train_tokens_per_s: (tb * cfg.seq_len()) as f64 / t_train,
@@ -179,11 +211,12 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
     }
     log(&format!("measuring the matrix-multiply peak on {:?}", opts.device));
     let peak = matmul_gflops(opts.device, opts.kind, opts.runs)?;
+    let gbps = read_gbps(opts.device, opts.runs)?;
     let mut configs = std::collections::BTreeMap::new();
     for name in &opts.configs {
         log(&format!("config {name}"));
         let cfg = Config::preset(name)?;
-        configs.insert(cfg.name.clone(), bench_config(&cfg, opts, peak)?);
+        configs.insert(cfg.name.clone(), bench_config(&cfg, opts, peak, gbps)?);
     }
     Ok(BenchReport {
         device: format!("{:?}", opts.device).to_lowercase(),
@@ -191,6 +224,7 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
         threads: if opts.device == Device::Cpu { opts.threads } else { tch::get_num_threads() as usize },
         runs: opts.runs,
         matmul_gflops: peak,
+        memory_read_gbps: gbps,
         configs,
     })
 }

@@ -6,14 +6,18 @@
 pub mod attention;
 pub mod bench;
 pub mod config;
+pub mod data;
 pub mod dvae;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod model;
+pub mod optim;
 pub mod params;
 pub mod sample;
 pub mod text;
 pub mod transformer;
+pub mod world;
 
 pub use config::{AttentionKind, AttentionPattern, Config};
 pub use error::{Error, Result};

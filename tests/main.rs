@@ -8,3 +8,4 @@ mod params;
 mod sampling;
 mod text;
 mod training;
+mod world;

@@ -1,0 +1,352 @@
+//! Reading an image back into objects and scoring it against the scene its caption came from.
+//!
+//! The world's conventions make this exact enough to grade a model: pixels are labelled with
+//! the nearest palette colour, connected regions become objects, each object's shape is the
+//! template (shape, upside-down or not, filled or outline) that best overlaps its mask scaled to
+//! its bounding box, and a sign's letters are read cell by cell against the built-in font.
+//! Each capability has its own test of the ground truth (see [`score`]).
+
+use std::collections::VecDeque;
+use std::sync::OnceLock;
+
+use serde::Serialize;
+
+use crate::world::{Capability, Colour, Relation, Scene, Shape, Sign, Transform, glyph, inside, sign_layout};
+
+/// One region read from an image. Positions are fractions of the image side.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Detected {
+    pub colour: Colour,
+    pub shape: Shape,
+    pub flipped: bool,
+    pub outline: bool,
+    /// How well the best template fits, 0..1 (intersection over union).
+    pub fit: f32,
+    pub x: f32,
+    pub y: f32,
+    /// Pixels as a fraction of the image.
+    pub area: f32,
+    /// Bounding box (x0, y0, x1, y1).
+    pub bbox: (f32, f32, f32, f32),
+}
+
+const LABEL_DISTANCE: i32 = 70;
+
+fn nearest_colour(p: [u8; 3], palette: &[Colour]) -> Option<Colour> {
+    let mut best = None;
+    let mut best_d = i32::MAX;
+    for &c in palette {
+        let q = c.rgb();
+        let d = (0..3).map(|k| (p[k] as i32 - q[k] as i32).pow(2)).sum::<i32>();
+        if d < best_d {
+            best_d = d;
+            best = Some(c);
+        }
+    }
+    best.filter(|_| best_d <= LABEL_DISTANCE * LABEL_DISTANCE)
+}
+
+/// Per-pixel palette labels (`None` for pixels near no colour, such as blended edges).
+pub fn label(rgb: &[u8], size: usize) -> Vec<Option<Colour>> {
+    (0..size * size).map(|i| nearest_colour([rgb[3 * i], rgb[3 * i + 1], rgb[3 * i + 2]], Colour::ALL)).collect()
+}
+
+/// Each (shape, upside-down, outline) variant with its area and centroid in the unit frame.
+struct Template {
+    shape: Shape,
+    flipped: bool,
+    outline: bool,
+    area: f32,
+    cu: f32,
+    cv: f32,
+}
+
+impl Template {
+    fn covers(&self, u: f32, v: f32) -> bool {
+        let v = if self.flipped { -v } else { v };
+        let a = inside(self.shape, u, v);
+        if self.outline { a && !inside(self.shape, u / 0.6, v / 0.6) } else { a }
+    }
+}
+
+fn templates() -> &'static [Template] {
+    static T: OnceLock<Vec<Template>> = OnceLock::new();
+    T.get_or_init(|| {
+        let mut out = Vec::new();
+        for &shape in Shape::ALL {
+            for flipped in [false, true] {
+                for outline in [false, true] {
+                    let mut t = Template { shape, flipped, outline, area: 0.0, cu: 0.0, cv: 0.0 };
+                    let n = 300;
+                    let cell = 2.6 / n as f32;
+                    let (mut a, mut su, mut sv) = (0.0f64, 0.0f64, 0.0f64);
+                    for i in 0..n {
+                        for j in 0..n {
+                            let u = -1.3 + cell * (j as f32 + 0.5);
+                            let v = -1.3 + cell * (i as f32 + 0.5);
+                            if t.covers(u, v) {
+                                a += 1.0;
+                                su += u as f64;
+                                sv += v as f64;
+                            }
+                        }
+                    }
+                    t.area = (a * (cell * cell) as f64) as f32;
+                    t.cu = (su / a.max(1.0)) as f32;
+                    t.cv = (sv / a.max(1.0)) as f32;
+                    out.push(t);
+                }
+            }
+        }
+        out
+    })
+}
+
+/// Finds the coloured regions of an image (anything that is not `background`).
+pub fn detect(rgb: &[u8], size: usize, background: Colour) -> Vec<Detected> {
+    let labels = label(rgb, size);
+    let mut seen = vec![false; size * size];
+    let mut out = Vec::new();
+    let min_pixels = ((size * size) as f32 * 0.002).max(4.0) as usize;
+    for start in 0..size * size {
+        let Some(colour) = labels[start] else { continue };
+        if seen[start] || colour == background {
+            continue;
+        }
+        // flood fill over 8-neighbours of the same label
+        let mut pixels = Vec::new();
+        let mut queue = VecDeque::from([start]);
+        seen[start] = true;
+        while let Some(p) = queue.pop_front() {
+            pixels.push(p);
+            let (y, x) = ((p / size) as i64, (p % size) as i64);
+            for dy in -1..=1 {
+                for dx in -1..=1 {
+                    let (ny, nx) = (y + dy, x + dx);
+                    if ny < 0 || nx < 0 || ny >= size as i64 || nx >= size as i64 {
+                        continue;
+                    }
+                    let q = ny as usize * size + nx as usize;
+                    if !seen[q] && labels[q] == Some(colour) {
+                        seen[q] = true;
+                        queue.push_back(q);
+                    }
+                }
+            }
+        }
+        if pixels.len() < min_pixels {
+            continue;
+        }
+        out.push(describe_region(&pixels, rgb, &labels, size, colour, background));
+    }
+    out.sort_by(|a, b| b.area.total_cmp(&a.area));
+    out
+}
+
+/// How much of `colour` over `background` a blended pixel holds, 0..1.
+fn blend(p: [u8; 3], colour: Colour, background: Colour) -> f32 {
+    let (c, b) = (colour.rgb(), background.rgb());
+    let (mut num, mut den) = (0i32, 0i32);
+    for k in 0..3 {
+        let d = c[k] as i32 - b[k] as i32;
+        num += (p[k] as i32 - b[k] as i32) * d;
+        den += d * d;
+    }
+    if den == 0 { 0.0 } else { (num as f32 / den as f32).clamp(0.0, 1.0) }
+}
+
+fn describe_region(
+    pixels: &[usize],
+    rgb: &[u8],
+    labels: &[Option<Colour>],
+    size: usize,
+    colour: Colour,
+    background: Colour,
+) -> Detected {
+    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+    let (mut sx, mut sy) = (0.0f64, 0.0f64);
+    for &p in pixels {
+        let (y, x) = (p / size, p % size);
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+        sx += x as f64 + 0.5;
+        sy += y as f64 + 0.5;
+    }
+    // Soft coverage over the region's box grown by two pixels: 1 inside the region, the
+    // blend fraction on unlabelled edge pixels, 0 elsewhere.
+    let (bx0, by0) = (x0.saturating_sub(2), y0.saturating_sub(2));
+    let (bx1, by1) = ((x1 + 2).min(size - 1), (y1 + 2).min(size - 1));
+    let mut member = vec![false; size * size];
+    for &p in pixels {
+        member[p] = true;
+    }
+    let mut cover = Vec::new();
+    let (mut mass, mut mx, mut my) = (0.0f32, 0.0f32, 0.0f32);
+    for y in by0..=by1 {
+        for x in bx0..=bx1 {
+            let p = y * size + x;
+            let t = if member[p] {
+                1.0
+            } else if labels[p].is_none() {
+                blend([rgb[3 * p], rgb[3 * p + 1], rgb[3 * p + 2]], colour, background)
+            } else {
+                0.0
+            };
+            mass += t;
+            mx += t * (x as f32 + 0.5);
+            my += t * (y as f32 + 0.5);
+            cover.push(t);
+        }
+    }
+    let (cx, cy) = (mx / mass.max(1e-6), my / mass.max(1e-6));
+    // Each template placed with the region's centroid and area, rendered on the same pixels
+    // with 4×4 supersampling; the closest rendering names the shape.
+    let mut best = (f32::MAX, &templates()[0]);
+    for t in templates() {
+        let r = (mass / t.area).sqrt();
+        let (ox, oy) = (cx - t.cu * r, cy - t.cv * r);
+        let mut err = 0.0f32;
+        let mut k = 0;
+        for y in by0..=by1 {
+            for x in bx0..=bx1 {
+                let mut hits = 0;
+                for sy in 0..4 {
+                    for sx in 0..4 {
+                        let u = (x as f32 + (sx as f32 + 0.5) / 4.0 - ox) / r;
+                        let v = (y as f32 + (sy as f32 + 0.5) / 4.0 - oy) / r;
+                        hits += t.covers(u, v) as u32;
+                    }
+                }
+                err += (hits as f32 / 16.0 - cover[k]).abs();
+                k += 1;
+            }
+        }
+        if err < best.0 {
+            best = (err, t);
+        }
+    }
+    let fit = 1.0 - best.0 / (2.0 * mass.max(1e-6));
+    let best = (fit, best.1.shape, best.1.flipped, best.1.outline);
+    let n = pixels.len() as f64;
+    let s = size as f32;
+    Detected {
+        colour,
+        shape: best.1,
+        flipped: best.2,
+        outline: best.3,
+        fit: best.0,
+        x: (sx / n) as f32 / s,
+        y: (sy / n) as f32 / s,
+        area: pixels.len() as f32 / (s * s),
+        bbox: (x0 as f32 / s, y0 as f32 / s, (x1 + 1) as f32 / s, (y1 + 1) as f32 / s),
+    }
+}
+
+/// Reads the word of the largest region of `sign_colour`, assuming the world's sign layout.
+pub fn read_sign(rgb: &[u8], size: usize, sign_colour: Colour, letters: usize) -> Option<String> {
+    let regions = detect(rgb, size, Colour::White);
+    let board = regions.iter().find(|d| d.colour == sign_colour)?;
+    let (x0, y0, x1, y1) = board.bbox;
+    let sign = Sign {
+        word: "x".repeat(letters),
+        colour: sign_colour,
+        x: (x0 + x1) / 2.0,
+        y: (y0 + y1) / 2.0,
+        w: x1 - x0,
+        h: y1 - y0,
+    };
+    let (lx, ly, cell) = sign_layout(&sign);
+    let unit = cell / 5.0;
+    let labels = label(rgb, size);
+    let mut word = String::new();
+    for i in 0..letters {
+        let mut rows = [0u8; 7];
+        for (r, row) in rows.iter_mut().enumerate() {
+            for c in 0..5 {
+                let px = lx + unit * ((i * 6 + c) as f32 + 0.5);
+                let py = ly + unit * (r as f32 + 0.5);
+                let (ix, iy) = ((px * size as f32) as usize, (py * size as f32) as usize);
+                if ix < size && iy < size && labels[iy * size + ix] == Some(Colour::Black) {
+                    *row |= 0x10 >> c;
+                }
+            }
+        }
+        let best = ('a'..='z')
+            .min_by_key(|&ch| glyph(ch).iter().zip(&rows).map(|(a, b)| (a ^ b).count_ones()).sum::<u32>())?;
+        word.push(best);
+    }
+    Some(word)
+}
+
+fn matches(d: &Detected, colour: Colour, shape: Shape) -> bool {
+    d.colour == colour && d.shape == shape
+}
+
+/// Whether the image shows what the scene's caption asks for.
+pub fn score(scene: &Scene, rgb: &[u8], size: usize) -> bool {
+    let found = detect(rgb, size, scene.background);
+    match scene.capability {
+        Capability::SingleObject => {
+            let o = &scene.objects[0];
+            found.first().is_some_and(|d| matches(d, o.colour, o.shape))
+        }
+        Capability::TwoObjectsPosition => {
+            let (a, b) = (&scene.objects[0], &scene.objects[1]);
+            let da = found.iter().find(|d| matches(d, a.colour, a.shape));
+            let db = found.iter().find(|d| matches(d, b.colour, b.shape));
+            match (da, db, scene.relation) {
+                (Some(da), Some(db), Some(rel)) => {
+                    let (dx, dy) = (da.x - db.x, da.y - db.y);
+                    match rel {
+                        Relation::Above => dy < 0.0 && dy.abs() > dx.abs(),
+                        Relation::Below => dy > 0.0 && dy.abs() > dx.abs(),
+                        Relation::LeftOf => dx < 0.0 && dx.abs() > dy.abs(),
+                        Relation::RightOf => dx > 0.0 && dx.abs() > dy.abs(),
+                    }
+                }
+                _ => false,
+            }
+        }
+        Capability::Count => {
+            let o = &scene.objects[0];
+            let expected = std::f32::consts::PI * o.r * o.r;
+            let n = found.iter().filter(|d| d.colour == o.colour && d.area > 0.25 * expected).count();
+            Some(n) == scene.count
+        }
+        Capability::Stack => {
+            let mut ys = Vec::new();
+            for o in &scene.objects {
+                let Some(d) = found.iter().find(|d| d.colour == o.colour) else { return false };
+                if d.shape != Shape::Square || (d.x - o.x).abs() > o.r {
+                    return false;
+                }
+                ys.push(d.y);
+            }
+            ys.windows(2).all(|w| w[0] < w[1])
+        }
+        Capability::Text => scene.sign.as_ref().is_some_and(|s| {
+            read_sign(rgb, size, s.colour, s.word.chars().count()).as_deref() == Some(s.word.as_str())
+        }),
+        Capability::Transform => {
+            let Some(kind) = scene.transform else { return false };
+            let n = scene.objects.len() / 2;
+            scene.objects.iter().enumerate().all(|(i, o)| {
+                let near = |d: &&Detected| (d.x - o.x).abs() < o.r && (d.y - o.y).abs() < o.r;
+                found.iter().filter(near).any(|d| {
+                    let want_flip = i >= n && kind == Transform::UpsideDown;
+                    let want_outline = i >= n && kind == Transform::Outline;
+                    // symmetric shapes read the same either way up
+                    let flip_ok = d.flipped == want_flip || symmetric_vertically(o.shape);
+                    matches(d, o.colour, o.shape) && flip_ok && d.outline == want_outline
+                })
+            })
+        }
+    }
+}
+
+/// Shapes that look the same upside-down.
+pub fn symmetric_vertically(shape: Shape) -> bool {
+    matches!(shape, Shape::Circle | Shape::Square | Shape::Diamond | Shape::Cross | Shape::Hexagon | Shape::Octagon)
+}

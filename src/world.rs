@@ -1,0 +1,707 @@
+//! The synthetic world (SPEC §3): captioned scenes of coloured shapes, generated from a seed,
+//! rendered anti-aliased at any resolution, each with its ground truth.
+//!
+//! Nothing can be downloaded here, so Tessera draws its own data. Scenes cover what the DALL·E
+//! blog probes: colour (with near neighbours such as navy and blue), shape, size, two objects
+//! with their own attributes and a relative position, counts, stacks, a word on a sign, a
+//! background colour, and image-to-image pairs (the top half transformed onto the bottom half)
+//! for completion. Some colour–shape pairs are held out of training to measure compositional
+//! generalisation. Because the generator knows what it drew, `eval` can score what a model draws.
+
+use serde::{Deserialize, Serialize};
+
+use crate::sample::SeedRng;
+
+macro_rules! named_enum {
+    ($(#[$m:meta])* $name:ident { $($v:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($v),+ }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v),+];
+            pub fn name(self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+            pub fn index(self) -> usize {
+                Self::ALL.iter().position(|&x| x == self).unwrap_or(0)
+            }
+            pub fn from_name(s: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|x| x.name() == s)
+            }
+        }
+    };
+}
+
+named_enum!(
+    /// The palette. Near neighbours (navy/blue, olive/green, teal/cyan) are deliberate.
+    Colour {
+        Red => "red", Green => "green", Blue => "blue", Yellow => "yellow", Purple => "purple",
+        Orange => "orange", Pink => "pink", Brown => "brown", Black => "black", White => "white",
+        Gray => "gray", Navy => "navy", Olive => "olive", Teal => "teal", Cyan => "cyan",
+        Magenta => "magenta",
+    }
+);
+
+impl Colour {
+    pub fn rgb(self) -> [u8; 3] {
+        match self {
+            Colour::Red => [220, 30, 30],
+            Colour::Green => [40, 170, 50],
+            Colour::Blue => [40, 90, 230],
+            Colour::Yellow => [245, 220, 40],
+            Colour::Purple => [130, 50, 170],
+            Colour::Orange => [245, 140, 20],
+            Colour::Pink => [245, 130, 190],
+            Colour::Brown => [125, 75, 35],
+            Colour::Black => [20, 20, 20],
+            Colour::White => [250, 250, 250],
+            Colour::Gray => [128, 128, 128],
+            Colour::Navy => [20, 30, 110],
+            Colour::Olive => [120, 130, 30],
+            Colour::Teal => [0, 128, 128],
+            Colour::Cyan => [70, 220, 235],
+            Colour::Magenta => [215, 35, 200],
+        }
+    }
+
+    /// Colours objects may take (everything but the backgrounds' white).
+    pub fn object_colours() -> Vec<Colour> {
+        Colour::ALL.iter().copied().filter(|c| *c != Colour::White).collect()
+    }
+}
+
+named_enum!(
+    /// Shapes, each drawn inside a unit circle, point up.
+    Shape {
+        Circle => "circle", Square => "square", Triangle => "triangle", Pentagon => "pentagon",
+        Hexagon => "hexagon", Heptagon => "heptagon", Octagon => "octagon", Star => "star",
+        Heart => "heart", Diamond => "diamond", Cross => "cross",
+    }
+);
+
+named_enum!(
+    /// Object sizes, as radii relative to the image side.
+    Size { Small => "small", Medium => "medium", Large => "large" }
+);
+
+impl Size {
+    pub fn radius(self) -> f32 {
+        match self {
+            Size::Small => 0.10,
+            Size::Medium => 0.15,
+            Size::Large => 0.21,
+        }
+    }
+}
+
+named_enum!(
+    /// Relative positions of two objects.
+    Relation { Above => "above", Below => "below", LeftOf => "to the left of", RightOf => "to the right of" }
+);
+
+named_enum!(
+    /// What the bottom half of an image-to-image scene does to the top half.
+    Transform { Pink => "colored pink", UpsideDown => "reflected upside-down", Outline => "as outlines" }
+);
+
+named_enum!(
+    /// The capabilities the evaluator scores.
+    Capability {
+        SingleObject => "single_object", TwoObjectsPosition => "two_objects_position", Count => "count",
+        Stack => "stack", Text => "text", Transform => "transform",
+    }
+);
+
+/// One drawn object. Positions and radius are fractions of the image side; y grows downward.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Object {
+    pub shape: Shape,
+    pub colour: Colour,
+    pub size: Size,
+    pub x: f32,
+    pub y: f32,
+    pub r: f32,
+    #[serde(default)]
+    pub flipped: bool,
+    #[serde(default)]
+    pub outline: bool,
+}
+
+/// A sign with a word, drawn as a rectangle with letters of a built-in 5×7 font.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sign {
+    pub word: String,
+    pub colour: Colour,
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+}
+
+/// A scene with its ground truth: what was asked and what was drawn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scene {
+    pub capability: Capability,
+    pub background: Colour,
+    pub objects: Vec<Object>,
+    #[serde(default)]
+    pub sign: Option<Sign>,
+    /// Objects 0 and 1 stand in this relation (two-object scenes).
+    #[serde(default)]
+    pub relation: Option<Relation>,
+    /// How many objects the caption asks for (count scenes).
+    #[serde(default)]
+    pub count: Option<usize>,
+    /// The bottom half's transformation (image-to-image scenes); objects of the top half come
+    /// first, then their transformed copies.
+    #[serde(default)]
+    pub transform: Option<Transform>,
+    pub caption: String,
+}
+
+/// Training scenes never use held-out colour–shape pairs; held-out scenes always use one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Train,
+    HeldOut,
+}
+
+/// Whether a colour–shape pair is held out of training (about one pair in nine).
+pub fn is_held_out(colour: Colour, shape: Shape) -> bool {
+    (colour.index() * 7 + shape.index() * 3) % 9 == 4
+}
+
+const WORDS: &[&str] = &[
+    "cat", "dog", "sun", "art", "map", "box", "car", "hat", "pen", "cup", "fox", "owl", "bee", "sky", "tea", "ice",
+    "joy", "zoo", "web", "key",
+];
+
+/// Numbers as words, for counts.
+pub const NUMBER_WORDS: &[&str] = &["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"];
+
+struct Gen {
+    rng: SeedRng,
+    split: Split,
+}
+
+impl Gen {
+    fn below(&mut self, n: usize) -> usize {
+        (self.rng.next_u64() % n.max(1) as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len())]
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * self.rng.next_f64() as f32
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        self.rng.next_f64() < p
+    }
+
+    /// A colour–shape pair allowed in this split; `held` forces a held-out pair.
+    fn pair(&mut self, background: Colour, held: bool) -> (Colour, Shape) {
+        let colours = Colour::object_colours();
+        loop {
+            let c = self.pick(&colours);
+            let s = self.pick(Shape::ALL);
+            if c == background {
+                continue;
+            }
+            let h = is_held_out(c, s);
+            let ok = match self.split {
+                Split::Train => !h,
+                Split::HeldOut => !held || h,
+            };
+            if ok {
+                return (c, s);
+            }
+        }
+    }
+
+    fn background(&mut self) -> Colour {
+        if self.chance(0.75) { Colour::White } else { self.pick(&[Colour::Black, Colour::Gray, Colour::Yellow]) }
+    }
+}
+
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" }
+}
+
+fn describe(o: &Object, with_size: bool) -> String {
+    let words = if with_size {
+        format!("{} {} {}", o.size.name(), o.colour.name(), o.shape.name())
+    } else {
+        format!("{} {}", o.colour.name(), o.shape.name())
+    };
+    format!("{} {words}", article(&words))
+}
+
+fn plural(shape: Shape) -> String {
+    format!("{}s", shape.name())
+}
+
+fn background_phrase(bg: Colour) -> String {
+    if bg == Colour::White { String::new() } else { format!(" on a {} background", bg.name()) }
+}
+
+/// Draws a scene for `capability` from `seed`.
+pub fn generate(capability: Capability, seed: u64, split: Split) -> Scene {
+    let mut g = Gen { rng: SeedRng::new(seed ^ 0x7E55_E4A0_0000_0000 ^ (capability.index() as u64) << 48), split };
+    let held = split == Split::HeldOut;
+    match capability {
+        Capability::SingleObject => single(&mut g, held),
+        Capability::TwoObjectsPosition => two(&mut g, held),
+        Capability::Count => count(&mut g, held),
+        Capability::Stack => stack(&mut g, held),
+        Capability::Text => text(&mut g),
+        Capability::Transform => transform(&mut g, held),
+    }
+}
+
+/// The share of each capability in training data.
+pub const MIX: &[(Capability, f64)] = &[
+    (Capability::SingleObject, 0.30),
+    (Capability::TwoObjectsPosition, 0.25),
+    (Capability::Count, 0.15),
+    (Capability::Stack, 0.10),
+    (Capability::Text, 0.10),
+    (Capability::Transform, 0.10),
+];
+
+/// Sample `index` of the world with base seed `seed`: a capability drawn by [`MIX`], then a
+/// scene. The same (seed, index) always gives the same scene.
+pub fn sample(seed: u64, index: u64, split: Split) -> Scene {
+    let mut rng = SeedRng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(index));
+    let u = rng.next_f64();
+    let mut acc = 0.0;
+    let mut cap = Capability::SingleObject;
+    for &(c, p) in MIX {
+        acc += p;
+        if u < acc {
+            cap = c;
+            break;
+        }
+    }
+    generate(cap, rng.next_u64(), split)
+}
+
+fn single(g: &mut Gen, held: bool) -> Scene {
+    let background = g.background();
+    let (colour, shape) = g.pair(background, held);
+    let size = g.pick(Size::ALL);
+    let r = size.radius();
+    let o = Object {
+        shape,
+        colour,
+        size,
+        x: g.uniform(0.5 - (0.45 - r) * 0.6, 0.5 + (0.45 - r) * 0.6),
+        y: g.uniform(0.5 - (0.45 - r) * 0.6, 0.5 + (0.45 - r) * 0.6),
+        r,
+        flipped: false,
+        outline: false,
+    };
+    let d = describe(&o, true);
+    let caption = match g.below(3) {
+        0 => format!("{d}{}", background_phrase(background)),
+        1 => format!("an image of {d}{}", background_phrase(background)),
+        _ => format!("a picture of {d}{}", background_phrase(background)),
+    };
+    Scene {
+        capability: Capability::SingleObject,
+        background,
+        objects: vec![o],
+        sign: None,
+        relation: None,
+        count: None,
+        transform: None,
+        caption,
+    }
+}
+
+fn two(g: &mut Gen, held: bool) -> Scene {
+    let background = Colour::White;
+    let (c0, s0) = g.pair(background, held);
+    let (c1, s1) = loop {
+        let p = g.pair(background, false);
+        if p != (c0, s0) {
+            break p;
+        }
+    };
+    let relation = g.pick(Relation::ALL);
+    let sizes = [Size::Small, Size::Medium];
+    let (z0, z1) = (g.pick(&sizes), g.pick(&sizes));
+    // object 0 stands in `relation` to object 1
+    let (dx, dy): (f32, f32) = match relation {
+        Relation::Above => (0.0, -1.0),
+        Relation::Below => (0.0, 1.0),
+        Relation::LeftOf => (-1.0, 0.0),
+        Relation::RightOf => (1.0, 0.0),
+    };
+    let gap = 0.22 + g.uniform(0.0, 0.08);
+    let jitter = g.uniform(-0.06, 0.06);
+    let (cx, cy) = (0.5 + g.uniform(-0.05, 0.05), 0.5 + g.uniform(-0.05, 0.05));
+    let mk = |shape, colour, size: Size, x, y| Object {
+        shape,
+        colour,
+        size,
+        x,
+        y,
+        r: size.radius(),
+        flipped: false,
+        outline: false,
+    };
+    let o0 = mk(s0, c0, z0, cx + dx * gap + dy.abs() * jitter, cy + dy * gap + dx.abs() * jitter);
+    let o1 = mk(s1, c1, z1, cx - dx * gap + dy.abs() * jitter, cy - dy * gap + dx.abs() * jitter);
+    let caption = match g.below(2) {
+        0 => format!("{} {} {}", describe(&o0, true), relation.name(), describe(&o1, true)),
+        _ => format!("there is {} {} {}", describe(&o0, true), relation.name(), describe(&o1, true)),
+    };
+    Scene {
+        capability: Capability::TwoObjectsPosition,
+        background,
+        objects: vec![o0, o1],
+        sign: None,
+        relation: Some(relation),
+        count: None,
+        transform: None,
+        caption,
+    }
+}
+
+/// Non-overlapping positions on a jittered grid for `n` objects of radius `r`.
+fn scatter(g: &mut Gen, n: usize, r: f32, region: (f32, f32, f32, f32)) -> Vec<(f32, f32)> {
+    let (x0, y0, x1, y1) = region;
+    let cols = (n as f32).sqrt().ceil() as usize;
+    let rows = n.div_ceil(cols);
+    let mut cells: Vec<(usize, usize)> = (0..rows).flat_map(|i| (0..cols).map(move |j| (i, j))).collect();
+    // shuffle the cells
+    for i in (1..cells.len()).rev() {
+        let j = g.below(i + 1);
+        cells.swap(i, j);
+    }
+    let (cw, ch) = ((x1 - x0) / cols as f32, (y1 - y0) / rows as f32);
+    cells
+        .into_iter()
+        .take(n)
+        .map(|(i, j)| {
+            let slack_x = (cw / 2.0 - r).max(0.0) * 0.8;
+            let slack_y = (ch / 2.0 - r).max(0.0) * 0.8;
+            (
+                x0 + cw * (j as f32 + 0.5) + g.uniform(-slack_x, slack_x),
+                y0 + ch * (i as f32 + 0.5) + g.uniform(-slack_y, slack_y),
+            )
+        })
+        .collect()
+}
+
+fn count(g: &mut Gen, held: bool) -> Scene {
+    let background = Colour::White;
+    let (colour, shape) = g.pair(background, held);
+    let n = 1 + g.below(6);
+    let r = if n <= 2 {
+        0.12
+    } else if n <= 4 {
+        0.10
+    } else {
+        0.085
+    };
+    let objects = scatter(g, n, r, (0.05, 0.05, 0.95, 0.95))
+        .into_iter()
+        .map(|(x, y)| Object { shape, colour, size: Size::Small, x, y, r, flipped: false, outline: false })
+        .collect();
+    let noun = if n == 1 { shape.name().to_string() } else { plural(shape) };
+    let caption = match g.below(2) {
+        0 => format!("{} {} {noun}", NUMBER_WORDS[n], colour.name()),
+        _ => format!("a picture of {} {} {noun}", NUMBER_WORDS[n], colour.name()),
+    };
+    Scene {
+        capability: Capability::Count,
+        background,
+        objects,
+        sign: None,
+        relation: None,
+        count: Some(n),
+        transform: None,
+        caption,
+    }
+}
+
+fn stack(g: &mut Gen, held: bool) -> Scene {
+    let background = Colour::White;
+    let levels = 2 + g.below(2);
+    let mut colours: Vec<Colour> = Vec::new();
+    while colours.len() < levels {
+        let (c, _) = g.pair(background, held && colours.is_empty());
+        if !colours.contains(&c) && (held || !is_held_out(c, Shape::Square)) {
+            colours.push(c);
+        }
+    }
+    let r = 0.12;
+    let side = 0.8 * r * 2.0; // a square's side
+    let x = 0.5 + g.uniform(-0.15, 0.15);
+    let bottom = 0.9 - side / 2.0;
+    // colours[0] is the top
+    let objects: Vec<Object> = colours
+        .iter()
+        .enumerate()
+        .map(|(i, &colour)| Object {
+            shape: Shape::Square,
+            colour,
+            size: Size::Medium,
+            x,
+            y: bottom - side * (levels - 1 - i) as f32,
+            r,
+            flipped: false,
+            outline: false,
+        })
+        .collect();
+    let noun = g.pick(&["cube", "block"]);
+    let parts: Vec<String> = colours.iter().map(|c| format!("a {} {noun}", c.name())).collect();
+    let caption = parts.join(" on top of ");
+    Scene {
+        capability: Capability::Stack,
+        background,
+        objects,
+        sign: None,
+        relation: None,
+        count: None,
+        transform: None,
+        caption,
+    }
+}
+
+fn text(g: &mut Gen) -> Scene {
+    let background = Colour::White;
+    let word = g.pick(WORDS).to_string();
+    let colour = g.pick(&[Colour::Yellow, Colour::Cyan, Colour::Pink, Colour::Orange, Colour::Gray]);
+    let w = 0.86;
+    let h = 0.42;
+    let sign = Sign { word: word.clone(), colour, x: 0.5, y: 0.5 + g.uniform(-0.2, 0.2), w, h };
+    let caption = match g.below(2) {
+        0 => format!("a sign with the word '{word}' on it"),
+        _ => format!("{} {} sign that says '{word}'", article(colour.name()), colour.name()),
+    };
+    Scene {
+        capability: Capability::Text,
+        background,
+        objects: Vec::new(),
+        sign: Some(sign),
+        relation: None,
+        count: None,
+        transform: None,
+        caption,
+    }
+}
+
+fn transform(g: &mut Gen, held: bool) -> Scene {
+    let background = Colour::White;
+    let kind = g.pick(Transform::ALL);
+    let n = 1 + g.below(2);
+    let r = 0.11;
+    let mut top = Vec::new();
+    let places = scatter(g, n, r, (0.08, 0.06, 0.92, 0.44));
+    for (i, &(x, y)) in places.iter().enumerate() {
+        let (colour, shape) = loop {
+            let p = g.pair(background, held && i == 0);
+            // a pink object cannot turn pink; a cross's outline is too thin to read at small sizes
+            if !(kind == Transform::Pink && p.0 == Colour::Pink || kind == Transform::Outline && p.1 == Shape::Cross)
+            {
+                break p;
+            }
+        };
+        top.push(Object { shape, colour, size: Size::Small, x, y, r, flipped: false, outline: false });
+    }
+    let bottom: Vec<Object> = top
+        .iter()
+        .map(|o| match kind {
+            Transform::Pink => Object { colour: Colour::Pink, y: o.y + 0.5, ..*o },
+            Transform::UpsideDown => Object { y: 1.0 - o.y, flipped: true, ..*o },
+            Transform::Outline => Object { y: o.y + 0.5, outline: true, ..*o },
+        })
+        .collect();
+    let what: Vec<String> = top.iter().map(|o| describe(o, false)).collect();
+    let caption = format!("{} on the top, and the exact same shapes {} on the bottom", what.join(" and "), kind.name());
+    let mut objects = top;
+    objects.extend(bottom);
+    Scene {
+        capability: Capability::Transform,
+        background,
+        objects,
+        sign: None,
+        relation: None,
+        count: None,
+        transform: Some(kind),
+        caption,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rendering
+
+/// Whether the point (u, v) of a shape's unit frame (radius 1, v downward) is inside it.
+pub fn inside(shape: Shape, u: f32, v: f32) -> bool {
+    match shape {
+        Shape::Circle => u * u + v * v <= 1.0,
+        Shape::Square => u.abs() <= 0.8 && v.abs() <= 0.8,
+        Shape::Diamond => u.abs() + v.abs() <= 1.0,
+        Shape::Cross => (u.abs() <= 0.3 && v.abs() <= 0.9) || (u.abs() <= 0.9 && v.abs() <= 0.3),
+        Shape::Triangle => regular_polygon(3, u, v + 0.2, 1.15),
+        Shape::Pentagon => regular_polygon(5, u, v, 1.0),
+        Shape::Hexagon => regular_polygon(6, u, v, 1.0),
+        Shape::Heptagon => regular_polygon(7, u, v, 1.0),
+        Shape::Octagon => regular_polygon(8, u, v, 1.0),
+        Shape::Star => star(u, v),
+        Shape::Heart => {
+            let (x, y) = (u * 1.2, -v * 1.2 + 0.15);
+            let a = x * x + y * y - 1.0;
+            a * a * a - x * x * y * y * y <= 0.0
+        }
+    }
+}
+
+/// A regular n-gon with one vertex pointing up, circumradius `rad`.
+fn regular_polygon(n: usize, u: f32, v: f32, rad: f32) -> bool {
+    let apothem = rad * (std::f32::consts::PI / n as f32).cos();
+    (0..n).all(|k| {
+        // outward normal of edge k, between vertices k and k+1
+        let a = -std::f32::consts::FRAC_PI_2 + std::f32::consts::TAU * (k as f32 + 0.5) / n as f32;
+        u * a.cos() + v * a.sin() <= apothem
+    })
+}
+
+fn star(u: f32, v: f32) -> bool {
+    let pts: Vec<(f32, f32)> = (0..10)
+        .map(|k| {
+            let a = -std::f32::consts::FRAC_PI_2 + std::f32::consts::TAU * k as f32 / 10.0;
+            let rad = if k % 2 == 0 { 1.0 } else { 0.45 };
+            (rad * a.cos(), rad * a.sin() + 0.08)
+        })
+        .collect();
+    // even-odd rule
+    let mut inside = false;
+    let mut j = pts.len() - 1;
+    for i in 0..pts.len() {
+        let (xi, yi) = pts[i];
+        let (xj, yj) = pts[j];
+        if (yi > v) != (yj > v) && u < (xj - xi) * (v - yi) / (yj - yi) + xi {
+            inside = !inside;
+        }
+        j = i;
+    }
+    inside
+}
+
+/// Whether an object covers the point (px, py) in image fractions.
+pub fn object_covers(o: &Object, px: f32, py: f32) -> bool {
+    let u = (px - o.x) / o.r;
+    let mut v = (py - o.y) / o.r;
+    if o.flipped {
+        v = -v;
+    }
+    if u.abs() > 1.3 || v.abs() > 1.3 {
+        return false;
+    }
+    if o.outline { inside(o.shape, u, v) && !inside(o.shape, u / 0.6, v / 0.6) } else { inside(o.shape, u, v) }
+}
+
+/// Rows of the 5×7 glyph of a lowercase letter (bit 4 = leftmost column).
+pub fn glyph(c: char) -> [u8; 7] {
+    match c {
+        'a' => [0x00, 0x00, 0x0E, 0x01, 0x0F, 0x11, 0x0F],
+        'b' => [0x10, 0x10, 0x1E, 0x11, 0x11, 0x11, 0x1E],
+        'c' => [0x00, 0x00, 0x0E, 0x10, 0x10, 0x10, 0x0E],
+        'd' => [0x01, 0x01, 0x0F, 0x11, 0x11, 0x11, 0x0F],
+        'e' => [0x00, 0x00, 0x0E, 0x11, 0x1F, 0x10, 0x0E],
+        'f' => [0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08],
+        'g' => [0x00, 0x0F, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
+        'i' => [0x04, 0x00, 0x0C, 0x04, 0x04, 0x04, 0x0E],
+        'j' => [0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0C],
+        'k' => [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12],
+        'l' => [0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'm' => [0x00, 0x00, 0x1A, 0x15, 0x15, 0x11, 0x11],
+        'n' => [0x00, 0x00, 0x16, 0x19, 0x11, 0x11, 0x11],
+        'o' => [0x00, 0x00, 0x0E, 0x11, 0x11, 0x11, 0x0E],
+        'p' => [0x00, 0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10],
+        'q' => [0x00, 0x0F, 0x11, 0x11, 0x0F, 0x01, 0x01],
+        'r' => [0x00, 0x00, 0x16, 0x19, 0x10, 0x10, 0x10],
+        's' => [0x00, 0x00, 0x0F, 0x10, 0x0E, 0x01, 0x1E],
+        't' => [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06],
+        'u' => [0x00, 0x00, 0x11, 0x11, 0x11, 0x13, 0x0D],
+        'v' => [0x00, 0x00, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'w' => [0x00, 0x00, 0x11, 0x11, 0x15, 0x15, 0x0A],
+        'x' => [0x00, 0x00, 0x11, 0x0A, 0x04, 0x0A, 0x11],
+        'y' => [0x00, 0x11, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'z' => [0x00, 0x00, 0x1F, 0x02, 0x04, 0x08, 0x1F],
+        _ => [0; 7],
+    }
+}
+
+/// The layout of a sign's letters: (x0, y0, cell) in image fractions, one glyph cell being
+/// `cell` wide (5 columns) and 7/5 as tall.
+pub fn sign_layout(s: &Sign) -> (f32, f32, f32) {
+    let n = s.word.chars().count().max(1) as f32;
+    let cell = (s.w * 0.85 / (n * 6.0 - 1.0)).min(s.h * 0.8 / 7.0) * 5.0;
+    let total_w = cell * (n * 6.0 - 1.0) / 5.0;
+    let x0 = s.x - total_w / 2.0;
+    let y0 = s.y - cell * 7.0 / 5.0 / 2.0;
+    (x0, y0, cell)
+}
+
+fn sign_colour_at(s: &Sign, px: f32, py: f32) -> Option<Colour> {
+    if (px - s.x).abs() > s.w / 2.0 || (py - s.y).abs() > s.h / 2.0 {
+        return None;
+    }
+    let (x0, y0, cell) = sign_layout(s);
+    let unit = cell / 5.0;
+    let (gx, gy) = ((px - x0) / unit, (py - y0) / unit);
+    if gx >= 0.0 && (0.0..7.0).contains(&gy) {
+        let (col, row) = (gx as usize, gy as usize);
+        let letter = col / 6;
+        let within = col % 6;
+        if within < 5
+            && let Some(c) = s.word.chars().nth(letter)
+            && glyph(c)[row] & (0x10 >> within) != 0
+        {
+            return Some(Colour::Black);
+        }
+    }
+    Some(s.colour)
+}
+
+/// The colour at a point of the scene (the last object drawn wins).
+pub fn colour_at(scene: &Scene, px: f32, py: f32) -> Colour {
+    if let Some(c) = scene.sign.as_ref().and_then(|s| sign_colour_at(s, px, py)) {
+        return c;
+    }
+    scene.objects.iter().rev().find(|o| object_covers(o, px, py)).map(|o| o.colour).unwrap_or(scene.background)
+}
+
+/// Renders the scene as `size × size` RGB8, anti-aliased by 4×4 supersampling.
+pub fn render(scene: &Scene, size: usize) -> Vec<u8> {
+    const SS: usize = 4;
+    let mut out = vec![0u8; size * size * 3];
+    let inv = 1.0 / size as f32;
+    for py in 0..size {
+        for px in 0..size {
+            let mut acc = [0u32; 3];
+            for sy in 0..SS {
+                for sx in 0..SS {
+                    let x = (px as f32 + (sx as f32 + 0.5) / SS as f32) * inv;
+                    let y = (py as f32 + (sy as f32 + 0.5) / SS as f32) * inv;
+                    let c = colour_at(scene, x, y).rgb();
+                    for k in 0..3 {
+                        acc[k] += c[k] as u32;
+                    }
+                }
+            }
+            let i = (py * size + px) * 3;
+            for k in 0..3 {
+                out[i + k] = ((acc[k] + (SS * SS / 2) as u32) / (SS * SS) as u32) as u8;
+            }
+        }
+    }
+    out
+}

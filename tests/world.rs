@@ -1,0 +1,132 @@
+//! The synthetic world and its evaluator.
+
+use tessera::eval::{detect, read_sign, score};
+use tessera::world::{self, Capability, Colour, Scene, Shape, Split, is_held_out, render};
+
+const SIZE: usize = 128;
+
+#[test]
+fn scenes_are_deterministic_and_captioned() {
+    for &cap in Capability::ALL {
+        let a = world::generate(cap, 42, Split::Train);
+        let b = world::generate(cap, 42, Split::Train);
+        assert_eq!(a, b, "{cap:?} is not deterministic");
+        assert!(!a.caption.is_empty());
+        assert_eq!(render(&a, 32), render(&b, 32));
+        let json = serde_json::to_string(&a).unwrap();
+        let back: Scene = serde_json::from_str(&json).unwrap();
+        assert_eq!(a, back);
+    }
+    // different seeds give different scenes
+    let s: std::collections::HashSet<String> =
+        (0..50).map(|i| world::generate(Capability::SingleObject, i, Split::Train).caption).collect();
+    assert!(s.len() > 30);
+}
+
+#[test]
+fn held_out_pairs_never_appear_in_training() {
+    let mut held = 0;
+    for i in 0..400 {
+        let scene = world::sample(7, i, Split::Train);
+        for o in &scene.objects {
+            assert!(!is_held_out(o.colour, o.shape), "{:?} {:?} in training: {}", o.colour, o.shape, scene.caption);
+        }
+        let h = world::generate(Capability::SingleObject, i, Split::HeldOut);
+        held += is_held_out(h.objects[0].colour, h.objects[0].shape) as usize;
+    }
+    assert_eq!(held, 400);
+    let n = Colour::object_colours().len() * Shape::ALL.len();
+    let held_pairs = Colour::object_colours()
+        .iter()
+        .flat_map(|&c| Shape::ALL.iter().map(move |&s| (c, s)))
+        .filter(|&(c, s)| is_held_out(c, s))
+        .count();
+    assert!(held_pairs * 12 > n && held_pairs * 6 < n, "{held_pairs} of {n} pairs held out");
+}
+
+#[test]
+fn ground_truth_renders_score_at_least_99_percent() {
+    for &cap in Capability::ALL {
+        let n = 100;
+        let ok = (0..n)
+            .filter(|&i| {
+                let scene = world::generate(cap, 1000 + i, Split::Train);
+                let good = score(&scene, &render(&scene, SIZE), SIZE);
+                if !good {
+                    eprintln!("{cap:?} failed: {}", scene.caption);
+                }
+                good
+            })
+            .count();
+        assert!(ok * 100 >= 99 * n as usize, "{cap:?}: {ok}/{n} ground-truth renders pass");
+    }
+}
+
+fn first(cap: Capability, pred: impl Fn(&Scene) -> bool) -> Scene {
+    (0..1000).map(|i| world::generate(cap, i, Split::Train)).find(|s| pred(s)).unwrap()
+}
+
+#[test]
+fn wrong_images_are_caught() {
+    // a wrong colour
+    let scene = first(Capability::SingleObject, |_| true);
+    let mut wrong = scene.clone();
+    wrong.objects[0].colour = if scene.objects[0].colour == Colour::Red { Colour::Green } else { Colour::Red };
+    assert!(!score(&scene, &render(&wrong, SIZE), SIZE), "wrong colour passed");
+    // a wrong shape
+    let mut wrong = scene.clone();
+    wrong.objects[0].shape = if scene.objects[0].shape == Shape::Star { Shape::Heart } else { Shape::Star };
+    assert!(!score(&scene, &render(&wrong, SIZE), SIZE), "wrong shape passed");
+    // a missing object
+    let scene = first(Capability::TwoObjectsPosition, |_| true);
+    let mut wrong = scene.clone();
+    wrong.objects.pop();
+    assert!(!score(&scene, &render(&wrong, SIZE), SIZE), "missing object passed");
+    // swapped positions
+    let mut wrong = scene.clone();
+    let (a, b) = (wrong.objects[0], wrong.objects[1]);
+    wrong.objects[0] = tessera::world::Object { x: b.x, y: b.y, ..a };
+    wrong.objects[1] = tessera::world::Object { x: a.x, y: a.y, ..b };
+    assert!(!score(&scene, &render(&wrong, SIZE), SIZE), "swapped positions passed");
+    // a wrong count
+    let scene = first(Capability::Count, |s| s.count.unwrap_or(0) >= 3);
+    let mut wrong = scene.clone();
+    wrong.objects.pop();
+    assert!(!score(&scene, &render(&wrong, SIZE), SIZE), "wrong count passed");
+    // a wrong word
+    let scene = first(Capability::Text, |_| true);
+    let mut wrong = scene.clone();
+    if let Some(s) = wrong.sign.as_mut() {
+        s.word = if s.word == "cat" { "dog".into() } else { "cat".into() };
+    }
+    assert!(!score(&scene, &render(&wrong, SIZE), SIZE), "wrong word passed");
+    // a stack in the wrong order
+    let scene = first(Capability::Stack, |_| true);
+    let mut wrong = scene.clone();
+    let n = wrong.objects.len();
+    let (c0, c1) = (wrong.objects[0].colour, wrong.objects[n - 1].colour);
+    wrong.objects[0].colour = c1;
+    wrong.objects[n - 1].colour = c0;
+    assert!(!score(&scene, &render(&wrong, SIZE), SIZE), "reordered stack passed");
+    // a transformation not applied
+    let scene = first(Capability::Transform, |s| s.transform == Some(world::Transform::Pink));
+    let mut wrong = scene.clone();
+    let half = wrong.objects.len() / 2;
+    for i in 0..half {
+        wrong.objects[half + i].colour = wrong.objects[i].colour;
+    }
+    assert!(!score(&scene, &render(&wrong, SIZE), SIZE), "untransformed bottom passed");
+}
+
+#[test]
+fn detection_reads_objects_and_words() {
+    let scene = first(Capability::SingleObject, |s| s.background == Colour::White);
+    let found = detect(&render(&scene, SIZE), SIZE, scene.background);
+    let o = &scene.objects[0];
+    assert_eq!((found[0].colour, found[0].shape), (o.colour, o.shape));
+    assert!((found[0].x - o.x).abs() < 0.03 && (found[0].y - o.y).abs() < 0.05);
+    let scene = first(Capability::Text, |_| true);
+    let sign = scene.sign.as_ref().unwrap();
+    let word = read_sign(&render(&scene, SIZE), SIZE, sign.colour, 3);
+    assert_eq!(word.as_deref(), Some(sign.word.as_str()));
+}
