@@ -63,16 +63,44 @@ fn tensor_f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
-/// Serialises the variables of `vs` (as f32) into safetensors bytes, names sorted.
-pub fn varstore_to_safetensors(vs: &VarStore) -> Result<Vec<u8>> {
-    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-    let mut raws = Vec::with_capacity(vars.len());
-    for (name, t) in &vars {
+/// Serialises named tensors (as f32) into safetensors bytes, with optional metadata.
+pub fn tensors_to_safetensors(
+    tensors: &[(String, Tensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut raws = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
         let shape = t.size().iter().map(|&d| d as usize).collect();
         raws.push((name.clone(), Raw { shape, data: tensor_f32_bytes(t)? }));
     }
     let views = raws.iter().map(|(n, r)| (n.as_str(), r));
-    safetensors::serialize(views, &None).map_err(|e| Error::Invalid(format!("cannot serialise weights: {e}")))
+    safetensors::serialize(views, &metadata).map_err(|e| Error::Invalid(format!("cannot serialise weights: {e}")))
+}
+
+/// Serialises the variables of `vs` (as f32) into safetensors bytes, names sorted.
+pub fn varstore_to_safetensors(vs: &VarStore) -> Result<Vec<u8>> {
+    let vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect::<BTreeMap<_, _>>().into_iter().collect();
+    tensors_to_safetensors(&vars, None)
+}
+
+/// Reads every tensor (as f32, on the CPU) and the metadata of a safetensors file.
+/// Named tensors and the string metadata of a safetensors file.
+pub type TensorsWithMetadata = (Vec<(String, Tensor)>, std::collections::HashMap<String, String>);
+
+pub fn read_safetensors(path: &Path) -> Result<TensorsWithMetadata> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let corrupt =
+        |e: String| Error::checkpoint(path, format!("not a readable safetensors file (corrupt or truncated?): {e}"));
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let values = decode_values(view.dtype(), view.data())
+            .ok_or_else(|| corrupt(format!("tensor {name}: unsupported dtype")))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        out.push((name, Tensor::from_slice(&values).view(shape.as_slice())));
+    }
+    Ok((out, meta.metadata().clone().unwrap_or_default()))
 }
 
 /// Writes the variables of `vs` to a safetensors file, atomically.

@@ -16,6 +16,7 @@ pub mod optim;
 pub mod params;
 pub mod sample;
 pub mod text;
+pub mod train;
 pub mod transformer;
 pub mod world;
 

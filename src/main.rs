@@ -29,6 +29,117 @@ enum Command {
     Info(InfoArgs),
     /// Measure sampling and training throughput (JSON on stdout).
     Bench(BenchArgs),
+    /// The synthetic world: export captioned scenes as files.
+    #[command(subcommand)]
+    World(WorldCommand),
+    /// Train the tokenizer, the dVAE or the transformer of a model directory.
+    #[command(subcommand)]
+    Train(TrainCommand),
+}
+
+#[derive(Subcommand)]
+enum WorldCommand {
+    /// Write N scenes as NAME.png, NAME.txt (caption) and NAME.json (ground truth).
+    Export {
+        #[arg(long, default_value_t = 16)]
+        n: u64,
+        #[arg(long)]
+        out: PathBuf,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Draw from the held-out colour–shape pairs instead of the training ones.
+        #[arg(long)]
+        held_out: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct CommonTrain {
+    /// Model directory (created with --preset when new).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Configuration for a new directory: tiny, S, P, dalle_12b or default.
+    #[arg(long)]
+    preset: Option<String>,
+    /// world, world:SEED, a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
+    #[arg(long, default_value = "world")]
+    data: String,
+    #[arg(long, default_value_t = 10_000)]
+    steps: usize,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    /// Write a sample grid every N steps (0 = never).
+    #[arg(long, default_value_t = 1000)]
+    sample_every: usize,
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// f32, or bf16 matrix products with f32 master weights.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// libtorch CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Continue from the directory's last training checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Train the BPE tokenizer on captions of the data.
+    Tokenizer {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        preset: Option<String>,
+        #[arg(long, default_value = "world")]
+        data: String,
+        /// Captions to learn the merges from.
+        #[arg(long, default_value_t = 20_000)]
+        captions: usize,
+    },
+    /// Train the discrete VAE (paper recipe: AdamW, cosine β, τ and learning rate, EMA).
+    Dvae {
+        #[command(flatten)]
+        common: CommonTrain,
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 1.25e-6)]
+        lr_end: f64,
+        #[arg(long, default_value_t = 6.6)]
+        beta: f64,
+        #[arg(long, default_value_t = 5_000)]
+        beta_steps: usize,
+        #[arg(long, default_value_t = 1.0 / 16.0)]
+        tau_end: f64,
+        #[arg(long, default_value_t = 150_000)]
+        tau_steps: usize,
+        #[arg(long, default_value_t = 0.999)]
+        ema: f64,
+    },
+    /// Train the transformer (paper recipe: AdamW(0.9, 0.96), warm-up, clipping 4, EMA).
+    Transformer {
+        #[command(flatten)]
+        common: CommonTrain,
+        #[arg(long, default_value_t = 4.5e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 5_000)]
+        warmup: usize,
+        #[arg(long, default_value_t = 0.99)]
+        ema: f64,
+        #[arg(long, default_value_t = 4.0)]
+        clip: f64,
+    },
 }
 
 #[derive(Args)]
@@ -132,6 +243,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Info(a) => info(a),
         Command::Bench(a) => run_bench(a),
+        Command::World(WorldCommand::Export { n, out, size, seed, held_out }) => {
+            world_export(n, &out, size, seed, held_out)
+        }
+        Command::Train(t) => train(t),
     }
 }
 
@@ -305,5 +420,101 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     };
     let report = bench::run(&opts, |m| eprintln!("bench: {m}"))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn world_export(n: u64, out: &Path, size: usize, seed: u64, held_out: bool) -> Result<()> {
+    use tessera::world::{self, Split};
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let split = if held_out { Split::HeldOut } else { Split::Train };
+    for i in 0..n {
+        let scene = world::sample(seed, i, split);
+        let name = format!("{i:06}");
+        let img = image::RgbImage::from_raw(size as u32, size as u32, world::render(&scene, size)).context("render")?;
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        tessera::io::write_atomic(&out.join(format!("{name}.png")), &png)?;
+        tessera::io::write_atomic(&out.join(format!("{name}.txt")), scene.caption.as_bytes())?;
+        tessera::io::write_atomic(&out.join(format!("{name}.json")), serde_json::to_string_pretty(&scene)?.as_bytes())?;
+    }
+    eprintln!("wrote {n} scenes to {}", out.display());
+    Ok(())
+}
+
+fn prepare_dir(dir: &Path, preset: Option<&str>) -> Result<()> {
+    match preset {
+        Some(p) => tessera::train::init_dir(dir, &Config::preset(p)?)?,
+        None if dir.join(tessera::model::CONFIG_FILE).exists() => {}
+        None => bail!("{} has no config.json: give --preset to start a new model", dir.display()),
+    }
+    Ok(())
+}
+
+fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
+    if let Some(t) = c.threads {
+        tch::set_num_threads(t as i32);
+    }
+    prepare_dir(&c.dir, c.preset.as_deref())?;
+    let device = tessera::parse_device(&c.device)?;
+    let compute = match tessera::parse_dtype(&c.dtype, device)? {
+        tch::Kind::Float => None,
+        k => Some(k),
+    };
+    if c.steps == 0 || c.batch == 0 || c.checkpoint_every == 0 || c.log_every == 0 {
+        bail!("--steps, --batch, --checkpoint-every and --log-every must be at least 1");
+    }
+    Ok(tessera::train::TrainOptions {
+        data: c.data.clone(),
+        dir: c.dir.clone(),
+        steps: c.steps,
+        batch: c.batch,
+        checkpoint_every: c.checkpoint_every,
+        sample_every: c.sample_every,
+        log_every: c.log_every,
+        seed: c.seed,
+        device,
+        compute,
+        resume: c.resume,
+        stop_after: None,
+        quiet: false,
+    })
+}
+
+fn train(t: TrainCommand) -> Result<()> {
+    use tessera::train::{self as tr, DvaeRecipe, TransformerRecipe};
+    let summary = match t {
+        TrainCommand::Tokenizer { dir, preset, data, captions } => {
+            prepare_dir(&dir, preset.as_deref())?;
+            let tok = tr::train_tokenizer(&dir, &data, captions)?;
+            eprintln!("tokenizer with {} tokens written to {}", tok.vocab_size(), dir.display());
+            return Ok(());
+        }
+        TrainCommand::Dvae { common, lr, lr_end, beta, beta_steps, tau_end, tau_steps, ema } => {
+            let opts = train_options(&common)?;
+            let schedule = tessera::dvae::DvaeSchedule {
+                beta_max: beta,
+                beta_steps,
+                tau_start: 1.0,
+                tau_end,
+                tau_steps,
+                lr_start: lr,
+                lr_end,
+                lr_steps: opts.steps,
+            };
+            tr::train_dvae(&opts, &DvaeRecipe { schedule, ema, ..Default::default() })?
+        }
+        TrainCommand::Transformer { common, lr, warmup, ema, clip } => {
+            let opts = train_options(&common)?;
+            tr::train_transformer(&opts, &TransformerRecipe { lr, warmup, ema, clip, ..Default::default() })?
+        }
+    };
+    eprintln!(
+        "stopped at step {} (loss {:.4}, {:.1} examples/s, waited for data {:.1}% of the time, {} unreadable files skipped)",
+        summary.step,
+        summary.last_loss,
+        summary.examples_per_s,
+        100.0 * summary.data_wait,
+        summary.skipped_files
+    );
     Ok(())
 }

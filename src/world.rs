@@ -506,8 +506,7 @@ fn transform(g: &mut Gen, held: bool) -> Scene {
         let (colour, shape) = loop {
             let p = g.pair(background, held && i == 0);
             // a pink object cannot turn pink; a cross's outline is too thin to read at small sizes
-            if !(kind == Transform::Pink && p.0 == Colour::Pink || kind == Transform::Outline && p.1 == Shape::Cross)
-            {
+            if !(kind == Transform::Pink && p.0 == Colour::Pink || kind == Transform::Outline && p.1 == Shape::Cross) {
                 break p;
             }
         };

@@ -7,5 +7,6 @@ mod masks;
 mod params;
 mod sampling;
 mod text;
+mod trainer;
 mod training;
 mod world;

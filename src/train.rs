@@ -1,0 +1,476 @@
+//! Training from the command line: the tokenizer, the dVAE and the transformer, with the
+//! paper's recipes as defaults [P A.2, B.2]. Progress goes to stderr, losses and learning rates
+//! to `<component>.log.jsonl` in the model directory, sample grids to `samples/`. Every
+//! `checkpoint_every` steps the weights (EMA) and the whole training state (raw weights, AdamW
+//! moments, EMA, step) are written atomically; `resume` continues from that state with the same
+//! data order (batch k is always examples k·B..(k+1)·B) and the same random draws (reseeded
+//! from the step), so a killed run picks up exactly where its last checkpoint was.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::Config;
+use crate::data::{Example, Source};
+use crate::dvae::{DvaeSchedule, cosine_anneal};
+use crate::error::{Error, Result};
+use crate::io::{load_varstore, save_varstore, write_atomic};
+use crate::model::{CONFIG_FILE, DVAE_FILE, DvaeModel, TOKENIZER_FILE, TRANSFORMER_FILE, TransformerModel, from_rgb8};
+use crate::optim::{AdamW, Ema};
+use crate::sample::SeedRng;
+use crate::text::TextTokenizer;
+
+/// Knobs shared by every trainer.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub data: String,
+    pub dir: PathBuf,
+    pub steps: usize,
+    pub batch: usize,
+    pub checkpoint_every: usize,
+    pub sample_every: usize,
+    pub log_every: usize,
+    pub seed: u64,
+    pub device: Device,
+    /// Matrix-product precision for the transformer (bf16 = mixed precision).
+    pub compute: Option<Kind>,
+    pub resume: bool,
+    /// Stop after this many steps of this invocation (tests use it to simulate a kill).
+    pub stop_after: Option<usize>,
+    pub quiet: bool,
+}
+
+/// dVAE recipe.
+#[derive(Debug, Clone)]
+pub struct DvaeRecipe {
+    pub schedule: DvaeSchedule,
+    pub ema: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for DvaeRecipe {
+    fn default() -> Self {
+        Self { schedule: DvaeSchedule::default(), ema: 0.999, weight_decay: 1e-4 }
+    }
+}
+
+/// Transformer recipe.
+#[derive(Debug, Clone)]
+pub struct TransformerRecipe {
+    pub lr: f64,
+    pub warmup: usize,
+    pub ema: f64,
+    pub clip: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for TransformerRecipe {
+    fn default() -> Self {
+        Self { lr: 4.5e-4, warmup: 5_000, ema: 0.99, clip: 4.0, weight_decay: 4.5e-2 }
+    }
+}
+
+/// Linear warm-up to `peak`, then cosine decay to zero at `total`.
+pub fn warmup_cosine(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    cosine_anneal(peak, 0.0, step - warmup, total.saturating_sub(warmup).max(1))
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub step: usize,
+    pub last_loss: f64,
+    pub examples_per_s: f64,
+    /// Fraction of the time the trainer waited for data.
+    pub data_wait: f64,
+    pub skipped_files: usize,
+}
+
+// ---------------------------------------------------------------------------------------
+// Model directories
+
+/// Writes `config.json` for a new model directory (not overwriting one that differs).
+pub fn init_dir(dir: &Path, cfg: &Config) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join(CONFIG_FILE);
+    if path.exists() {
+        let old = crate::model::Model::load_config(dir)?;
+        if &old != cfg {
+            return Err(Error::Invalid(format!(
+                "{} already holds another configuration; use a new directory",
+                path.display()
+            )));
+        }
+        return Ok(());
+    }
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(&path, json.as_bytes())
+}
+
+/// Trains the BPE tokenizer on `n` captions of the data and saves `tokenizer.json`.
+pub fn train_tokenizer(dir: &Path, data: &str, n: usize) -> Result<TextTokenizer> {
+    let cfg = crate::model::Model::load_config(dir)?;
+    let source = Source::open(data)?;
+    let mut rng = SeedRng::new(0);
+    let captions: Vec<String> = (0..n as u64).filter_map(|i| source.get(i, 8, &mut rng).map(|e| e.caption)).collect();
+    if captions.is_empty() {
+        return Err(Error::Invalid(format!("no captions could be read from {data}")));
+    }
+    let tok = TextTokenizer::train(captions.iter(), cfg.text.vocab_size)?;
+    tok.save(&dir.join(TOKENIZER_FILE))?;
+    Ok(tok)
+}
+
+// ---------------------------------------------------------------------------------------
+// Data loading
+
+struct Batch {
+    images: Vec<Vec<u8>>,
+    captions: Vec<String>,
+}
+
+/// Prepares batches `first..last` on a background thread, two ahead of the trainer.
+fn spawn_loader(
+    source: Source,
+    size: usize,
+    batch: usize,
+    seed: u64,
+    first: usize,
+    last: usize,
+) -> std::sync::mpsc::Receiver<Batch> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+    std::thread::spawn(move || {
+        for step in first..last {
+            let mut images = Vec::with_capacity(batch);
+            let mut captions = Vec::with_capacity(batch);
+            let mut k = 0u64;
+            while images.len() < batch {
+                // example indices are fixed by the step; unreadable ones are replaced by the
+                // next index past the batch, so the order stays reproducible
+                let index =
+                    if k < batch as u64 { (step * batch) as u64 + k } else { u64::MAX / 2 + (step * batch) as u64 + k };
+                let mut rng = SeedRng::new(seed ^ index.wrapping_mul(0x2545_F491_4F6C_DD1D));
+                if let Some(Example { rgb, caption }) = source.get(index, size, &mut rng) {
+                    images.push(rgb);
+                    captions.push(caption);
+                }
+                k += 1;
+                if k > 100 * batch as u64 {
+                    return; // nothing readable: the trainer sees the channel close
+                }
+            }
+            if tx.send(Batch { images, captions }).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+// ---------------------------------------------------------------------------------------
+// Checkpoints of training state
+
+fn state_path(dir: &Path, component: &str) -> PathBuf {
+    dir.join(format!("{component}.state.safetensors"))
+}
+
+fn save_state(dir: &Path, component: &str, step: usize, vs: &VarStore, opt: &AdamW, ema: &Ema) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(n, t)| (format!("param.{n}"), t)).collect();
+    tensors.extend(opt.state());
+    tensors.extend(ema.tensors().into_iter().map(|(n, t)| (format!("ema.{n}"), t)));
+    let mut meta = HashMap::new();
+    meta.insert("step".to_string(), step.to_string());
+    meta.insert("adam_step".to_string(), opt.step.to_string());
+    let bytes = crate::io::tensors_to_safetensors(&tensors, Some(meta))?;
+    write_atomic(&state_path(dir, component), &bytes)
+}
+
+/// Restores a training state; returns the step it was saved at.
+fn load_state(dir: &Path, component: &str, vs: &VarStore, opt: &mut AdamW, ema: &mut Ema) -> Result<usize> {
+    let path = state_path(dir, component);
+    let (tensors, meta) = crate::io::read_safetensors(&path)?;
+    let get = |k: &str| -> Result<usize> {
+        meta.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::checkpoint(&path, format!("training state lacks {k}")))
+    };
+    let step = get("step")?;
+    opt.step = get("adam_step")?;
+    let params: BTreeMap<String, Tensor> = tensors
+        .iter()
+        .filter_map(|(n, t)| n.strip_prefix("param.").map(|n| (n.to_string(), t.shallow_clone())))
+        .collect();
+    tch::no_grad(|| -> Result<()> {
+        for (name, var) in vs.variables() {
+            let t =
+                params.get(&name).ok_or_else(|| Error::checkpoint(&path, format!("training state lacks {name}")))?;
+            var.shallow_clone().f_copy_(t)?;
+        }
+        Ok(())
+    })?;
+    let all: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+    opt.load_state(&all).map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+    ema.load(&all, "ema.").map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+    Ok(step)
+}
+
+struct Logger {
+    file: std::fs::File,
+    quiet: bool,
+    started: Instant,
+}
+
+impl Logger {
+    fn open(dir: &Path, component: &str, quiet: bool, resume: bool) -> Result<Self> {
+        let path = dir.join(format!("{component}.log.jsonl"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(resume)
+            .write(true)
+            .truncate(!resume)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Self { file, quiet, started: Instant::now() })
+    }
+
+    fn log(&mut self, record: serde_json::Value) {
+        let _ = writeln!(self.file, "{record}");
+    }
+
+    /// `done` steps of this invocation so far, `step` of `total` overall.
+    fn progress(&self, step: usize, done: usize, total: usize, loss: f64, rate: f64, unit: &str) {
+        if self.quiet {
+            return;
+        }
+        let per_step = self.started.elapsed().as_secs_f64() / done.max(1) as f64;
+        let left = (total - step) as f64 * per_step;
+        let width = 30;
+        let filled = width * step / total.max(1);
+        eprint!(
+            "\r[{}{}] {step}/{total} loss {loss:.4} {rate:.2} {unit}/s, {:.0}s elapsed, {:.0}s left   ",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            self.started.elapsed().as_secs_f64(),
+            left
+        );
+        let _ = std::io::stderr().flush();
+    }
+}
+
+/// Images in a row, as one PNG.
+fn save_grid(path: &Path, images: &[Vec<u8>], size: usize) -> Result<()> {
+    let n = images.len().max(1);
+    let mut grid = image::RgbImage::new((size * n) as u32, size as u32);
+    for (i, img) in images.iter().enumerate() {
+        for y in 0..size {
+            for x in 0..size {
+                let p = (y * size + x) * 3;
+                grid.put_pixel((i * size + x) as u32, y as u32, image::Rgb([img[p], img[p + 1], img[p + 2]]));
+            }
+        }
+    }
+    let mut bytes = Vec::new();
+    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| Error::Image { path: path.to_path_buf(), msg: e.to_string() })?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    write_atomic(path, &bytes)
+}
+
+// ---------------------------------------------------------------------------------------
+// dVAE
+
+/// Trains the dVAE of the model directory.
+pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSummary> {
+    let cfg = crate::model::Model::load_config(&opts.dir)?;
+    let source = Source::open(&opts.data)?;
+    tch::manual_seed(opts.seed as i64); // the initial weights depend on the seed alone
+    let model = DvaeModel::new(&cfg, opts.device);
+    let mut opt = AdamW::new(&model.vs, 0.9, 0.999, 1e-8, recipe.weight_decay);
+    let mut ema = Ema::new(&model.vs, recipe.ema);
+    let mut start = 0;
+    if opts.resume && state_path(&opts.dir, "dvae").exists() {
+        start = load_state(&opts.dir, "dvae", &model.vs, &mut opt, &mut ema)?;
+    }
+    let size = cfg.dvae.image_size;
+    let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
+    let rx = spawn_loader(source.clone(), size, opts.batch, opts.seed, start, end);
+    let mut log = Logger::open(&opts.dir, "dvae", opts.quiet, opts.resume && start > 0)?;
+    let (mut wait, t0) = (0.0f64, Instant::now());
+    let mut last = f64::NAN;
+    let s = &recipe.schedule;
+    let mut step = start;
+    while step < end {
+        let tw = Instant::now();
+        let batch = rx.recv().map_err(|_| Error::Invalid(format!("no readable images in {}", opts.data)))?;
+        wait += tw.elapsed().as_secs_f64();
+        tch::manual_seed((opts.seed ^ step as u64) as i64);
+        let x = from_rgb8(&batch.images, size, opts.device)?;
+        let (tau, beta, lr) = (s.tau(step), s.beta(step), s.lr(step));
+        let l = model.net.loss(&x, tau, beta);
+        opt.zero_grad();
+        l.loss.backward();
+        opt.step(lr);
+        ema.update();
+        step += 1;
+        last = l.loss.double_value(&[]);
+        if step % opts.log_every == 0 || step == end {
+            let mse = l.mse.double_value(&[]);
+            let rate = ((step - start) * opts.batch) as f64 / t0.elapsed().as_secs_f64();
+            log.log(serde_json::json!({
+                "step": step, "loss": last, "nll": l.nll.double_value(&[]), "kl": l.kl.double_value(&[]),
+                "mse": mse, "psnr_db": -10.0 * mse.max(1e-12).log10(), "lr": lr, "tau": tau, "beta": beta,
+                "images_per_s": rate, "data_wait": wait / t0.elapsed().as_secs_f64(),
+            }));
+            log.progress(step, step - start, opts.steps, last, rate, "images");
+        }
+        if step % opts.checkpoint_every == 0 || step == end {
+            checkpoint_dvae(opts, &model, &opt, &ema, step)?;
+        }
+        if opts.sample_every > 0 && step % opts.sample_every == 0 {
+            let n = batch.images.len().min(8);
+            let rec = tch::no_grad(|| model.net.decode(&model.net.encode(&x.narrow(0, 0, n as i64))));
+            let mut row = batch.images[..n].to_vec();
+            row.extend(crate::model::to_rgb8(&rec)?);
+            save_grid(&opts.dir.join("samples").join(format!("dvae-{step:07}.png")), &row, size)?;
+        }
+    }
+    if !opts.quiet {
+        eprintln!();
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        step,
+        last_loss: last,
+        examples_per_s: ((step - start) * opts.batch) as f64 / elapsed,
+        data_wait: wait / elapsed,
+        skipped_files: source.skipped(),
+    })
+}
+
+fn checkpoint_dvae(opts: &TrainOptions, model: &DvaeModel, opt: &AdamW, ema: &Ema, step: usize) -> Result<()> {
+    save_state(&opts.dir, "dvae", step, &model.vs, opt, ema)?;
+    let shadow = DvaeModel::new(&crate::model::Model::load_config(&opts.dir)?, Device::Cpu);
+    ema.copy_to(&shadow.vs);
+    save_varstore(&shadow.vs, &opts.dir.join(DVAE_FILE))
+}
+
+// ---------------------------------------------------------------------------------------
+// Transformer
+
+/// Trains the transformer of a model directory that already has its tokenizer and dVAE.
+pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Result<TrainSummary> {
+    let cfg = crate::model::Model::load_config(&opts.dir)?;
+    let tok = TextTokenizer::load(&opts.dir.join(TOKENIZER_FILE))?.with_dropout(cfg.text.bpe_dropout)?;
+    let mut dvae = DvaeModel::new(&cfg, opts.device);
+    load_varstore(&mut dvae.vs, &opts.dir.join(DVAE_FILE))?;
+    dvae.vs.freeze();
+    let source = Source::open(&opts.data)?;
+    tch::manual_seed(opts.seed as i64);
+    let mut model = TransformerModel::new(&cfg, opts.device);
+    model.net.set_compute_kind(opts.compute);
+    let mut opt = AdamW::new(&model.vs, 0.9, 0.96, 1e-8, recipe.weight_decay);
+    let mut ema = Ema::new(&model.vs, recipe.ema);
+    let mut start = 0;
+    if opts.resume && state_path(&opts.dir, "transformer").exists() {
+        start = load_state(&opts.dir, "transformer", &model.vs, &mut opt, &mut ema)?;
+    }
+    let size = cfg.dvae.image_size;
+    let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
+    let rx = spawn_loader(source.clone(), size, opts.batch, opts.seed, start, end);
+    let mut log = Logger::open(&opts.dir, "transformer", opts.quiet, opts.resume && start > 0)?;
+    let (mut wait, t0) = (0.0f64, Instant::now());
+    let mut last = f64::NAN;
+    let mut step = start;
+    let tokens_per_example = cfg.seq_len();
+    while step < end {
+        let tw = Instant::now();
+        let batch = rx.recv().map_err(|_| Error::Invalid(format!("no readable images in {}", opts.data)))?;
+        wait += tw.elapsed().as_secs_f64();
+        tch::manual_seed((opts.seed ^ step as u64) as i64);
+        let x = from_rgb8(&batch.images, size, opts.device)?;
+        let codes = tch::no_grad(|| dvae.net.encode(&x)).flatten(1, -1);
+        let caps: Vec<Vec<i64>> = batch
+            .captions
+            .iter()
+            .map(|c| tok.encode_train(c, cfg.text.text_len).map(|e| e.ids).unwrap_or_default())
+            .collect();
+        let text = model.net.pad_text(&caps);
+        let lr = warmup_cosine(recipe.lr, step, recipe.warmup, opts.steps);
+        let l = model.net.loss(&text, &codes, true);
+        opt.zero_grad();
+        l.loss.backward();
+        let grad_norm = opt.clip_grad_norm(recipe.clip);
+        opt.step(lr);
+        ema.update();
+        step += 1;
+        last = l.loss.double_value(&[]);
+        if step % opts.log_every == 0 || step == end {
+            let rate = ((step - start) * opts.batch * tokens_per_example) as f64 / t0.elapsed().as_secs_f64();
+            log.log(serde_json::json!({
+                "step": step, "loss": last, "text_loss": l.text.double_value(&[]),
+                "image_loss": l.image.double_value(&[]), "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": rate, "data_wait": wait / t0.elapsed().as_secs_f64(),
+            }));
+            log.progress(step, step - start, opts.steps, last, rate, "tokens");
+        }
+        if step % opts.checkpoint_every == 0 || step == end {
+            save_state(&opts.dir, "transformer", step, &model.vs, &opt, &ema)?;
+            let shadow = TransformerModel::new(&cfg, Device::Cpu);
+            ema.copy_to(&shadow.vs);
+            save_varstore(&shadow.vs, &opts.dir.join(TRANSFORMER_FILE))?;
+        }
+        if opts.sample_every > 0 && step % opts.sample_every == 0 {
+            sample_grid(opts, &cfg, &tok, &dvae, &model, &batch.captions, step)?;
+        }
+    }
+    if !opts.quiet {
+        eprintln!();
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        step,
+        last_loss: last,
+        examples_per_s: ((step - start) * opts.batch) as f64 / elapsed,
+        data_wait: wait / elapsed,
+        skipped_files: source.skipped(),
+    })
+}
+
+fn sample_grid(
+    opts: &TrainOptions,
+    cfg: &Config,
+    tok: &TextTokenizer,
+    dvae: &DvaeModel,
+    model: &TransformerModel,
+    captions: &[String],
+    step: usize,
+) -> Result<()> {
+    let n = captions.len().min(4);
+    let caps: Vec<Vec<i64>> =
+        captions[..n].iter().map(|c| tok.encode(c, cfg.text.text_len).map(|e| e.ids)).collect::<Result<_>>()?;
+    let text = model.net.pad_text(&caps);
+    let seeds: Vec<u64> = (0..n as u64).collect();
+    let tokens = crate::sample::Sampler::new(&model.net, &text, None, &seeds, &Default::default())?.run(|_| true)?;
+    let g = cfg.grid_size() as i64;
+    let imgs = tch::no_grad(|| dvae.net.decode(&tokens.view([-1, g, g])));
+    save_grid(
+        &opts.dir.join("samples").join(format!("transformer-{step:07}.png")),
+        &crate::model::to_rgb8(&imgs)?,
+        cfg.dvae.image_size,
+    )?;
+    let _ = write_atomic(
+        &opts.dir.join("samples").join(format!("transformer-{step:07}.txt")),
+        captions[..n].join("\n").as_bytes(),
+    );
+    Ok(())
+}

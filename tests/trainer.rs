@@ -1,0 +1,178 @@
+//! Training from the command line and exact resumption after a stop or a kill -9.
+
+use std::path::Path;
+use std::process::Command;
+
+use tch::Device;
+use tessera::Config;
+use tessera::train::{self, DvaeRecipe, TrainOptions, TransformerRecipe};
+
+fn options(dir: &Path, steps: usize, stop_after: Option<usize>, resume: bool) -> TrainOptions {
+    TrainOptions {
+        data: "world:3".into(),
+        dir: dir.to_path_buf(),
+        steps,
+        batch: 4,
+        checkpoint_every: 3,
+        sample_every: 0,
+        log_every: 1,
+        seed: 9,
+        device: Device::Cpu,
+        compute: None,
+        resume,
+        stop_after,
+        quiet: true,
+    }
+}
+
+fn new_dir(dir: &Path) {
+    train::init_dir(dir, &Config::tiny()).unwrap();
+    train::train_tokenizer(dir, "world", 500).unwrap();
+}
+
+fn bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn stopped_then_resumed_training_equals_an_uninterrupted_run() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [a.path(), b.path()] {
+        new_dir(d);
+    }
+    let recipe = DvaeRecipe::default();
+    train::train_dvae(&options(a.path(), 9, None, false), &recipe).unwrap();
+    let s = train::train_dvae(&options(b.path(), 9, Some(6), false), &recipe).unwrap();
+    assert_eq!(s.step, 6);
+    let s = train::train_dvae(&options(b.path(), 9, None, true), &recipe).unwrap();
+    assert_eq!(s.step, 9);
+    assert!(
+        bytes(&a.path().join("dvae.safetensors")) == bytes(&b.path().join("dvae.safetensors")),
+        "{} differs after resuming",
+        &a.path().join("dvae.safetensors").display()
+    );
+    let (mut sa, ma) = tessera::io::read_safetensors(&a.path().join("dvae.state.safetensors")).unwrap();
+    let (mut sb, mb) = tessera::io::read_safetensors(&b.path().join("dvae.state.safetensors")).unwrap();
+    sa.sort_by(|x, y| x.0.cmp(&y.0));
+    sb.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(ma, mb);
+    assert_eq!(sa.len(), sb.len());
+    for ((na, ta), (nb, tb)) in sa.iter().zip(&sb) {
+        assert!(na == nb && ta.equal(tb), "training state {na} differs after resuming");
+    }
+
+    let recipe = TransformerRecipe { warmup: 2, ..Default::default() };
+    train::train_transformer(&options(a.path(), 8, None, false), &recipe).unwrap();
+    train::train_transformer(&options(b.path(), 8, Some(3), false), &recipe).unwrap();
+    train::train_transformer(&options(b.path(), 8, None, true), &recipe).unwrap();
+    assert!(
+        bytes(&a.path().join("transformer.safetensors")) == bytes(&b.path().join("transformer.safetensors")),
+        "{} differs after resuming",
+        &a.path().join("transformer.safetensors").display()
+    );
+    // the trained directory is a complete model
+    let m = tessera::Model::load(a.path(), Device::Cpu).unwrap();
+    let s = m.generate("a red circle", 1, 0, None, &Default::default(), |_| true).unwrap();
+    assert_eq!(s[0].rgb.len(), 16 * 16 * 3);
+    // the log has one line per step
+    let log = std::fs::read_to_string(b.path().join("transformer.log.jsonl")).unwrap();
+    let steps: Vec<u64> =
+        log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+}
+
+fn train_cmd(dir: &Path, steps: usize, resume: bool) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    c.args(["train", "dvae", "--data", "world:5", "--batch", "4", "--checkpoint-every", "2", "--sample-every", "0"])
+        .args(["--threads", "1", "--device", "cpu", "--steps", &steps.to_string(), "--dir"])
+        .arg(dir);
+    if resume {
+        c.arg("--resume");
+    }
+    c
+}
+
+#[test]
+fn training_resumes_exactly_after_kill_9() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [a.path(), b.path()] {
+        new_dir(d);
+    }
+    let steps = 40;
+    assert!(train_cmd(a.path(), steps, false).output().unwrap().status.success());
+    // start the same run, kill it hard once it has checkpointed, then resume it
+    let mut child = train_cmd(b.path(), steps, false).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let state = b.path().join("dvae.state.safetensors");
+    let t0 = std::time::Instant::now();
+    while !state.exists() && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    child.kill().unwrap(); // SIGKILL
+    let _ = child.wait();
+    assert!(state.exists(), "no checkpoint was written before the kill");
+    let o = train_cmd(b.path(), steps, true).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        bytes(&a.path().join("dvae.safetensors")) == bytes(&b.path().join("dvae.safetensors")),
+        "{} differs after resuming",
+        &a.path().join("dvae.safetensors").display()
+    );
+}
+
+#[test]
+fn unreadable_files_are_skipped_and_counted() {
+    let data = tempfile::tempdir().unwrap();
+    for i in 0..6 {
+        let img = image::RgbImage::from_pixel(20, 24, image::Rgb([i * 40, 100, 200]));
+        img.save(data.path().join(format!("{i}.png"))).unwrap();
+        std::fs::write(data.path().join(format!("{i}.txt")), format!("a picture number {i}")).unwrap();
+    }
+    std::fs::write(data.path().join("bad.png"), b"not a png").unwrap();
+    std::fs::write(data.path().join("bad.txt"), "a broken picture").unwrap();
+    std::fs::write(data.path().join("nocaption.png"), b"x").unwrap();
+    let src = tessera::data::Source::open(data.path().to_str().unwrap()).unwrap();
+    assert_eq!(src.skipped(), 1); // the image without a caption
+    let mut rng = tessera::sample::SeedRng::new(0);
+    let readable = (0..7).filter(|&i| src.get(i, 16, &mut rng).is_some()).count();
+    assert_eq!(readable, 6, "the corrupt PNG is the one left out");
+    // training on it runs and reports the skipped file
+    let dir = tempfile::tempdir().unwrap();
+    new_dir(dir.path());
+    let mut o = options(dir.path(), 3, None, false);
+    o.data = data.path().to_string_lossy().into_owned();
+    let s = train::train_dvae(&o, &DvaeRecipe::default()).unwrap();
+    assert_eq!((s.step, s.skipped_files), (3, 1));
+}
+
+#[test]
+fn webdataset_shards_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shard-000.tar");
+    let mut builder = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        builder.append_data(&mut h, name, data).unwrap();
+    };
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(30, 20, image::Rgb([10, 200, 30]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    add("a.png", &png);
+    add("a.txt", b"a green field");
+    add("b.png", &png);
+    add("b.txt", b"another green field");
+    add("c.jpg", b"broken");
+    add("c.txt", b"a broken picture");
+    add("d.png", &png); // no caption
+    builder.into_inner().unwrap();
+    let src = tessera::data::Source::open(path.to_str().unwrap()).unwrap();
+    assert_eq!(src.count(), Some(3));
+    assert_eq!(src.skipped(), 1);
+    let mut rng = tessera::sample::SeedRng::new(1);
+    let ok: Vec<String> = (0..3).filter_map(|i| src.get(i, 8, &mut rng)).map(|e| e.caption).collect();
+    assert_eq!(ok, ["a green field", "another green field"]);
+}
