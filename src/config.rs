@@ -166,6 +166,7 @@ pub struct Config {
     pub text: TextConfig,
     pub dvae: DvaeConfig,
     pub transformer: TransformerConfig,
+    pub reranker: crate::clip::RerankerConfig,
 }
 
 impl Default for Config {
@@ -185,6 +186,7 @@ impl Config {
             text: TextConfig::default(),
             dvae: DvaeConfig::default(),
             transformer: TransformerConfig::default(),
+            reranker: Default::default(),
         }
     }
 
@@ -202,6 +204,7 @@ impl Config {
                 attention: AttentionPattern::Full,
                 ..TransformerConfig::default()
             },
+            reranker: Default::default(),
         }
     }
 
@@ -218,6 +221,7 @@ impl Config {
                 head_dim: 64,
                 ..TransformerConfig::default()
             },
+            reranker: Default::default(),
         }
     }
 
@@ -243,6 +247,7 @@ impl Config {
                 conv_kernel: 3,
                 ..TransformerConfig::default()
             },
+            reranker: Default::default(),
         }
     }
 
@@ -270,6 +275,7 @@ impl Config {
                 cond_drop_prob: 0.1,
                 ..TransformerConfig::default()
             },
+            reranker: Default::default(),
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod bench;
+pub mod clip;
 pub mod config;
 pub mod data;
 pub mod dvae;
@@ -14,6 +15,7 @@ pub mod io;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod report;
 pub mod sample;
 pub mod text;
 pub mod train;

@@ -32,9 +32,28 @@ enum Command {
     /// The synthetic world: export captioned scenes as files.
     #[command(subcommand)]
     World(WorldCommand),
-    /// Train the tokenizer, the dVAE or the transformer of a model directory.
+    /// Train the tokenizer, the dVAE, the transformer or the reranker of a model directory.
     #[command(subcommand)]
     Train(TrainCommand),
+    /// Score a model on held-out captions of the synthetic world; writes a report.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// Captions per capability and split.
+        #[arg(long, default_value_t = 10)]
+        captions: usize,
+        /// Samples per caption, reranked to the top one.
+        #[arg(long, default_value_t = 16)]
+        samples: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "eval")]
+        out: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -92,6 +111,9 @@ struct CommonTrain {
     /// Continue from the directory's last training checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Stop after this many steps of this run (checkpointing there); --resume continues.
+    #[arg(long)]
+    stop_after: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -140,6 +162,15 @@ enum TrainCommand {
         #[arg(long, default_value_t = 4.0)]
         clip: f64,
     },
+    /// Train the contrastive reranker (AdamW(0.9, 0.98), warm-up and cosine decay).
+    Reranker {
+        #[command(flatten)]
+        common: CommonTrain,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 200)]
+        warmup: usize,
+    },
 }
 
 #[derive(Args)]
@@ -162,6 +193,9 @@ struct GenerateArgs {
     /// Number of samples.
     #[arg(short = 'n', long, default_value_t = 4)]
     n: usize,
+    /// Keep the K samples the reranker scores best (all when omitted or without a reranker).
+    #[arg(long)]
+    keep: Option<usize>,
     /// Seed of the first sample (sample i uses seed + i); random when omitted.
     #[arg(long)]
     seed: Option<u64>,
@@ -247,6 +281,16 @@ fn run(cli: Cli) -> Result<()> {
             world_export(n, &out, size, seed, held_out)
         }
         Command::Train(t) => train(t),
+        Command::Eval { model, captions, samples, seed, out, device, dtype } => {
+            let device = tessera::parse_device(&device)?;
+            let mut m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
+            m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
+            let opts = tessera::report::EvalOptions { captions, samples, seed, sample: SampleOptions::default() };
+            let r = tessera::report::evaluate(&m, &opts, &out, |l| eprintln!("eval: {l}"))?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            eprintln!("report written to {}", out.display());
+            Ok(())
+        }
     }
 }
 
@@ -327,6 +371,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
         true
     })?;
     eprintln!();
+    let mut samples = samples;
+    let rgb: Vec<Vec<u8>> = samples.iter().map(|s| s.rgb.clone()).collect();
+    if let Some(scores) = model.rerank(&a.prompt, &rgb)? {
+        let mut order: Vec<usize> = (0..samples.len()).collect();
+        order.sort_by(|&i, &j| scores[j].total_cmp(&scores[i]));
+        for &i in &order {
+            eprintln!("seed {}: reranker score {:.2}", samples[i].seed, scores[i]);
+        }
+        let keep = a.keep.unwrap_or(samples.len());
+        samples = order.into_iter().take(keep).map(|i| samples[i].clone()).collect();
+    } else if a.keep.is_some() {
+        eprintln!("note: this model has no reranker; keeping every sample");
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for s in &samples {
         let path = unused_path(&a.out, s.seed);
@@ -475,7 +532,7 @@ fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
         device,
         compute,
         resume: c.resume,
-        stop_after: None,
+        stop_after: c.stop_after,
         quiet: false,
     })
 }
@@ -507,6 +564,7 @@ fn train(t: TrainCommand) -> Result<()> {
             let opts = train_options(&common)?;
             tr::train_transformer(&opts, &TransformerRecipe { lr, warmup, ema, clip, ..Default::default() })?
         }
+        TrainCommand::Reranker { common, lr, warmup } => tr::train_reranker(&train_options(&common)?, lr, warmup)?,
     };
     eprintln!(
         "stopped at step {} (loss {:.4}, {:.1} examples/s, waited for data {:.1}% of the time, {} unreadable files skipped)",

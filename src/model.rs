@@ -20,6 +20,28 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const DVAE_FILE: &str = "dvae.safetensors";
 pub const TRANSFORMER_FILE: &str = "transformer.safetensors";
+pub const RERANKER_FILE: &str = "reranker.safetensors";
+
+/// The reranker with its weights.
+#[derive(Debug)]
+pub struct RerankerModel {
+    pub vs: VarStore,
+    pub net: crate::clip::Reranker,
+}
+
+impl RerankerModel {
+    pub fn new(cfg: &Config, device: Device) -> Self {
+        let vs = VarStore::new(device);
+        let net = crate::clip::Reranker::new(
+            vs.root(),
+            &cfg.reranker,
+            cfg.text.vocab_size,
+            cfg.text.text_len,
+            cfg.dvae.image_size,
+        );
+        Self { vs, net }
+    }
+}
 
 /// The dVAE with its weights.
 #[derive(Debug)]
@@ -58,6 +80,8 @@ pub struct Model {
     pub tokenizer: TextTokenizer,
     pub dvae: DvaeModel,
     pub transformer: TransformerModel,
+    /// Present when the directory has `reranker.safetensors`.
+    pub reranker: Option<RerankerModel>,
     pub device: Device,
 }
 
@@ -120,6 +144,7 @@ impl Model {
             tokenizer,
             dvae: DvaeModel::new(config, device),
             transformer: TransformerModel::new(config, device),
+            reranker: None,
             device,
         })
     }
@@ -146,6 +171,9 @@ impl Model {
         self.tokenizer.save(&dir.join(TOKENIZER_FILE))?;
         save_varstore(&self.dvae.vs, &dir.join(DVAE_FILE))?;
         save_varstore(&self.transformer.vs, &dir.join(TRANSFORMER_FILE))?;
+        if let Some(r) = &self.reranker {
+            save_varstore(&r.vs, &dir.join(RERANKER_FILE))?;
+        }
         Ok(())
     }
 
@@ -181,7 +209,14 @@ impl Model {
         load_varstore(&mut dvae.vs, &dir.join(DVAE_FILE))?;
         let mut transformer = TransformerModel::new(&config, device);
         load_varstore(&mut transformer.vs, &dir.join(TRANSFORMER_FILE))?;
-        Ok(Self { config, tokenizer, dvae, transformer, device })
+        let reranker = if dir.join(RERANKER_FILE).exists() {
+            let mut r = RerankerModel::new(&config, device);
+            load_varstore(&mut r.vs, &dir.join(RERANKER_FILE))?;
+            Some(r)
+        } else {
+            None
+        };
+        Ok(Self { config, tokenizer, dvae, transformer, reranker, device })
     }
 
     /// Encodes a prompt; empty prompts are an error.
@@ -225,6 +260,16 @@ impl Model {
         let g = self.config.grid_size() as i64;
         let imgs = tch::no_grad(|| self.dvae.net.decode(&tokens.view([-1, g, g])));
         to_rgb8(&imgs)
+    }
+
+    /// Reranker scores of RGB8 images for a prompt (higher is better), or `None` without a
+    /// reranker.
+    pub fn rerank(&self, prompt: &str, images: &[Vec<u8>]) -> Result<Option<Vec<f32>>> {
+        let Some(r) = &self.reranker else { return Ok(None) };
+        let enc = self.encode_prompt(prompt)?;
+        let x = from_rgb8(images, self.config.dvae.image_size, self.device)?;
+        let s = tch::no_grad(|| r.net.score(&x, &enc.ids));
+        Ok(Some(Vec::<f32>::try_from(&s.to_kind(Kind::Float).to_device(Device::Cpu))?))
     }
 
     /// Samples and decodes `n` images in one batch.

@@ -474,3 +474,75 @@ fn sample_grid(
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Reranker
+
+/// Trains the contrastive reranker of a model directory that has its tokenizer.
+pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<TrainSummary> {
+    let cfg = crate::model::Model::load_config(&opts.dir)?;
+    let tok = TextTokenizer::load(&opts.dir.join(TOKENIZER_FILE))?;
+    let source = Source::open(&opts.data)?;
+    tch::manual_seed(opts.seed as i64);
+    let model = crate::model::RerankerModel::new(&cfg, opts.device);
+    let mut opt = AdamW::new(&model.vs, 0.9, 0.98, 1e-6, 0.2);
+    let mut ema = Ema::new(&model.vs, 0.99);
+    let mut start = 0;
+    if opts.resume && state_path(&opts.dir, "reranker").exists() {
+        start = load_state(&opts.dir, "reranker", &model.vs, &mut opt, &mut ema)?;
+    }
+    let size = cfg.dvae.image_size;
+    let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
+    let rx = spawn_loader(source.clone(), size, opts.batch, opts.seed, start, end);
+    let mut log = Logger::open(&opts.dir, "reranker", opts.quiet, opts.resume && start > 0)?;
+    let (mut wait, t0) = (0.0f64, Instant::now());
+    let mut last = f64::NAN;
+    let mut step = start;
+    while step < end {
+        let tw = Instant::now();
+        let batch = rx.recv().map_err(|_| Error::Invalid(format!("no readable images in {}", opts.data)))?;
+        wait += tw.elapsed().as_secs_f64();
+        tch::manual_seed((opts.seed ^ step as u64) as i64);
+        let x = from_rgb8(&batch.images, size, opts.device)?;
+        let caps: Vec<Vec<i64>> = batch
+            .captions
+            .iter()
+            .map(|c| tok.encode(c, cfg.text.text_len).map(|e| e.ids).unwrap_or_default())
+            .collect();
+        let (ids, valid) = model.net.batch_text(&caps, opts.device);
+        let rate = warmup_cosine(lr, step, warmup, opts.steps);
+        let loss = model.net.loss(&x, &ids, &valid);
+        opt.zero_grad();
+        loss.backward();
+        opt.clip_grad_norm(1.0);
+        opt.step(rate);
+        ema.update();
+        step += 1;
+        last = loss.double_value(&[]);
+        if step % opts.log_every == 0 || step == end {
+            let per_s = ((step - start) * opts.batch) as f64 / t0.elapsed().as_secs_f64();
+            log.log(serde_json::json!({
+                "step": step, "loss": last, "lr": rate, "scale": model.net.scale().double_value(&[]),
+                "images_per_s": per_s, "data_wait": wait / t0.elapsed().as_secs_f64(),
+            }));
+            log.progress(step, step - start, opts.steps, last, per_s, "images");
+        }
+        if step % opts.checkpoint_every == 0 || step == end {
+            save_state(&opts.dir, "reranker", step, &model.vs, &opt, &ema)?;
+            let shadow = crate::model::RerankerModel::new(&cfg, Device::Cpu);
+            ema.copy_to(&shadow.vs);
+            save_varstore(&shadow.vs, &opts.dir.join(crate::model::RERANKER_FILE))?;
+        }
+    }
+    if !opts.quiet {
+        eprintln!();
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        step,
+        last_loss: last,
+        examples_per_s: ((step - start) * opts.batch) as f64 / elapsed,
+        data_wait: wait / elapsed,
+        skipped_files: source.skipped(),
+    })
+}

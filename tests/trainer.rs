@@ -34,47 +34,56 @@ fn bytes(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
+/// Tessera's command line in a process of its own: libtorch's random generator is global, so
+/// runs compared for exact equality must not share a process with other tests.
+fn tessera(args: &[&str], dir: &Path) -> std::process::Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .args(["--data", "world:3", "--batch", "4", "--checkpoint-every", "3", "--sample-every", "0"])
+        .args(["--log-every", "1", "--seed", "9", "--threads", "1", "--device", "cpu", "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn sorted_state(path: &Path) -> Vec<(String, tch::Tensor)> {
+    let (mut t, _) = tessera::io::read_safetensors(path).unwrap();
+    t.sort_by(|x, y| x.0.cmp(&y.0));
+    t
+}
+
 #[test]
 fn stopped_then_resumed_training_equals_an_uninterrupted_run() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for d in [a.path(), b.path()] {
         new_dir(d);
     }
-    let recipe = DvaeRecipe::default();
-    train::train_dvae(&options(a.path(), 9, None, false), &recipe).unwrap();
-    let s = train::train_dvae(&options(b.path(), 9, Some(6), false), &recipe).unwrap();
-    assert_eq!(s.step, 6);
-    let s = train::train_dvae(&options(b.path(), 9, None, true), &recipe).unwrap();
-    assert_eq!(s.step, 9);
-    assert!(
-        bytes(&a.path().join("dvae.safetensors")) == bytes(&b.path().join("dvae.safetensors")),
-        "{} differs after resuming",
-        &a.path().join("dvae.safetensors").display()
+    tessera(&["train", "dvae", "--steps", "9"], a.path());
+    tessera(&["train", "dvae", "--steps", "9", "--stop-after", "6"], b.path());
+    tessera(&["train", "dvae", "--steps", "9", "--resume"], b.path());
+    assert!(bytes(&a.path().join("dvae.safetensors")) == bytes(&b.path().join("dvae.safetensors")), "dVAE differs");
+    let (sa, sb) = (
+        sorted_state(&a.path().join("dvae.state.safetensors")),
+        sorted_state(&b.path().join("dvae.state.safetensors")),
     );
-    let (mut sa, ma) = tessera::io::read_safetensors(&a.path().join("dvae.state.safetensors")).unwrap();
-    let (mut sb, mb) = tessera::io::read_safetensors(&b.path().join("dvae.state.safetensors")).unwrap();
-    sa.sort_by(|x, y| x.0.cmp(&y.0));
-    sb.sort_by(|x, y| x.0.cmp(&y.0));
-    assert_eq!(ma, mb);
     assert_eq!(sa.len(), sb.len());
     for ((na, ta), (nb, tb)) in sa.iter().zip(&sb) {
         assert!(na == nb && ta.equal(tb), "training state {na} differs after resuming");
     }
 
-    let recipe = TransformerRecipe { warmup: 2, ..Default::default() };
-    train::train_transformer(&options(a.path(), 8, None, false), &recipe).unwrap();
-    train::train_transformer(&options(b.path(), 8, Some(3), false), &recipe).unwrap();
-    train::train_transformer(&options(b.path(), 8, None, true), &recipe).unwrap();
-    assert!(
-        bytes(&a.path().join("transformer.safetensors")) == bytes(&b.path().join("transformer.safetensors")),
-        "{} differs after resuming",
-        &a.path().join("transformer.safetensors").display()
-    );
+    let t = ["train", "transformer", "--steps", "8", "--warmup", "2"];
+    tessera(&t, a.path());
+    tessera(&[&t[..], &["--stop-after", "3"]].concat(), b.path());
+    tessera(&[&t[..], &["--resume"]].concat(), b.path());
+    let name = "transformer.safetensors";
+    assert!(bytes(&a.path().join(name)) == bytes(&b.path().join(name)), "transformer differs after resuming");
     // the trained directory is a complete model
     let m = tessera::Model::load(a.path(), Device::Cpu).unwrap();
     let s = m.generate("a red circle", 1, 0, None, &Default::default(), |_| true).unwrap();
     assert_eq!(s[0].rgb.len(), 16 * 16 * 3);
-    // the log has one line per step
+    // the resumed log has one line per step
     let log = std::fs::read_to_string(b.path().join("transformer.log.jsonl")).unwrap();
     let steps: Vec<u64> =
         log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
@@ -175,4 +184,31 @@ fn webdataset_shards_are_read() {
     let mut rng = tessera::sample::SeedRng::new(1);
     let ok: Vec<String> = (0..3).filter_map(|i| src.get(i, 8, &mut rng)).map(|e| e.caption).collect();
     assert_eq!(ok, ["a green field", "another green field"]);
+}
+
+#[test]
+fn reranker_learns_and_eval_writes_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    new_dir(dir.path());
+    let mut o = options(dir.path(), 40, None, false);
+    o.batch = 16;
+    o.checkpoint_every = 20;
+    let s = train::train_reranker(&o, 2e-3, 5).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("reranker.log.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(s.last_loss < first["loss"].as_f64().unwrap() - 0.3, "reranker loss {} → {}", first["loss"], s.last_loss);
+    // a complete directory evaluates end to end
+    train::train_dvae(&options(dir.path(), 2, None, false), &DvaeRecipe::default()).unwrap();
+    train::train_transformer(&options(dir.path(), 2, None, false), &TransformerRecipe::default()).unwrap();
+    let m = tessera::Model::load(dir.path(), Device::Cpu).unwrap();
+    assert!(m.reranker.is_some());
+    let out = dir.path().join("eval");
+    let opts = tessera::report::EvalOptions { captions: 1, samples: 2, seed: 0, sample: Default::default() };
+    let r = tessera::report::evaluate(&m, &opts, &out, |_| {}).unwrap();
+    assert_eq!(r.accuracy.len(), 6);
+    assert_eq!(r.held_out.len(), 4);
+    assert!(r.dvae_psnr_db.is_finite());
+    for f in ["report.json", "report.md", "grid.png"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
 }

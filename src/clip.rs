@@ -1,0 +1,164 @@
+//! The reranker: a small CLIP-style contrastive model [P 2.6; Radford et al. 2021] that scores
+//! how well an image matches a caption, used to keep the best K of N samples.
+//!
+//! Text: token and position embeddings, a few pre-norm transformer blocks, the mean over the
+//! caption's tokens, a projection. Image: a strided convolutional stack whose final feature map
+//! is flattened (not pooled, so where things are survives), a projection. Both embeddings are
+//! normalised; the score is their cosine times a learned temperature.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::attention::{Attention, Mask};
+
+/// Shape of the reranker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RerankerConfig {
+    pub embed_dim: usize,
+    pub text_width: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    /// Channels of the first convolution; each of the four stride-2 stages doubles them up to 4×.
+    pub image_width: usize,
+}
+
+impl Default for RerankerConfig {
+    fn default() -> Self {
+        Self { embed_dim: 128, text_width: 128, text_layers: 2, text_heads: 4, image_width: 32 }
+    }
+}
+
+#[derive(Debug)]
+struct TextBlock {
+    ln1: nn::LayerNorm,
+    attn: Attention,
+    ln2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+}
+
+/// The contrastive image–text model.
+#[derive(Debug)]
+pub struct Reranker {
+    tok_emb: nn::Embedding,
+    pos_emb: nn::Embedding,
+    blocks: Vec<TextBlock>,
+    ln: nn::LayerNorm,
+    text_proj: nn::Linear,
+    convs: Vec<nn::Conv2D>,
+    image_proj: nn::Linear,
+    logit_scale: Tensor,
+    pad_id: i64,
+    text_len: usize,
+}
+
+impl Reranker {
+    /// `vocab`: caption vocabulary (one more id is used for padding); `image_size`: pixels.
+    pub fn new(vs: nn::Path, cfg: &RerankerConfig, vocab: usize, text_len: usize, image_size: usize) -> Self {
+        let w = cfg.text_width as i64;
+        let blocks = (0..cfg.text_layers)
+            .map(|i| {
+                let p = &vs / "text" / "blocks" / i;
+                TextBlock {
+                    ln1: nn::layer_norm(&p / "ln1", vec![w], Default::default()),
+                    attn: Attention::new(
+                        &p / "attn",
+                        cfg.text_width,
+                        cfg.text_heads,
+                        cfg.text_width / cfg.text_heads,
+                        0.0,
+                    ),
+                    ln2: nn::layer_norm(&p / "ln2", vec![w], Default::default()),
+                    fc1: nn::linear(&p / "fc1", w, 4 * w, Default::default()),
+                    fc2: nn::linear(&p / "fc2", 4 * w, w, Default::default()),
+                }
+            })
+            .collect();
+        let iw = cfg.image_width as i64;
+        let chans = [3, iw, 2 * iw, 4 * iw, 4 * iw];
+        let conv_cfg = nn::ConvConfig { stride: 2, padding: 1, ..Default::default() };
+        let convs =
+            (0..4).map(|i| nn::conv2d(&vs / "image" / "convs" / i, chans[i], chans[i + 1], 3, conv_cfg)).collect();
+        let side = (image_size / 16).max(1) as i64;
+        let e = cfg.embed_dim as i64;
+        Self {
+            tok_emb: nn::embedding(&vs / "text" / "tok_emb", vocab as i64 + 1, w, Default::default()),
+            pos_emb: nn::embedding(&vs / "text" / "pos_emb", text_len as i64, w, Default::default()),
+            blocks,
+            ln: nn::layer_norm(&vs / "text" / "ln", vec![w], Default::default()),
+            text_proj: nn::linear(&vs / "text" / "proj", w, e, Default::default()),
+            convs,
+            image_proj: nn::linear(&vs / "image" / "proj", 4 * iw * side * side, e, Default::default()),
+            logit_scale: vs.var("logit_scale", &[], nn::Init::Const((1.0f64 / 0.07).ln())),
+            pad_id: vocab as i64,
+            text_len,
+        }
+    }
+
+    /// Caption ids (each at most `text_len`) as a padded batch [B, T] and its validity mask.
+    pub fn batch_text(&self, captions: &[Vec<i64>], device: tch::Device) -> (Tensor, Tensor) {
+        let mut ids = Vec::with_capacity(captions.len() * self.text_len);
+        for c in captions {
+            for i in 0..self.text_len {
+                ids.push(c.get(i).copied().unwrap_or(self.pad_id));
+            }
+        }
+        let ids = Tensor::from_slice(&ids).view([captions.len() as i64, self.text_len as i64]).to_device(device);
+        let valid = ids.ne(self.pad_id);
+        (ids, valid)
+    }
+
+    /// Normalised text embeddings [B, E].
+    pub fn encode_text(&self, ids: &Tensor, valid: &Tensor) -> Tensor {
+        let t = self.text_len as i64;
+        let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
+        let mut x = self.tok_emb.forward(ids) + self.pos_emb.forward(&pos).unsqueeze(0);
+        // every token sees every real token of its caption
+        let b = ids.size()[0];
+        let mask = Mask::Explicit(valid.view([b, 1, 1, t]));
+        for blk in &self.blocks {
+            x = &x + blk.attn.forward(&blk.ln1.forward(&x), &mask, None, 0, false, None);
+            x = &x + blk.fc2.forward(&blk.fc1.forward(&blk.ln2.forward(&x)).gelu("none"));
+        }
+        let x = self.ln.forward(&x);
+        let m = valid.to_kind(Kind::Float).unsqueeze(-1);
+        let pooled =
+            (x * &m).sum_dim_intlist(1, false, Kind::Float) / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
+        let e = self.text_proj.forward(&pooled);
+        &e / e.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-6)
+    }
+
+    /// Normalised image embeddings [B, E] of images [B, 3, H, W] in [0, 1].
+    pub fn encode_image(&self, images: &Tensor) -> Tensor {
+        let mut h = images * 2.0 - 1.0;
+        for c in &self.convs {
+            h = c.forward(&h).relu();
+        }
+        let e = self.image_proj.forward(&h.flatten(1, -1));
+        &e / e.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-6)
+    }
+
+    /// The learned inverse temperature, capped at 100 as in CLIP.
+    pub fn scale(&self) -> Tensor {
+        self.logit_scale.exp().clamp_max(100.0)
+    }
+
+    /// Symmetric contrastive loss of a batch of matching images and captions.
+    pub fn loss(&self, images: &Tensor, ids: &Tensor, valid: &Tensor) -> Tensor {
+        let img = self.encode_image(images);
+        let txt = self.encode_text(ids, valid);
+        let logits = img.matmul(&txt.tr()) * self.scale();
+        let b = logits.size()[0];
+        let target = Tensor::arange(b, (Kind::Int64, logits.device()));
+        (logits.cross_entropy_for_logits(&target) + logits.tr().cross_entropy_for_logits(&target)) / 2.0
+    }
+
+    /// Scores of images [N, 3, H, W] against one caption: cosine similarity × temperature.
+    pub fn score(&self, images: &Tensor, caption: &[i64]) -> Tensor {
+        let (ids, valid) = self.batch_text(&[caption.to_vec()], images.device());
+        let txt = self.encode_text(&ids, &valid);
+        self.encode_image(images).matmul(&txt.tr()).squeeze_dim(1) * self.scale()
+    }
+}
