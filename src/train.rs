@@ -265,6 +265,85 @@ impl Logger {
     }
 }
 
+/// The part every training loop shares: batches from the loader (timing the wait), the
+/// per-step reseeding, the step counter, the log and the final summary.
+struct Run {
+    rx: std::sync::mpsc::Receiver<Batch>,
+    log: Logger,
+    wait: f64,
+    t0: Instant,
+    start: usize,
+    end: usize,
+    step: usize,
+    last: f64,
+}
+
+impl Run {
+    fn begin(opts: &TrainOptions, component: &str, source: &Source, size: usize, start: usize) -> Result<Self> {
+        let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
+        Ok(Self {
+            rx: spawn_loader(source.clone(), size, opts.batch, opts.seed, start, end),
+            log: Logger::open(&opts.dir, component, opts.quiet, opts.resume && start > 0)?,
+            wait: 0.0,
+            t0: Instant::now(),
+            start,
+            end,
+            step: start,
+            last: f64::NAN,
+        })
+    }
+
+    /// The next batch, with libtorch's generator reseeded for this step; `None` at the end.
+    fn next_batch(&mut self, opts: &TrainOptions) -> Result<Option<Batch>> {
+        if self.step >= self.end {
+            return Ok(None);
+        }
+        let tw = Instant::now();
+        let batch = self.rx.recv().map_err(|_| Error::Invalid(format!("no readable images in {}", opts.data)))?;
+        self.wait += tw.elapsed().as_secs_f64();
+        tch::manual_seed((opts.seed ^ self.step as u64) as i64);
+        Ok(Some(batch))
+    }
+
+    /// Counts a finished step with its loss; returns the new step number.
+    fn advance(&mut self, loss: f64) -> usize {
+        self.step += 1;
+        self.last = loss;
+        self.step
+    }
+
+    fn is_last(&self) -> bool {
+        self.step == self.end
+    }
+
+    /// Items per second over this invocation, `per_step` items a step.
+    fn rate(&self, per_step: usize) -> f64 {
+        ((self.step - self.start) * per_step) as f64 / self.t0.elapsed().as_secs_f64()
+    }
+
+    fn data_wait(&self) -> f64 {
+        self.wait / self.t0.elapsed().as_secs_f64()
+    }
+
+    fn record(&mut self, steps: usize, record: serde_json::Value, rate: f64, unit: &str) {
+        self.log.log(record);
+        self.log.progress(self.step, self.step - self.start, steps, self.last, rate, unit);
+    }
+
+    fn finish(self, opts: &TrainOptions, skipped_files: usize) -> TrainSummary {
+        if !opts.quiet {
+            eprintln!();
+        }
+        TrainSummary {
+            step: self.step,
+            last_loss: self.last,
+            examples_per_s: self.rate(opts.batch),
+            data_wait: self.data_wait(),
+            skipped_files,
+        }
+    }
+}
+
 /// Images in a row, as one PNG.
 fn save_grid(path: &Path, images: &[Vec<u8>], size: usize) -> Result<()> {
     let n = images.len().max(1);
@@ -302,18 +381,10 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         start = load_state(&opts.dir, "dvae", &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;
-    let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
-    let rx = spawn_loader(source.clone(), size, opts.batch, opts.seed, start, end);
-    let mut log = Logger::open(&opts.dir, "dvae", opts.quiet, opts.resume && start > 0)?;
-    let (mut wait, t0) = (0.0f64, Instant::now());
-    let mut last = f64::NAN;
+    let mut run = Run::begin(opts, "dvae", &source, size, start)?;
     let s = &recipe.schedule;
-    let mut step = start;
-    while step < end {
-        let tw = Instant::now();
-        let batch = rx.recv().map_err(|_| Error::Invalid(format!("no readable images in {}", opts.data)))?;
-        wait += tw.elapsed().as_secs_f64();
-        tch::manual_seed((opts.seed ^ step as u64) as i64);
+    while let Some(batch) = run.next_batch(opts)? {
+        let step = run.step;
         let x = from_rgb8(&batch.images, size, opts.device)?;
         let (tau, beta, lr) = (s.tau(step), s.beta(step), s.lr(step));
         let l = model.net.loss(&x, tau, beta);
@@ -321,19 +392,18 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         l.loss.backward();
         opt.step(lr);
         ema.update();
-        step += 1;
-        last = l.loss.double_value(&[]);
-        if step % opts.log_every == 0 || step == end {
+        let step = run.advance(l.loss.double_value(&[]));
+        if step % opts.log_every == 0 || run.is_last() {
             let mse = l.mse.double_value(&[]);
-            let rate = ((step - start) * opts.batch) as f64 / t0.elapsed().as_secs_f64();
-            log.log(serde_json::json!({
-                "step": step, "loss": last, "nll": l.nll.double_value(&[]), "kl": l.kl.double_value(&[]),
+            let rate = run.rate(opts.batch);
+            let record = serde_json::json!({
+                "step": step, "loss": run.last, "nll": l.nll.double_value(&[]), "kl": l.kl.double_value(&[]),
                 "mse": mse, "psnr_db": -10.0 * mse.max(1e-12).log10(), "lr": lr, "tau": tau, "beta": beta,
-                "images_per_s": rate, "data_wait": wait / t0.elapsed().as_secs_f64(),
-            }));
-            log.progress(step, step - start, opts.steps, last, rate, "images");
+                "images_per_s": rate, "data_wait": run.data_wait(),
+            });
+            run.record(opts.steps, record, rate, "images");
         }
-        if step % opts.checkpoint_every == 0 || step == end {
+        if step % opts.checkpoint_every == 0 || run.is_last() {
             checkpoint_dvae(opts, &model, &opt, &ema, step)?;
         }
         if opts.sample_every > 0 && step % opts.sample_every == 0 {
@@ -344,17 +414,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
             save_grid(&opts.dir.join("samples").join(format!("dvae-{step:07}.png")), &row, size)?;
         }
     }
-    if !opts.quiet {
-        eprintln!();
-    }
-    let elapsed = t0.elapsed().as_secs_f64();
-    Ok(TrainSummary {
-        step,
-        last_loss: last,
-        examples_per_s: ((step - start) * opts.batch) as f64 / elapsed,
-        data_wait: wait / elapsed,
-        skipped_files: source.skipped(),
-    })
+    Ok(run.finish(opts, source.skipped()))
 }
 
 fn checkpoint_dvae(opts: &TrainOptions, model: &DvaeModel, opt: &AdamW, ema: &Ema, step: usize) -> Result<()> {
@@ -385,18 +445,10 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
         start = load_state(&opts.dir, "transformer", &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;
-    let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
-    let rx = spawn_loader(source.clone(), size, opts.batch, opts.seed, start, end);
-    let mut log = Logger::open(&opts.dir, "transformer", opts.quiet, opts.resume && start > 0)?;
-    let (mut wait, t0) = (0.0f64, Instant::now());
-    let mut last = f64::NAN;
-    let mut step = start;
+    let mut run = Run::begin(opts, "transformer", &source, size, start)?;
     let tokens_per_example = cfg.seq_len();
-    while step < end {
-        let tw = Instant::now();
-        let batch = rx.recv().map_err(|_| Error::Invalid(format!("no readable images in {}", opts.data)))?;
-        wait += tw.elapsed().as_secs_f64();
-        tch::manual_seed((opts.seed ^ step as u64) as i64);
+    while let Some(batch) = run.next_batch(opts)? {
+        let step = run.step;
         let x = from_rgb8(&batch.images, size, opts.device)?;
         let codes = tch::no_grad(|| dvae.net.encode(&x)).flatten(1, -1);
         let caps: Vec<Vec<i64>> = batch
@@ -412,18 +464,17 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
         let grad_norm = opt.clip_grad_norm(recipe.clip);
         opt.step(lr);
         ema.update();
-        step += 1;
-        last = l.loss.double_value(&[]);
-        if step % opts.log_every == 0 || step == end {
-            let rate = ((step - start) * opts.batch * tokens_per_example) as f64 / t0.elapsed().as_secs_f64();
-            log.log(serde_json::json!({
-                "step": step, "loss": last, "text_loss": l.text.double_value(&[]),
+        let step = run.advance(l.loss.double_value(&[]));
+        if step % opts.log_every == 0 || run.is_last() {
+            let rate = run.rate(opts.batch * tokens_per_example);
+            let record = serde_json::json!({
+                "step": step, "loss": run.last, "text_loss": l.text.double_value(&[]),
                 "image_loss": l.image.double_value(&[]), "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": rate, "data_wait": wait / t0.elapsed().as_secs_f64(),
-            }));
-            log.progress(step, step - start, opts.steps, last, rate, "tokens");
+                "tokens_per_s": rate, "data_wait": run.data_wait(),
+            });
+            run.record(opts.steps, record, rate, "tokens");
         }
-        if step % opts.checkpoint_every == 0 || step == end {
+        if step % opts.checkpoint_every == 0 || run.is_last() {
             save_state(&opts.dir, "transformer", step, &model.vs, &opt, &ema)?;
             let shadow = TransformerModel::new(&cfg, Device::Cpu);
             ema.copy_to(&shadow.vs);
@@ -433,17 +484,7 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
             sample_grid(opts, &cfg, &tok, &dvae, &model, &batch.captions, step)?;
         }
     }
-    if !opts.quiet {
-        eprintln!();
-    }
-    let elapsed = t0.elapsed().as_secs_f64();
-    Ok(TrainSummary {
-        step,
-        last_loss: last,
-        examples_per_s: ((step - start) * opts.batch) as f64 / elapsed,
-        data_wait: wait / elapsed,
-        skipped_files: source.skipped(),
-    })
+    Ok(run.finish(opts, source.skipped()))
 }
 
 fn sample_grid(
@@ -492,17 +533,9 @@ pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<Tra
         start = load_state(&opts.dir, "reranker", &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;
-    let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
-    let rx = spawn_loader(source.clone(), size, opts.batch, opts.seed, start, end);
-    let mut log = Logger::open(&opts.dir, "reranker", opts.quiet, opts.resume && start > 0)?;
-    let (mut wait, t0) = (0.0f64, Instant::now());
-    let mut last = f64::NAN;
-    let mut step = start;
-    while step < end {
-        let tw = Instant::now();
-        let batch = rx.recv().map_err(|_| Error::Invalid(format!("no readable images in {}", opts.data)))?;
-        wait += tw.elapsed().as_secs_f64();
-        tch::manual_seed((opts.seed ^ step as u64) as i64);
+    let mut run = Run::begin(opts, "reranker", &source, size, start)?;
+    while let Some(batch) = run.next_batch(opts)? {
+        let step = run.step;
         let x = from_rgb8(&batch.images, size, opts.device)?;
         let caps: Vec<Vec<i64>> = batch
             .captions
@@ -517,32 +550,21 @@ pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<Tra
         opt.clip_grad_norm(1.0);
         opt.step(rate);
         ema.update();
-        step += 1;
-        last = loss.double_value(&[]);
-        if step % opts.log_every == 0 || step == end {
-            let per_s = ((step - start) * opts.batch) as f64 / t0.elapsed().as_secs_f64();
-            log.log(serde_json::json!({
-                "step": step, "loss": last, "lr": rate, "scale": model.net.scale().double_value(&[]),
-                "images_per_s": per_s, "data_wait": wait / t0.elapsed().as_secs_f64(),
-            }));
-            log.progress(step, step - start, opts.steps, last, per_s, "images");
+        let step = run.advance(loss.double_value(&[]));
+        if step % opts.log_every == 0 || run.is_last() {
+            let per_s = run.rate(opts.batch);
+            let record = serde_json::json!({
+                "step": step, "loss": run.last, "lr": rate, "scale": model.net.scale().double_value(&[]),
+                "images_per_s": per_s, "data_wait": run.data_wait(),
+            });
+            run.record(opts.steps, record, per_s, "images");
         }
-        if step % opts.checkpoint_every == 0 || step == end {
+        if step % opts.checkpoint_every == 0 || run.is_last() {
             save_state(&opts.dir, "reranker", step, &model.vs, &opt, &ema)?;
             let shadow = crate::model::RerankerModel::new(&cfg, Device::Cpu);
             ema.copy_to(&shadow.vs);
             save_varstore(&shadow.vs, &opts.dir.join(crate::model::RERANKER_FILE))?;
         }
     }
-    if !opts.quiet {
-        eprintln!();
-    }
-    let elapsed = t0.elapsed().as_secs_f64();
-    Ok(TrainSummary {
-        step,
-        last_loss: last,
-        examples_per_s: ((step - start) * opts.batch) as f64 / elapsed,
-        data_wait: wait / elapsed,
-        skipped_files: source.skipped(),
-    })
+    Ok(run.finish(opts, source.skipped()))
 }
