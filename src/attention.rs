@@ -80,10 +80,6 @@ impl MaskSet {
         Self { shape, device, masks }
     }
 
-    pub fn shape(&self) -> StreamShape {
-        self.shape
-    }
-
     /// The mask for queries `start..start+n` over keys `0..start+n`. Full attention is plain
     /// causal attention, which the fused kernels do without a mask (and a single trailing
     /// query needs none at all).
@@ -155,11 +151,6 @@ impl KvCache {
 
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
-    }
-
-    /// Rows the cache was allocated for.
-    pub fn batch(&self) -> usize {
-        self.keys.first().map(|k| k.size()[0] as usize).unwrap_or(0)
     }
 }
 

@@ -105,18 +105,20 @@ fn templates() -> &'static [Template] {
 /// Finds the coloured regions of an image (anything that is not `background`).
 pub fn detect(rgb: &[u8], size: usize, background: Colour) -> Vec<Detected> {
     let labels = label(rgb, size);
-    let mut seen = vec![false; size * size];
+    // region index + 1 of each pixel (0 = none yet)
+    let mut region = vec![0u32; size * size];
     let mut out = Vec::new();
     let min_pixels = ((size * size) as f32 * 0.002).max(4.0) as usize;
     for start in 0..size * size {
         let Some(colour) = labels[start] else { continue };
-        if seen[start] || colour == background {
+        if region[start] != 0 || colour == background {
             continue;
         }
+        let id = out.len() as u32 + 1;
         // flood fill over 8-neighbours of the same label
         let mut pixels = Vec::new();
         let mut queue = VecDeque::from([start]);
-        seen[start] = true;
+        region[start] = id;
         while let Some(p) = queue.pop_front() {
             pixels.push(p);
             let (y, x) = ((p / size) as i64, (p % size) as i64);
@@ -127,17 +129,22 @@ pub fn detect(rgb: &[u8], size: usize, background: Colour) -> Vec<Detected> {
                         continue;
                     }
                     let q = ny as usize * size + nx as usize;
-                    if !seen[q] && labels[q] == Some(colour) {
-                        seen[q] = true;
+                    if region[q] == 0 && labels[q] == Some(colour) {
+                        region[q] = id;
                         queue.push_back(q);
                     }
                 }
             }
         }
         if pixels.len() < min_pixels {
+            // too small to be an object: its pixels stay claimed (u32::MAX) so no region reuses them
+            for p in pixels {
+                region[p] = u32::MAX;
+            }
             continue;
         }
-        out.push(describe_region(&pixels, rgb, &labels, size, colour, background));
+        let frame = Frame { rgb, labels: &labels, region: &region, size, background };
+        out.push(describe_region(&pixels, &frame, id, colour));
     }
     out.sort_by(|a, b| b.area.total_cmp(&a.area));
     out
@@ -155,14 +162,17 @@ fn blend(p: [u8; 3], colour: Colour, background: Colour) -> f32 {
     if den == 0 { 0.0 } else { (num as f32 / den as f32).clamp(0.0, 1.0) }
 }
 
-fn describe_region(
-    pixels: &[usize],
-    rgb: &[u8],
-    labels: &[Option<Colour>],
+/// An image with its per-pixel palette labels and region ids.
+struct Frame<'a> {
+    rgb: &'a [u8],
+    labels: &'a [Option<Colour>],
+    region: &'a [u32],
     size: usize,
-    colour: Colour,
     background: Colour,
-) -> Detected {
+}
+
+fn describe_region(pixels: &[usize], frame: &Frame, id: u32, colour: Colour) -> Detected {
+    let Frame { rgb, labels, region, size, background } = *frame;
     let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
     let (mut sx, mut sy) = (0.0f64, 0.0f64);
     for &p in pixels {
@@ -178,16 +188,12 @@ fn describe_region(
     // blend fraction on unlabelled edge pixels, 0 elsewhere.
     let (bx0, by0) = (x0.saturating_sub(2), y0.saturating_sub(2));
     let (bx1, by1) = ((x1 + 2).min(size - 1), (y1 + 2).min(size - 1));
-    let mut member = vec![false; size * size];
-    for &p in pixels {
-        member[p] = true;
-    }
     let mut cover = Vec::new();
     let (mut mass, mut mx, mut my) = (0.0f32, 0.0f32, 0.0f32);
     for y in by0..=by1 {
         for x in bx0..=bx1 {
             let p = y * size + x;
-            let t = if member[p] {
+            let t = if region[p] == id {
                 1.0
             } else if labels[p].is_none() {
                 blend([rgb[3 * p], rgb[3 * p + 1], rgb[3 * p + 2]], colour, background)

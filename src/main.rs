@@ -75,8 +75,9 @@ enum WorldCommand {
     },
 }
 
+/// The model directory and the data every `train` subcommand takes.
 #[derive(Args, Clone)]
-struct CommonTrain {
+struct ModelData {
     /// Model directory (created with --preset when new).
     #[arg(long)]
     dir: PathBuf,
@@ -86,6 +87,12 @@ struct CommonTrain {
     /// world, world:SEED, a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
     #[arg(long, default_value = "world")]
     data: String,
+}
+
+#[derive(Args, Clone)]
+struct CommonTrain {
+    #[command(flatten)]
+    at: ModelData,
     #[arg(long, default_value_t = 10_000)]
     steps: usize,
     #[arg(long, default_value_t = 32)]
@@ -120,12 +127,8 @@ struct CommonTrain {
 enum TrainCommand {
     /// Train the BPE tokenizer on captions of the data.
     Tokenizer {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        preset: Option<String>,
-        #[arg(long, default_value = "world")]
-        data: String,
+        #[command(flatten)]
+        at: ModelData,
         /// Captions to learn the merges from.
         #[arg(long, default_value_t = 20_000)]
         captions: usize,
@@ -511,7 +514,7 @@ fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
     if let Some(t) = c.threads {
         tch::set_num_threads(t as i32);
     }
-    prepare_dir(&c.dir, c.preset.as_deref())?;
+    prepare_dir(&c.at.dir, c.at.preset.as_deref())?;
     let device = tessera::parse_device(&c.device)?;
     let compute = match tessera::parse_dtype(&c.dtype, device)? {
         tch::Kind::Float => None,
@@ -521,8 +524,8 @@ fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
         bail!("--steps, --batch, --checkpoint-every and --log-every must be at least 1");
     }
     Ok(tessera::train::TrainOptions {
-        data: c.data.clone(),
-        dir: c.dir.clone(),
+        data: c.at.data.clone(),
+        dir: c.at.dir.clone(),
         steps: c.steps,
         batch: c.batch,
         checkpoint_every: c.checkpoint_every,
@@ -540,10 +543,10 @@ fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
 fn train(t: TrainCommand) -> Result<()> {
     use tessera::train::{self as tr, DvaeRecipe, TransformerRecipe};
     let summary = match t {
-        TrainCommand::Tokenizer { dir, preset, data, captions } => {
-            prepare_dir(&dir, preset.as_deref())?;
-            let tok = tr::train_tokenizer(&dir, &data, captions)?;
-            eprintln!("tokenizer with {} tokens written to {}", tok.vocab_size(), dir.display());
+        TrainCommand::Tokenizer { at, captions } => {
+            prepare_dir(&at.dir, at.preset.as_deref())?;
+            let tok = tr::train_tokenizer(&at.dir, &at.data, captions)?;
+            eprintln!("tokenizer with {} tokens written to {}", tok.vocab_size(), at.dir.display());
             return Ok(());
         }
         TrainCommand::Dvae { common, lr, lr_end, beta, beta_steps, tau_end, tau_steps, ema } => {

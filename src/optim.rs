@@ -161,18 +161,6 @@ impl Ema {
         self.names.iter().cloned().zip(self.shadow.iter().map(|t| t.shallow_clone())).collect()
     }
 
-    /// Copies the averages into `vs` (which must have the same variables).
-    pub fn copy_to(&self, vs: &VarStore) {
-        let vars = vs.variables();
-        tch::no_grad(|| {
-            for (n, s) in self.names.iter().zip(&self.shadow) {
-                if let Some(v) = vars.get(n) {
-                    v.shallow_clone().copy_(s);
-                }
-            }
-        });
-    }
-
     pub fn load(&mut self, state: &BTreeMap<String, Tensor>, prefix: &str) -> Result<()> {
         tch::no_grad(|| {
             for (n, s) in self.names.iter().zip(self.shadow.iter_mut()) {

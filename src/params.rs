@@ -103,12 +103,3 @@ pub fn transformer_forward_flops(cfg: &Config) -> f64 {
         2.0 * d * (tl * (cfg.text.vocab_size as f64 + tl) + cfg.image_len() as f64 * cfg.dvae.vocab_size as f64);
     t.n_layers as f64 * (per_token * l + attn) + heads
 }
-
-/// Forward FLOPs of one cached decode step per row at stream position `pos`.
-pub fn decode_step_flops(cfg: &Config, pos: usize) -> f64 {
-    let t = &cfg.transformer;
-    let (d, inner) = (t.d_model as f64, t.inner_dim() as f64);
-    let hidden = (t.d_model * t.mlp_ratio) as f64;
-    let per_layer = 2.0 * (d * 3.0 * inner + inner * d + 2.0 * d * hidden) + 4.0 * (pos as f64 + 1.0) * inner;
-    t.n_layers as f64 * per_layer + 2.0 * d * cfg.dvae.vocab_size as f64
-}

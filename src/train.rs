@@ -18,8 +18,8 @@ use crate::config::Config;
 use crate::data::{Example, Source};
 use crate::dvae::{DvaeSchedule, cosine_anneal};
 use crate::error::{Error, Result};
-use crate::io::{load_varstore, save_varstore, write_atomic};
-use crate::model::{CONFIG_FILE, DVAE_FILE, DvaeModel, TOKENIZER_FILE, TRANSFORMER_FILE, TransformerModel, from_rgb8};
+use crate::io::{load_varstore, write_atomic};
+use crate::model::{CONFIG_FILE, DVAE_FILE, DvaeModel, TOKENIZER_FILE, TransformerModel, from_rgb8};
 use crate::optim::{AdamW, Ema};
 use crate::sample::SeedRng;
 use crate::text::TextTokenizer;
@@ -404,7 +404,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
             run.record(opts.steps, record, rate, "images");
         }
         if step % opts.checkpoint_every == 0 || run.is_last() {
-            checkpoint_dvae(opts, &model, &opt, &ema, step)?;
+            checkpoint(opts, "dvae", step, &model.vs, &opt, &ema)?;
         }
         if opts.sample_every > 0 && step % opts.sample_every == 0 {
             let n = batch.images.len().min(8);
@@ -417,11 +417,11 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
     Ok(run.finish(opts, source.skipped()))
 }
 
-fn checkpoint_dvae(opts: &TrainOptions, model: &DvaeModel, opt: &AdamW, ema: &Ema, step: usize) -> Result<()> {
-    save_state(&opts.dir, "dvae", step, &model.vs, opt, ema)?;
-    let shadow = DvaeModel::new(&crate::model::Model::load_config(&opts.dir)?, Device::Cpu);
-    ema.copy_to(&shadow.vs);
-    save_varstore(&shadow.vs, &opts.dir.join(DVAE_FILE))
+/// Writes the training state and the averaged weights a model directory loads.
+fn checkpoint(opts: &TrainOptions, component: &str, step: usize, vs: &VarStore, opt: &AdamW, ema: &Ema) -> Result<()> {
+    save_state(&opts.dir, component, step, vs, opt, ema)?;
+    let weights = crate::io::tensors_to_safetensors(&ema.tensors(), None)?;
+    write_atomic(&opts.dir.join(format!("{component}.safetensors")), &weights)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -475,10 +475,7 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
             run.record(opts.steps, record, rate, "tokens");
         }
         if step % opts.checkpoint_every == 0 || run.is_last() {
-            save_state(&opts.dir, "transformer", step, &model.vs, &opt, &ema)?;
-            let shadow = TransformerModel::new(&cfg, Device::Cpu);
-            ema.copy_to(&shadow.vs);
-            save_varstore(&shadow.vs, &opts.dir.join(TRANSFORMER_FILE))?;
+            checkpoint(opts, "transformer", step, &model.vs, &opt, &ema)?;
         }
         if opts.sample_every > 0 && step % opts.sample_every == 0 {
             sample_grid(opts, &cfg, &tok, &dvae, &model, &batch.captions, step)?;
@@ -560,10 +557,7 @@ pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<Tra
             run.record(opts.steps, record, per_s, "images");
         }
         if step % opts.checkpoint_every == 0 || run.is_last() {
-            save_state(&opts.dir, "reranker", step, &model.vs, &opt, &ema)?;
-            let shadow = crate::model::RerankerModel::new(&cfg, Device::Cpu);
-            ema.copy_to(&shadow.vs);
-            save_varstore(&shadow.vs, &opts.dir.join(crate::model::RERANKER_FILE))?;
+            checkpoint(opts, "reranker", step, &model.vs, &opt, &ema)?;
         }
     }
     Ok(run.finish(opts, source.skipped()))

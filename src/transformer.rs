@@ -138,7 +138,6 @@ impl Transformer {
     /// tokens [B, ≥ n_image] that those positions hold.
     fn embed(&self, text: &Tensor, image: Option<&Tensor>, start: usize, n: usize) -> Tensor {
         let tl = self.cfg.text.text_len;
-        let g = self.cfg.grid_size() as i64;
         let dev = self.device();
         let b = text.size()[0];
         let end = start + n;
@@ -154,11 +153,8 @@ impl Transformer {
         if end > tl + 1 {
             let j0 = start.max(tl + 1) - tl - 1;
             let j1 = end - tl - 1;
-            let img = image.map(|i| i.narrow(1, j0 as i64, (j1 - j0) as i64));
-            if let Some(ids) = img {
-                let j = Tensor::arange_start(j0 as i64, j1 as i64, (Kind::Int64, dev));
-                let pos = self.row_emb.forward(&j.floor_divide_scalar(g)) + self.col_emb.forward(&j.remainder(g));
-                parts.push(self.image_emb.forward(&ids) + pos.unsqueeze(0));
+            if let Some(ids) = image.map(|i| i.narrow(1, j0 as i64, (j1 - j0) as i64)) {
+                parts.push(self.embed_image(&ids, j0));
             }
         }
         if parts.len() == 1 {
@@ -166,6 +162,16 @@ impl Transformer {
         } else {
             Tensor::cat(&parts, 1)
         }
+    }
+
+    /// Embeddings of image tokens `ids` [B, n] standing at grid indices `j0..j0+n`: token plus
+    /// row and column embeddings.
+    fn embed_image(&self, ids: &Tensor, j0: usize) -> Tensor {
+        let g = self.cfg.grid_size() as i64;
+        let n = ids.size()[1];
+        let j = Tensor::arange_start(j0 as i64, j0 as i64 + n, (Kind::Int64, self.device()));
+        let pos = self.row_emb.forward(&j.floor_divide_scalar(g)) + self.col_emb.forward(&j.remainder(g));
+        self.image_emb.forward(ids) + pos.unsqueeze(0)
     }
 
     /// Runs the blocks over positions `start..start+n` (embedded in `x`).
@@ -254,13 +260,7 @@ impl Transformer {
     pub fn decode_step(&self, cache: &mut KvCache, token: &Tensor, j: usize) -> Tensor {
         let start = self.cfg.text.text_len + 1 + j;
         debug_assert_eq!(cache.len(), start);
-        let b = token.size()[0];
-        let ids = token.view([b, 1]);
-        let g = self.cfg.grid_size() as i64;
-        let dev = self.device();
-        let pos_j = Tensor::from_slice(&[j as i64]).to_device(dev);
-        let pos = self.row_emb.forward(&pos_j.floor_divide_scalar(g)) + self.col_emb.forward(&pos_j.remainder(g));
-        let x = self.image_emb.forward(&ids) + pos.unsqueeze(0);
+        let x = self.embed_image(&token.view([-1, 1]), j);
         let h = self.run(x, start, Some(cache), false);
         dense(&self.image_head, &h.squeeze_dim(1), self.compute)
     }
