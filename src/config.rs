@@ -260,8 +260,8 @@ impl Config {
             dvae: DvaeConfig {
                 image_size: 64,
                 vocab_size: 512,
-                hidden: 32,
-                n_init: 64,
+                hidden: 64,
+                n_init: 128,
                 groups: 3,
                 blocks_per_group: 1,
                 eps: 0.1,

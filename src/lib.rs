@@ -3,6 +3,7 @@
 //! models caption and image tokens as one stream with the paper's sparse attention
 //! ([`transformer`], [`attention`]), and [`sample`] draws images token by token with a KV cache.
 
+pub mod app;
 pub mod attention;
 pub mod bench;
 pub mod clip;

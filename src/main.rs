@@ -35,6 +35,8 @@ enum Command {
     /// Train the tokenizer, the dVAE, the transformer or the reranker of a model directory.
     #[command(subcommand)]
     Train(TrainCommand),
+    /// Open the desktop app (prompt, completion canvas, reranked gallery, export).
+    App(AppArgs),
     /// Score a model on held-out captions of the synthetic world; writes a report.
     Eval {
         #[arg(long)]
@@ -54,6 +56,25 @@ enum Command {
         #[arg(long, default_value = "auto")]
         dtype: String,
     },
+}
+
+#[derive(Args)]
+struct AppArgs {
+    #[command(flatten)]
+    source: ModelSource,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// libtorch CPU threads for the model (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Folder for autosaved samples (default: the platform's data folder).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Run a scripted session (generate, then cancel a second job), write its measurements
+    /// (frame times, first preview, cancel latency) as JSON to this file and exit.
+    #[arg(long, value_name = "FILE")]
+    diagnostics: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -178,7 +199,8 @@ enum TrainCommand {
 
 #[derive(Args)]
 struct ModelSource {
-    /// Model directory (config.json, tokenizer.json, *.safetensors).
+    /// Model directory (config.json, tokenizer.json, *.safetensors); default: the embedded
+    /// default model.
     #[arg(long, conflicts_with = "random_init")]
     model: Option<PathBuf>,
     /// Use a randomly initialised preset instead of a trained model (tiny, S, P, dalle_12b).
@@ -284,6 +306,13 @@ fn run(cli: Cli) -> Result<()> {
             world_export(n, &out, size, seed, held_out)
         }
         Command::Train(t) => train(t),
+        Command::App(a) => {
+            let device = tessera::parse_device(&a.device)?;
+            let model = tessera::app::run::startup_model(a.source.model, a.source.random_init);
+            let data_dir = a.data_dir.or_else(tessera::app::run::default_data_dir);
+            let opts = tessera::app::AppOptions { model, device, threads: a.threads, data_dir };
+            tessera::app::run::run(opts, a.diagnostics)
+        }
         Command::Eval { model, captions, samples, seed, out, device, dtype } => {
             let device = tessera::parse_device(&device)?;
             let mut m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
@@ -305,7 +334,8 @@ fn load_model(src: &ModelSource, device: tch::Device) -> Result<Model> {
             eprintln!("note: {preset} is randomly initialised; its images are noise until trained");
             Ok(Model::random_init(&cfg, device, 0)?)
         }
-        (None, None) => bail!("give --model DIR or --random-init PRESET"),
+        (None, None) if Model::has_embedded_default() => Ok(Model::load_embedded_default(device)?),
+        (None, None) => bail!("this build has no embedded default model: give --model DIR or --random-init PRESET"),
     }
 }
 

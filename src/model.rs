@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::Config;
 use crate::dvae::Dvae;
 use crate::error::{Error, Result};
-use crate::io::{load_varstore, save_varstore, write_atomic};
+use crate::io::{load_varstore_bytes, save_varstore, write_atomic};
 use crate::sample::{SampleOptions, Sampler, batch_seeds};
 use crate::text::{Encoded, TextTokenizer, bootstrap_corpus};
 use crate::transformer::Transformer;
@@ -21,6 +21,12 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const DVAE_FILE: &str = "dvae.safetensors";
 pub const TRANSFORMER_FILE: &str = "transformer.safetensors";
 pub const RERANKER_FILE: &str = "reranker.safetensors";
+/// How the embedded default model is named in messages and sample metadata.
+pub const EMBEDDED_DEFAULT: &str = "<embedded default>";
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/default_model.rs"));
+}
 
 /// The reranker with its weights.
 #[derive(Debug)]
@@ -180,10 +186,14 @@ impl Model {
     /// Reads and validates `config.json` of a model directory.
     pub fn load_config(dir: &Path) -> Result<Config> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        Self::parse_config(&bytes, &path)
+    }
+
+    fn parse_config(bytes: &[u8], path: &Path) -> Result<Config> {
         let cfg: Config =
-            serde_json::from_str(&text).map_err(|e| Error::checkpoint(&path, format!("not a valid config: {e}")))?;
-        cfg.validate().map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+            serde_json::from_slice(bytes).map_err(|e| Error::checkpoint(path, format!("not a valid config: {e}")))?;
+        cfg.validate().map_err(|e| Error::checkpoint(path, e.to_string()))?;
         Ok(cfg)
     }
 
@@ -192,9 +202,44 @@ impl Model {
         if !dir.is_dir() {
             return Err(Error::checkpoint(dir, "no such model directory"));
         }
-        let config = Self::load_config(dir)?;
-        let tok_path = dir.join(TOKENIZER_FILE);
-        let tokenizer = TextTokenizer::load(&tok_path)?;
+        Self::load_with(dir, device, |name| {
+            let path = dir.join(name);
+            match std::fs::read(&path) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io(&path, e)),
+            }
+        })
+    }
+
+    /// Whether this binary carries an embedded default model (`assets/models/default` at
+    /// build time).
+    pub fn has_embedded_default() -> bool {
+        embedded::FILES.iter().any(|(n, _)| *n == TRANSFORMER_FILE)
+    }
+
+    /// Loads the default model compiled into the binary.
+    pub fn load_embedded_default(device: Device) -> Result<Self> {
+        let origin = Path::new(EMBEDDED_DEFAULT);
+        if !Self::has_embedded_default() {
+            return Err(Error::checkpoint(origin, "this build has no embedded default model"));
+        }
+        Self::load_with(origin, device, |name| {
+            Ok(embedded::FILES.iter().find(|(n, _)| *n == name).map(|(_, b)| b.to_vec()))
+        })
+    }
+
+    /// Loads a model whose files `read` returns (`None` = no such file); `origin` names the
+    /// model in messages.
+    fn load_with(origin: &Path, device: Device, read: impl Fn(&str) -> Result<Option<Vec<u8>>>) -> Result<Self> {
+        let need = |name: &str| -> Result<Vec<u8>> {
+            read(name)?.ok_or_else(|| Error::checkpoint(origin.join(name), "missing file"))
+        };
+        let config = Self::parse_config(&need(CONFIG_FILE)?, &origin.join(CONFIG_FILE))?;
+        let tok_path = origin.join(TOKENIZER_FILE);
+        let tok_json = String::from_utf8(need(TOKENIZER_FILE)?)
+            .map_err(|_| Error::checkpoint(&tok_path, "tokenizer.json is not UTF-8"))?;
+        let tokenizer = TextTokenizer::from_json(&tok_json).map_err(|e| Error::checkpoint(&tok_path, e.to_string()))?;
         if tokenizer.vocab_size() > config.text.vocab_size {
             return Err(Error::checkpoint(
                 &tok_path,
@@ -206,15 +251,16 @@ impl Model {
             ));
         }
         let mut dvae = DvaeModel::new(&config, device);
-        load_varstore(&mut dvae.vs, &dir.join(DVAE_FILE))?;
+        load_varstore_bytes(&mut dvae.vs, &need(DVAE_FILE)?, &origin.join(DVAE_FILE))?;
         let mut transformer = TransformerModel::new(&config, device);
-        load_varstore(&mut transformer.vs, &dir.join(TRANSFORMER_FILE))?;
-        let reranker = if dir.join(RERANKER_FILE).exists() {
-            let mut r = RerankerModel::new(&config, device);
-            load_varstore(&mut r.vs, &dir.join(RERANKER_FILE))?;
-            Some(r)
-        } else {
-            None
+        load_varstore_bytes(&mut transformer.vs, &need(TRANSFORMER_FILE)?, &origin.join(TRANSFORMER_FILE))?;
+        let reranker = match read(RERANKER_FILE)? {
+            Some(bytes) => {
+                let mut r = RerankerModel::new(&config, device);
+                load_varstore_bytes(&mut r.vs, &bytes, &origin.join(RERANKER_FILE))?;
+                Some(r)
+            }
+            None => None,
         };
         Ok(Self { config, tokenizer, dvae, transformer, reranker, device })
     }
@@ -230,9 +276,18 @@ impl Model {
         if keep_rows > g {
             return Err(Error::Invalid(format!("keep-rows {keep_rows} exceeds the grid's {g} rows")));
         }
+        self.prefix_tokens_n(rgb, keep_rows * g)
+    }
+
+    /// Image tokens [1, n] of the first `n` grid cells (raster order) of an RGB8 image.
+    pub fn prefix_tokens_n(&self, rgb: &[u8], n: usize) -> Result<Tensor> {
+        let g = self.config.grid_size();
+        if n > g * g {
+            return Err(Error::Invalid(format!("{n} kept tokens exceed the grid's {}", g * g)));
+        }
         let x = from_rgb8(&[rgb.to_vec()], self.config.dvae.image_size, self.device)?;
         let codes = tch::no_grad(|| self.dvae.net.encode(&x));
-        Ok(codes.flatten(1, -1).narrow(1, 0, (keep_rows * g) as i64))
+        Ok(codes.flatten(1, -1).narrow(1, 0, n as i64))
     }
 
     /// Starts sampling `n` images for `prompt`, seeds `seed..seed+n`, optionally completing

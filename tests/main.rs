@@ -1,5 +1,6 @@
 //! The integration tests, one binary (each test binary links libtorch again).
 
+mod app;
 mod checkpoint;
 mod cli;
 mod common;
