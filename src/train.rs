@@ -391,7 +391,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         opt.zero_grad();
         l.loss.backward();
         opt.step(lr);
-        ema.update();
+        ema.update(step);
         let step = run.advance(l.loss.double_value(&[]));
         if step % opts.log_every == 0 || run.is_last() {
             let mse = l.mse.double_value(&[]);
@@ -463,7 +463,7 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
         l.loss.backward();
         let grad_norm = opt.clip_grad_norm(recipe.clip);
         opt.step(lr);
-        ema.update();
+        ema.update(step);
         let step = run.advance(l.loss.double_value(&[]));
         if step % opts.log_every == 0 || run.is_last() {
             let rate = run.rate(opts.batch * tokens_per_example);
@@ -546,7 +546,7 @@ pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<Tra
         loss.backward();
         opt.clip_grad_norm(1.0);
         opt.step(rate);
-        ema.update();
+        ema.update(step);
         let step = run.advance(loss.double_value(&[]));
         if step % opts.log_every == 0 || run.is_last() {
             let per_s = run.rate(opts.batch);

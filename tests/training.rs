@@ -118,3 +118,23 @@ fn mixed_precision_matches_f32_and_trains() {
     // the master weights stay f32
     assert!(model.transformer.vs.variables().values().all(|t| t.kind() == Kind::Float));
 }
+
+#[test]
+fn ema_of_a_short_run_forgets_the_initialisation() {
+    // A parameter that jumps from its initial value to 1 and stays there: after 1,000 updates
+    // at decay 0.999 the average must be (almost) 1, not 63% of the way there.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = vs.root().zeros("w", &[4]);
+    let mut ema = tessera::optim::Ema::new(&vs, 0.999);
+    tch::no_grad(|| {
+        let _ = w.shallow_clone().fill_(1.0);
+    });
+    for step in 0..1000 {
+        ema.update(step);
+    }
+    let avg = ema.tensors()[0].1.mean(Kind::Float).double_value(&[]);
+    assert!(avg > 0.999, "EMA after 1,000 steps still holds the initialisation: {avg}");
+    // The decay warms up to the configured value and never exceeds it.
+    assert!((ema.decay_at(0) - 0.1).abs() < 1e-12);
+    assert_eq!(ema.decay_at(1_000_000), 0.999);
+}
