@@ -309,7 +309,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::App(a) => {
             let device = tessera::parse_device(&a.device)?;
             let model = tessera::app::run::startup_model(a.source.model, a.source.random_init);
-            let data_dir = a.data_dir.or_else(tessera::app::run::default_data_dir);
+            // The diagnostic autosaves into a fresh folder, never into the person's gallery.
+            let data_dir = match (&a.diagnostics, a.data_dir) {
+                (_, Some(d)) => Some(d),
+                (Some(_), None) => {
+                    Some(std::env::temp_dir().join(format!("tessera-diagnostics-{}", std::process::id())))
+                }
+                (None, None) => tessera::app::run::default_data_dir(),
+            };
             let opts = tessera::app::AppOptions { model, device, threads: a.threads, data_dir };
             tessera::app::run::run(opts, a.diagnostics)
         }

@@ -191,16 +191,21 @@ impl Diagnostic {
                         },
                     )));
                     app.settings.seed = 100;
+                    app.settings.n = 32;
                     if let Some(id2) = app.generate() {
                         self.stage = Stage::Cancel(id2);
                     }
                 }
             }
             Stage::Cancel(id) => {
-                let j = app.jobs.iter().find(|j| j.id == id);
-                if j.is_some_and(|j| j.status == JobStatus::Running && j.total > 0 && j.done * 4 >= j.total) {
+                let Some(j) = app.jobs.iter().find(|j| j.id == id) else { return true };
+                if j.status == JobStatus::Running && j.total > 0 && j.done * 4 >= j.total {
                     app.cancel(id);
                     self.stage = Stage::WaitCancel(id);
+                } else if !matches!(j.status, JobStatus::Running | JobStatus::Queued) {
+                    // Finished before a frame saw it a quarter done: no cancel to measure.
+                    self.finish();
+                    return true;
                 }
             }
             Stage::WaitCancel(id) => {
