@@ -55,6 +55,16 @@ enum Command {
         device: String,
         #[arg(long, default_value = "auto")]
         dtype: String,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Keep the K most likely tokens (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Classifier-free guidance scale (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        guidance: f64,
     },
 }
 
@@ -65,7 +75,7 @@ struct AppArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// libtorch CPU threads for the model (default: all cores).
+    /// libtorch CPU threads for the model (default: all cores but one, left to the UI).
     #[arg(long)]
     threads: Option<usize>,
     /// Folder for autosaved samples (default: the platform's data folder).
@@ -317,14 +327,19 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (None, None) => tessera::app::run::default_data_dir(),
             };
-            let opts = tessera::app::AppOptions { model, device, threads: a.threads, data_dir };
+            // Leave a core to the window's renderer (software rendering runs on the CPU too).
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = a.threads.or(Some(cores.saturating_sub(1).max(1)));
+            let opts = tessera::app::AppOptions { model, device, threads, data_dir };
             tessera::app::run::run(opts, a.diagnostics)
         }
-        Command::Eval { model, captions, samples, seed, out, device, dtype } => {
+        Command::Eval { model, captions, samples, seed, out, device, dtype, temperature, top_k, top_p, guidance } => {
             let device = tessera::parse_device(&device)?;
             let mut m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
             m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
-            let opts = tessera::report::EvalOptions { captions, samples, seed, sample: SampleOptions::default() };
+            let sample = SampleOptions { temperature, top_k, top_p, guidance };
+            sample.validate()?;
+            let opts = tessera::report::EvalOptions { captions, samples, seed, sample };
             let r = tessera::report::evaluate(&m, &opts, &out, |l| eprintln!("eval: {l}"))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             eprintln!("report written to {}", out.display());

@@ -373,9 +373,9 @@ impl TesseraApp {
                 }
             }
             Event::Samples { id, samples } => self.add_samples(id, samples),
-            Event::Cancelled { id } => {
+            Event::Cancelled { id, at } => {
                 if let Some(j) = self.job_mut(id) {
-                    j.cancel_ack = j.cancel_sent.map(|t| t.elapsed());
+                    j.cancel_ack = j.cancel_sent.map(|t| at.saturating_duration_since(t));
                 }
             }
             Event::JobDone { id, cancelled, .. } => {

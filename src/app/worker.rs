@@ -139,9 +139,11 @@ pub enum Event {
     },
     /// A command crashed inside the worker (which carries on).
     WorkerCrashed(String),
-    /// Acknowledges a cancel of a job that was queued or running.
+    /// Acknowledges a cancel of a job that was queued or running; `at` is when the worker
+    /// stopped (so the latency does not include the UI's next frame).
     Cancelled {
         id: u64,
+        at: Instant,
     },
 }
 
@@ -288,7 +290,7 @@ impl WorkerState {
                 let before = self.queue.len();
                 self.queue.retain(|j| j.id != id);
                 if self.queue.len() != before && running != Some(id) {
-                    self.emit(Event::Cancelled { id });
+                    self.emit(Event::Cancelled { id, at: Instant::now() });
                     self.emit(Event::JobDone { id, cancelled: true, seconds: 0.0 });
                 }
             }
@@ -374,7 +376,7 @@ impl WorkerState {
         match outcome {
             Ok(Ok(cancelled)) => {
                 if cancelled {
-                    self.emit(Event::Cancelled { id });
+                    self.emit(Event::Cancelled { id, at: Instant::now() });
                 }
                 self.emit(Event::JobDone { id, cancelled, seconds });
             }
