@@ -55,17 +55,38 @@ enum Command {
         device: String,
         #[arg(long, default_value = "auto")]
         dtype: String,
-        #[arg(long, default_value_t = 1.0)]
-        temperature: f64,
-        /// Keep the K most likely tokens (0 = all).
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        /// Classifier-free guidance scale (1 = off).
-        #[arg(long, default_value_t = 1.0)]
-        guidance: f64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
     },
+}
+
+/// Sampling flags shared by `generate` and `eval`.
+#[derive(Args)]
+struct SamplingArgs {
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Classifier-free guidance scale (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    guidance: f64,
+}
+
+impl SamplingArgs {
+    fn options(&self) -> Result<SampleOptions> {
+        let o = SampleOptions {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            guidance: self.guidance,
+        };
+        o.validate()?;
+        Ok(o)
+    }
 }
 
 #[derive(Args)]
@@ -234,17 +255,8 @@ struct GenerateArgs {
     /// Seed of the first sample (sample i uses seed + i); random when omitted.
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
-    /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f64,
-    /// Classifier-free guidance scale (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    guidance: f64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// An image whose top rows are kept; the model completes the rest.
     #[arg(long, requires = "keep_rows")]
     prefix_image: Option<PathBuf>,
@@ -333,13 +345,11 @@ fn run(cli: Cli) -> Result<()> {
             let opts = tessera::app::AppOptions { model, device, threads, data_dir };
             tessera::app::run::run(opts, a.diagnostics)
         }
-        Command::Eval { model, captions, samples, seed, out, device, dtype, temperature, top_k, top_p, guidance } => {
+        Command::Eval { model, captions, samples, seed, out, device, dtype, sampling } => {
             let device = tessera::parse_device(&device)?;
             let mut m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
             m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
-            let sample = SampleOptions { temperature, top_k, top_p, guidance };
-            sample.validate()?;
-            let opts = tessera::report::EvalOptions { captions, samples, seed, sample };
+            let opts = tessera::report::EvalOptions { captions, samples, seed, sample: sampling.options()? };
             let r = tessera::report::evaluate(&m, &opts, &out, |l| eprintln!("eval: {l}"))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             eprintln!("report written to {}", out.display());
@@ -359,22 +369,6 @@ fn load_model(src: &ModelSource, device: tch::Device) -> Result<Model> {
         (None, None) if Model::has_embedded_default() => Ok(Model::load_embedded_default(device)?),
         (None, None) => bail!("this build has no embedded default model: give --model DIR or --random-init PRESET"),
     }
-}
-
-/// Reads an image file, centre-crops it to a square and resizes it to `size`.
-fn load_square_rgb(path: &Path, size: usize) -> Result<Vec<u8>> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("opening {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("reading {}", path.display()))?
-        .decode()
-        .with_context(|| format!("{} is not a readable image", path.display()))?
-        .to_rgb8();
-    let (w, h) = img.dimensions();
-    let side = w.min(h);
-    let cropped = image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
-    let resized = image::imageops::resize(&cropped, size as u32, size as u32, image::imageops::FilterType::Triangle);
-    Ok(resized.into_raw())
 }
 
 fn unused_path(dir: &Path, seed: u64) -> PathBuf {
@@ -401,7 +395,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let prefix = match (&a.prefix_image, a.keep_rows) {
         (Some(path), Some(rows)) => {
-            let rgb = load_square_rgb(path, model.config.dvae.image_size)?;
+            let (rgb, _) = tessera::app::store::read_rgb_square(path, Some(model.config.dvae.image_size))?;
             Some(model.prefix_tokens(&rgb, rows)?)
         }
         _ => None,
@@ -412,7 +406,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             .map(|d| d.as_nanos() as u64 % 1_000_000_007)
             .unwrap_or(0)
     });
-    let opts = SampleOptions { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, guidance: a.guidance };
+    let opts = a.sampling.options()?;
     let t0 = std::time::Instant::now();
     let mut last_pct = usize::MAX;
     let samples = model.generate(&a.prompt, a.n, seed, prefix.as_ref(), &opts, |s| {

@@ -616,9 +616,8 @@ impl TesseraApp {
             self.notify(Level::Error, "load a model before importing an image");
             return;
         };
-        match image::open(path) {
-            Ok(img) => {
-                let rgb = img.to_rgb8();
+        match store::read_image(path) {
+            Ok(rgb) => {
                 let (w, h) = rgb.dimensions();
                 let (pixels, _, crop) = store::square_rgb(&rgb, Some(size));
                 let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -627,7 +626,7 @@ impl TesseraApp {
                 }
                 self.settings.use_canvas = true;
             }
-            Err(e) => self.notify(Level::Error, format!("cannot read {}: {e}", path.display())),
+            Err(e) => self.notify(Level::Error, format!("cannot read the image: {e}")),
         }
     }
 

@@ -217,9 +217,19 @@ impl SampleStore {
 /// Reads an image file as RGB8, centre-cropped to a square and resized to `size` (or kept at
 /// its own size when `size` is `None` and it is square). Returns the pixels and the side.
 pub fn read_rgb_square(path: &Path, size: Option<usize>) -> Result<(Vec<u8>, usize)> {
-    let img = image::open(path).map_err(|e| Error::Image { path: path.into(), msg: e.to_string() })?;
-    let (rgb, side, _) = square_rgb(&img.to_rgb8(), size);
+    let (rgb, side, _) = square_rgb(&read_image(path)?, size);
     Ok((rgb, side))
+}
+
+/// Reads an image file as RGB8, recognising its format from its content.
+pub fn read_image(path: &Path) -> Result<image::RgbImage> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
+        .decode()
+        .map_err(|e| Error::Image { path: path.into(), msg: format!("not a readable image: {e}") })?;
+    Ok(img.to_rgb8())
 }
 
 /// Centre-crops an image to a square and resizes it to `size` (default: the square's own

@@ -19,6 +19,8 @@ use super::{JobStatus, Level, SortMode, TesseraApp};
 pub struct ThumbCache {
     textures: HashMap<u64, (TextureHandle, u64)>,
     frame: u64,
+    /// Per job: (rows, first seed) of the uploaded previews, and their textures.
+    previews: HashMap<u64, ((usize, u64), Vec<TextureHandle>)>,
 }
 
 const THUMB_CAP: usize = 600;
@@ -46,12 +48,33 @@ impl ThumbCache {
         Some(tex)
     }
 
-    pub fn len(&self) -> usize {
-        self.textures.len()
+    /// A running job's preview textures, uploaded again only when new rows arrived.
+    fn previews(
+        &mut self,
+        ctx: &egui::Context,
+        job: u64,
+        rows: usize,
+        images: &[(u64, Vec<u8>)],
+    ) -> Vec<TextureHandle> {
+        let key = (rows, images.first().map_or(0, |(seed, _)| *seed));
+        let fresh = self.previews.get(&job).is_some_and(|(k, t)| *k == key && t.len() == images.len());
+        if !fresh {
+            let tex = images
+                .iter()
+                .map(|(seed, img)| {
+                    let size = (img.len() / 3).isqrt();
+                    let image = ColorImage::from_rgb([size, size], img);
+                    ctx.load_texture(format!("preview-{job}-{seed}"), image, TextureOptions::NEAREST)
+                })
+                .collect();
+            self.previews.insert(job, (key, tex));
+        }
+        self.previews.get(&job).map(|(_, t)| t.clone()).unwrap_or_default()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.textures.is_empty()
+    /// Drops the preview textures of jobs that no longer show previews.
+    fn retain_previews(&mut self, live: &[u64]) {
+        self.previews.retain(|job, _| live.contains(job));
     }
 }
 
@@ -315,20 +338,17 @@ impl TesseraApp {
                 ui.weak(j.prompt.chars().take(40).collect::<String>());
             });
             if !j.previews.is_empty() {
+                let textures = self.thumbs.previews(ui.ctx(), j.id, j.preview_rows, &j.previews);
                 ui.horizontal_wrapped(|ui| {
-                    for (seed, img) in &j.previews {
-                        let size = (img.len() / 3).isqrt();
-                        let tex = ui.ctx().load_texture(
-                            format!("preview-{}-{seed}", j.id),
-                            ColorImage::from_rgb([size, size], img),
-                            TextureOptions::NEAREST,
-                        );
-                        ui.add(egui::Image::new(&tex).fit_to_exact_size(Vec2::splat(56.0)))
+                    for ((seed, _), tex) in j.previews.iter().zip(&textures) {
+                        ui.add(egui::Image::new(tex).fit_to_exact_size(Vec2::splat(56.0)))
                             .on_hover_text(format!("seed {seed}, {} rows", j.preview_rows));
                     }
                 });
             }
         }
+        let live: Vec<u64> = self.jobs.iter().filter(|j| !j.previews.is_empty()).map(|j| j.id).collect();
+        self.thumbs.retain_previews(&live);
         if let Some(id) = cancel {
             self.cancel(id);
         }
