@@ -219,6 +219,42 @@ impl Dvae {
         self.unmap_pixels(&stats.narrow(1, 0, 3).sigmoid())
     }
 
+    /// The logit-Laplace negative log-likelihood of `x` (mapped pixels) under decoder
+    /// statistics `stats` [B, 6, H, W], mean per pixel value, and the squared error of the mean.
+    fn reconstruction(&self, images: &Tensor, x: &Tensor, stats: &Tensor) -> (Tensor, Tensor) {
+        let mu = stats.narrow(1, 0, 3);
+        let ln_b = stats.narrow(1, 3, 3);
+        let logit_x = (x / (-x + 1.0)).log();
+        // −ln f(x | μ, b) = |logit x − μ| / b + ln(2b) + ln(x(1 − x))
+        let nll = ((&logit_x - &mu).abs() * (-&ln_b).exp() + &ln_b + std::f64::consts::LN_2 + (x * (-x + 1.0)).log())
+            .mean(Kind::Float);
+        let recon = self.unmap_pixels(&mu.sigmoid());
+        let mse = (recon.detach() - images).square().mean(Kind::Float);
+        (nll, mse)
+    }
+
+    /// Losses for fine-tuning the decoder alone on the encoder's hard codes (argmax, computed
+    /// without gradients): the tokens a transformer was trained on stay exactly the same, and
+    /// the decoder learns to draw from the codes it is actually given at sampling time rather
+    /// than from the relaxed mixtures of training. `kl` is zero.
+    pub fn decoder_loss(&self, images: &Tensor) -> DvaeLoss {
+        let x = self.map_pixels(images);
+        let codes = tch::no_grad(|| self.encoder.forward(&x).argmax(1, false));
+        let stats = self.decoder.forward_codes(&codes);
+        let (nll, mse) = self.reconstruction(images, &x, &stats);
+        DvaeLoss { loss: nll.shallow_clone(), nll, kl: Tensor::zeros([], (Kind::Float, images.device())), mse }
+    }
+
+    /// Stops gradients to the encoder's parameters (for [`Dvae::decoder_loss`]): optimizers
+    /// and averages built afterwards leave them exactly as loaded.
+    pub fn freeze_encoder(vs: &nn::VarStore) {
+        for (name, t) in vs.variables() {
+            if name.starts_with("encoder.") {
+                let _ = t.set_requires_grad(false);
+            }
+        }
+    }
+
     /// One training step's losses with Gumbel-softmax temperature `tau` and KL weight `beta`.
     pub fn loss(&self, images: &Tensor, tau: f64, beta: f64) -> DvaeLoss {
         let x = self.map_pixels(images);
@@ -227,12 +263,7 @@ impl Dvae {
         let gumbel = -(-u.log()).log();
         let z = ((&logits + gumbel) / tau).softmax(1, Kind::Float);
         let stats = self.decoder.body(self.decoder.input.forward(&z));
-        let mu = stats.narrow(1, 0, 3);
-        let ln_b = stats.narrow(1, 3, 3);
-        let logit_x = (&x / (-&x + 1.0)).log();
-        // −ln f(x | μ, b) = |logit x − μ| / b + ln(2b) + ln(x(1 − x))
-        let nll = ((&logit_x - &mu).abs() * (-&ln_b).exp() + &ln_b + std::f64::consts::LN_2 + (&x * (-&x + 1.0)).log())
-            .mean(Kind::Float);
+        let (nll, mse) = self.reconstruction(images, &x, &stats);
         let log_q = logits.log_softmax(1, Kind::Float);
         let kl = (log_q.exp() * (&log_q + (self.cfg.vocab_size as f64).ln()))
             .sum_dim_intlist(1, false, Kind::Float)
@@ -240,8 +271,6 @@ impl Dvae {
         let (_, _, gh, gw) = logits.size4().unwrap_or((1, 1, 1, 1));
         let (_, c, h, w) = images.size4().unwrap_or((1, 3, 1, 1));
         let kl_weight = beta * (gh * gw) as f64 / (c * h * w) as f64;
-        let recon = self.unmap_pixels(&mu.sigmoid());
-        let mse = (recon.detach() - images).square().mean(Kind::Float);
         DvaeLoss { loss: &nll + &kl * kl_weight, nll, kl, mse }
     }
 }

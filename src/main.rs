@@ -203,6 +203,11 @@ enum TrainCommand {
         tau_steps: usize,
         #[arg(long, default_value_t = 0.999)]
         ema: f64,
+        /// Fine-tune only the decoder of the directory's trained dVAE on the encoder's hard
+        /// codes (the encoder, and so every image's tokens, stay exactly as they are: a
+        /// transformer trained on them remains valid). --resume continues this run.
+        #[arg(long)]
+        decoder_only: bool,
     },
     /// Train the transformer (paper recipe: AdamW(0.9, 0.96), warm-up, clipping 4, EMA).
     Transformer {
@@ -595,7 +600,7 @@ fn train(t: TrainCommand) -> Result<()> {
             eprintln!("tokenizer with {} tokens written to {}", tok.vocab_size(), at.dir.display());
             return Ok(());
         }
-        TrainCommand::Dvae { common, lr, lr_end, beta, beta_steps, tau_end, tau_steps, ema } => {
+        TrainCommand::Dvae { common, lr, lr_end, beta, beta_steps, tau_end, tau_steps, ema, decoder_only } => {
             let opts = train_options(&common)?;
             let schedule = tessera::dvae::DvaeSchedule {
                 beta_max: beta,
@@ -607,7 +612,7 @@ fn train(t: TrainCommand) -> Result<()> {
                 lr_end,
                 lr_steps: opts.steps,
             };
-            tr::train_dvae(&opts, &DvaeRecipe { schedule, ema, ..Default::default() })?
+            tr::train_dvae(&opts, &DvaeRecipe { schedule, ema, decoder_only, ..Default::default() })?
         }
         TrainCommand::Transformer { common, lr, warmup, ema, clip } => {
             let opts = train_options(&common)?;

@@ -157,10 +157,14 @@ impl Ema {
     }
 
     /// Folds the current parameters into the average after update number `step` (0-based).
+    /// Frozen parameters (no gradient) are left as they are, bit for bit.
     pub fn update(&mut self, step: usize) {
         let d = self.decay_at(step);
         tch::no_grad(|| {
             for (s, p) in self.shadow.iter_mut().zip(&self.params) {
+                if !p.requires_grad() {
+                    continue;
+                }
                 let _ = s.g_mul_scalar_(d).g_add_(&(p * (1.0 - d)));
             }
         });

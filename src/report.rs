@@ -42,6 +42,10 @@ pub struct Report {
     pub accuracy: BTreeMap<String, Accuracy>,
     pub held_out: BTreeMap<String, Accuracy>,
     pub dvae_psnr_db: f64,
+    /// Per capability (seen captions): the share of ground-truth renders still scored right
+    /// after a dVAE round trip (encode, decode) — the most any transformer could reach
+    /// through this dVAE.
+    pub dvae_roundtrip: BTreeMap<String, f64>,
     pub seconds_per_image: f64,
     pub device: String,
     pub samples_per_caption: usize,
@@ -63,24 +67,41 @@ pub fn dvae_psnr(model: &Model, n: usize, seed: u64) -> Result<f64> {
     Ok(-10.0 * mse.max(1e-12).log10())
 }
 
+/// How many of `scenes`' ground-truth renders the evaluator still accepts after the dVAE has
+/// encoded and decoded them.
+fn roundtrip_accuracy(model: &Model, scenes: &[world::Scene]) -> Result<f64> {
+    let size = model.config.dvae.image_size;
+    let imgs: Vec<Vec<u8>> = scenes.iter().map(|s| world::render(s, size)).collect();
+    let x = from_rgb8(&imgs, size, model.device)?;
+    let rec = crate::model::to_rgb8(&tch::no_grad(|| model.dvae.net.decode(&model.dvae.net.encode(&x))))?;
+    let ok = scenes.iter().zip(&rec).filter(|(s, r)| score(s, r, size)).count();
+    Ok(ok as f64 / scenes.len().max(1) as f64)
+}
+
 /// Runs the evaluation; writes `report.json`, `report.md` and `grid.png` into `out`.
 pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnMut(&str)) -> Result<Report> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let size = model.config.dvae.image_size;
     let mut accuracy = BTreeMap::new();
     let mut held_out = BTreeMap::new();
+    let mut dvae_roundtrip = BTreeMap::new();
     let mut grid_rows: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
     let (mut images, t0) = (0usize, Instant::now());
     for (split, caps) in [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)] {
         for &cap in caps {
             let (mut single, mut top, mut n) = (0.0, 0.0, 0);
-            for c in 0..opts.captions {
-                // evaluation scenes use seeds the training stream does not (it draws from `sample`)
-                let scene = world::generate(cap, opts.seed.wrapping_add(1_000_003 * (c as u64 + 1)), split);
+            // evaluation scenes use seeds the training stream does not (it draws from `sample`)
+            let scenes: Vec<world::Scene> = (0..opts.captions)
+                .map(|c| world::generate(cap, opts.seed.wrapping_add(1_000_003 * (c as u64 + 1)), split))
+                .collect();
+            if split == Split::Train {
+                dvae_roundtrip.insert(cap.name().to_string(), roundtrip_accuracy(model, &scenes)?);
+            }
+            for (c, scene) in scenes.iter().enumerate() {
                 let samples =
                     model.generate(&scene.caption, opts.samples, opts.seed + c as u64, None, &opts.sample, |_| true)?;
                 images += samples.len();
-                let oks: Vec<bool> = samples.iter().map(|s| score(&scene, &s.rgb, size)).collect();
+                let oks: Vec<bool> = samples.iter().map(|s| score(scene, &s.rgb, size)).collect();
                 let rgb: Vec<Vec<u8>> = samples.iter().map(|s| s.rgb.clone()).collect();
                 let best = match model.rerank(&scene.caption, &rgb)? {
                     Some(scores) => {
@@ -92,7 +113,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                 top += oks[best] as u8 as f64;
                 n += 1;
                 if c == 0 && split == Split::Train {
-                    let mut row = vec![world::render(&scene, size), rgb[best].clone()];
+                    let mut row = vec![world::render(scene, size), rgb[best].clone()];
                     row.extend(rgb.iter().take(6).cloned());
                     grid_rows.push((scene.caption.clone(), row));
                 }
@@ -110,6 +131,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         accuracy,
         held_out,
         dvae_psnr_db: dvae_psnr(model, 64, opts.seed)?,
+        dvae_roundtrip,
         seconds_per_image,
         device: format!("{:?}", model.device).to_lowercase(),
         samples_per_caption: opts.samples,
@@ -128,17 +150,18 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
         "{} samples per caption, reranker: {}. dVAE PSNR on held-out images: {:.2} dB. {:.3} s per image on {}.\n\n",
         r.samples_per_caption, r.reranker, r.dvae_psnr_db, r.seconds_per_image, r.device
     );
-    s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | captions |\n";
-    s += "| --- | --- | --- | --- | --- | --- |\n";
+    s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | ground truth through the dVAE | captions |\n";
+    s += "| --- | --- | --- | --- | --- | --- | --- |\n";
     for (k, a) in &r.accuracy {
         let h = r.held_out.get(k);
         let f = |v: Option<f64>| v.map(|x| format!("{:.0}%", 100.0 * x)).unwrap_or_else(|| "–".into());
         s += &format!(
-            "| {k} | {} | {} | {} | {} | {} |\n",
+            "| {k} | {} | {} | {} | {} | {} | {} |\n",
             f(Some(a.single)),
             f(Some(a.rerank_top1)),
             f(h.map(|h| h.single)),
             f(h.map(|h| h.rerank_top1)),
+            f(r.dvae_roundtrip.get(k).copied()),
             a.n
         );
     }

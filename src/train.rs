@@ -50,11 +50,15 @@ pub struct DvaeRecipe {
     pub schedule: DvaeSchedule,
     pub ema: f64,
     pub weight_decay: f64,
+    /// Fine-tune the decoder of the directory's trained dVAE on hard codes, the encoder (and so
+    /// every image's tokens) frozen; its training state is `dvae-decoder.state.safetensors`,
+    /// its log `dvae-decoder.log.jsonl`, and the result replaces `dvae.safetensors`.
+    pub decoder_only: bool,
 }
 
 impl Default for DvaeRecipe {
     fn default() -> Self {
-        Self { schedule: DvaeSchedule::default(), ema: 0.999, weight_decay: 1e-4 }
+        Self { schedule: DvaeSchedule::default(), ema: 0.999, weight_decay: 1e-4, decoder_only: false }
     }
 }
 
@@ -373,21 +377,33 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
     let cfg = crate::model::Model::load_config(&opts.dir)?;
     let source = Source::open(&opts.data)?;
     tch::manual_seed(opts.seed as i64); // the initial weights depend on the seed alone
-    let model = DvaeModel::new(&cfg, opts.device);
+    let mut model = DvaeModel::new(&cfg, opts.device);
+    let component = if recipe.decoder_only { "dvae-decoder" } else { "dvae" };
+    if recipe.decoder_only {
+        let trained = opts.dir.join(DVAE_FILE);
+        if !trained.exists() {
+            return Err(Error::Invalid(format!(
+                "--decoder-only fine-tunes a trained dVAE, and {} does not exist: train the dVAE first",
+                trained.display()
+            )));
+        }
+        crate::io::load_varstore(&mut model.vs, &trained)?;
+        crate::dvae::Dvae::freeze_encoder(&model.vs);
+    }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.999, 1e-8, recipe.weight_decay);
     let mut ema = Ema::new(&model.vs, recipe.ema);
     let mut start = 0;
-    if opts.resume && state_path(&opts.dir, "dvae").exists() {
-        start = load_state(&opts.dir, "dvae", &model.vs, &mut opt, &mut ema)?;
+    if opts.resume && state_path(&opts.dir, component).exists() {
+        start = load_state(&opts.dir, component, &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;
-    let mut run = Run::begin(opts, "dvae", &source, size, start)?;
+    let mut run = Run::begin(opts, component, &source, size, start)?;
     let s = &recipe.schedule;
     while let Some(batch) = run.next_batch(opts)? {
         let step = run.step;
         let x = from_rgb8(&batch.images, size, opts.device)?;
         let (tau, beta, lr) = (s.tau(step), s.beta(step), s.lr(step));
-        let l = model.net.loss(&x, tau, beta);
+        let l = if recipe.decoder_only { model.net.decoder_loss(&x) } else { model.net.loss(&x, tau, beta) };
         opt.zero_grad();
         l.loss.backward();
         opt.step(lr);
@@ -404,7 +420,8 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
             run.record(opts.steps, record, rate, "images");
         }
         if step % opts.checkpoint_every == 0 || run.is_last() {
-            checkpoint(opts, "dvae", step, &model.vs, &opt, &ema)?;
+            save_state(&opts.dir, component, step, &model.vs, &opt, &ema)?;
+            write_weights(opts, "dvae", &ema)?;
         }
         if opts.sample_every > 0 && step % opts.sample_every == 0 {
             let n = batch.images.len().min(8);
@@ -420,8 +437,13 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
 /// Writes the training state and the averaged weights a model directory loads.
 fn checkpoint(opts: &TrainOptions, component: &str, step: usize, vs: &VarStore, opt: &AdamW, ema: &Ema) -> Result<()> {
     save_state(&opts.dir, component, step, vs, opt, ema)?;
+    write_weights(opts, component, ema)
+}
+
+/// Writes the averaged weights as `<name>.safetensors`, the file a model directory loads.
+fn write_weights(opts: &TrainOptions, name: &str, ema: &Ema) -> Result<()> {
     let weights = crate::io::tensors_to_safetensors(&ema.tensors(), None)?;
-    write_atomic(&opts.dir.join(format!("{component}.safetensors")), &weights)
+    write_atomic(&opts.dir.join(format!("{name}.safetensors")), &weights)
 }
 
 // ---------------------------------------------------------------------------------------

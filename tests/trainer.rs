@@ -208,7 +208,58 @@ fn reranker_learns_and_eval_writes_a_report() {
     assert_eq!(r.accuracy.len(), 6);
     assert_eq!(r.held_out.len(), 4);
     assert!(r.dvae_psnr_db.is_finite());
+    assert_eq!(r.dvae_roundtrip.len(), 6);
+    assert!(r.dvae_roundtrip.values().all(|v| (0.0..=1.0).contains(v)));
     for f in ["report.json", "report.md", "grid.png"] {
         assert!(out.join(f).exists(), "{f} missing");
     }
+}
+
+/// The dVAE of `dir` with its hard-code reconstruction of `images`: (tokens, mean squared error,
+/// encoder tensors).
+fn hard_reconstruction(dir: &Path, images: &tch::Tensor) -> (tch::Tensor, f64, Vec<(String, tch::Tensor)>) {
+    let cfg = tessera::Model::load_config(dir).unwrap();
+    let mut m = tessera::model::DvaeModel::new(&cfg, Device::Cpu);
+    tessera::io::load_varstore(&mut m.vs, &dir.join("dvae.safetensors")).unwrap();
+    let tokens = tch::no_grad(|| m.net.encode(images));
+    let rec = tch::no_grad(|| m.net.decode(&tokens));
+    let mse = (rec - images).square().mean(tch::Kind::Float).double_value(&[]);
+    let encoder =
+        sorted_state(&dir.join("dvae.safetensors")).into_iter().filter(|(n, _)| n.starts_with("encoder.")).collect();
+    (tokens, mse, encoder)
+}
+
+#[test]
+fn decoder_fine_tuning_keeps_every_token_and_sharpens_hard_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    new_dir(dir.path());
+    let mut o = options(dir.path(), 40, None, false);
+    o.checkpoint_every = 20;
+    let schedule = tessera::dvae::DvaeSchedule { lr_start: 3e-3, lr_end: 3e-4, lr_steps: 40, ..Default::default() };
+    let decoder_only = DvaeRecipe { schedule: schedule.clone(), decoder_only: true, ..Default::default() };
+    // nothing to fine-tune yet: a clear error, nothing written
+    let err = train::train_dvae(&o, &decoder_only).unwrap_err().to_string();
+    assert!(err.contains("train the dVAE first"), "{err}");
+    assert!(!dir.path().join("dvae.safetensors").exists());
+    train::train_dvae(&o, &DvaeRecipe { schedule, ..Default::default() }).unwrap();
+
+    let cfg = tessera::Model::load_config(dir.path()).unwrap();
+    let size = cfg.dvae.image_size;
+    let source = tessera::data::Source::open("world:77").unwrap();
+    let images: Vec<Vec<u8>> =
+        (0..16).map(|i| source.get(i, size, &mut tessera::sample::SeedRng::new(i)).unwrap().rgb).collect();
+    let x = tessera::model::from_rgb8(&images, size, Device::Cpu).unwrap();
+    let (tokens0, mse0, encoder0) = hard_reconstruction(dir.path(), &x);
+
+    let s = train::train_dvae(&o, &decoder_only).unwrap();
+    assert_eq!(s.step, 40);
+    assert!(dir.path().join("dvae-decoder.state.safetensors").exists());
+    assert!(dir.path().join("dvae-decoder.log.jsonl").exists());
+    let (tokens1, mse1, encoder1) = hard_reconstruction(dir.path(), &x);
+    assert!(tokens0.equal(&tokens1), "fine-tuning the decoder changed image tokens");
+    assert_eq!(encoder0.len(), encoder1.len());
+    for ((n, a), (_, b)) in encoder0.iter().zip(&encoder1) {
+        assert!(a.equal(b), "encoder tensor {n} changed");
+    }
+    assert!(mse1 < 0.8 * mse0, "hard-code reconstruction error {mse0} → {mse1}");
 }
