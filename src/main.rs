@@ -44,7 +44,8 @@ enum Command {
         /// Captions per capability and split.
         #[arg(long, default_value_t = 10)]
         captions: usize,
-        /// Samples per caption, reranked to the top one.
+        /// Samples per caption, reranked to the top one (0: measure only the dVAE — PSNR and
+        /// the evaluator's score on ground truth through it — in seconds).
         #[arg(long, default_value_t = 16)]
         samples: usize,
         #[arg(long, default_value_t = 0)]

@@ -49,6 +49,8 @@ pub struct Report {
     pub seconds_per_image: f64,
     pub device: String,
     pub samples_per_caption: usize,
+    /// Captions per capability and split.
+    pub captions: usize,
     pub reranker: bool,
 }
 
@@ -69,13 +71,15 @@ pub fn dvae_psnr(model: &Model, n: usize, seed: u64) -> Result<f64> {
 
 /// How many of `scenes`' ground-truth renders the evaluator still accepts after the dVAE has
 /// encoded and decoded them.
-fn roundtrip_accuracy(model: &Model, scenes: &[world::Scene]) -> Result<f64> {
+/// Also returns the first scene's render and its reconstruction.
+fn roundtrip_accuracy(model: &Model, scenes: &[world::Scene]) -> Result<(f64, Vec<Vec<u8>>)> {
     let size = model.config.dvae.image_size;
     let imgs: Vec<Vec<u8>> = scenes.iter().map(|s| world::render(s, size)).collect();
     let x = from_rgb8(&imgs, size, model.device)?;
     let rec = crate::model::to_rgb8(&tch::no_grad(|| model.dvae.net.decode(&model.dvae.net.encode(&x))))?;
     let ok = scenes.iter().zip(&rec).filter(|(s, r)| score(s, r, size)).count();
-    Ok(ok as f64 / scenes.len().max(1) as f64)
+    let first = imgs.into_iter().zip(rec).take(1).flat_map(|(a, b)| [a, b]).collect();
+    Ok((ok as f64 / scenes.len().max(1) as f64, first))
 }
 
 /// Runs the evaluation; writes `report.json`, `report.md` and `grid.png` into `out`.
@@ -86,7 +90,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     let mut held_out = BTreeMap::new();
     let mut dvae_roundtrip = BTreeMap::new();
     let mut grid_rows: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
-    let (mut images, t0) = (0usize, Instant::now());
+    let (mut images, mut sampling) = (0usize, 0.0f64);
     for (split, caps) in [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)] {
         for &cap in caps {
             let (mut single, mut top, mut n) = (0.0, 0.0, 0);
@@ -95,13 +99,20 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                 .map(|c| world::generate(cap, opts.seed.wrapping_add(1_000_003 * (c as u64 + 1)), split))
                 .collect();
             if split == Split::Train {
-                dvae_roundtrip.insert(cap.name().to_string(), roundtrip_accuracy(model, &scenes)?);
+                let (acc, row) = roundtrip_accuracy(model, &scenes)?;
+                dvae_roundtrip.insert(cap.name().to_string(), acc);
+                if opts.samples == 0 && !scenes.is_empty() {
+                    grid_rows.push((scenes[0].caption.clone(), row));
+                }
+            }
+            if opts.samples == 0 {
+                continue; // the dVAE alone
             }
             for (c, scene) in scenes.iter().enumerate() {
+                let t0 = Instant::now();
                 let samples =
                     model.generate(&scene.caption, opts.samples, opts.seed + c as u64, None, &opts.sample, |_| true)?;
                 images += samples.len();
-                let oks: Vec<bool> = samples.iter().map(|s| score(scene, &s.rgb, size)).collect();
                 let rgb: Vec<Vec<u8>> = samples.iter().map(|s| s.rgb.clone()).collect();
                 let best = match model.rerank(&scene.caption, &rgb)? {
                     Some(scores) => {
@@ -109,6 +120,8 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                     }
                     None => 0,
                 };
+                sampling += t0.elapsed().as_secs_f64();
+                let oks: Vec<bool> = samples.iter().map(|s| score(scene, &s.rgb, size)).collect();
                 single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
                 top += oks[best] as u8 as f64;
                 n += 1;
@@ -126,7 +139,8 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
             };
         }
     }
-    let seconds_per_image = t0.elapsed().as_secs_f64() / images.max(1) as f64;
+    // sampling and reranking time only; none without samples (null in the JSON)
+    let seconds_per_image = if images == 0 { f64::NAN } else { sampling / images as f64 };
     let report = Report {
         accuracy,
         held_out,
@@ -135,6 +149,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         seconds_per_image,
         device: format!("{:?}", model.device).to_lowercase(),
         samples_per_caption: opts.samples,
+        captions: opts.captions,
         reranker: model.reranker.is_some(),
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -147,25 +162,33 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
 fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
     let mut s = String::from("# Evaluation\n\n");
     s += &format!(
-        "{} samples per caption, reranker: {}. dVAE PSNR on held-out images: {:.2} dB. {:.3} s per image on {}.\n\n",
-        r.samples_per_caption, r.reranker, r.dvae_psnr_db, r.seconds_per_image, r.device
+        "{} samples per caption, reranker: {}. dVAE PSNR on held-out images: {:.2} dB.",
+        r.samples_per_caption, r.reranker, r.dvae_psnr_db
     );
+    if r.seconds_per_image.is_finite() {
+        s += &format!(" {:.3} s per image (sampling and reranking) on {}.", r.seconds_per_image, r.device);
+    }
+    s += "\n\n";
     s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | ground truth through the dVAE | captions |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- |\n";
-    for (k, a) in &r.accuracy {
-        let h = r.held_out.get(k);
+    for (k, roundtrip) in &r.dvae_roundtrip {
+        let (a, h) = (r.accuracy.get(k), r.held_out.get(k));
         let f = |v: Option<f64>| v.map(|x| format!("{:.0}%", 100.0 * x)).unwrap_or_else(|| "–".into());
         s += &format!(
             "| {k} | {} | {} | {} | {} | {} | {} |\n",
-            f(Some(a.single)),
-            f(Some(a.rerank_top1)),
+            f(a.map(|a| a.single)),
+            f(a.map(|a| a.rerank_top1)),
             f(h.map(|h| h.single)),
             f(h.map(|h| h.rerank_top1)),
-            f(r.dvae_roundtrip.get(k).copied()),
-            a.n
+            f(Some(*roundtrip)),
+            a.map(|a| a.n).unwrap_or(r.captions)
         );
     }
-    s += "\n`grid.png`: one row per capability: the ground-truth render, the reranker's pick, then samples. Captions:\n\n";
+    s += if r.samples_per_caption == 0 {
+        "\n`grid.png`: one row per capability: the ground-truth render and its dVAE reconstruction. Captions:\n\n"
+    } else {
+        "\n`grid.png`: one row per capability: the ground-truth render, the reranker's pick, then samples. Captions:\n\n"
+    };
     for (c, _) in rows {
         s += &format!("- {c}\n");
     }

@@ -213,6 +213,15 @@ fn reranker_learns_and_eval_writes_a_report() {
     for f in ["report.json", "report.md", "grid.png"] {
         assert!(out.join(f).exists(), "{f} missing");
     }
+    // the dVAE alone: no sampling, the same round trips of the same scenes
+    let dvae_only = dir.path().join("eval-dvae");
+    let d = tessera::report::evaluate(&m, &tessera::report::EvalOptions { samples: 0, ..opts }, &dvae_only, |_| {})
+        .unwrap();
+    assert!(d.accuracy.is_empty() && d.held_out.is_empty());
+    assert_eq!(d.dvae_roundtrip, r.dvae_roundtrip);
+    assert_eq!(d.dvae_psnr_db, r.dvae_psnr_db);
+    let md = std::fs::read_to_string(dvae_only.join("report.md")).unwrap();
+    assert_eq!(md.lines().filter(|l| l.starts_with("| ") && l.contains('%')).count(), 6, "{md}");
 }
 
 /// The dVAE of `dir` with its hard-code reconstruction of `images`: (tokens, mean squared error,
