@@ -7,12 +7,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::eval::score;
 use crate::io::write_atomic;
-use crate::model::{Model, from_rgb8};
+use crate::model::{Model, from_rgb8, to_rgb8};
 use crate::sample::SampleOptions;
 use crate::world::{self, Capability, Split};
 
@@ -58,27 +58,35 @@ pub struct Report {
 const HELD_OUT: &[Capability] =
     &[Capability::SingleObject, Capability::TwoObjectsPosition, Capability::Count, Capability::Transform];
 
-/// dVAE reconstruction PSNR (dB) on `n` held-out world images.
-pub fn dvae_psnr(model: &Model, n: usize, seed: u64) -> Result<f64> {
+/// Renders `scenes` and passes them through the dVAE (encode to hard codes, decode): the
+/// renders and their reconstructions, as tensors [N, 3, H, W] in [0, 1].
+fn round_trip(model: &Model, scenes: &[world::Scene]) -> Result<(Tensor, Tensor)> {
     let size = model.config.dvae.image_size;
-    let imgs: Vec<Vec<u8>> =
-        (0..n as u64).map(|i| world::render(&world::sample(seed ^ 0xD7AE, i, Split::HeldOut), size)).collect();
+    let imgs: Vec<Vec<u8>> = scenes.iter().map(|s| world::render(s, size)).collect();
     let x = from_rgb8(&imgs, size, model.device)?;
     let rec = tch::no_grad(|| model.dvae.net.decode(&model.dvae.net.encode(&x)));
+    Ok((x, rec))
+}
+
+/// dVAE reconstruction PSNR (dB) on `n` held-out world images.
+pub fn dvae_psnr(model: &Model, n: usize, seed: u64) -> Result<f64> {
+    let scenes: Vec<world::Scene> = (0..n as u64).map(|i| world::sample(seed ^ 0xD7AE, i, Split::HeldOut)).collect();
+    let (x, rec) = round_trip(model, &scenes)?;
     let mse = (rec - &x).square().mean(Kind::Float).double_value(&[]);
     Ok(-10.0 * mse.max(1e-12).log10())
 }
 
-/// How many of `scenes`' ground-truth renders the evaluator still accepts after the dVAE has
-/// encoded and decoded them.
-/// Also returns the first scene's render and its reconstruction.
+/// How many of `scenes`' ground-truth renders the evaluator still accepts after a dVAE round
+/// trip; also the first scene's render and its reconstruction, for the grid.
 fn roundtrip_accuracy(model: &Model, scenes: &[world::Scene]) -> Result<(f64, Vec<Vec<u8>>)> {
     let size = model.config.dvae.image_size;
-    let imgs: Vec<Vec<u8>> = scenes.iter().map(|s| world::render(s, size)).collect();
-    let x = from_rgb8(&imgs, size, model.device)?;
-    let rec = crate::model::to_rgb8(&tch::no_grad(|| model.dvae.net.decode(&model.dvae.net.encode(&x))))?;
+    let (x, rec) = round_trip(model, scenes)?;
+    let rec = to_rgb8(&rec)?;
     let ok = scenes.iter().zip(&rec).filter(|(s, r)| score(s, r, size)).count();
-    let first = imgs.into_iter().zip(rec).take(1).flat_map(|(a, b)| [a, b]).collect();
+    let first = match rec.into_iter().next() {
+        Some(r) => vec![to_rgb8(&x.narrow(0, 0, 1))?.remove(0), r],
+        None => Vec::new(),
+    };
     Ok((ok as f64 / scenes.len().max(1) as f64, first))
 }
 
@@ -181,7 +189,7 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
             f(h.map(|h| h.single)),
             f(h.map(|h| h.rerank_top1)),
             f(Some(*roundtrip)),
-            a.map(|a| a.n).unwrap_or(r.captions)
+            r.captions
         );
     }
     s += if r.samples_per_caption == 0 {

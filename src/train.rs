@@ -412,11 +412,16 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         if step % opts.log_every == 0 || run.is_last() {
             let mse = l.mse.double_value(&[]);
             let rate = run.rate(opts.batch);
-            let record = serde_json::json!({
-                "step": step, "loss": run.last, "nll": l.nll.double_value(&[]), "kl": l.kl.double_value(&[]),
-                "mse": mse, "psnr_db": -10.0 * mse.max(1e-12).log10(), "lr": lr, "tau": tau, "beta": beta,
-                "images_per_s": rate, "data_wait": run.data_wait(),
+            let mut record = serde_json::json!({
+                "step": step, "loss": run.last, "nll": l.nll.double_value(&[]), "mse": mse,
+                "psnr_db": -10.0 * mse.max(1e-12).log10(), "lr": lr, "images_per_s": rate, "data_wait": run.data_wait(),
             });
+            if !recipe.decoder_only {
+                // the relaxation's terms (hard codes have none)
+                record["kl"] = l.kl.double_value(&[]).into();
+                record["tau"] = tau.into();
+                record["beta"] = beta.into();
+            }
             run.record(opts.steps, record, rate, "images");
         }
         if step % opts.checkpoint_every == 0 || run.is_last() {
@@ -428,7 +433,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
             let rec = tch::no_grad(|| model.net.decode(&model.net.encode(&x.narrow(0, 0, n as i64))));
             let mut row = batch.images[..n].to_vec();
             row.extend(crate::model::to_rgb8(&rec)?);
-            save_grid(&opts.dir.join("samples").join(format!("dvae-{step:07}.png")), &row, size)?;
+            save_grid(&opts.dir.join("samples").join(format!("{component}-{step:07}.png")), &row, size)?;
         }
     }
     Ok(run.finish(opts, source.skipped()))

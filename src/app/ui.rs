@@ -335,7 +335,9 @@ impl TesseraApp {
                         cancel = Some(j.id);
                     }
                 }
-                ui.weak(j.prompt.chars().take(40).collect::<String>());
+                // truncated to the panel's width, so a running job's longer row cannot widen
+                // the panel (it used to, by a few pixels, depending on when a frame was drawn)
+                ui.add(egui::Label::new(egui::RichText::new(&j.prompt).weak()).truncate()).on_hover_text(&j.prompt);
             });
             if !j.previews.is_empty() {
                 let textures = self.thumbs.previews(ui.ctx(), j.id, j.preview_rows, &j.previews);
