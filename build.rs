@@ -36,7 +36,9 @@ fn embed_default_model() {
     let mut code = String::from(
         "/// Files of the embedded default model (name, bytes).\npub static FILES: &[(&str, &[u8])] = &[\n",
     );
-    for name in MODEL_FILES {
+    // the slim command-line build (no `embedded-model` feature) carries no weights
+    let embed = std::env::var_os("CARGO_FEATURE_EMBEDDED_MODEL").is_some();
+    for name in MODEL_FILES.iter().filter(|_| embed) {
         let path = dir.join(name);
         println!("cargo:rerun-if-changed={}", path.display());
         if path.is_file() {

@@ -40,11 +40,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 struct Raw {
     shape: Vec<usize>,
     data: Vec<u8>,
+    dtype: Dtype,
 }
 
 impl View for &Raw {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -63,15 +64,34 @@ fn tensor_f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
+fn tensor_bf16_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let v = Vec::<f32>::try_from(&t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous().flatten(0, -1))?;
+    Ok(v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect())
+}
+
 /// Serialises named tensors (as f32) into safetensors bytes, with optional metadata.
 pub fn tensors_to_safetensors(
     tensors: &[(String, Tensor)],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
+    tensors_to_safetensors_as(tensors, metadata, Kind::Float)
+}
+
+/// Serialises named tensors as f32 or bf16 (`kind`; rounded to nearest even) into safetensors
+/// bytes. Loading reads either back into f32 variables.
+pub fn tensors_to_safetensors_as(
+    tensors: &[(String, Tensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+    kind: Kind,
+) -> Result<Vec<u8>> {
     let mut raws = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let shape = t.size().iter().map(|&d| d as usize).collect();
-        raws.push((name.clone(), Raw { shape, data: tensor_f32_bytes(t)? }));
+        let raw = match kind {
+            Kind::BFloat16 => Raw { shape, data: tensor_bf16_bytes(t)?, dtype: Dtype::BF16 },
+            _ => Raw { shape, data: tensor_f32_bytes(t)?, dtype: Dtype::F32 },
+        };
+        raws.push((name.clone(), raw));
     }
     let views = raws.iter().map(|(n, r)| (n.as_str(), r));
     safetensors::serialize(views, &metadata).map_err(|e| Error::Invalid(format!("cannot serialise weights: {e}")))

@@ -36,6 +36,7 @@ enum Command {
     #[command(subcommand)]
     Train(TrainCommand),
     /// Open the desktop app (prompt, completion canvas, reranked gallery, export).
+    #[cfg(feature = "app")]
     App(AppArgs),
     /// Score a model on held-out captions of the synthetic world; writes a report.
     Eval {
@@ -90,6 +91,7 @@ impl SamplingArgs {
     }
 }
 
+#[cfg(feature = "app")]
 #[derive(Args)]
 struct AppArgs {
     #[command(flatten)]
@@ -174,6 +176,16 @@ struct CommonTrain {
     /// Stop after this many steps of this run (checkpointing there); --resume continues.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Loader threads that render or read the data (default: every core but one).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Train from the token shards in this folder (made by `train shards`) instead of
+    /// rendering and encoding pictures (transformer and reranker).
+    #[arg(long)]
+    shards: Option<PathBuf>,
+    /// Store the averaged weights in bf16 (half the size).
+    #[arg(long)]
+    bf16_weights: bool,
 }
 
 #[derive(Subcommand)]
@@ -222,6 +234,65 @@ enum TrainCommand {
         ema: f64,
         #[arg(long, default_value_t = 4.0)]
         clip: f64,
+    },
+    /// Encode a training set with the directory's dVAE once into token shards
+    /// (DIR/shards/shard-NNNNN.tok), for `--shards` training of the transformer and reranker.
+    Shards {
+        #[command(flatten)]
+        at: ModelData,
+        /// Examples to encode.
+        #[arg(long, default_value_t = 100_000)]
+        examples: usize,
+        /// Examples per shard file.
+        #[arg(long, default_value_t = 8192)]
+        per_shard: usize,
+        /// Pictures per encoder call.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Output folder (default DIR/shards).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// Train a whole model in a time budget: tokenizer, dVAE, token shards, transformer,
+    /// reranker, then the evaluation report (DIR/eval). The plan is in DIR/train-all.json.
+    All {
+        #[command(flatten)]
+        at: ModelData,
+        /// Wall-clock budget for the whole run: 90s, 8m, 1h30m…
+        #[arg(long)]
+        budget: String,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Continue a killed run from its last checkpoint, with the same plan.
+        #[arg(long)]
+        resume: bool,
+        /// Loader threads (default: every core but one).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// libtorch CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Batch sizes (default: by device).
+        #[arg(long)]
+        dvae_batch: Option<usize>,
+        #[arg(long)]
+        transformer_batch: Option<usize>,
+        #[arg(long)]
+        reranker_batch: Option<usize>,
+        /// Most captions per capability for the closing evaluation (fewer if its share of
+        /// the budget is short; 0 = no evaluation).
+        #[arg(long, default_value_t = 20)]
+        eval_captions: usize,
+        #[arg(long, default_value_t = 16)]
+        eval_samples: usize,
     },
     /// Train the contrastive reranker (AdamW(0.9, 0.98), warm-up and cosine decay).
     Reranker {
@@ -278,7 +349,7 @@ struct GenerateArgs {
     /// CPU threads for libtorch (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Sampling dtype of the transformer: auto (bf16 on CUDA, f32 on CPU), f32 or bf16.
+    /// Sampling dtype of the transformer: auto (f32 for now, on CPU and CUDA), f32 or bf16.
     #[arg(long, default_value = "auto")]
     dtype: String,
 }
@@ -319,6 +390,10 @@ struct BenchArgs {
 }
 
 fn main() {
+    // TESSERA_CUDNN=0 turns cuDNN off (a probe for kernels that plan per shape)
+    if std::env::var("TESSERA_CUDNN").is_ok_and(|v| v == "0") {
+        tch::Cuda::set_user_enabled_cudnn(false);
+    }
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -334,6 +409,7 @@ fn run(cli: Cli) -> Result<()> {
             world_export(n, &out, size, seed, held_out)
         }
         Command::Train(t) => train(t),
+        #[cfg(feature = "app")]
         Command::App(a) => {
             let device = tessera::parse_device(&a.device)?;
             let model = tessera::app::run::startup_model(a.source.model, a.source.random_init);
@@ -401,7 +477,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let prefix = match (&a.prefix_image, a.keep_rows) {
         (Some(path), Some(rows)) => {
-            let (rgb, _) = tessera::app::store::read_rgb_square(path, Some(model.config.dvae.image_size))?;
+            let (rgb, _) = tessera::store::read_rgb_square(path, Some(model.config.dvae.image_size))?;
             Some(model.prefix_tokens(&rgb, rows)?)
         }
         _ => None,
@@ -575,21 +651,22 @@ fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
     if c.steps == 0 || c.batch == 0 || c.checkpoint_every == 0 || c.log_every == 0 {
         bail!("--steps, --batch, --checkpoint-every and --log-every must be at least 1");
     }
-    Ok(tessera::train::TrainOptions {
-        data: c.at.data.clone(),
-        dir: c.at.dir.clone(),
-        steps: c.steps,
-        batch: c.batch,
-        checkpoint_every: c.checkpoint_every,
-        sample_every: c.sample_every,
-        log_every: c.log_every,
-        seed: c.seed,
-        device,
-        compute,
-        resume: c.resume,
-        stop_after: c.stop_after,
-        quiet: false,
-    })
+    let mut o = tessera::train::TrainOptions::new(&c.at.dir);
+    o.data = c.at.data.clone();
+    o.steps = c.steps;
+    o.batch = c.batch;
+    o.checkpoint_every = c.checkpoint_every;
+    o.sample_every = c.sample_every;
+    o.log_every = c.log_every;
+    o.seed = c.seed;
+    o.device = device;
+    o.compute = compute;
+    o.resume = c.resume;
+    o.stop_after = c.stop_after;
+    o.workers = c.workers;
+    o.shards = c.shards.clone();
+    o.weights_bf16 = c.bf16_weights;
+    Ok(o)
 }
 
 fn train(t: TrainCommand) -> Result<()> {
@@ -620,6 +697,64 @@ fn train(t: TrainCommand) -> Result<()> {
             tr::train_transformer(&opts, &TransformerRecipe { lr, warmup, ema, clip, ..Default::default() })?
         }
         TrainCommand::Reranker { common, lr, warmup } => tr::train_reranker(&train_options(&common)?, lr, warmup)?,
+        TrainCommand::Shards { at, examples, per_shard, batch, out, seed, device, workers } => {
+            prepare_dir(&at.dir, at.preset.as_deref())?;
+            if examples == 0 || per_shard == 0 || batch == 0 {
+                bail!("--examples, --per-shard and --batch must be at least 1");
+            }
+            let mut o = tr::TrainOptions::new(&at.dir);
+            o.data = at.data.clone();
+            o.batch = batch;
+            o.seed = seed;
+            o.device = tessera::parse_device(&device)?;
+            o.workers = workers;
+            o.shards = out;
+            let s = tr::encode_shards(&o, examples, per_shard)?;
+            eprintln!();
+            eprintln!(
+                "{} examples in the shards ({} encoded now, {:.0} examples/s, waited for pictures {:.1}% of the time)",
+                s.examples,
+                s.encoded,
+                s.examples_per_s,
+                100.0 * s.data_wait
+            );
+            return Ok(());
+        }
+        TrainCommand::All {
+            at,
+            budget,
+            device,
+            seed,
+            resume,
+            workers,
+            threads,
+            dvae_batch,
+            transformer_batch,
+            reranker_batch,
+            eval_captions,
+            eval_samples,
+        } => {
+            if let Some(t) = threads {
+                tch::set_num_threads(t as i32);
+            }
+            let device = tessera::parse_device(&device)?;
+            let budget = tessera::pipeline::parse_budget(&budget)?;
+            let mut o = tessera::pipeline::AllOptions::new(&at.dir, budget, device);
+            o.preset = at.preset.clone();
+            o.data = at.data.clone();
+            o.seed = seed;
+            o.resume = resume;
+            o.workers = workers;
+            o.dvae_batch = dvae_batch.unwrap_or(o.dvae_batch);
+            o.transformer_batch = transformer_batch.unwrap_or(o.transformer_batch);
+            o.reranker_batch = reranker_batch.unwrap_or(o.reranker_batch);
+            o.eval_captions = eval_captions;
+            o.eval_samples = eval_samples;
+            let plan = tessera::pipeline::train_all(&o)?;
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+            eprintln!("model written to {} in {}", at.dir.display(), tessera::train::fmt_secs(plan.spent_s));
+            return Ok(());
+        }
     };
     eprintln!(
         "stopped at step {} (loss {:.4}, {:.1} examples/s, waited for data {:.1}% of the time, {} unreadable files skipped)",

@@ -7,8 +7,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use crate::dvae::Dvae;
 use crate::error::{Error, Result};
 use crate::eval::score;
 use crate::io::write_atomic;
@@ -60,27 +61,43 @@ const HELD_OUT: &[Capability] =
 
 /// Renders `scenes` and passes them through the dVAE (encode to hard codes, decode): the
 /// renders and their reconstructions, as tensors [N, 3, H, W] in [0, 1].
-fn round_trip(model: &Model, scenes: &[world::Scene]) -> Result<(Tensor, Tensor)> {
-    let size = model.config.dvae.image_size;
+fn round_trip(dvae: &Dvae, device: Device, scenes: &[world::Scene]) -> Result<(Tensor, Tensor)> {
+    let size = dvae.config().image_size;
     let imgs: Vec<Vec<u8>> = scenes.iter().map(|s| world::render(s, size)).collect();
-    let x = from_rgb8(&imgs, size, model.device)?;
-    let rec = tch::no_grad(|| model.dvae.net.decode(&model.dvae.net.encode(&x)));
-    Ok((x, rec))
+    let mut xs = Vec::new();
+    let mut recs = Vec::new();
+    // in slices, so a large check never holds every activation at once
+    for chunk in imgs.chunks(128) {
+        let x = from_rgb8(chunk, size, device)?;
+        recs.push(tch::no_grad(|| dvae.decode(&dvae.encode(&x))));
+        xs.push(x);
+    }
+    Ok((Tensor::cat(&xs, 0), Tensor::cat(&recs, 0)))
 }
 
-/// dVAE reconstruction PSNR (dB) on `n` held-out world images.
-pub fn dvae_psnr(model: &Model, n: usize, seed: u64) -> Result<f64> {
-    let scenes: Vec<world::Scene> = (0..n as u64).map(|i| world::sample(seed ^ 0xD7AE, i, Split::HeldOut)).collect();
-    let (x, rec) = round_trip(model, &scenes)?;
+/// The held-out images of the PSNR figure.
+fn psnr_scenes(n: usize, seed: u64) -> Vec<world::Scene> {
+    (0..n as u64).map(|i| world::sample(seed ^ 0xD7AE, i, Split::HeldOut)).collect()
+}
+
+/// The scenes of capability `cap` that the evaluation scores (`captions` of them), drawn from
+/// seeds the training stream does not use.
+fn eval_scenes(cap: Capability, captions: usize, seed: u64, split: Split) -> Vec<world::Scene> {
+    (0..captions).map(|c| world::generate(cap, seed.wrapping_add(1_000_003 * (c as u64 + 1)), split)).collect()
+}
+
+/// dVAE reconstruction PSNR (dB) of hard codes on `n` held-out world images.
+pub fn dvae_psnr(dvae: &Dvae, device: Device, n: usize, seed: u64) -> Result<f64> {
+    let (x, rec) = round_trip(dvae, device, &psnr_scenes(n, seed))?;
     let mse = (rec - &x).square().mean(Kind::Float).double_value(&[]);
     Ok(-10.0 * mse.max(1e-12).log10())
 }
 
 /// How many of `scenes`' ground-truth renders the evaluator still accepts after a dVAE round
 /// trip; also the first scene's render and its reconstruction, for the grid.
-fn roundtrip_accuracy(model: &Model, scenes: &[world::Scene]) -> Result<(f64, Vec<Vec<u8>>)> {
-    let size = model.config.dvae.image_size;
-    let (x, rec) = round_trip(model, scenes)?;
+fn roundtrip_accuracy(dvae: &Dvae, device: Device, scenes: &[world::Scene]) -> Result<(f64, Vec<Vec<u8>>)> {
+    let size = dvae.config().image_size;
+    let (x, rec) = round_trip(dvae, device, scenes)?;
     let rec = to_rgb8(&rec)?;
     let ok = scenes.iter().zip(&rec).filter(|(s, r)| score(s, r, size)).count();
     let first = match rec.into_iter().next() {
@@ -88,6 +105,27 @@ fn roundtrip_accuracy(model: &Model, scenes: &[world::Scene]) -> Result<(f64, Ve
         None => Vec::new(),
     };
     Ok((ok as f64 / scenes.len().max(1) as f64, first))
+}
+
+/// What a dVAE keeps, measured the one way both `tessera eval` and the dVAE trainer's log use.
+#[derive(Debug, Clone, Serialize)]
+pub struct DvaeCheck {
+    /// Hard-code PSNR (dB) on 64 held-out images.
+    pub psnr_db: f64,
+    /// Per capability: the share of ground-truth renders the evaluator accepts after an
+    /// encode–decode round trip.
+    pub roundtrip: BTreeMap<String, f64>,
+}
+
+/// Hard-code PSNR and round trips on `captions` scenes per capability (the scenes `tessera
+/// eval --captions N --seed S` scores).
+pub fn dvae_check(dvae: &Dvae, device: Device, captions: usize, seed: u64) -> Result<DvaeCheck> {
+    let mut roundtrip = BTreeMap::new();
+    for &cap in Capability::ALL {
+        let (acc, _) = roundtrip_accuracy(dvae, device, &eval_scenes(cap, captions, seed, Split::Train))?;
+        roundtrip.insert(cap.name().to_string(), acc);
+    }
+    Ok(DvaeCheck { psnr_db: dvae_psnr(dvae, device, 64, seed)?, roundtrip })
 }
 
 /// Runs the evaluation; writes `report.json`, `report.md` and `grid.png` into `out`.
@@ -103,11 +141,9 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         for &cap in caps {
             let (mut single, mut top, mut n) = (0.0, 0.0, 0);
             // evaluation scenes use seeds the training stream does not (it draws from `sample`)
-            let scenes: Vec<world::Scene> = (0..opts.captions)
-                .map(|c| world::generate(cap, opts.seed.wrapping_add(1_000_003 * (c as u64 + 1)), split))
-                .collect();
+            let scenes = eval_scenes(cap, opts.captions, opts.seed, split);
             if split == Split::Train {
-                let (acc, row) = roundtrip_accuracy(model, &scenes)?;
+                let (acc, row) = roundtrip_accuracy(&model.dvae.net, model.device, &scenes)?;
                 dvae_roundtrip.insert(cap.name().to_string(), acc);
                 if opts.samples == 0 && !scenes.is_empty() {
                     grid_rows.push((scenes[0].caption.clone(), row));
@@ -152,7 +188,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     let report = Report {
         accuracy,
         held_out,
-        dvae_psnr_db: dvae_psnr(model, 64, opts.seed)?,
+        dvae_psnr_db: dvae_psnr(&model.dvae.net, model.device, 64, opts.seed)?,
         dvae_roundtrip,
         seconds_per_image,
         device: format!("{:?}", model.device).to_lowercase(),

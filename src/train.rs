@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tch::nn::VarStore;
@@ -22,6 +23,7 @@ use crate::io::{load_varstore, write_atomic};
 use crate::model::{CONFIG_FILE, DVAE_FILE, DvaeModel, TOKENIZER_FILE, TransformerModel, from_rgb8};
 use crate::optim::{AdamW, Ema};
 use crate::sample::SeedRng;
+use crate::shards::TokenShards;
 use crate::text::TextTokenizer;
 
 /// Knobs shared by every trainer.
@@ -42,6 +44,68 @@ pub struct TrainOptions {
     /// Stop after this many steps of this invocation (tests use it to simulate a kill).
     pub stop_after: Option<usize>,
     pub quiet: bool,
+    /// Loader threads (0: every core but one).
+    pub workers: usize,
+    /// Train the transformer and the reranker from the token shards in this folder instead of
+    /// rendering and encoding pictures.
+    pub shards: Option<PathBuf>,
+    /// Measure only: write no weights, state, log or samples (used to plan a time budget).
+    pub calibrate: bool,
+    /// Store the averaged weights in bf16 (half the size; training state stays f32).
+    pub weights_bf16: bool,
+    /// Shown in front of the progress line when the trainer runs as a stage of a longer run.
+    pub stage: Option<StageProgress>,
+    /// Stop (with a checkpoint) at the first step that starts later than this, whatever
+    /// `steps` says: the guard that keeps a timed run inside its budget.
+    pub deadline: Option<Instant>,
+}
+
+impl TrainOptions {
+    /// Options with the command line's defaults for a model directory.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            data: "world".into(),
+            dir: dir.to_path_buf(),
+            steps: 10_000,
+            batch: 32,
+            checkpoint_every: 500,
+            sample_every: 1000,
+            log_every: 10,
+            seed: 0,
+            device: Device::Cpu,
+            compute: None,
+            resume: false,
+            stop_after: None,
+            quiet: false,
+            workers: 0,
+            shards: None,
+            calibrate: false,
+            weights_bf16: false,
+            stage: None,
+            deadline: None,
+        }
+    }
+
+    fn loader_workers(&self) -> usize {
+        if self.workers == 0 { default_workers() } else { self.workers }
+    }
+}
+
+/// Where a stage stands in a whole run (`train all`): its label and the run's clock.
+#[derive(Debug, Clone)]
+pub struct StageProgress {
+    pub label: String,
+    /// When this invocation of the whole run started.
+    pub started: Instant,
+    /// Seconds the run had spent before this invocation (a resumed run).
+    pub spent_before: f64,
+    pub budget: f64,
+}
+
+impl StageProgress {
+    pub fn elapsed(&self) -> f64 {
+        self.spent_before + self.started.elapsed().as_secs_f64()
+    }
 }
 
 /// dVAE recipe.
@@ -95,6 +159,9 @@ pub struct TrainSummary {
     /// Fraction of the time the trainer waited for data.
     pub data_wait: f64,
     pub skipped_files: usize,
+    /// Examples per second after the first steps (start-up and kernel selection excluded).
+    pub steady_examples_per_s: f64,
+    pub seconds: f64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -135,47 +202,111 @@ pub fn train_tokenizer(dir: &Path, data: &str, n: usize) -> Result<TextTokenizer
 // ---------------------------------------------------------------------------------------
 // Data loading
 
-struct Batch {
-    images: Vec<Vec<u8>>,
-    captions: Vec<String>,
+/// One training batch: pictures (the world, image files) or image tokens (token shards), with
+/// their captions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// RGB8 pictures, `size × size × 3` each (empty when the batch comes from token shards).
+    pub images: Vec<Vec<u8>>,
+    /// `captions.len() × image_len` image tokens (empty when the batch holds pictures).
+    pub tokens: Vec<u16>,
+    pub captions: Vec<String>,
 }
 
-/// Prepares batches `first..last` on a background thread, two ahead of the trainer.
-fn spawn_loader(
-    source: Source,
-    size: usize,
-    batch: usize,
-    seed: u64,
-    first: usize,
-    last: usize,
-) -> std::sync::mpsc::Receiver<Batch> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(2);
-    std::thread::spawn(move || {
-        for step in first..last {
-            let mut images = Vec::with_capacity(batch);
-            let mut captions = Vec::with_capacity(batch);
+/// Where a trainer's batches come from.
+#[derive(Debug, Clone)]
+pub enum Feed {
+    /// Pictures rendered or decoded at `size`.
+    Images { source: Source, size: usize },
+    /// Pre-encoded image tokens.
+    Tokens(Arc<TokenShards>),
+}
+
+/// Batch `step` of a training stream. It depends on (feed, batch size, seed, step) alone, never
+/// on which thread makes it or when, so resumed and parallel runs see exactly the same data.
+/// `None` when nothing in the data can be read.
+pub fn make_batch(feed: &Feed, batch: usize, seed: u64, step: usize) -> Option<Batch> {
+    let mut out = Batch::default();
+    match feed {
+        Feed::Images { source, size } => {
             let mut k = 0u64;
-            while images.len() < batch {
+            while out.images.len() < batch {
                 // example indices are fixed by the step; unreadable ones are replaced by the
                 // next index past the batch, so the order stays reproducible
                 let index =
                     if k < batch as u64 { (step * batch) as u64 + k } else { u64::MAX / 2 + (step * batch) as u64 + k };
                 let mut rng = SeedRng::new(seed ^ index.wrapping_mul(0x2545_F491_4F6C_DD1D));
-                if let Some(Example { rgb, caption }) = source.get(index, size, &mut rng) {
-                    images.push(rgb);
-                    captions.push(caption);
+                if let Some(Example { rgb, caption }) = source.get(index, *size, &mut rng) {
+                    out.images.push(rgb);
+                    out.captions.push(caption);
                 }
                 k += 1;
                 if k > 100 * batch as u64 {
-                    return; // nothing readable: the trainer sees the channel close
+                    return None;
                 }
             }
-            if tx.send(Batch { images, captions }).is_err() {
-                return;
+        }
+        Feed::Tokens(shards) => {
+            if shards.is_empty() {
+                return None;
+            }
+            for k in 0..batch as u64 {
+                let (tokens, caption) = shards.get(shards.stream_index(seed, (step * batch) as u64 + k));
+                out.tokens.extend_from_slice(tokens);
+                out.captions.push(caption.to_string());
             }
         }
-    });
-    rx
+    }
+    Some(out)
+}
+
+/// Loader threads to use by default: every core but one (the trainer's).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).clamp(1, 64)
+}
+
+/// Batches `first..last` made by a pool of worker threads: worker w makes batches
+/// `first + w`, `first + w + W`, … two ahead, and they are handed out in step order, so the
+/// stream is the same for any number of workers.
+pub struct Loader {
+    rxs: Vec<std::sync::mpsc::Receiver<Batch>>,
+    next: usize,
+    first: usize,
+    last: usize,
+}
+
+/// Starts the loader threads for batches `first..last`.
+pub fn spawn_loader(feed: Feed, batch: usize, seed: u64, first: usize, last: usize, workers: usize) -> Loader {
+    let workers = workers.clamp(1, last.saturating_sub(first).max(1));
+    let rxs = (0..workers)
+        .map(|w| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let feed = feed.clone();
+            std::thread::spawn(move || {
+                for step in (first + w..last).step_by(workers) {
+                    // nothing readable: the trainer sees the channel close
+                    let Some(b) = make_batch(&feed, batch, seed, step) else { return };
+                    if tx.send(b).is_err() {
+                        return;
+                    }
+                }
+            });
+            rx
+        })
+        .collect();
+    Loader { rxs, next: first, first, last }
+}
+
+impl Iterator for Loader {
+    type Item = Batch;
+    fn next(&mut self) -> Option<Batch> {
+        if self.next >= self.last {
+            return None;
+        }
+        let w = (self.next - self.first) % self.rxs.len();
+        self.next += 1;
+        self.rxs[w].recv().ok()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -227,26 +358,59 @@ fn load_state(dir: &Path, component: &str, vs: &VarStore, opt: &mut AdamW, ema: 
 }
 
 struct Logger {
-    file: std::fs::File,
+    file: Option<std::fs::File>,
     quiet: bool,
     started: Instant,
+    stage: Option<StageProgress>,
+}
+
+/// Seconds as `42s` or `3m07s`.
+pub fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 60 { format!("{}m{:02}s", s / 60, s % 60) } else { format!("{s}s") }
 }
 
 impl Logger {
-    fn open(dir: &Path, component: &str, quiet: bool, resume: bool) -> Result<Self> {
-        let path = dir.join(format!("{component}.log.jsonl"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(resume)
-            .write(true)
-            .truncate(!resume)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        Ok(Self { file, quiet, started: Instant::now() })
+    /// Opens the log; a run resumed at step `start` first drops the records of steps after it
+    /// (written by the killed run past its last checkpoint), so every step is logged once.
+    fn open(opts: &TrainOptions, component: &str, resume: bool, start: usize) -> Result<Self> {
+        let path = opts.dir.join(format!("{component}.log.jsonl"));
+        if resume
+            && !opts.calibrate
+            && let Ok(text) = std::fs::read_to_string(&path)
+        {
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= start)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            write_atomic(&path, kept.as_bytes())?;
+        }
+        let file = if opts.calibrate {
+            None
+        } else {
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(resume)
+                    .write(true)
+                    .truncate(!resume)
+                    .open(&path)
+                    .map_err(|e| Error::io(&path, e))?,
+            )
+        };
+        Ok(Self { file, quiet: opts.quiet || opts.calibrate, started: Instant::now(), stage: opts.stage.clone() })
     }
 
     fn log(&mut self, record: serde_json::Value) {
-        let _ = writeln!(self.file, "{record}");
+        if let Some(f) = &mut self.file {
+            let _ = writeln!(f, "{record}");
+        }
     }
 
     /// `done` steps of this invocation so far, `step` of `total` overall.
@@ -258,24 +422,36 @@ impl Logger {
         let left = (total - step) as f64 * per_step;
         let width = 30;
         let filled = width * step / total.max(1);
-        eprint!(
-            "\r[{}{}] {step}/{total} loss {loss:.4} {rate:.2} {unit}/s, {:.0}s elapsed, {:.0}s left   ",
-            "#".repeat(filled),
-            "-".repeat(width - filled),
-            self.started.elapsed().as_secs_f64(),
-            left
-        );
+        let bar = format!("{}{}", "#".repeat(filled), "-".repeat(width - filled));
+        match &self.stage {
+            Some(st) => eprint!(
+                "\r[{}] [{bar}] {step}/{total} loss {loss:.4} {rate:.0} {unit}/s · stage {} left · run {} of {}   ",
+                st.label,
+                fmt_secs(left),
+                fmt_secs(st.elapsed()),
+                fmt_secs(st.budget)
+            ),
+            None => eprint!(
+                "\r[{bar}] {step}/{total} loss {loss:.4} {rate:.2} {unit}/s, {:.0}s elapsed, {:.0}s left   ",
+                self.started.elapsed().as_secs_f64(),
+                left
+            ),
+        }
         let _ = std::io::stderr().flush();
     }
 }
 
+/// Steps after which the steady rate is measured (the first ones pay for start-up).
+const WARM_STEPS: usize = 3;
+
 /// The part every training loop shares: batches from the loader (timing the wait), the
 /// per-step reseeding, the step counter, the log and the final summary.
 struct Run {
-    rx: std::sync::mpsc::Receiver<Batch>,
+    loader: Loader,
     log: Logger,
     wait: f64,
     t0: Instant,
+    warm: Option<Instant>,
     start: usize,
     end: usize,
     step: usize,
@@ -283,13 +459,14 @@ struct Run {
 }
 
 impl Run {
-    fn begin(opts: &TrainOptions, component: &str, source: &Source, size: usize, start: usize) -> Result<Self> {
+    fn begin(opts: &TrainOptions, component: &str, feed: Feed, start: usize) -> Result<Self> {
         let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
         Ok(Self {
-            rx: spawn_loader(source.clone(), size, opts.batch, opts.seed, start, end),
-            log: Logger::open(&opts.dir, component, opts.quiet, opts.resume && start > 0)?,
+            loader: spawn_loader(feed, opts.batch, opts.seed, start, end, opts.loader_workers()),
+            log: Logger::open(opts, component, opts.resume && start > 0, start)?,
             wait: 0.0,
             t0: Instant::now(),
+            warm: None,
             start,
             end,
             step: start,
@@ -302,8 +479,12 @@ impl Run {
         if self.step >= self.end {
             return Ok(None);
         }
+        if self.step > self.start && opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            // out of time: this step is the last one (and checkpoints)
+            self.end = self.step + 1;
+        }
         let tw = Instant::now();
-        let batch = self.rx.recv().map_err(|_| Error::Invalid(format!("no readable images in {}", opts.data)))?;
+        let batch = self.loader.next().ok_or_else(|| Error::Invalid(format!("no readable images in {}", opts.data)))?;
         self.wait += tw.elapsed().as_secs_f64();
         tch::manual_seed((opts.seed ^ self.step as u64) as i64);
         Ok(Some(batch))
@@ -313,6 +494,9 @@ impl Run {
     fn advance(&mut self, loss: f64) -> usize {
         self.step += 1;
         self.last = loss;
+        if self.step == self.start + WARM_STEPS {
+            self.warm = Some(Instant::now());
+        }
         self.step
     }
 
@@ -335,15 +519,23 @@ impl Run {
     }
 
     fn finish(self, opts: &TrainOptions, skipped_files: usize) -> TrainSummary {
-        if !opts.quiet {
+        if !self.log.quiet && opts.stage.is_none() {
             eprintln!();
         }
+        let steady = match self.warm {
+            Some(w) if self.step > self.start + WARM_STEPS => {
+                ((self.step - self.start - WARM_STEPS) * opts.batch) as f64 / w.elapsed().as_secs_f64().max(1e-9)
+            }
+            _ => self.rate(opts.batch),
+        };
         TrainSummary {
             step: self.step,
             last_loss: self.last,
             examples_per_s: self.rate(opts.batch),
             data_wait: self.data_wait(),
             skipped_files,
+            steady_examples_per_s: steady,
+            seconds: self.t0.elapsed().as_secs_f64(),
         }
     }
 }
@@ -397,7 +589,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         start = load_state(&opts.dir, component, &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;
-    let mut run = Run::begin(opts, component, &source, size, start)?;
+    let mut run = Run::begin(opts, component, Feed::Images { source: source.clone(), size }, start)?;
     let s = &recipe.schedule;
     while let Some(batch) = run.next_batch(opts)? {
         let step = run.step;
@@ -424,9 +616,26 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
             }
             run.record(opts.steps, record, rate, "images");
         }
+        if opts.calibrate {
+            continue;
+        }
         if step % opts.checkpoint_every == 0 || run.is_last() {
             save_state(&opts.dir, component, step, &model.vs, &opt, &ema)?;
             write_weights(opts, "dvae", &ema)?;
+            // what the model will actually use: hard codes, scored as `tessera eval` scores them
+            let check = tch::no_grad(|| -> Result<crate::report::DvaeCheck> {
+                let averaged = DvaeModel::new(&cfg, opts.device);
+                let tensors: BTreeMap<String, Tensor> = ema.tensors().into_iter().collect();
+                for (name, var) in averaged.vs.variables() {
+                    if let Some(t) = tensors.get(&name) {
+                        var.shallow_clone().f_copy_(t)?;
+                    }
+                }
+                crate::report::dvae_check(&averaged.net, opts.device, DVAE_CHECK_SCENES, opts.seed)
+            })?;
+            run.log.log(serde_json::json!({
+                "step": step, "hard_psnr_db": check.psnr_db, "roundtrip": check.roundtrip,
+            }));
         }
         if opts.sample_every > 0 && step % opts.sample_every == 0 {
             let n = batch.images.len().min(8);
@@ -439,15 +648,23 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
     Ok(run.finish(opts, source.skipped()))
 }
 
+/// Scenes per capability for the dVAE check logged at every checkpoint (hard-code PSNR and
+/// round trips, computed as `tessera eval` computes them).
+const DVAE_CHECK_SCENES: usize = 20;
+
 /// Writes the training state and the averaged weights a model directory loads.
 fn checkpoint(opts: &TrainOptions, component: &str, step: usize, vs: &VarStore, opt: &AdamW, ema: &Ema) -> Result<()> {
+    if opts.calibrate {
+        return Ok(());
+    }
     save_state(&opts.dir, component, step, vs, opt, ema)?;
     write_weights(opts, component, ema)
 }
 
 /// Writes the averaged weights as `<name>.safetensors`, the file a model directory loads.
 fn write_weights(opts: &TrainOptions, name: &str, ema: &Ema) -> Result<()> {
-    let weights = crate::io::tensors_to_safetensors(&ema.tensors(), None)?;
+    let kind = if opts.weights_bf16 { Kind::BFloat16 } else { Kind::Float };
+    let weights = crate::io::tensors_to_safetensors_as(&ema.tensors(), None, kind)?;
     write_atomic(&opts.dir.join(format!("{name}.safetensors")), &weights)
 }
 
@@ -472,12 +689,18 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
         start = load_state(&opts.dir, "transformer", &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;
-    let mut run = Run::begin(opts, "transformer", &source, size, start)?;
+    let feed = feed_for(opts, &cfg, &source)?;
+    let skipped = skipped_count(&source, &feed);
+    let mut run = Run::begin(opts, "transformer", feed, start)?;
     let tokens_per_example = cfg.seq_len();
     while let Some(batch) = run.next_batch(opts)? {
         let step = run.step;
-        let x = from_rgb8(&batch.images, size, opts.device)?;
-        let codes = tch::no_grad(|| dvae.net.encode(&x)).flatten(1, -1);
+        let codes = if batch.tokens.is_empty() {
+            let x = from_rgb8(&batch.images, size, opts.device)?;
+            tch::no_grad(|| dvae.net.encode(&x)).flatten(1, -1)
+        } else {
+            tokens_tensor(&batch, cfg.image_len(), opts.device)
+        };
         let caps: Vec<Vec<i64>> = batch
             .captions
             .iter()
@@ -504,11 +727,11 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
         if step % opts.checkpoint_every == 0 || run.is_last() {
             checkpoint(opts, "transformer", step, &model.vs, &opt, &ema)?;
         }
-        if opts.sample_every > 0 && step % opts.sample_every == 0 {
+        if opts.sample_every > 0 && step % opts.sample_every == 0 && !opts.calibrate {
             sample_grid(opts, &cfg, &tok, &dvae, &model, &batch.captions, step)?;
         }
     }
-    Ok(run.finish(opts, source.skipped()))
+    Ok(run.finish(opts, skipped))
 }
 
 fn sample_grid(
@@ -557,10 +780,30 @@ pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<Tra
         start = load_state(&opts.dir, "reranker", &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;
-    let mut run = Run::begin(opts, "reranker", &source, size, start)?;
+    let feed = feed_for(opts, &cfg, &source)?;
+    let skipped = skipped_count(&source, &feed);
+    // from token shards the reranker sees pictures as the dVAE draws them, as it will when
+    // it ranks samples
+    let dvae = match &feed {
+        Feed::Tokens(_) => {
+            let mut d = DvaeModel::new(&cfg, opts.device);
+            load_varstore(&mut d.vs, &opts.dir.join(DVAE_FILE))?;
+            d.vs.freeze();
+            Some(d)
+        }
+        Feed::Images { .. } => None,
+    };
+    let mut run = Run::begin(opts, "reranker", feed, start)?;
+    let g = cfg.grid_size() as i64;
     while let Some(batch) = run.next_batch(opts)? {
         let step = run.step;
-        let x = from_rgb8(&batch.images, size, opts.device)?;
+        let x = match &dvae {
+            Some(d) if !batch.tokens.is_empty() => {
+                let t = tokens_tensor(&batch, cfg.image_len(), opts.device).view([-1, g, g]);
+                tch::no_grad(|| d.net.decode(&t))
+            }
+            _ => from_rgb8(&batch.images, size, opts.device)?,
+        };
         let caps: Vec<Vec<i64>> = batch
             .captions
             .iter()
@@ -587,5 +830,154 @@ pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<Tra
             checkpoint(opts, "reranker", step, &model.vs, &opt, &ema)?;
         }
     }
-    Ok(run.finish(opts, source.skipped()))
+    Ok(run.finish(opts, skipped))
+}
+
+/// The batches of the transformer and the reranker: token shards when `opts.shards` names a
+/// folder (checked against this model's dVAE), else pictures from the data.
+fn feed_for(opts: &TrainOptions, cfg: &Config, source: &Source) -> Result<Feed> {
+    match &opts.shards {
+        Some(dir) => {
+            let fingerprint = crate::shards::dvae_fingerprint(&opts.dir.join(DVAE_FILE))?;
+            let shards = TokenShards::open(dir, cfg.image_len(), cfg.dvae.vocab_size, &fingerprint)?;
+            Ok(Feed::Tokens(Arc::new(shards)))
+        }
+        None => Ok(Feed::Images { source: source.clone(), size: cfg.dvae.image_size }),
+    }
+}
+
+fn skipped_count(source: &Source, feed: &Feed) -> usize {
+    match feed {
+        Feed::Tokens(s) => s.skipped.len(),
+        Feed::Images { .. } => source.skipped(),
+    }
+}
+
+/// A token batch as a tensor [B, image_len] of codes.
+fn tokens_tensor(batch: &Batch, image_len: usize, device: Device) -> Tensor {
+    let ids: Vec<i64> = batch.tokens.iter().map(|&t| t as i64).collect();
+    Tensor::from_slice(&ids).view([-1, image_len as i64]).to_device(device)
+}
+
+// ---------------------------------------------------------------------------------------
+// Token shards
+
+/// What encoding a training set into token shards did.
+#[derive(Debug, Clone)]
+pub struct ShardSummary {
+    /// Examples in the folder's shards after this run.
+    pub examples: usize,
+    /// Examples encoded by this run (earlier shards that were whole are kept).
+    pub encoded: usize,
+    pub seconds: f64,
+    /// Examples rendered and encoded per second by this run.
+    pub examples_per_s: f64,
+    /// Fraction of the time the encoder waited for pictures.
+    pub data_wait: f64,
+}
+
+/// The folder a model directory keeps its token shards in.
+pub fn default_shard_dir(dir: &Path) -> PathBuf {
+    dir.join("shards")
+}
+
+/// Encodes the first `examples` examples of the data with the directory's dVAE into token
+/// shards of `per_shard` examples (`opts.shards`, or `DIR/shards`), `opts.batch` pictures per
+/// encoder call (`per_shard` is rounded up to a multiple of it). Shards already there, whole and
+/// made by this dVAE, are kept, so a killed run continues where it stopped. With
+/// `opts.calibrate` it encodes `opts.steps` batches, writes nothing and reports the rate.
+pub fn encode_shards(opts: &TrainOptions, examples: usize, per_shard: usize) -> Result<ShardSummary> {
+    let cfg = crate::model::Model::load_config(&opts.dir)?;
+    let dvae_path = opts.dir.join(DVAE_FILE);
+    let mut dvae = DvaeModel::new(&cfg, opts.device);
+    load_varstore(&mut dvae.vs, &dvae_path)?;
+    dvae.vs.freeze();
+    let fingerprint = crate::shards::dvae_fingerprint(&dvae_path)?;
+    let out = opts.shards.clone().unwrap_or_else(|| default_shard_dir(&opts.dir));
+    let b = opts.batch.max(1);
+    let steps_per_shard = per_shard.max(1).div_ceil(b);
+    let per_shard = steps_per_shard * b;
+    // whole batches; the last shard may be shorter than the others
+    let examples = examples.max(1).div_ceil(b) * b;
+    let n_shards = examples.div_ceil(per_shard);
+    let total_steps = if opts.calibrate { opts.steps } else { examples / b };
+    let header = |i: usize| crate::shards::ShardHeader {
+        count: per_shard.min(examples - i * per_shard),
+        image_len: cfg.image_len(),
+        vocab: cfg.dvae.vocab_size,
+        dvae: fingerprint.clone(),
+        first: (i * per_shard) as u64,
+    };
+    // shards already whole and of this dVAE stay; encoding restarts at the first that is not
+    let mut first_shard = 0;
+    while !opts.calibrate && first_shard < n_shards {
+        let p = crate::shards::shard_path(&out, first_shard);
+        match std::fs::read(&p).ok().and_then(|b| crate::shards::decode_shard(&b).ok()) {
+            Some(s) if s.header == header(first_shard) => first_shard += 1,
+            _ => break,
+        }
+    }
+    if !opts.calibrate {
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        // shards past the planned set (from a larger earlier run) would be read as data
+        for i in n_shards.. {
+            let p = crate::shards::shard_path(&out, i);
+            if !p.exists() {
+                break;
+            }
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    let source = Source::open(&opts.data)?;
+    let size = cfg.dvae.image_size;
+    let first_step = first_shard * steps_per_shard;
+    let feed = Feed::Images { source, size };
+    let loader = spawn_loader(feed, b, opts.seed, first_step, total_steps, opts.loader_workers());
+    let t0 = Instant::now();
+    let (mut wait, mut encoded) = (0.0, 0usize);
+    let mut warm: Option<(Instant, usize)> = None;
+    let (mut tokens, mut captions): (Vec<u16>, Vec<String>) = (Vec::new(), Vec::new());
+    let mut shard = first_shard;
+    let mut loader = loader.enumerate();
+    loop {
+        let tw = Instant::now();
+        let Some((k, batch)) = loader.next() else { break };
+        wait += tw.elapsed().as_secs_f64();
+        let x = from_rgb8(&batch.images, size, opts.device)?;
+        let codes = tch::no_grad(|| dvae.net.encode(&x)).flatten(0, -1).to_device(Device::Cpu).to_kind(Kind::Int64);
+        let codes = Vec::<i64>::try_from(&codes)?;
+        tokens.extend(codes.iter().map(|&c| c as u16));
+        captions.extend(batch.captions);
+        encoded += b;
+        if k == 0 {
+            warm = Some((Instant::now(), encoded)); // the rate leaves out the first batch
+        }
+        if opts.calibrate && opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if !opts.calibrate && captions.len() == header(shard).count {
+            crate::shards::write_shard(&crate::shards::shard_path(&out, shard), &header(shard), &tokens, &captions)?;
+            tokens.clear();
+            captions.clear();
+            shard += 1;
+            if !opts.quiet {
+                let label = opts.stage.as_ref().map(|s| format!("[{}] ", s.label)).unwrap_or_default();
+                eprint!(
+                    "\r{label}shard {shard}/{n_shards} · {:.0} examples/s · waited for pictures {:.0}%   ",
+                    encoded as f64 / t0.elapsed().as_secs_f64(),
+                    100.0 * wait / t0.elapsed().as_secs_f64()
+                );
+                let _ = std::io::stderr().flush();
+            }
+        }
+    }
+    if !opts.calibrate && shard < n_shards {
+        return Err(Error::Invalid(format!("no readable images in {}", opts.data)));
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let examples_per_s = match warm {
+        Some((w, done)) if encoded > done => (encoded - done) as f64 / w.elapsed().as_secs_f64().max(1e-9),
+        _ => encoded as f64 / seconds.max(1e-9),
+    };
+    Ok(ShardSummary { examples, encoded, seconds, examples_per_s, data_wait: wait / seconds.max(1e-9) })
 }

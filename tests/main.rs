@@ -1,11 +1,13 @@
 //! The integration tests, one binary (each test binary links libtorch again).
 
+#[cfg(feature = "app")]
 mod app;
 mod checkpoint;
 mod cli;
 mod common;
 mod masks;
 mod params;
+mod pipeline;
 mod sampling;
 mod text;
 mod trainer;

@@ -8,21 +8,19 @@ use tessera::Config;
 use tessera::train::{self, DvaeRecipe, TrainOptions, TransformerRecipe};
 
 fn options(dir: &Path, steps: usize, stop_after: Option<usize>, resume: bool) -> TrainOptions {
-    TrainOptions {
-        data: "world:3".into(),
-        dir: dir.to_path_buf(),
-        steps,
-        batch: 4,
-        checkpoint_every: 3,
-        sample_every: 0,
-        log_every: 1,
-        seed: 9,
-        device: Device::Cpu,
-        compute: None,
-        resume,
-        stop_after,
-        quiet: true,
-    }
+    let mut o = TrainOptions::new(dir);
+    o.data = "world:3".into();
+    o.steps = steps;
+    o.batch = 4;
+    o.checkpoint_every = 3;
+    o.sample_every = 0;
+    o.log_every = 1;
+    o.seed = 9;
+    o.device = Device::Cpu;
+    o.resume = resume;
+    o.stop_after = stop_after;
+    o.quiet = true;
+    o
 }
 
 fn new_dir(dir: &Path) {

@@ -8,7 +8,7 @@
 pub mod canvas;
 pub mod grid;
 pub mod run;
-pub mod store;
+pub use crate::store;
 pub mod ui;
 pub mod worker;
 

@@ -1,0 +1,472 @@
+//! `tessera train all`: a whole model in a time budget. Tokenizer, dVAE, token shards,
+//! transformer, reranker and the evaluation report run one after the other; each timed stage
+//! gets a fixed share of the budget, measures its own speed on a few throwaway steps, and turns
+//! its share into a number of steps (so its schedules are those of a run of that length). The
+//! plan and each stage's outcome are kept in `train-all.json`, written atomically after every
+//! decision, so `--resume` after a kill continues the stage that was running from its last
+//! checkpoint with the same plan.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::io::write_atomic;
+use crate::train::{self, DvaeRecipe, StageProgress, TrainOptions, TransformerRecipe};
+
+pub const PLAN_FILE: &str = "train-all.json";
+
+/// Shares of the budget, in stage order; the 2% left over is the tokenizer's (a second or two).
+pub const SPLIT: &[(&str, f64)] =
+    &[("dvae", 0.46), ("shards", 0.06), ("transformer", 0.34), ("reranker", 0.08), ("eval", 0.04)];
+
+/// Largest weight file written in f32; larger ones are stored in bf16 so that every file of a
+/// model directory stays small enough to travel.
+pub const MAX_F32_FILE: u64 = 16 << 20;
+
+/// The smallest budget accepted: every stage needs a few seconds to start at all.
+pub const MIN_BUDGET_S: f64 = 20.0;
+
+/// Fraction of a stage's share planned as work; the rest absorbs checkpoints, start-up and the
+/// noise of a shared machine.
+const PLAN_FILL: f64 = 0.85;
+
+/// What `train all` is asked to do.
+#[derive(Debug, Clone)]
+pub struct AllOptions {
+    pub dir: PathBuf,
+    /// Configuration of a new directory.
+    pub preset: Option<String>,
+    pub data: String,
+    pub budget_s: f64,
+    pub device: Device,
+    pub seed: u64,
+    pub resume: bool,
+    pub workers: usize,
+    pub dvae_batch: usize,
+    pub transformer_batch: usize,
+    pub reranker_batch: usize,
+    /// Pictures per dVAE call when encoding shards.
+    pub shard_batch: usize,
+    /// Most captions per capability the closing evaluation scores (fewer when its share of the
+    /// budget is short); 0 skips it.
+    pub eval_captions: usize,
+    pub eval_samples: usize,
+    pub quiet: bool,
+}
+
+impl AllOptions {
+    /// Defaults sized for the device: larger batches on a GPU.
+    pub fn new(dir: &Path, budget_s: f64, device: Device) -> Self {
+        let gpu = device.is_cuda();
+        Self {
+            dir: dir.to_path_buf(),
+            preset: None,
+            data: "world".into(),
+            budget_s,
+            device,
+            seed: 0,
+            resume: false,
+            workers: 0,
+            dvae_batch: if gpu { 128 } else { 32 },
+            transformer_batch: if gpu { 256 } else { 32 },
+            reranker_batch: if gpu { 256 } else { 64 },
+            shard_batch: if gpu { 512 } else { 64 },
+            eval_captions: 20,
+            eval_samples: 16,
+            quiet: false,
+        }
+    }
+}
+
+/// One stage of the plan.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    pub name: String,
+    /// Seconds of the budget this stage may use.
+    pub planned_s: f64,
+    /// Steps (trainers), examples (shards) or captions (eval), once measured and decided.
+    pub amount: Option<usize>,
+    pub batch: usize,
+    /// Measured examples per second when the amount was decided.
+    pub measured_rate: Option<f64>,
+    pub done: bool,
+    /// Seconds it took (all invocations together).
+    pub seconds: f64,
+    /// A one-line outcome (final loss, PSNR, accuracy…).
+    pub result: Option<serde_json::Value>,
+}
+
+/// `train-all.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub budget_s: f64,
+    pub device: String,
+    pub seed: u64,
+    pub data: String,
+    pub stages: Vec<Stage>,
+    /// Seconds spent over all invocations.
+    pub spent_s: f64,
+}
+
+impl Plan {
+    fn new(o: &AllOptions) -> Self {
+        let batch = |n: &str| match n {
+            "dvae" => o.dvae_batch,
+            "transformer" => o.transformer_batch,
+            "reranker" => o.reranker_batch,
+            "shards" => o.shard_batch,
+            _ => o.eval_samples,
+        };
+        let mut stages = vec![Stage { name: "tokenizer".into(), ..Default::default() }];
+        stages.extend(SPLIT.iter().map(|&(n, f)| Stage {
+            name: n.into(),
+            planned_s: f * o.budget_s,
+            batch: batch(n),
+            ..Default::default()
+        }));
+        Self {
+            budget_s: o.budget_s,
+            device: format!("{:?}", o.device).to_lowercase(),
+            seed: o.seed,
+            data: o.data.clone(),
+            stages,
+            spent_s: 0.0,
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_atomic(&dir.join(PLAN_FILE), json.as_bytes())
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(PLAN_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::checkpoint(&path, format!("unreadable plan: {e}")))
+    }
+}
+
+/// Parses a budget: `90s`, `8m`, `1h`, `1m30s` or plain seconds.
+pub fn parse_budget(s: &str) -> Result<f64> {
+    let bad = || Error::Invalid(format!("cannot read the budget {s:?}: write it as 90s, 8m, 1h or 1m30s"));
+    let t = s.trim();
+    if let Ok(v) = t.parse::<f64>() {
+        return if v.is_finite() && v > 0.0 { Ok(v) } else { Err(bad()) };
+    }
+    let (mut total, mut num) = (0.0, String::new());
+    for c in t.chars() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3600.0,
+            'm' => 60.0,
+            's' => 1.0,
+            _ => return Err(bad()),
+        };
+        let v: f64 = num.parse().map_err(|_| bad())?;
+        total += v * unit;
+        num.clear();
+    }
+    if !num.is_empty() || total <= 0.0 || !total.is_finite() {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+/// Share of a stage's time its speed measurement may take at most.
+const CALIBRATION_SHARE: f64 = 0.12;
+
+fn stage_opts(o: &AllOptions, progress: &StageProgress, batch: usize) -> TrainOptions {
+    let mut t = TrainOptions::new(&o.dir);
+    t.data = o.data.clone();
+    t.batch = batch;
+    t.seed = o.seed;
+    t.device = o.device;
+    t.workers = o.workers;
+    t.quiet = o.quiet;
+    t.stage = Some(progress.clone());
+    t.sample_every = 0;
+    t
+}
+
+/// Steps that fill `seconds` at `rate` examples/s and `batch` examples a step (at least 1).
+fn steps_for(seconds: f64, rate: f64, batch: usize) -> usize {
+    ((seconds.max(0.0) * PLAN_FILL * rate / batch.max(1) as f64).floor() as usize).max(1)
+}
+
+/// Runs (or continues) a whole training run; returns the final plan.
+pub fn train_all(o: &AllOptions) -> Result<Plan> {
+    if !(o.budget_s >= MIN_BUDGET_S) {
+        let split: Vec<String> = SPLIT.iter().map(|(n, f)| format!("{n} {:.0}%", 100.0 * f)).collect();
+        return Err(Error::Invalid(format!(
+            "a budget of {:.0}s is too small: train all needs at least {MIN_BUDGET_S:.0}s (split {})",
+            o.budget_s,
+            split.join(", ")
+        )));
+    }
+    if [o.dvae_batch, o.transformer_batch, o.reranker_batch, o.shard_batch].contains(&0) {
+        return Err(Error::Invalid("batch sizes must be at least 1".into()));
+    }
+    let plan_path = o.dir.join(PLAN_FILE);
+    let mut plan = if plan_path.exists() {
+        if !o.resume {
+            return Err(Error::Invalid(format!(
+                "{} already holds a train-all run: add --resume to continue it, or use a new directory",
+                o.dir.display()
+            )));
+        }
+        let p = Plan::load(&o.dir)?;
+        if (p.budget_s - o.budget_s).abs() > 1e-6 {
+            return Err(Error::Invalid(format!(
+                "the run in {} was planned for a budget of {:.0}s, not {:.0}s: resume it with the same budget",
+                o.dir.display(),
+                p.budget_s,
+                o.budget_s
+            )));
+        }
+        p
+    } else {
+        let cfg = match &o.preset {
+            Some(p) => Config::preset(p)?,
+            None if o.dir.join(crate::model::CONFIG_FILE).exists() => crate::model::Model::load_config(&o.dir)?,
+            None => {
+                return Err(Error::Invalid(format!(
+                    "{} has no config.json: give --preset to start a new model",
+                    o.dir.display()
+                )));
+            }
+        };
+        cfg.validate()?;
+        train::init_dir(&o.dir, &cfg)?;
+        let p = Plan::new(o);
+        p.save(&o.dir)?;
+        p
+    };
+    if o.device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    let started = Instant::now();
+    let spent_before = plan.spent_s;
+    let progress = |label: String| StageProgress { label, started, spent_before, budget: o.budget_s };
+    let total = plan.stages.len();
+    if !o.quiet {
+        let split: Vec<String> =
+            plan.stages[1..].iter().map(|s| format!("{} {}", s.name, crate::train::fmt_secs(s.planned_s))).collect();
+        eprintln!(
+            "train all: {} in {} on {} — {}",
+            o.dir.display(),
+            crate::train::fmt_secs(o.budget_s),
+            plan.device,
+            split.join(", ")
+        );
+    }
+    for i in 0..total {
+        if plan.stages[i].done {
+            continue;
+        }
+        let t0 = Instant::now();
+        let name = plan.stages[i].name.clone();
+        let label = format!("{}/{} {name}", i + 1, total);
+        let p = progress(label.clone());
+        let result = run_stage(o, &mut plan, i, &p)?;
+        let st = &mut plan.stages[i];
+        st.seconds += t0.elapsed().as_secs_f64();
+        st.done = true;
+        st.result = Some(result.clone());
+        let st = st.clone();
+        plan.spent_s = spent_before + started.elapsed().as_secs_f64();
+        plan.save(&o.dir)?;
+        append_log(&o.dir, &serde_json::json!({"stage": name, "seconds": st.seconds, "result": result}))?;
+        if !o.quiet {
+            eprintln!(
+                "\r[{label}] done in {} (planned {}): {result} · run {} of {}",
+                crate::train::fmt_secs(st.seconds),
+                crate::train::fmt_secs(st.planned_s),
+                crate::train::fmt_secs(plan.spent_s),
+                crate::train::fmt_secs(o.budget_s)
+            );
+        }
+    }
+    Ok(plan)
+}
+
+fn append_log(dir: &Path, record: &serde_json::Value) -> Result<()> {
+    use std::io::Write;
+    let path = dir.join("train-all.log.jsonl");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+    writeln!(f, "{record}").map_err(|e| Error::io(&path, e))
+}
+
+/// Decides a stage's amount once (saved in the plan before any work), so a resumed stage keeps
+/// the schedules it started with.
+fn decide(o: &AllOptions, plan: &mut Plan, i: usize, measure: impl FnOnce() -> Result<(usize, f64)>) -> Result<usize> {
+    if let Some(a) = plan.stages[i].amount {
+        return Ok(a);
+    }
+    let (amount, rate) = measure()?;
+    plan.stages[i].amount = Some(amount);
+    plan.stages[i].measured_rate = Some(rate);
+    plan.save(&o.dir)?;
+    Ok(amount)
+}
+
+fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Result<serde_json::Value> {
+    let st = plan.stages[i].clone();
+    let calib_steps = 8;
+    match st.name.as_str() {
+        "tokenizer" => {
+            let tok = train::train_tokenizer(&o.dir, &o.data, 20_000)?;
+            Ok(serde_json::json!({"tokens": tok.vocab_size()}))
+        }
+        "dvae" => {
+            let t0 = Instant::now();
+            let steps = decide(o, plan, i, || {
+                let mut c = stage_opts(o, p, st.batch);
+                (c.steps, c.calibrate) = (calib_steps, true);
+                c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * st.planned_s));
+                let s = train::train_dvae(&c, &dvae_recipe(calib_steps))?;
+                let left = st.planned_s - t0.elapsed().as_secs_f64();
+                Ok((steps_for(left, s.steady_examples_per_s, st.batch), s.steady_examples_per_s))
+            })?;
+            let mut t = stage_opts(o, p, st.batch);
+            t.steps = steps;
+            t.resume = true;
+            t.checkpoint_every = (steps / 6).max(1);
+            t.sample_every = t.checkpoint_every;
+            t.deadline = Some(stage_deadline(plan, i, t0));
+            let cfg = crate::model::Model::load_config(&o.dir)?;
+            t.weights_bf16 = 4 * crate::params::count(&cfg).dvae > MAX_F32_FILE;
+            let s = train::train_dvae(&t, &dvae_recipe(steps))?;
+            let check = last_dvae_check(&o.dir);
+            Ok(serde_json::json!({
+                "steps": s.step, "loss": s.last_loss, "images_per_s": s.examples_per_s, "data_wait": s.data_wait,
+                "hard_psnr_db": check.as_ref().and_then(|c| c.get("hard_psnr_db").cloned()),
+                "roundtrip": check.as_ref().and_then(|c| c.get("roundtrip").cloned()),
+            }))
+        }
+        "shards" => {
+            let t0 = Instant::now();
+            let per_shard = (8192 / st.batch).max(1) * st.batch;
+            let examples = decide(o, plan, i, || {
+                let mut c = stage_opts(o, p, st.batch);
+                (c.steps, c.calibrate) = (6, true);
+                c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * st.planned_s));
+                let s = train::encode_shards(&c, 0, per_shard)?;
+                let left = st.planned_s - t0.elapsed().as_secs_f64();
+                let n = (left.max(0.0) * PLAN_FILL * s.examples_per_s) as usize;
+                Ok((n.clamp(st.batch, 4_000_000), s.examples_per_s))
+            })?;
+            let t = stage_opts(o, p, st.batch);
+            let s = train::encode_shards(&t, examples, per_shard)?;
+            Ok(serde_json::json!({
+                "examples": s.examples, "encoded": s.encoded, "examples_per_s": s.examples_per_s, "data_wait": s.data_wait,
+            }))
+        }
+        "transformer" | "reranker" => {
+            let t0 = Instant::now();
+            let transformer = st.name == "transformer";
+            let run = |t: &TrainOptions| -> Result<train::TrainSummary> {
+                if transformer {
+                    let recipe = TransformerRecipe { lr: 1e-3, warmup: (t.steps / 20).max(1), ..Default::default() };
+                    train::train_transformer(t, &recipe)
+                } else {
+                    train::train_reranker(t, 1e-3, (t.steps / 20).max(1))
+                }
+            };
+            let base = |o: &AllOptions| {
+                let mut t = stage_opts(o, p, st.batch);
+                t.shards = Some(train::default_shard_dir(&o.dir));
+                if transformer && o.device.is_cuda() {
+                    t.compute = Some(tch::Kind::BFloat16);
+                }
+                t.weights_bf16 = true;
+                t
+            };
+            let steps = decide(o, plan, i, || {
+                let mut c = base(o);
+                (c.steps, c.calibrate) = (calib_steps, true);
+                c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * st.planned_s));
+                let s = run(&c)?;
+                let left = st.planned_s - t0.elapsed().as_secs_f64();
+                Ok((steps_for(left, s.steady_examples_per_s, st.batch), s.steady_examples_per_s))
+            })?;
+            let mut t = base(o);
+            t.steps = steps;
+            t.resume = true;
+            t.checkpoint_every = (steps / 6).max(1);
+            t.deadline = Some(stage_deadline(plan, i, t0));
+            let s = run(&t)?;
+            Ok(serde_json::json!({
+                "steps": s.step, "loss": s.last_loss, "examples_per_s": s.examples_per_s, "data_wait": s.data_wait,
+                "skipped_shards": s.skipped_files,
+            }))
+        }
+        "eval" => {
+            if o.eval_captions == 0 {
+                return Ok(serde_json::json!({"skipped": true}));
+            }
+            let model = crate::model::Model::load(&o.dir, o.device)?;
+            let sample = crate::sample::SampleOptions::default();
+            let t0 = Instant::now();
+            let captions = decide(o, plan, i, || {
+                // one caption's worth of work: sample, rerank
+                let t = Instant::now();
+                let s = model.generate("a red circle", o.eval_samples, 0, None, &sample, |_| true)?;
+                let rgb: Vec<Vec<u8>> = s.iter().map(|s| s.rgb.clone()).collect();
+                model.rerank("a red circle", &rgb)?;
+                let per_caption = t.elapsed().as_secs_f64();
+                let left = st.planned_s - t0.elapsed().as_secs_f64();
+                let cells = 10.0; // six capabilities seen, four held out
+                let n = (left.max(0.0) * PLAN_FILL / (cells * per_caption)) as usize;
+                Ok((n.clamp(1, o.eval_captions), 1.0 / per_caption))
+            })?;
+            let opts = crate::report::EvalOptions { captions, samples: o.eval_samples, seed: o.seed, sample };
+            let r = crate::report::evaluate(&model, &opts, &o.dir.join("eval"), |_| {})?;
+            let top: serde_json::Map<String, serde_json::Value> =
+                r.accuracy.iter().map(|(k, a)| (k.clone(), a.rerank_top1.into())).collect();
+            Ok(serde_json::json!({"captions": captions, "top1": top, "dvae_psnr_db": r.dvae_psnr_db}))
+        }
+        other => Err(Error::Invalid(format!("unknown stage {other:?} in {PLAN_FILE}"))),
+    }
+}
+
+/// When stage `i`, started (in this invocation) at `t0`, must stop: its share of the budget
+/// less what earlier invocations already spent in it.
+fn stage_deadline(plan: &Plan, i: usize, t0: Instant) -> Instant {
+    let st = &plan.stages[i];
+    t0 + Duration::from_secs_f64((st.planned_s - st.seconds).max(1.0))
+}
+
+/// The dVAE recipe of a run of `steps` steps: the paper's relaxation with its schedules
+/// compressed to the run (τ 1 → 1/16 over 80% of it, β up to 1 over the first 10%, learning
+/// rate 1e-3 → 1e-5), and weights averaged over the last ~5% of the steps (a long average would
+/// mix encoders trained at very different temperatures).
+pub fn dvae_recipe(steps: usize) -> DvaeRecipe {
+    let schedule = crate::dvae::DvaeSchedule {
+        beta_max: 1.0,
+        beta_steps: (steps / 10).max(1),
+        tau_start: 1.0,
+        tau_end: 1.0 / 16.0,
+        tau_steps: (steps * 4 / 5).max(1),
+        lr_start: 1e-3,
+        lr_end: 1e-5,
+        lr_steps: steps,
+    };
+    let ema = (1.0 - 20.0 / steps.max(1) as f64).clamp(0.9, 0.999);
+    DvaeRecipe { schedule, ema, ..Default::default() }
+}
+
+/// The last hard-code check the dVAE trainer logged.
+fn last_dvae_check(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("dvae.log.jsonl")).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("hard_psnr_db").is_some())
+}

@@ -1,0 +1,238 @@
+//! The data pipeline and `train all`: the parallel loader against one worker, token shards
+//! against encoding on the fly, corrupt and stale shards, and a whole model trained in a budget
+//! of seconds, killed with SIGKILL in every stage and resumed.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tch::Device;
+use tessera::Config;
+use tessera::data::Source;
+use tessera::pipeline::Plan;
+use tessera::shards::{TokenShards, dvae_fingerprint, shard_path};
+use tessera::train::{self, DvaeRecipe, Feed, TrainOptions, make_batch, spawn_loader};
+
+fn tiny_dir(dir: &Path) {
+    train::init_dir(dir, &Config::tiny()).unwrap();
+    train::train_tokenizer(dir, "world", 500).unwrap();
+}
+
+fn options(dir: &Path, steps: usize) -> TrainOptions {
+    let mut o = TrainOptions::new(dir);
+    o.data = "world:5".into();
+    o.steps = steps;
+    o.batch = 4;
+    o.sample_every = 0;
+    o.quiet = true;
+    o.checkpoint_every = steps;
+    o
+}
+
+#[test]
+fn the_parallel_loader_yields_the_batches_of_one_worker() {
+    let feed = Feed::Images { source: Source::open("world:11").unwrap(), size: 16 };
+    let one: Vec<_> = spawn_loader(feed.clone(), 5, 3, 0, 12, 1).collect();
+    assert_eq!(one.len(), 12);
+    for workers in [2, 3, 7] {
+        let many: Vec<_> = spawn_loader(feed.clone(), 5, 3, 0, 12, workers).collect();
+        assert!(one == many, "{workers} workers gave other batches than one");
+    }
+    // a resumed stream starts exactly where the uninterrupted one was
+    let tail: Vec<_> = spawn_loader(feed.clone(), 5, 3, 7, 12, 4).collect();
+    assert!(tail[..] == one[7..], "resuming at step 7 changed the stream");
+    // and another seed is another stream
+    assert!(make_batch(&feed, 5, 4, 0) != make_batch(&feed, 5, 3, 0));
+}
+
+#[test]
+fn shards_hold_the_tokens_of_encoding_on_the_fly_and_corrupt_ones_are_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    tiny_dir(dir);
+    train::train_dvae(&options(dir, 3), &DvaeRecipe::default()).unwrap();
+    let mut o = options(dir, 1);
+    o.workers = 3;
+    let s = train::encode_shards(&o, 40, 16).unwrap();
+    assert_eq!((s.examples, s.encoded), (48, 48)); // three shards of 16
+    let cfg = tessera::Model::load_config(dir).unwrap();
+    let fp = dvae_fingerprint(&dir.join("dvae.safetensors")).unwrap();
+    let shard_dir = train::default_shard_dir(dir);
+    let shards = TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, &fp).unwrap();
+    assert_eq!(shards.len(), 48);
+
+    // the same examples encoded now, one by one
+    let mut dvae = tessera::model::DvaeModel::new(&cfg, Device::Cpu);
+    tessera::io::load_varstore(&mut dvae.vs, &dir.join("dvae.safetensors")).unwrap();
+    let feed = Feed::Images { source: Source::open("world:5").unwrap(), size: cfg.dvae.image_size };
+    for step in 0..12 {
+        let b = make_batch(&feed, 4, o.seed, step).unwrap();
+        let x = tessera::model::from_rgb8(&b.images, cfg.dvae.image_size, Device::Cpu).unwrap();
+        let codes = Vec::<i64>::try_from(tch::no_grad(|| dvae.net.encode(&x)).flatten(0, -1)).unwrap();
+        for k in 0..4 {
+            let (tokens, caption) = shards.get(step * 4 + k);
+            let want: Vec<u16> =
+                codes[k * cfg.image_len()..(k + 1) * cfg.image_len()].iter().map(|&c| c as u16).collect();
+            assert_eq!(tokens, &want[..], "example {}", step * 4 + k);
+            assert_eq!(caption, b.captions[k]);
+        }
+    }
+
+    // a second run keeps whole shards and re-encodes nothing
+    let again = train::encode_shards(&o, 40, 16).unwrap();
+    assert_eq!(again.encoded, 0);
+
+    // one flipped byte: that shard is named and skipped, the others are used
+    let bad = shard_path(&shard_dir, 1);
+    let mut bytes = std::fs::read(&bad).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&bad, &bytes).unwrap();
+    let read = TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, &fp).unwrap();
+    assert_eq!(read.len(), 32);
+    assert_eq!(read.skipped.len(), 1);
+    assert_eq!(read.skipped[0].0, bad);
+    assert!(read.skipped[0].1.contains("checksum"), "{}", read.skipped[0].1);
+    assert_eq!(read.get(16), shards.get(32), "the shard after the corrupt one moved");
+    // a truncated one too
+    std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+    assert_eq!(TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, &fp).unwrap().len(), 32);
+    // encoding again repairs it
+    assert_eq!(train::encode_shards(&o, 40, 16).unwrap().encoded, 32, "re-encodes the broken shard and the rest");
+    assert_eq!(TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, &fp).unwrap().len(), 48);
+
+    // shards of another dVAE are refused as a whole
+    let err = TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, "0000000000000000").unwrap_err();
+    assert!(err.to_string().contains("another dVAE"), "{err}");
+
+    // the transformer and the reranker train from the shards
+    let mut t = options(dir, 4);
+    t.shards = Some(shard_dir.clone());
+    let s = train::train_transformer(&t, &Default::default()).unwrap();
+    assert_eq!(s.step, 4);
+    assert!(s.last_loss.is_finite());
+    let s = train::train_reranker(&t, 1e-3, 1).unwrap();
+    assert!(s.last_loss.is_finite());
+    assert!(tessera::Model::load(dir, Device::Cpu).unwrap().reranker.is_some());
+}
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+const BUDGET: &str = "30s";
+
+fn train_all(dir: &Path, resume: bool) -> Command {
+    let mut c = tessera();
+    c.args(["train", "all", "--preset", "tiny", "--data", "world:2", "--budget", BUDGET, "--device", "cpu"])
+        .args(["--threads", "1", "--workers", "2", "--eval-captions", "2", "--eval-samples", "2", "--dir"])
+        .arg(dir);
+    if resume {
+        c.arg("--resume");
+    }
+    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    c
+}
+
+/// Runs `train all` (resuming) and kills it with SIGKILL once `stage` has begun its work;
+/// returns whether it was caught in that stage (a stage can finish between two looks).
+fn kill_during(dir: &Path, stage: &str) -> bool {
+    let mut child = train_all(dir, true).spawn().unwrap();
+    let t0 = Instant::now();
+    let caught = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("train all ended ({status}) before it could be killed in {stage}");
+        }
+        if let Ok(plan) = Plan::load(dir) {
+            let st = plan.stages.iter().find(|s| s.name == stage).unwrap();
+            if st.done {
+                break false;
+            }
+            if st.amount.is_some() {
+                std::thread::sleep(Duration::from_millis(150));
+                break true;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "stage {stage} never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    caught
+}
+
+#[test]
+fn train_all_refuses_a_budget_too_small_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let o = tessera()
+        .args(["train", "all", "--preset", "tiny", "--budget", "5s", "--device", "cpu", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("too small") && err.contains("at least"), "{err}");
+    assert!(!dir.exists(), "a refused run wrote {}", dir.display());
+    let o =
+        tessera().args(["train", "all", "--preset", "tiny", "--budget", "soon", "--dir"]).arg(&dir).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read the budget"));
+}
+
+#[test]
+fn train_all_resumes_after_a_kill_in_every_stage_and_leaves_a_working_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    // the first run is killed in the dVAE stage; each resumed run is killed in the next stage
+    let mut first = train_all(&dir, false).spawn().unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(plan) = Plan::load(&dir)
+            && plan.stages.iter().any(|s| s.name == "dvae" && s.amount.is_some())
+        {
+            std::thread::sleep(Duration::from_millis(300));
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "the dVAE stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut caught = vec!["dvae"];
+    for stage in ["shards", "transformer", "reranker", "eval"] {
+        if kill_during(&dir, stage) {
+            caught.push(stage);
+        }
+    }
+    // the dVAE, transformer and reranker stages each run for seconds: they are always caught
+    for s in ["dvae", "transformer", "reranker"] {
+        assert!(caught.contains(&s), "never killed in {s}: {caught:?}");
+    }
+    let o = train_all(&dir, true).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan = Plan::load(&dir).unwrap();
+    assert!(plan.stages.iter().all(|s| s.done), "{plan:?}");
+    for f in ["dvae.safetensors", "transformer.safetensors", "reranker.safetensors", "eval/report.json"] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    // the stages' trainers resumed rather than restarting: their logs hold each step once
+    let log = std::fs::read_to_string(dir.join("transformer.log.jsonl")).unwrap();
+    let steps: Vec<u64> =
+        log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "transformer log steps repeat: {steps:?}");
+    // resuming with another budget is refused
+    let o = tessera().args(["train", "all", "--budget", "2m", "--resume", "--dir"]).arg(&dir).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("same budget"));
+    // generate loads what it left
+    let out = tmp.path().join("out");
+    let o = tessera()
+        .args(["generate", "--prompt", "a red circle", "-n", "2", "--keep", "1", "--seed", "1", "--device", "cpu"])
+        .arg("--model")
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}
