@@ -228,3 +228,52 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
         configs,
     })
 }
+
+/// The data loader alone, with no model: how many pictures a pool of `workers` renders per
+/// second at `size` px (and per worker), and how many tokens per second it serves from the
+/// token shards of `shards`, each measured for about `seconds`.
+pub fn loader(
+    size: usize,
+    batch: usize,
+    workers: &[usize],
+    seconds: f64,
+    shards: Option<&std::path::Path>,
+) -> Result<serde_json::Value> {
+    use crate::train::{Feed, spawn_loader};
+    let time = |feed: &Feed, w: usize| -> (f64, usize) {
+        let t0 = Instant::now();
+        let mut n = 0;
+        for b in spawn_loader(feed.clone(), batch, 0, 0, usize::MAX / 2, w) {
+            n += b.captions.len();
+            if t0.elapsed().as_secs_f64() >= seconds {
+                break;
+            }
+        }
+        (n as f64 / t0.elapsed().as_secs_f64(), n)
+    };
+    let mut render = Vec::new();
+    let world = Feed::Images { source: crate::data::Source::open("world")?, size };
+    for &w in workers {
+        let (rate, _) = time(&world, w);
+        render
+            .push(serde_json::json!({"workers": w, "images_per_s": rate, "images_per_s_per_worker": rate / w as f64}));
+    }
+    let mut out = serde_json::json!({"image_size": size, "batch": batch, "world": render});
+    if let Some(dir) = shards {
+        let first = std::fs::read_dir(dir)
+            .map_err(|e| crate::error::Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "tok"))
+            .ok_or_else(|| crate::error::Error::Invalid(format!("{} holds no token shard", dir.display())))?;
+        let bytes = std::fs::read(&first).map_err(|e| crate::error::Error::io(&first, e))?;
+        let h = crate::shards::decode_shard(&bytes).map_err(|e| crate::error::Error::checkpoint(&first, e))?.header;
+        let set = crate::shards::TokenShards::open(dir, h.image_len, h.vocab, &h.dvae)?;
+        let examples = set.len();
+        let feed = Feed::Tokens(std::sync::Arc::new(set));
+        let (rate, _) = time(&feed, 1);
+        out["shards"] = serde_json::json!({
+            "examples": examples, "examples_per_s": rate, "image_tokens_per_s": rate * h.image_len as f64, "workers": 1,
+        });
+    }
+    Ok(out)
+}

@@ -176,7 +176,7 @@ impl Default for Config {
 }
 
 /// Names accepted by [`Config::preset`].
-pub const PRESETS: &[&str] = &["tiny", "S", "P", "dalle_12b", "default"];
+pub const PRESETS: &[&str] = &["tiny", "S", "P", "dalle_12b", "default", "gpu-default"];
 
 impl Config {
     /// The paper's model: 64 layers, 62 heads of 64, 256 text + 1,024 image tokens.
@@ -251,14 +251,42 @@ impl Config {
         }
     }
 
-    /// The embedded default model: 64×64 images as a 16×16 grid of 2,048 codes, a dVAE of
-    /// width 128 with two blocks per group (small shapes, letters and near colours need the
-    /// capacity), and a 6-layer transformer with the paper's attention pattern, sized so that
-    /// 16 samples reranked take a few seconds on a 2-core CPU and each weight file stays under
-    /// 16 MiB in bf16.
+    /// The embedded default model: 64×64 images as a 16×16 grid, a small transformer with the
+    /// paper's attention pattern, sized to train and sample on a 2-core CPU.
     pub fn default_model() -> Self {
         Self {
             name: "default".into(),
+            text: TextConfig { vocab_size: 512, text_len: 32, bpe_dropout: 0.1 },
+            dvae: DvaeConfig {
+                image_size: 64,
+                vocab_size: 512,
+                hidden: 64,
+                n_init: 128,
+                groups: 3,
+                blocks_per_group: 1,
+                eps: 0.1,
+            },
+            transformer: TransformerConfig {
+                d_model: 256,
+                n_layers: 4,
+                n_heads: 8,
+                head_dim: 32,
+                conv_kernel: 7,
+                cond_drop_prob: 0.1,
+                ..TransformerConfig::default()
+            },
+            reranker: Default::default(),
+        }
+    }
+
+    /// The next default model, to be trained on a GPU with `train all`: 64×64 images as a
+    /// 16×16 grid of 2,048 codes, a dVAE of width 128 with two blocks per group (small shapes,
+    /// letters and near colours need the capacity), and a 6-layer transformer with the paper's
+    /// attention pattern, sized so that 16 samples reranked take a few seconds on a 2-core CPU
+    /// and each weight file stays under 16 MiB in bf16.
+    pub fn gpu_default() -> Self {
+        Self {
+            name: "gpu-default".into(),
             text: TextConfig { vocab_size: 512, text_len: 32, bpe_dropout: 0.1 },
             dvae: DvaeConfig {
                 image_size: 64,
@@ -285,6 +313,7 @@ impl Config {
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "default" => Ok(Self::default_model()),
+            "gpu-default" | "gpu_default" => Ok(Self::gpu_default()),
             "tiny" => Ok(Self::tiny()),
             "S" | "s" => Ok(Self::s()),
             "P" | "p" => Ok(Self::p()),

@@ -168,6 +168,10 @@ pub struct DvaeLoss {
     pub kl: Tensor,
     /// Mean squared error of the reconstruction in [0, 1].
     pub mse: Tensor,
+    /// Codebook usage deficit: log V minus the entropy of the encoder's posterior averaged over
+    /// the batch and the grid (0 when every code is used equally; log V when one code is used
+    /// everywhere). Nats.
+    pub usage: Tensor,
 }
 
 /// The discrete VAE.
@@ -242,7 +246,8 @@ impl Dvae {
         let codes = tch::no_grad(|| self.encoder.forward(&x).argmax(1, false));
         let stats = self.decoder.forward_codes(&codes);
         let (nll, mse) = self.reconstruction(images, &x, &stats);
-        DvaeLoss { loss: nll.shallow_clone(), nll, kl: Tensor::zeros([], (Kind::Float, images.device())), mse }
+        let zero = Tensor::zeros([], (Kind::Float, images.device()));
+        DvaeLoss { loss: nll.shallow_clone(), nll, kl: zero.shallow_clone(), mse, usage: zero }
     }
 
     /// Stops gradients to the encoder's parameters (for [`Dvae::decoder_loss`]): optimizers
@@ -255,8 +260,16 @@ impl Dvae {
         }
     }
 
-    /// One training step's losses with Gumbel-softmax temperature `tau` and KL weight `beta`.
+    /// One training step's losses with Gumbel-softmax temperature `tau` and KL weight `beta`
+    /// (the paper's objective).
     pub fn loss(&self, images: &Tensor, tau: f64, beta: f64) -> DvaeLoss {
+        self.loss_with_usage(images, tau, beta, 0.0)
+    }
+
+    /// [`Dvae::loss`] plus `usage_weight` × the codebook usage deficit ([`DvaeLoss::usage`]):
+    /// an option beside the paper's recipe that keeps the codebook from collapsing onto a few
+    /// codes (the per-position KL to the uniform prior does not prevent that).
+    pub fn loss_with_usage(&self, images: &Tensor, tau: f64, beta: f64, usage_weight: f64) -> DvaeLoss {
         let x = self.map_pixels(images);
         let logits = self.encoder.forward(&x);
         let u = logits.rand_like().clamp(1e-10, 1.0 - 1e-7);
@@ -271,7 +284,14 @@ impl Dvae {
         let (_, _, gh, gw) = logits.size4().unwrap_or((1, 1, 1, 1));
         let (_, c, h, w) = images.size4().unwrap_or((1, 3, 1, 1));
         let kl_weight = beta * (gh * gw) as f64 / (c * h * w) as f64;
-        DvaeLoss { loss: &nll + &kl * kl_weight, nll, kl, mse }
+        let v = self.cfg.vocab_size as f64;
+        let mean_q = log_q.exp().mean_dim([0i64, 2, 3].as_slice(), false, Kind::Float);
+        let usage = (mean_q.clamp_min(1e-12).log() * &mean_q).sum(Kind::Float) + v.ln();
+        let mut loss = &nll + &kl * kl_weight;
+        if usage_weight != 0.0 {
+            loss += &usage * usage_weight;
+        }
+        DvaeLoss { loss, nll, kl, mse, usage }
     }
 }
 

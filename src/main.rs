@@ -216,6 +216,10 @@ enum TrainCommand {
         tau_steps: usize,
         #[arg(long, default_value_t = 0.999)]
         ema: f64,
+        /// Weight of a codebook-usage term (log V minus the entropy of the batch's average
+        /// posterior) added to the paper's objective; 0 = the paper's recipe.
+        #[arg(long, default_value_t = 0.0)]
+        usage_weight: f64,
         /// Fine-tune only the decoder of the directory's trained dVAE on the encoder's hard
         /// codes (the encoder, and so every image's tokens, stay exactly as they are: a
         /// transformer trained on them remains valid). --resume continues this run.
@@ -293,6 +297,9 @@ enum TrainCommand {
         eval_captions: usize,
         #[arg(long, default_value_t = 16)]
         eval_samples: usize,
+        /// The dVAE's codebook-usage weight (0 = the paper's objective; see `train dvae`).
+        #[arg(long, default_value_t = 0.0)]
+        usage_weight: f64,
     },
     /// Train the contrastive reranker (AdamW(0.9, 0.98), warm-up and cosine decay).
     Reranker {
@@ -387,6 +394,16 @@ struct BenchArgs {
     sample_batch: usize,
     #[arg(long, default_value_t = 8)]
     train_batch: usize,
+    /// Measure the data loader alone instead (no model): pictures rendered per second by 1, 2, …
+    /// up to this many worker threads, and tokens served per second from --shards.
+    #[arg(long)]
+    loader: Option<usize>,
+    /// Token shard folder for --loader.
+    #[arg(long)]
+    shards: Option<PathBuf>,
+    /// Picture side for --loader.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
 }
 
 fn main() {
@@ -592,6 +609,17 @@ fn human(n: u64) -> String {
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
+    if let Some(max) = a.loader {
+        if max == 0 {
+            bail!("--loader needs at least one worker");
+        }
+        let mut counts: Vec<usize> =
+            std::iter::successors(Some(1usize), |w| Some(w * 2)).take_while(|&w| w < max).collect();
+        counts.push(max);
+        let r = bench::loader(a.size, 128, &counts, 3.0, a.shards.as_deref())?;
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
     let device = tessera::parse_device(&a.device)?;
     let kind = tessera::parse_dtype(&a.dtype, device)?;
     if a.runs < 1 {
@@ -678,7 +706,18 @@ fn train(t: TrainCommand) -> Result<()> {
             eprintln!("tokenizer with {} tokens written to {}", tok.vocab_size(), at.dir.display());
             return Ok(());
         }
-        TrainCommand::Dvae { common, lr, lr_end, beta, beta_steps, tau_end, tau_steps, ema, decoder_only } => {
+        TrainCommand::Dvae {
+            common,
+            lr,
+            lr_end,
+            beta,
+            beta_steps,
+            tau_end,
+            tau_steps,
+            ema,
+            usage_weight,
+            decoder_only,
+        } => {
             let opts = train_options(&common)?;
             let schedule = tessera::dvae::DvaeSchedule {
                 beta_max: beta,
@@ -690,7 +729,7 @@ fn train(t: TrainCommand) -> Result<()> {
                 lr_end,
                 lr_steps: opts.steps,
             };
-            tr::train_dvae(&opts, &DvaeRecipe { schedule, ema, decoder_only, ..Default::default() })?
+            tr::train_dvae(&opts, &DvaeRecipe { schedule, ema, decoder_only, usage_weight, ..Default::default() })?
         }
         TrainCommand::Transformer { common, lr, warmup, ema, clip } => {
             let opts = train_options(&common)?;
@@ -733,6 +772,7 @@ fn train(t: TrainCommand) -> Result<()> {
             reranker_batch,
             eval_captions,
             eval_samples,
+            usage_weight,
         } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
@@ -750,6 +790,7 @@ fn train(t: TrainCommand) -> Result<()> {
             o.reranker_batch = reranker_batch.unwrap_or(o.reranker_batch);
             o.eval_captions = eval_captions;
             o.eval_samples = eval_samples;
+            o.usage_weight = usage_weight;
             let plan = tessera::pipeline::train_all(&o)?;
             println!("{}", serde_json::to_string_pretty(&plan)?);
             eprintln!("model written to {} in {}", at.dir.display(), tessera::train::fmt_secs(plan.spent_s));

@@ -47,6 +47,8 @@ pub struct Report {
     /// after a dVAE round trip (encode, decode) — the most any transformer could reach
     /// through this dVAE.
     pub dvae_roundtrip: BTreeMap<String, f64>,
+    /// Distinct codes the encoder uses on 512 held-out images.
+    pub dvae_codes_used: usize,
     pub seconds_per_image: f64,
     pub device: String,
     pub samples_per_caption: usize,
@@ -93,6 +95,24 @@ pub fn dvae_psnr(dvae: &Dvae, device: Device, n: usize, seed: u64) -> Result<f64
     Ok(-10.0 * mse.max(1e-12).log10())
 }
 
+/// Distinct codes the encoder uses on `n` held-out world images (a codebook that collapsed
+/// to a few codes cannot tell near colours apart).
+pub fn dvae_codes_used(dvae: &Dvae, device: Device, n: usize, seed: u64) -> Result<usize> {
+    let size = dvae.config().image_size;
+    let imgs: Vec<Vec<u8>> = psnr_scenes(n, seed).iter().map(|s| world::render(s, size)).collect();
+    let mut seen = vec![false; dvae.config().vocab_size];
+    for chunk in imgs.chunks(128) {
+        let x = from_rgb8(chunk, size, device)?;
+        let codes = tch::no_grad(|| dvae.encode(&x)).flatten(0, -1).to_device(Device::Cpu);
+        for c in Vec::<i64>::try_from(&codes)? {
+            if let Some(s) = seen.get_mut(c as usize) {
+                *s = true;
+            }
+        }
+    }
+    Ok(seen.iter().filter(|&&s| s).count())
+}
+
 /// How many of `scenes`' ground-truth renders the evaluator still accepts after a dVAE round
 /// trip; also the first scene's render and its reconstruction, for the grid.
 fn roundtrip_accuracy(dvae: &Dvae, device: Device, scenes: &[world::Scene]) -> Result<(f64, Vec<Vec<u8>>)> {
@@ -112,6 +132,8 @@ fn roundtrip_accuracy(dvae: &Dvae, device: Device, scenes: &[world::Scene]) -> R
 pub struct DvaeCheck {
     /// Hard-code PSNR (dB) on 64 held-out images.
     pub psnr_db: f64,
+    /// Distinct codes the encoder uses on 512 held-out images.
+    pub codes_used: usize,
     /// Per capability: the share of ground-truth renders the evaluator accepts after an
     /// encode–decode round trip.
     pub roundtrip: BTreeMap<String, f64>,
@@ -125,7 +147,11 @@ pub fn dvae_check(dvae: &Dvae, device: Device, captions: usize, seed: u64) -> Re
         let (acc, _) = roundtrip_accuracy(dvae, device, &eval_scenes(cap, captions, seed, Split::Train))?;
         roundtrip.insert(cap.name().to_string(), acc);
     }
-    Ok(DvaeCheck { psnr_db: dvae_psnr(dvae, device, 64, seed)?, roundtrip })
+    Ok(DvaeCheck {
+        psnr_db: dvae_psnr(dvae, device, 64, seed)?,
+        codes_used: dvae_codes_used(dvae, device, 512, seed)?,
+        roundtrip,
+    })
 }
 
 /// Runs the evaluation; writes `report.json`, `report.md` and `grid.png` into `out`.
@@ -190,6 +216,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         held_out,
         dvae_psnr_db: dvae_psnr(&model.dvae.net, model.device, 64, opts.seed)?,
         dvae_roundtrip,
+        dvae_codes_used: dvae_codes_used(&model.dvae.net, model.device, 512, opts.seed)?,
         seconds_per_image,
         device: format!("{:?}", model.device).to_lowercase(),
         samples_per_caption: opts.samples,
@@ -206,8 +233,8 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
 fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
     let mut s = String::from("# Evaluation\n\n");
     s += &format!(
-        "{} samples per caption, reranker: {}. dVAE PSNR on held-out images: {:.2} dB.",
-        r.samples_per_caption, r.reranker, r.dvae_psnr_db
+        "{} samples per caption, reranker: {}. dVAE PSNR on held-out images: {:.2} dB; {} codes used on 512 images.",
+        r.samples_per_caption, r.reranker, r.dvae_psnr_db, r.dvae_codes_used
     );
     if r.seconds_per_image.is_finite() {
         s += &format!(" {:.3} s per image (sampling and reranking) on {}.", r.seconds_per_image, r.device);

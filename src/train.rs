@@ -118,11 +118,20 @@ pub struct DvaeRecipe {
     /// every image's tokens) frozen; its training state is `dvae-decoder.state.safetensors`,
     /// its log `dvae-decoder.log.jsonl`, and the result replaces `dvae.safetensors`.
     pub decoder_only: bool,
+    /// Weight of the codebook-usage term ([`crate::dvae::Dvae::loss_with_usage`]); 0 is the
+    /// paper's objective.
+    pub usage_weight: f64,
 }
 
 impl Default for DvaeRecipe {
     fn default() -> Self {
-        Self { schedule: DvaeSchedule::default(), ema: 0.999, weight_decay: 1e-4, decoder_only: false }
+        Self {
+            schedule: DvaeSchedule::default(),
+            ema: 0.999,
+            weight_decay: 1e-4,
+            decoder_only: false,
+            usage_weight: 0.0,
+        }
     }
 }
 
@@ -595,7 +604,11 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         let step = run.step;
         let x = from_rgb8(&batch.images, size, opts.device)?;
         let (tau, beta, lr) = (s.tau(step), s.beta(step), s.lr(step));
-        let l = if recipe.decoder_only { model.net.decoder_loss(&x) } else { model.net.loss(&x, tau, beta) };
+        let l = if recipe.decoder_only {
+            model.net.decoder_loss(&x)
+        } else {
+            model.net.loss_with_usage(&x, tau, beta, recipe.usage_weight)
+        };
         opt.zero_grad();
         l.loss.backward();
         opt.step(lr);
@@ -611,6 +624,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
             if !recipe.decoder_only {
                 // the relaxation's terms (hard codes have none)
                 record["kl"] = l.kl.double_value(&[]).into();
+                record["usage_deficit"] = l.usage.double_value(&[]).into();
                 record["tau"] = tau.into();
                 record["beta"] = beta.into();
             }
@@ -634,7 +648,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
                 crate::report::dvae_check(&averaged.net, opts.device, DVAE_CHECK_SCENES, opts.seed)
             })?;
             run.log.log(serde_json::json!({
-                "step": step, "hard_psnr_db": check.psnr_db, "roundtrip": check.roundtrip,
+                "step": step, "hard_psnr_db": check.psnr_db, "roundtrip": check.roundtrip, "codes_used": check.codes_used,
             }));
         }
         if opts.sample_every > 0 && step % opts.sample_every == 0 {

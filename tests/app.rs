@@ -409,3 +409,27 @@ fn main_window_snapshot() {
     h.mask(all.expand2(egui::vec2(4.0, 18.0)));
     h.snapshot("main_window");
 }
+
+#[test]
+fn a_model_from_train_all_finishes_in_its_budget_and_opens_in_the_app() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("trained");
+    let mut o = tessera::pipeline::AllOptions::new(&dir, 20.0, Device::Cpu);
+    o.preset = Some("tiny".into());
+    o.data = "world:4".into();
+    (o.eval_captions, o.eval_samples, o.quiet, o.workers) = (2, 2, true, 1);
+    let t0 = Instant::now();
+    let plan = tessera::pipeline::train_all(&o).unwrap();
+    let took = t0.elapsed().as_secs_f64();
+    assert!(plan.stages.iter().all(|s| s.done), "{plan:#?}");
+    assert!(took <= 20.0, "train all took {took:.1}s of a 20s budget: {plan:#?}");
+    let mut h = ready_app(ModelSource::Dir(dir), None);
+    type_prompt(&mut h, "a blue square");
+    set_fixed(&mut h, 2, 1, 2, 1);
+    h.get_by_label("Generate").click();
+    h.step();
+    let id = h.state().jobs[0].id;
+    step_until(&mut h, "the job", |a| job_done(a, id));
+    assert_eq!(h.state().jobs[0].status, JobStatus::Done);
+    assert_eq!(h.state().gallery.len(), 2);
+}

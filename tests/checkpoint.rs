@@ -109,3 +109,28 @@ fn atomic_write_replaces_whole_files() {
     let missing = dir.path().join("no/such/dir/f.json");
     assert!(tessera::io::write_atomic(&missing, b"x").is_err());
 }
+
+#[test]
+fn weights_stored_in_bf16_load_at_half_the_size_with_close_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = saved_tiny(dir.path());
+    let f32_len = std::fs::metadata(dir.path().join(TRANSFORMER_FILE)).unwrap().len();
+    let vars: Vec<(String, tch::Tensor)> = a.transformer.vs.variables().into_iter().collect();
+    let bytes = tessera::io::tensors_to_safetensors_as(&vars, None, tch::Kind::BFloat16).unwrap();
+    std::fs::write(dir.path().join(TRANSFORMER_FILE), &bytes).unwrap();
+    assert!((bytes.len() as u64) < f32_len * 6 / 10, "bf16 file {} vs f32 {f32_len} bytes", bytes.len());
+    let b = Model::load(dir.path(), Device::Cpu).unwrap();
+    // every weight is its f32 value rounded to bf16: relative error ≤ 2^-8
+    for (name, t) in b.transformer.vs.variables() {
+        let want = a.transformer.vs.variables()[&name].shallow_clone();
+        let err = (&t - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        assert!(err <= scale / 256.0 + 1e-12, "{name}: error {err} at scale {scale}");
+    }
+    let (text, image) = random_batch(&a, 2, 3);
+    let (_, ia) = tch::no_grad(|| a.transformer.net.forward(&text, &image, false));
+    let (_, ib) = tch::no_grad(|| b.transformer.net.forward(&text, &image, false));
+    let rel = (&ia - &ib).abs().max().double_value(&[]) / ia.abs().max().double_value(&[]);
+    assert!(rel < 0.02, "image logits moved by {rel} of their scale");
+    assert!(!ia.equal(&ib), "the bf16 file was not read as bf16");
+}
