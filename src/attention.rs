@@ -67,6 +67,8 @@ pub struct MaskSet {
     shape: StreamShape,
     device: Device,
     masks: HashMap<AttentionKind, Tensor>,
+    /// Plain causal attention as an explicit mask, for static-shape decode steps.
+    causal: Tensor,
 }
 
 impl MaskSet {
@@ -77,7 +79,19 @@ impl MaskSet {
                 masks.entry(k).or_insert_with(|| build_mask(k, shape, device));
             }
         }
-        Self { shape, device, masks }
+        Self { shape, device, masks, causal: build_mask(AttentionKind::Full, shape, device) }
+    }
+
+    /// The mask of a static-shape decode step: query `pos` over every key of the stream
+    /// (`[1, L]`). Keys past `pos` are masked, so the cache positions not yet written are never
+    /// read, and every step has the same shapes whatever `pos` is.
+    pub fn static_row(&self, kind: AttentionKind, pos: usize) -> Mask {
+        let row = |m: &Tensor| Mask::Explicit(m.narrow(0, pos as i64, 1));
+        match (kind, self.masks.get(&kind)) {
+            (AttentionKind::Full, _) => row(&self.causal),
+            (_, Some(m)) => row(m),
+            (_, None) => row(&build_mask(kind, self.shape, self.device)),
+        }
     }
 
     /// The mask for queries `start..start+n` over keys `0..start+n`. Full attention is plain
@@ -187,7 +201,10 @@ impl Attention {
     }
 
     /// `x`: [B, n, d] for positions `start..start+n`. With a cache, this layer's keys and
-    /// values are written at those positions and attention runs over `0..start+n`.
+    /// values are written at those positions and attention runs over `0..start+n`, or over
+    /// the whole preallocated cache when `whole_cache` (static shapes; `mask` must then hide
+    /// the positions not yet written, as [`MaskSet::static_row`] does).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &Tensor,
@@ -196,6 +213,7 @@ impl Attention {
         start: usize,
         train: bool,
         compute: Option<Kind>,
+        whole_cache: bool,
     ) -> Tensor {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
         let qkv = dense(&self.qkv, x, compute).view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
@@ -205,7 +223,11 @@ impl Attention {
                 let end = (start as i64) + n;
                 c.keys[layer].narrow(2, start as i64, n).copy_(&k);
                 c.values[layer].narrow(2, start as i64, n).copy_(&v);
-                (c.keys[layer].narrow(2, 0, end), c.values[layer].narrow(2, 0, end))
+                if whole_cache {
+                    (c.keys[layer].shallow_clone(), c.values[layer].shallow_clone())
+                } else {
+                    (c.keys[layer].narrow(2, 0, end), c.values[layer].narrow(2, 0, end))
+                }
             }
             None => (k, v),
         };

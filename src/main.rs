@@ -359,6 +359,10 @@ struct GenerateArgs {
     /// Sampling dtype of the transformer: auto (f32 for now, on CPU and CUDA), f32 or bf16.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Decode steps: static (same shapes every step: attention over the whole cache, masked),
+    /// growing (over the keys written so far), or auto (static on CUDA, growing on the CPU).
+    #[arg(long, default_value = "auto")]
+    decode: String,
 }
 
 #[derive(Args)]
@@ -485,6 +489,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let device = tessera::parse_device(&a.device)?;
     let mut model = load_model(&a.source, device)?;
     model.set_dtype(tessera::parse_dtype(&a.dtype, device)?)?;
+    match a.decode.as_str() {
+        "auto" => {}
+        "static" => model.transformer.net.set_static_decode(true),
+        "growing" => model.transformer.net.set_static_decode(false),
+        other => bail!("unknown --decode {other:?} (auto, static or growing)"),
+    }
     let enc = model.encode_prompt(&a.prompt)?;
     if enc.truncated() {
         eprintln!(

@@ -62,6 +62,9 @@ pub struct Transformer {
     dropout: f64,
     /// Precision of the matrix products when it differs from the weights' (mixed precision).
     compute: Option<Kind>,
+    /// Decode steps attend over the whole preallocated cache with a mask (every step has the
+    /// same shapes, so fused kernels plan once); the default on CUDA.
+    static_decode: bool,
 }
 
 impl Transformer {
@@ -93,7 +96,18 @@ impl Transformer {
             cfg: cfg.clone(),
             dropout: t.dropout,
             compute: None,
+            static_decode: vs.device().is_cuda(),
         }
+    }
+
+    /// Chooses static-shape decode steps (attention over the whole cache, masked) or steps
+    /// over the keys written so far (fewer keys: the faster choice on a CPU).
+    pub fn set_static_decode(&mut self, on: bool) {
+        self.static_decode = on;
+    }
+
+    pub fn static_decode(&self) -> bool {
+        self.static_decode
     }
 
     pub fn config(&self) -> &Config {
@@ -182,10 +196,12 @@ impl Transformer {
         if train && self.dropout > 0.0 {
             x = x.dropout(self.dropout, true);
         }
+        let whole = self.static_decode && n == 1 && cache.is_some();
         for (i, blk) in self.blocks.iter().enumerate() {
-            let mask = self.masks.window(blk.kind, start, n);
+            let mask =
+                if whole { self.masks.static_row(blk.kind, start) } else { self.masks.window(blk.kind, start, n) };
             let c = cache.as_deref_mut().map(|c| (c, i));
-            let h = blk.attn.forward(&blk.ln1.forward(&x), &mask, c, start, train, self.compute);
+            let h = blk.attn.forward(&blk.ln1.forward(&x), &mask, c, start, train, self.compute, whole);
             x = x + h;
             let h = dense(&blk.fc1, &blk.ln2.forward(&x), self.compute).gelu("none");
             let h = dense(&blk.fc2, &h, self.compute);
