@@ -89,6 +89,8 @@ pub struct Model {
     /// Present when the directory has `reranker.safetensors`.
     pub reranker: Option<RerankerModel>,
     pub device: Device,
+    /// Test hook: a sampling batch larger than this fails as if the device ran out of memory.
+    pub inject_oom_above: Option<usize>,
 }
 
 /// One generated image.
@@ -152,6 +154,7 @@ impl Model {
             transformer: TransformerModel::new(config, device),
             reranker: None,
             device,
+            inject_oom_above: None,
         })
     }
 
@@ -262,7 +265,7 @@ impl Model {
             }
             None => None,
         };
-        Ok(Self { config, tokenizer, dvae, transformer, reranker, device })
+        Ok(Self { config, tokenizer, dvae, transformer, reranker, device, inject_oom_above: None })
     }
 
     /// Encodes a prompt; empty prompts are an error.
@@ -327,8 +330,38 @@ impl Model {
         Ok(Some(Vec::<f32>::try_from(&s.to_kind(Kind::Float).to_device(Device::Cpu))?))
     }
 
-    /// Samples and decodes `n` images in one batch.
+    /// Samples and decodes `n` images, in one batch when the device holds it: when a batch
+    /// runs out of memory, it is halved and retried (a sample depends on its seed alone, so the
+    /// images are the same whatever the batches). `on_step` sees each batch's sampler.
     pub fn generate(
+        &self,
+        prompt: &str,
+        n: usize,
+        seed: u64,
+        prefix: Option<&Tensor>,
+        opts: &SampleOptions,
+        mut on_step: impl FnMut(&Sampler) -> bool,
+    ) -> Result<Vec<Sample>> {
+        if n == 0 {
+            return Err(Error::Invalid("the number of samples must be at least 1".into()));
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut batch = n;
+        while out.len() < n {
+            let (done, m) = (out.len(), batch.min(n - out.len()));
+            // a prefix of one row serves every batch; one of n rows is cut with the batch
+            let rows =
+                prefix.map(|p| if p.size()[0] > 1 { p.narrow(0, done as i64, m as i64) } else { p.shallow_clone() });
+            match self.generate_batch(prompt, m, seed.wrapping_add(done as u64), rows.as_ref(), opts, &mut on_step) {
+                Ok(v) => out.extend(v),
+                Err(e) if m > 1 && is_out_of_memory(&e) => batch = m / 2,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    fn generate_batch(
         &self,
         prompt: &str,
         n: usize,
@@ -337,6 +370,11 @@ impl Model {
         opts: &SampleOptions,
         on_step: impl FnMut(&Sampler) -> bool,
     ) -> Result<Vec<Sample>> {
+        if self.inject_oom_above.is_some_and(|limit| n > limit) {
+            return Err(Error::Torch(tch::TchError::Torch(format!(
+                "CUDA out of memory (injected for a batch of {n})"
+            ))));
+        }
         let tokens = self.sampler(prompt, n, seed, prefix, opts)?.run(on_step)?;
         let rgb = self.decode(&tokens)?;
         let toks = tokens.to_device(Device::Cpu);
@@ -352,6 +390,13 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// Whether an error is the device (or the host) running out of memory.
+pub fn is_out_of_memory(e: &Error) -> bool {
+    let Error::Torch(t) = e else { return false };
+    let m = t.to_string();
+    m.contains("out of memory") || m.contains("can't allocate memory") || m.contains("not enough memory")
 }
 
 /// Default output file name for sample `i` of a run.

@@ -433,3 +433,25 @@ fn a_model_from_train_all_finishes_in_its_budget_and_opens_in_the_app() {
     assert_eq!(h.state().jobs[0].status, JobStatus::Done);
     assert_eq!(h.state().gallery.len(), 2);
 }
+
+#[test]
+fn the_papers_512_to_best_32_preset_runs_as_one_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut h = ready_app(ModelSource::Dir(tiny_dir(tmp.path())), None);
+    type_prompt(&mut h, "a green star");
+    h.get_by_label("512, keep best 32").click();
+    h.step();
+    let s = &h.state().settings;
+    assert_eq!((s.n, s.keep, s.chunk), (512, 32, 64));
+    h.get_by_label("Generate").click();
+    h.step();
+    let id = h.state().jobs[0].id;
+    step_until(&mut h, "the 512-sample job", |a| job_done(a, id));
+    let app = h.state();
+    assert_eq!(app.jobs[0].status, JobStatus::Done);
+    assert_eq!(app.gallery.len(), 512);
+    let kept: Vec<_> = app.gallery.iter().filter(|g| g.kept).collect();
+    assert_eq!(kept.len(), 32, "the best 32 of 512 are kept");
+    let worst_kept = kept.iter().filter_map(|g| g.params.score).fold(f32::INFINITY, f32::min);
+    assert!(app.gallery.iter().filter(|g| !g.kept).all(|g| g.params.score.unwrap_or(f32::NEG_INFINITY) <= worst_kept));
+}

@@ -72,11 +72,7 @@ fn a_seed_gives_the_same_codes_at_any_batch_size() {
         for i in 0..5 {
             let one = run(1, 100 + i as u64);
             assert!(one.get(0).equal(&five.get(i)), "seed {} differs between batch 1 and 5 (static {whole})", 100 + i);
-            assert!(
-                many.get(i as i64 + 2).equal(&five.get(i)),
-                "seed {} differs at batch 64 (static {whole})",
-                100 + i
-            );
+            assert!(many.get(i + 2).equal(&five.get(i)), "seed {} differs at batch 64 (static {whole})", 100 + i);
         }
         // and different seeds do differ
         assert!(!five.get(0).equal(&five.get(1)));
@@ -217,4 +213,32 @@ fn bf16_sampling_tracks_f32() {
     let s = model.generate("a red circle", 2, 3, None, &SampleOptions::default(), |_| true).unwrap();
     assert_eq!(s.len(), 2);
     assert!(model.set_dtype(Kind::Int64).is_err());
+}
+
+#[test]
+fn a_batch_out_of_memory_is_halved_and_gives_the_same_images() {
+    let mut model = tiny_model(None, 6);
+    let opts = SampleOptions::default();
+    let whole = model.generate("a red circle", 12, 40, None, &opts, |_| true).unwrap();
+    // batches above 3 fail as a full device would: 12 → 6 → 3, then every batch of 3 works
+    model.inject_oom_above = Some(3);
+    let mut batches = Vec::new();
+    let halved = model
+        .generate("a red circle", 12, 40, None, &opts, |s| {
+            let b = s.tokens().size()[0];
+            if batches.last() != Some(&b) || s.progress().done == 1 {
+                batches.push(b);
+            }
+            true
+        })
+        .unwrap();
+    assert_eq!(halved.len(), 12);
+    assert!(batches.iter().all(|&b| b == 3), "sampled in batches {batches:?}");
+    for (a, b) in whole.iter().zip(&halved) {
+        assert_eq!((a.seed, &a.tokens, &a.rgb), (b.seed, &b.tokens, &b.rgb), "seed {} changed", a.seed);
+    }
+    // a batch of one that fails is an error, not an endless retry
+    model.inject_oom_above = Some(0);
+    let err = model.generate("a red circle", 2, 40, None, &opts, |_| true).unwrap_err();
+    assert!(tessera::model::is_out_of_memory(&err), "{err}");
 }

@@ -314,6 +314,13 @@ impl TesseraApp {
                 .on_hover_text("samples drawn together; a cancel keeps finished batches");
             ui.end_row();
         });
+        if ui
+            .button("512, keep best 32")
+            .on_hover_text("The paper's workflow: draw 512 samples, keep the 32 the reranker likes best")
+            .clicked()
+        {
+            (s.n, s.keep, s.chunk) = (512, 32, 64);
+        }
         ui.checkbox(&mut self.settings.use_canvas, "Complete the canvas");
         ui.separator();
         ui.heading("Queue");
