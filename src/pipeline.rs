@@ -363,7 +363,8 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                 let n = (left.max(0.0) * PLAN_FILL * s.examples_per_s) as usize;
                 Ok((n.clamp(st.batch, 4_000_000), s.examples_per_s))
             })?;
-            let t = stage_opts(o, p, st.batch);
+            let mut t = stage_opts(o, p, st.batch);
+            t.deadline = Some(stage_deadline(plan, i, t0));
             let s = train::encode_shards(&t, examples, per_shard)?;
             Ok(serde_json::json!({
                 "examples": s.examples, "encoded": s.encoded, "examples_per_s": s.examples_per_s, "data_wait": s.data_wait,

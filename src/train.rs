@@ -898,7 +898,8 @@ pub fn default_shard_dir(dir: &Path) -> PathBuf {
 /// Encodes the first `examples` examples of the data with the directory's dVAE into token
 /// shards of `per_shard` examples (`opts.shards`, or `DIR/shards`), `opts.batch` pictures per
 /// encoder call (`per_shard` is rounded up to a multiple of it). Shards already there, whole and
-/// made by this dVAE, are kept, so a killed run continues where it stopped. With
+/// made by this dVAE, are kept, so a killed run continues where it stopped. Past
+/// `opts.deadline` it stops, and what it encoded becomes a shorter last shard. With
 /// `opts.calibrate` it encodes `opts.steps` batches, writes nothing and reports the rate.
 pub fn encode_shards(opts: &TrainOptions, examples: usize, per_shard: usize) -> Result<ShardSummary> {
     let cfg = crate::model::Model::load_config(&opts.dir)?;
@@ -966,8 +967,23 @@ pub fn encode_shards(opts: &TrainOptions, examples: usize, per_shard: usize) -> 
         if k == 0 {
             warm = Some((Instant::now(), encoded)); // the rate leaves out the first batch
         }
-        if opts.calibrate && opts.deadline.is_some_and(|d| Instant::now() >= d) {
+        let late = opts.deadline.is_some_and(|d| Instant::now() >= d);
+        if opts.calibrate && late {
             break;
+        }
+        if !opts.calibrate && late && captions.len() < header(shard).count {
+            // out of time: what is encoded becomes a shorter last shard
+            let h = crate::shards::ShardHeader { count: captions.len(), ..header(shard) };
+            crate::shards::write_shard(&crate::shards::shard_path(&out, shard), &h, &tokens, &captions)?;
+            let examples = shard * per_shard + captions.len();
+            let seconds = t0.elapsed().as_secs_f64();
+            return Ok(ShardSummary {
+                examples,
+                encoded,
+                seconds,
+                examples_per_s: encoded as f64 / seconds.max(1e-9),
+                data_wait: wait / seconds.max(1e-9),
+            });
         }
         if !opts.calibrate && captions.len() == header(shard).count {
             crate::shards::write_shard(&crate::shards::shard_path(&out, shard), &header(shard), &tokens, &captions)?;
