@@ -54,23 +54,23 @@ impl AdamW {
         }
     }
 
-    /// Scales the gradients so their global norm is at most `max`; returns the norm before.
-    pub fn clip_grad_norm(&self, max: f64) -> f64 {
+    /// Scales the gradients so their global norm is at most `max`; returns the norm before,
+    /// as a scalar tensor on the device: nothing waits for the device here (read it only when
+    /// it is logged).
+    pub fn clip_grad_norm(&self, max: f64) -> Tensor {
         tch::no_grad(|| {
-            let norms: Vec<Tensor> =
-                self.params.iter().map(|p| p.grad()).filter(|g| g.defined()).map(|g| g.norm().square()).collect();
-            if norms.is_empty() {
-                return 0.0;
-            }
-            let total = Tensor::stack(&norms, 0).sum(Kind::Float).sqrt().double_value(&[]);
-            if total.is_finite() && total > max {
-                let k = max / (total + 1e-6);
-                for p in &self.params {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.g_mul_scalar_(k);
-                    }
-                }
+            let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+            let Some(first) = grads.first() else {
+                return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+            };
+            let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm().square()).collect();
+            let total = Tensor::stack(&norms, 0).sum(Kind::Float).sqrt();
+            // factor min(1, max / norm), left at 1 when the norm is not finite (as before)
+            let k = (max / (&total + 1e-6)).clamp_max(1.0);
+            let k = k.where_self(&total.isfinite(), &k.ones_like()).to_device(first.device());
+            for g in &grads {
+                let mut g = g.shallow_clone();
+                let _ = g.g_mul_(&k.to_kind(g.kind()));
             }
             total
         })

@@ -114,6 +114,9 @@ pub struct Plan {
     pub stages: Vec<Stage>,
     /// Seconds spent over all invocations.
     pub spent_s: f64,
+    /// The dVAE's codebook-usage weight the run was planned with.
+    #[serde(default)]
+    pub usage_weight: f64,
 }
 
 impl Plan {
@@ -139,6 +142,7 @@ impl Plan {
             data: o.data.clone(),
             stages,
             spent_s: 0.0,
+            usage_weight: o.usage_weight,
         }
     }
 
@@ -226,6 +230,13 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
             )));
         }
         let p = Plan::load(&o.dir)?;
+        if (p.usage_weight - o.usage_weight).abs() > 1e-12 {
+            return Err(Error::Invalid(format!(
+                "the run in {} was planned with --usage-weight {}: resume it with the same recipe",
+                o.dir.display(),
+                p.usage_weight
+            )));
+        }
         if (p.budget_s - o.budget_s).abs() > 1e-6 {
             return Err(Error::Invalid(format!(
                 "the run in {} was planned for a budget of {:.0}s, not {:.0}s: resume it with the same budget",

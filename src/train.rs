@@ -464,7 +464,8 @@ struct Run {
     start: usize,
     end: usize,
     step: usize,
-    last: f64,
+    /// The last step's loss, still on the device: read only when logged.
+    last: Option<Tensor>,
 }
 
 impl Run {
@@ -479,7 +480,7 @@ impl Run {
             start,
             end,
             step: start,
-            last: f64::NAN,
+            last: None,
         })
     }
 
@@ -499,10 +500,11 @@ impl Run {
         Ok(Some(batch))
     }
 
-    /// Counts a finished step with its loss; returns the new step number.
-    fn advance(&mut self, loss: f64) -> usize {
+    /// Counts a finished step with its loss (kept on the device: no step waits for the device
+    /// unless it logs); returns the new step number.
+    fn advance(&mut self, loss: &Tensor) -> usize {
         self.step += 1;
-        self.last = loss;
+        self.last = Some(loss.detach());
         if self.step == self.start + WARM_STEPS {
             self.warm = Some(Instant::now());
         }
@@ -511,6 +513,11 @@ impl Run {
 
     fn is_last(&self) -> bool {
         self.step == self.end
+    }
+
+    /// The last step's loss (waits for the device).
+    fn last_loss(&self) -> f64 {
+        self.last.as_ref().map_or(f64::NAN, |t| t.double_value(&[]))
     }
 
     /// Items per second over this invocation, `per_step` items a step.
@@ -524,7 +531,7 @@ impl Run {
 
     fn record(&mut self, steps: usize, record: serde_json::Value, rate: f64, unit: &str) {
         self.log.log(record);
-        self.log.progress(self.step, self.step - self.start, steps, self.last, rate, unit);
+        self.log.progress(self.step, self.step - self.start, steps, self.last_loss(), rate, unit);
     }
 
     fn finish(self, opts: &TrainOptions, skipped_files: usize) -> TrainSummary {
@@ -539,7 +546,7 @@ impl Run {
         };
         TrainSummary {
             step: self.step,
-            last_loss: self.last,
+            last_loss: self.last_loss(),
             examples_per_s: self.rate(opts.batch),
             data_wait: self.data_wait(),
             skipped_files,
@@ -613,12 +620,12 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         l.loss.backward();
         opt.step(lr);
         ema.update(step);
-        let step = run.advance(l.loss.double_value(&[]));
+        let step = run.advance(&l.loss);
         if step % opts.log_every == 0 || run.is_last() {
             let mse = l.mse.double_value(&[]);
             let rate = run.rate(opts.batch);
             let mut record = serde_json::json!({
-                "step": step, "loss": run.last, "nll": l.nll.double_value(&[]), "mse": mse,
+                "step": step, "loss": run.last_loss(), "nll": l.nll.double_value(&[]), "mse": mse,
                 "psnr_db": -10.0 * mse.max(1e-12).log10(), "lr": lr, "images_per_s": rate, "data_wait": run.data_wait(),
             });
             if !recipe.decoder_only {
@@ -728,12 +735,12 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
         let grad_norm = opt.clip_grad_norm(recipe.clip);
         opt.step(lr);
         ema.update(step);
-        let step = run.advance(l.loss.double_value(&[]));
+        let step = run.advance(&l.loss);
         if step % opts.log_every == 0 || run.is_last() {
             let rate = run.rate(opts.batch * tokens_per_example);
             let record = serde_json::json!({
-                "step": step, "loss": run.last, "text_loss": l.text.double_value(&[]),
-                "image_loss": l.image.double_value(&[]), "lr": lr, "grad_norm": grad_norm,
+                "step": step, "loss": run.last_loss(), "text_loss": l.text.double_value(&[]),
+                "image_loss": l.image.double_value(&[]), "lr": lr, "grad_norm": grad_norm.double_value(&[]),
                 "tokens_per_s": rate, "data_wait": run.data_wait(),
             });
             run.record(opts.steps, record, rate, "tokens");
@@ -828,14 +835,14 @@ pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<Tra
         let loss = model.net.loss(&x, &ids, &valid);
         opt.zero_grad();
         loss.backward();
-        opt.clip_grad_norm(1.0);
+        let _ = opt.clip_grad_norm(1.0);
         opt.step(rate);
         ema.update(step);
-        let step = run.advance(loss.double_value(&[]));
+        let step = run.advance(&loss);
         if step % opts.log_every == 0 || run.is_last() {
             let per_s = run.rate(opts.batch);
             let record = serde_json::json!({
-                "step": step, "loss": run.last, "lr": rate, "scale": model.net.scale().double_value(&[]),
+                "step": step, "loss": run.last_loss(), "lr": rate, "scale": model.net.scale().double_value(&[]),
                 "images_per_s": per_s, "data_wait": run.data_wait(),
             });
             run.record(opts.steps, record, per_s, "images");

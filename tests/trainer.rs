@@ -270,3 +270,35 @@ fn decoder_fine_tuning_keeps_every_token_and_sharpens_hard_codes() {
     }
     assert!(mse1 < 0.8 * mse0, "hard-code reconstruction error {mse0} → {mse1}");
 }
+
+#[test]
+fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
+    let dir = tempfile::tempdir().unwrap();
+    new_dir(dir.path());
+    let mut o = options(dir.path(), 6, None, false);
+    o.checkpoint_every = 6;
+    train::train_dvae(&o, &DvaeRecipe { usage_weight: 0.5, ..Default::default() }).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("dvae.log.jsonl")).unwrap();
+    let check: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v.get("hard_psnr_db").is_some())
+        .last()
+        .unwrap();
+    let step_record: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|v: &serde_json::Value| v.get("usage_deficit").is_some())
+        .unwrap();
+    assert!(step_record["usage_deficit"].as_f64().unwrap() >= 0.0);
+    // a dVAE with a transformer and reranker is a model `eval` loads
+    train::train_transformer(&options(dir.path(), 1, None, false), &TransformerRecipe::default()).unwrap();
+    let m = tessera::Model::load(dir.path(), Device::Cpu).unwrap();
+    let opts = tessera::report::EvalOptions { captions: 20, samples: 0, seed: 9, sample: Default::default() };
+    let r = tessera::report::evaluate(&m, &opts, &dir.path().join("eval"), |_| {}).unwrap();
+    assert_eq!(check["hard_psnr_db"].as_f64().unwrap(), r.dvae_psnr_db);
+    assert_eq!(check["codes_used"].as_u64().unwrap() as usize, r.dvae_codes_used);
+    for (cap, v) in &r.dvae_roundtrip {
+        assert_eq!(check["roundtrip"][cap].as_f64().unwrap(), *v, "{cap}");
+    }
+}
