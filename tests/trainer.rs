@@ -281,9 +281,9 @@ fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
     let log = std::fs::read_to_string(dir.path().join("dvae.log.jsonl")).unwrap();
     let check: serde_json::Value = log
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|v: &serde_json::Value| v.get("hard_psnr_db").is_some())
-        .last()
+        .find(|v: &serde_json::Value| v.get("hard_psnr_db").is_some())
         .unwrap();
     let step_record: serde_json::Value = log
         .lines()
