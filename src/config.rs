@@ -176,7 +176,7 @@ impl Default for Config {
 }
 
 /// Names accepted by [`Config::preset`].
-pub const PRESETS: &[&str] = &["tiny", "S", "P", "dalle_12b", "default", "gpu-default"];
+pub const PRESETS: &[&str] = &["tiny", "S", "P", "L", "dalle_12b", "default", "gpu-default"];
 
 impl Config {
     /// The paper's model: 64 layers, 62 heads of 64, 256 text + 1,024 image tokens.
@@ -222,6 +222,22 @@ impl Config {
                 ..TransformerConfig::default()
             },
             reranker: Default::default(),
+        }
+    }
+
+    /// Benchmark configuration L: P's sequence shapes with a ≥ 100 M-parameter transformer
+    /// (d 1,024 × 8 layers), the size at which a GPU's training throughput is worth quoting.
+    pub fn l() -> Self {
+        Self {
+            name: "L".into(),
+            transformer: TransformerConfig {
+                d_model: 1024,
+                n_layers: 8,
+                n_heads: 16,
+                head_dim: 64,
+                ..TransformerConfig::default()
+            },
+            ..Self::p()
         }
     }
 
@@ -317,6 +333,7 @@ impl Config {
             "tiny" => Ok(Self::tiny()),
             "S" | "s" => Ok(Self::s()),
             "P" | "p" => Ok(Self::p()),
+            "L" | "l" => Ok(Self::l()),
             "dalle_12b" | "dalle-12b" => Ok(Self::dalle_12b()),
             other => Err(Error::Config(format!("unknown preset {other:?}; known presets: {}", PRESETS.join(", ")))),
         }
