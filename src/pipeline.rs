@@ -286,7 +286,16 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
         let name = plan.stages[i].name.clone();
         let label = format!("{}/{} {name}", i + 1, total);
         let p = progress(label.clone());
-        let result = run_stage(o, &mut plan, i, &p)?;
+        let result = match run_stage(o, &mut plan, i, &p) {
+            Ok(r) => r,
+            // the model is complete before the report: a failed evaluation is reported, and the
+            // run still ends with its model
+            Err(e) if name == "eval" => {
+                eprintln!("\nwarning: the evaluation failed: {e}");
+                serde_json::json!({"error": e.to_string()})
+            }
+            Err(e) => return Err(e),
+        };
         let st = &mut plan.stages[i];
         st.seconds += t0.elapsed().as_secs_f64();
         st.done = true;
