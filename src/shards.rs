@@ -128,6 +128,10 @@ pub fn decode_shard(bytes: &[u8]) -> std::result::Result<Shard, String> {
     if let Some(t) = tokens.iter().find(|&&t| t as usize >= header.vocab) {
         return Err(format!("token {t} outside the codebook of {}", header.vocab));
     }
+    // every caption takes at least its 4-byte length: a count beyond that is a lie
+    if header.count > body.len() / 4 {
+        return Err(format!("header announces {} captions, more than the file can hold", header.count));
+    }
     let mut captions = Vec::with_capacity(header.count);
     for _ in 0..header.count {
         let n = u32::from_le_bytes(take(&mut pos, 4)?.try_into().map_err(|_| "truncated")?) as usize;

@@ -237,3 +237,42 @@ fn train_all_resumes_after_a_kill_in_every_stage_and_leaves_a_working_model() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
 }
+
+#[test]
+fn mutated_truncated_or_lying_shards_are_errors_never_panics() {
+    use tessera::shards::{ShardHeader, decode_shard, encode_shard, fnv1a};
+    let h = ShardHeader { count: 3, image_len: 4, vocab: 50, dvae: "ab".into(), first: 0 };
+    let tokens: Vec<u16> = (0..12).collect();
+    let captions: Vec<String> = ["a red circle", "", "ünïcode ✓"].iter().map(|s| s.to_string()).collect();
+    let good = encode_shard(&h, &tokens, &captions).unwrap();
+    let back = decode_shard(&good).unwrap();
+    assert_eq!((back.header, back.tokens, back.captions), (h.clone(), tokens.clone(), captions.clone()));
+    // every truncation, and thousands of random byte flips
+    for n in 0..good.len() {
+        assert!(decode_shard(&good[..n]).is_err(), "a shard cut at {n} bytes was accepted");
+    }
+    let mut rng = tessera::sample::SeedRng::new(7);
+    for _ in 0..3000 {
+        let mut b = good.clone();
+        for _ in 0..1 + rng.next_u64() % 4 {
+            let i = (rng.next_u64() % b.len() as u64) as usize;
+            b[i] ^= 1 << (rng.next_u64() % 8);
+        }
+        assert!(decode_shard(&b).is_err(), "a mutated shard was accepted");
+    }
+    // a header that lies, with a checksum that matches: refused before anything is allocated
+    let resign = |mut body: Vec<u8>| {
+        let h = fnv1a(&body);
+        body.extend_from_slice(&h.to_le_bytes());
+        body
+    };
+    for (count, image_len, vocab) in [(usize::MAX / 2, 0, 50), (1 << 40, 1, 50), (3, 4, 5)] {
+        let json = serde_json::to_vec(&ShardHeader { count, image_len, vocab, ..h.clone() }).unwrap();
+        let mut body = b"TSRTOK01".to_vec();
+        body.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        body.extend_from_slice(&json);
+        body.extend_from_slice(&good[8 + 4 + serde_json::to_vec(&h).unwrap().len()..good.len() - 8]);
+        let err = decode_shard(&resign(body)).unwrap_err();
+        assert!(!err.is_empty());
+    }
+}
