@@ -21,7 +21,6 @@ pub mod pipeline;
 pub mod report;
 pub mod sample;
 pub mod shards;
-#[path = "app/store.rs"]
 pub mod store;
 pub mod text;
 pub mod train;

@@ -60,17 +60,16 @@ impl AdamW {
     pub fn clip_grad_norm(&self, max: f64) -> Tensor {
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
-            let Some(first) = grads.first() else {
+            if grads.is_empty() {
                 return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
-            };
+            }
             let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm().square()).collect();
             let total = Tensor::stack(&norms, 0).sum(Kind::Float).sqrt();
             // factor min(1, max / norm), left at 1 when the norm is not finite (as before)
             let k = (max / (&total + 1e-6)).clamp_max(1.0);
-            let k = k.where_self(&total.isfinite(), &k.ones_like()).to_device(first.device());
+            let k = k.where_self(&total.isfinite(), &k.ones_like());
             for g in &grads {
-                let mut g = g.shallow_clone();
-                let _ = g.g_mul_(&k.to_kind(g.kind()));
+                let _ = g.shallow_clone().g_mul_(&k);
             }
             total
         })

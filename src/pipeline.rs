@@ -303,7 +303,6 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
         let st = st.clone();
         plan.spent_s = spent_before + started.elapsed().as_secs_f64();
         plan.save(&o.dir)?;
-        append_log(&o.dir, &serde_json::json!({"stage": name, "seconds": st.seconds, "result": result}))?;
         if !o.quiet {
             eprintln!(
                 "\r[{label}] done in {} (planned {}): {result} · run {} of {}",
@@ -315,13 +314,6 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
         }
     }
     Ok(plan)
-}
-
-fn append_log(dir: &Path, record: &serde_json::Value) -> Result<()> {
-    use std::io::Write;
-    let path = dir.join("train-all.log.jsonl");
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
-    writeln!(f, "{record}").map_err(|e| Error::io(&path, e))
 }
 
 /// Decides a stage's amount once (saved in the plan before any work), so a resumed stage keeps
@@ -373,7 +365,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
         }
         "shards" => {
             let t0 = Instant::now();
-            let per_shard = (8192 / st.batch).max(1) * st.batch;
+            let per_shard = 8192; // rounded up to whole batches by `encode_shards`
             let examples = decide(o, plan, i, || {
                 let mut c = stage_opts(o, p, st.batch);
                 (c.steps, c.calibrate) = (6, true);

@@ -170,7 +170,6 @@ pub struct TrainSummary {
     pub skipped_files: usize,
     /// Examples per second after the first steps (start-up and kernel selection excluded).
     pub steady_examples_per_s: f64,
-    pub seconds: f64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -382,7 +381,8 @@ pub fn fmt_secs(s: f64) -> String {
 impl Logger {
     /// Opens the log; a run resumed at step `start` first drops the records of steps after it
     /// (written by the killed run past its last checkpoint), so every step is logged once.
-    fn open(opts: &TrainOptions, component: &str, resume: bool, start: usize) -> Result<Self> {
+    fn open(opts: &TrainOptions, component: &str, start: usize) -> Result<Self> {
+        let resume = opts.resume && start > 0;
         let path = opts.dir.join(format!("{component}.log.jsonl"));
         if resume
             && !opts.calibrate
@@ -473,7 +473,7 @@ impl Run {
         let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
         Ok(Self {
             loader: spawn_loader(feed, opts.batch, opts.seed, start, end, opts.loader_workers()),
-            log: Logger::open(opts, component, opts.resume && start > 0, start)?,
+            log: Logger::open(opts, component, start)?,
             wait: 0.0,
             t0: Instant::now(),
             warm: None,
@@ -551,7 +551,6 @@ impl Run {
             data_wait: self.data_wait(),
             skipped_files,
             steady_examples_per_s: steady,
-            seconds: self.t0.elapsed().as_secs_f64(),
         }
     }
 }
@@ -643,17 +642,11 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         if step % opts.checkpoint_every == 0 || run.is_last() {
             save_state(&opts.dir, component, step, &model.vs, &opt, &ema)?;
             write_weights(opts, "dvae", &ema)?;
-            // what the model will actually use: hard codes, scored as `tessera eval` scores them
-            let check = tch::no_grad(|| -> Result<crate::report::DvaeCheck> {
-                let averaged = DvaeModel::new(&cfg, opts.device);
-                let tensors: BTreeMap<String, Tensor> = ema.tensors().into_iter().collect();
-                for (name, var) in averaged.vs.variables() {
-                    if let Some(t) = tensors.get(&name) {
-                        var.shallow_clone().f_copy_(t)?;
-                    }
-                }
-                crate::report::dvae_check(&averaged.net, opts.device, DVAE_CHECK_SCENES, opts.seed)
-            })?;
+            // what the model will actually use: the weights just written, hard codes, scored as
+            // `tessera eval` scores them
+            let mut written = DvaeModel::new(&cfg, opts.device);
+            load_varstore(&mut written.vs, &opts.dir.join(DVAE_FILE))?;
+            let check = crate::report::dvae_check(&written.net, opts.device, DVAE_CHECK_SCENES, opts.seed)?;
             run.log.log(serde_json::json!({
                 "step": step, "hard_psnr_db": check.psnr_db, "roundtrip": check.roundtrip, "codes_used": check.codes_used,
             }));
@@ -890,7 +883,6 @@ pub struct ShardSummary {
     pub examples: usize,
     /// Examples encoded by this run (earlier shards that were whole are kept).
     pub encoded: usize,
-    pub seconds: f64,
     /// Examples rendered and encoded per second by this run.
     pub examples_per_s: f64,
     /// Fraction of the time the encoder waited for pictures.
@@ -920,11 +912,12 @@ pub fn encode_shards(opts: &TrainOptions, examples: usize, per_shard: usize) -> 
     let steps_per_shard = per_shard.max(1).div_ceil(b);
     let per_shard = steps_per_shard * b;
     // whole batches; the last shard may be shorter than the others
-    let examples = examples.max(1).div_ceil(b) * b;
+    let mut examples = examples.max(1).div_ceil(b) * b;
     let n_shards = examples.div_ceil(per_shard);
     let total_steps = if opts.calibrate { opts.steps } else { examples / b };
+    let planned = examples;
     let header = |i: usize| crate::shards::ShardHeader {
-        count: per_shard.min(examples - i * per_shard),
+        count: per_shard.min(planned - i * per_shard),
         image_len: cfg.image_len(),
         vocab: cfg.dvae.vocab_size,
         dvae: fingerprint.clone(),
@@ -975,25 +968,22 @@ pub fn encode_shards(opts: &TrainOptions, examples: usize, per_shard: usize) -> 
             warm = Some((Instant::now(), encoded)); // the rate leaves out the first batch
         }
         let late = opts.deadline.is_some_and(|d| Instant::now() >= d);
-        if opts.calibrate && late {
-            break;
+        if opts.calibrate {
+            if late {
+                break;
+            }
+            continue;
         }
-        if !opts.calibrate && late && captions.len() < header(shard).count {
-            // out of time: what is encoded becomes a shorter last shard
+        // out of time: what is encoded becomes a shorter last shard
+        let cut = late && captions.len() < header(shard).count;
+        if cut || captions.len() == header(shard).count {
             let h = crate::shards::ShardHeader { count: captions.len(), ..header(shard) };
             crate::shards::write_shard(&crate::shards::shard_path(&out, shard), &h, &tokens, &captions)?;
-            let examples = shard * per_shard + captions.len();
-            let seconds = t0.elapsed().as_secs_f64();
-            return Ok(ShardSummary {
-                examples,
-                encoded,
-                seconds,
-                examples_per_s: encoded as f64 / seconds.max(1e-9),
-                data_wait: wait / seconds.max(1e-9),
-            });
-        }
-        if !opts.calibrate && captions.len() == header(shard).count {
-            crate::shards::write_shard(&crate::shards::shard_path(&out, shard), &header(shard), &tokens, &captions)?;
+            if cut {
+                examples = shard * per_shard + captions.len();
+                shard = n_shards;
+                break;
+            }
             tokens.clear();
             captions.clear();
             shard += 1;
@@ -1016,5 +1006,5 @@ pub fn encode_shards(opts: &TrainOptions, examples: usize, per_shard: usize) -> 
         Some((w, done)) if encoded > done => (encoded - done) as f64 / w.elapsed().as_secs_f64().max(1e-9),
         _ => encoded as f64 / seconds.max(1e-9),
     };
-    Ok(ShardSummary { examples, encoded, seconds, examples_per_s, data_wait: wait / seconds.max(1e-9) })
+    Ok(ShardSummary { examples, encoded, examples_per_s, data_wait: wait / seconds.max(1e-9) })
 }

@@ -106,10 +106,6 @@ impl Transformer {
         self.static_decode = on;
     }
 
-    pub fn static_decode(&self) -> bool {
-        self.static_decode
-    }
-
     pub fn config(&self) -> &Config {
         &self.cfg
     }
