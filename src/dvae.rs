@@ -270,11 +270,22 @@ impl Dvae {
     /// an option beside the paper's recipe that keeps the codebook from collapsing onto a few
     /// codes (the per-position KL to the uniform prior does not prevent that).
     pub fn loss_with_usage(&self, images: &Tensor, tau: f64, beta: f64, usage_weight: f64) -> DvaeLoss {
+        self.loss_variant(images, tau, beta, usage_weight, false)
+    }
+
+    /// [`Dvae::loss_with_usage`], and with `hard` the straight-through estimator: the decoder
+    /// is given the one-hot of the sampled code (what it meets at inference) while gradients
+    /// flow through the relaxed sample, an option for the end of the τ schedule.
+    pub fn loss_variant(&self, images: &Tensor, tau: f64, beta: f64, usage_weight: f64, hard: bool) -> DvaeLoss {
         let x = self.map_pixels(images);
         let logits = self.encoder.forward(&x);
         let u = logits.rand_like().clamp(1e-10, 1.0 - 1e-7);
         let gumbel = -(-u.log()).log();
-        let z = ((&logits + gumbel) / tau).softmax(1, Kind::Float);
+        let mut z = ((&logits + gumbel) / tau).softmax(1, Kind::Float);
+        if hard {
+            let one_hot = z.zeros_like().scatter_value(1, &z.argmax(1, true), 1.0);
+            z = &one_hot - z.detach() + &z;
+        }
         let stats = self.decoder.body(self.decoder.input.forward(&z));
         let (nll, mse) = self.reconstruction(images, &x, &stats);
         let log_q = logits.log_softmax(1, Kind::Float);

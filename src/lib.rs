@@ -8,6 +8,7 @@ pub mod app;
 pub mod attention;
 pub mod bench;
 pub mod clip;
+pub mod codes;
 pub mod config;
 pub mod data;
 pub mod dvae;

@@ -35,6 +35,23 @@ enum Command {
     /// Train the tokenizer, the dVAE, the transformer or the reranker of a model directory.
     #[command(subcommand)]
     Train(TrainCommand),
+    /// The dVAE alone: an image to a token file, a token file to an image, or an image through
+    /// both (a model directory with only config.json and dvae.safetensors is enough).
+    #[command(subcommand)]
+    Dvae(DvaeCommand),
+    /// Start a model directory from a preset around another directory's trained dVAE (an
+    /// imported OpenAI dVAE, say); then train its tokenizer, transformer and reranker.
+    Init {
+        /// The new model directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Preset for the transformer, text and reranker: tiny, S, P, L, default…
+        #[arg(long)]
+        preset: String,
+        /// Directory whose config.json and dvae.safetensors give the dVAE.
+        #[arg(long)]
+        dvae_from: PathBuf,
+    },
     /// Open the desktop app (prompt, completion canvas, reranked gallery, export).
     #[cfg(feature = "app")]
     App(AppArgs),
@@ -109,6 +126,44 @@ struct AppArgs {
     /// (frame times, first preview, cancel latency) as JSON to this file and exit.
     #[arg(long, value_name = "FILE")]
     diagnostics: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DvaeCommand {
+    /// Encode an image (centre-cropped, resized to the dVAE's size) into a token file (JSON).
+    Encode {
+        image: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Decode a token file made by the same dVAE into a PNG.
+    Decode {
+        tokens: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Encode and decode an image: writes the reconstruction (default IMAGE_STEM.roundtrip.png
+    /// in the current folder) and prints its PSNR and the time of each half.
+    Roundtrip {
+        image: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// libtorch CPU threads.
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -220,6 +275,10 @@ enum TrainCommand {
         /// posterior) added to the paper's objective; 0 = the paper's recipe.
         #[arg(long, default_value_t = 0.0)]
         usage_weight: f64,
+        /// From this step on, the decoder is given the one-hot of the sampled code (as at
+        /// inference) with straight-through gradients to the encoder (default: never).
+        #[arg(long)]
+        hard_from: Option<usize>,
         /// Fine-tune only the decoder of the directory's trained dVAE on the encoder's hard
         /// codes (the encoder, and so every image's tokens, stay exactly as they are: a
         /// transformer trained on them remains valid). --resume continues this run.
@@ -300,6 +359,13 @@ enum TrainCommand {
         /// The dVAE's codebook-usage weight (0 = the paper's objective; see `train dvae`).
         #[arg(long, default_value_t = 0.0)]
         usage_weight: f64,
+        /// The dVAE's largest KL weight β (the paper's 6.6).
+        #[arg(long, default_value_t = 6.6)]
+        beta: f64,
+        /// Final share of the dVAE's steps trained on hard codes with the straight-through
+        /// estimator (0 = the paper's relaxation throughout; see `train dvae --hard-from`).
+        #[arg(long, default_value_t = 0.0)]
+        hard_tail: f64,
     },
     /// Train the contrastive reranker (AdamW(0.9, 0.98), warm-up and cosine decay).
     Reranker {
@@ -430,6 +496,23 @@ fn run(cli: Cli) -> Result<()> {
             world_export(n, &out, size, seed, held_out)
         }
         Command::Train(t) => train(t),
+        Command::Dvae(d) => dvae_command(d),
+        Command::Init { dir, preset, dvae_from } => {
+            let cfg = tessera::codes::init_with_dvae(&dir, &Config::preset(&preset)?, &dvae_from)?;
+            let p = params::count(&cfg);
+            eprintln!(
+                "{} started: {} px images as {}×{} codes of {}, a {:.1} M-parameter transformer; next: \
+                 tessera train tokenizer / transformer / reranker --dir {} --data FOLDER",
+                dir.display(),
+                cfg.dvae.image_size,
+                cfg.dvae.grid_size(),
+                cfg.dvae.grid_size(),
+                cfg.dvae.vocab_size,
+                p.transformer as f64 / 1e6,
+                dir.display()
+            );
+            Ok(())
+        }
         #[cfg(feature = "app")]
         Command::App(a) => {
             let device = tessera::parse_device(&a.device)?;
@@ -667,6 +750,58 @@ fn world_export(n: u64, out: &Path, size: usize, seed: u64, held_out: bool) -> R
     Ok(())
 }
 
+fn dvae_command(c: DvaeCommand) -> Result<()> {
+    use tessera::codes::{DvaeOnly, TokenFile, write_png};
+    let load = |model: &Path, device: &str| -> Result<DvaeOnly> {
+        let device = tessera::parse_device(device)?;
+        DvaeOnly::load(model, device).with_context(|| format!("loading the dVAE of {}", model.display()))
+    };
+    match c {
+        DvaeCommand::Encode { image, model, out, device } => {
+            let d = load(&model, &device)?;
+            let t = d.encode_file(&image)?;
+            t.save(&out)?;
+            eprintln!("{}: {}×{} codes of {} written to {}", image.display(), t.grid, t.grid, t.vocab, out.display());
+        }
+        DvaeCommand::Decode { tokens, model, out, device } => {
+            let d = load(&model, &device)?;
+            let rgb = d.decode(&TokenFile::load(&tokens)?)?;
+            write_png(&out, &rgb, d.image_size())?;
+            eprintln!("{} px image written to {}", d.image_size(), out.display());
+        }
+        DvaeCommand::Roundtrip { image, model, out, device, threads } => {
+            if let Some(t) = threads {
+                tch::set_num_threads(t as i32);
+            }
+            let d = load(&model, &device)?;
+            let r = d.roundtrip(&image)?;
+            let out = out.unwrap_or_else(|| {
+                let stem =
+                    image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+                PathBuf::from(format!("{stem}.roundtrip.png"))
+            });
+            write_png(&out, &r.reconstruction, d.image_size())?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "psnr_db": r.psnr_db, "encode_s": r.encode_s, "decode_s": r.decode_s,
+                    "grid": r.tokens.grid, "vocab": r.tokens.vocab, "image_size": d.image_size(),
+                    "out": out.display().to_string(),
+                })
+            );
+            eprintln!(
+                "{} through the dVAE: PSNR {:.2} dB (encode {:.2} s, decode {:.2} s); written to {}",
+                image.display(),
+                r.psnr_db,
+                r.encode_s,
+                r.decode_s,
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn prepare_dir(dir: &Path, preset: Option<&str>) -> Result<()> {
     match preset {
         Some(p) => tessera::train::init_dir(dir, &Config::preset(p)?)?,
@@ -726,6 +861,7 @@ fn train(t: TrainCommand) -> Result<()> {
             tau_steps,
             ema,
             usage_weight,
+            hard_from,
             decoder_only,
         } => {
             let opts = train_options(&common)?;
@@ -739,7 +875,10 @@ fn train(t: TrainCommand) -> Result<()> {
                 lr_end,
                 lr_steps: opts.steps,
             };
-            tr::train_dvae(&opts, &DvaeRecipe { schedule, ema, decoder_only, usage_weight, ..Default::default() })?
+            tr::train_dvae(
+                &opts,
+                &DvaeRecipe { schedule, ema, decoder_only, usage_weight, hard_from, ..Default::default() },
+            )?
         }
         TrainCommand::Transformer { common, lr, warmup, ema, clip } => {
             let opts = train_options(&common)?;
@@ -783,6 +922,8 @@ fn train(t: TrainCommand) -> Result<()> {
             eval_captions,
             eval_samples,
             usage_weight,
+            beta,
+            hard_tail,
         } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
@@ -800,7 +941,10 @@ fn train(t: TrainCommand) -> Result<()> {
             o.reranker_batch = reranker_batch.unwrap_or(o.reranker_batch);
             o.eval_captions = eval_captions;
             o.eval_samples = eval_samples;
-            o.usage_weight = usage_weight;
+            if !(0.0..=1.0).contains(&hard_tail) || beta < 0.0 || usage_weight < 0.0 {
+                bail!("--hard-tail must lie in [0, 1], --beta and --usage-weight must be ≥ 0");
+            }
+            o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail };
             let plan = tessera::pipeline::train_all(&o)?;
             println!("{}", serde_json::to_string_pretty(&plan)?);
             eprintln!("model written to {} in {}", at.dir.display(), tessera::train::fmt_secs(plan.spent_s));

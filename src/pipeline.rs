@@ -57,8 +57,33 @@ pub struct AllOptions {
     pub eval_captions: usize,
     pub eval_samples: usize,
     pub quiet: bool,
-    /// The dVAE's codebook-usage weight (0: the paper's objective).
+    /// The dVAE recipe's choices.
+    pub dvae: DvaeVariant,
+}
+
+/// The choices of the dVAE recipe a run is planned with (kept in the plan, so a resumed run
+/// keeps them). The default is the paper's objective.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DvaeVariant {
+    /// Largest KL weight β (the paper: 6.6).
+    #[serde(default = "paper_beta")]
+    pub beta: f64,
+    /// Weight of the codebook-usage term (0: none).
+    #[serde(default)]
     pub usage_weight: f64,
+    /// Final share of the steps trained with straight-through hard codes (0: none).
+    #[serde(default)]
+    pub hard_tail: f64,
+}
+
+fn paper_beta() -> f64 {
+    6.6
+}
+
+impl Default for DvaeVariant {
+    fn default() -> Self {
+        Self { beta: paper_beta(), usage_weight: 0.0, hard_tail: 0.0 }
+    }
 }
 
 impl AllOptions {
@@ -81,7 +106,7 @@ impl AllOptions {
             eval_captions: 20,
             eval_samples: 16,
             quiet: false,
-            usage_weight: 0.0,
+            dvae: DvaeVariant::default(),
         }
     }
 }
@@ -114,9 +139,9 @@ pub struct Plan {
     pub stages: Vec<Stage>,
     /// Seconds spent over all invocations.
     pub spent_s: f64,
-    /// The dVAE's codebook-usage weight the run was planned with.
-    #[serde(default)]
-    pub usage_weight: f64,
+    /// The dVAE recipe the run was planned with.
+    #[serde(flatten)]
+    pub dvae: DvaeVariant,
 }
 
 impl Plan {
@@ -142,7 +167,7 @@ impl Plan {
             data: o.data.clone(),
             stages,
             spent_s: 0.0,
-            usage_weight: o.usage_weight,
+            dvae: o.dvae,
         }
     }
 
@@ -230,11 +255,14 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
             )));
         }
         let p = Plan::load(&o.dir)?;
-        if (p.usage_weight - o.usage_weight).abs() > 1e-12 {
+        if p.dvae != o.dvae {
+            let d = p.dvae;
             return Err(Error::Invalid(format!(
-                "the run in {} was planned with --usage-weight {}: resume it with the same recipe",
+                "the run in {} was planned with --beta {} --usage-weight {} --hard-tail {}: resume it with the same recipe",
                 o.dir.display(),
-                p.usage_weight
+                d.beta,
+                d.usage_weight,
+                d.hard_tail
             )));
         }
         if (p.budget_s - o.budget_s).abs() > 1e-6 {
@@ -343,7 +371,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                 let mut c = stage_opts(o, p, st.batch);
                 (c.steps, c.calibrate) = (calib_steps, true);
                 c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * st.planned_s));
-                let s = train::train_dvae(&c, &dvae_recipe(calib_steps, o.usage_weight))?;
+                let s = train::train_dvae(&c, &dvae_recipe(calib_steps, o.dvae))?;
                 let left = st.planned_s - t0.elapsed().as_secs_f64();
                 Ok((steps_for(left, s.steady_examples_per_s, st.batch), s.steady_examples_per_s))
             })?;
@@ -355,7 +383,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             t.deadline = Some(stage_deadline(plan, i, t0));
             let cfg = crate::model::Model::load_config(&o.dir)?;
             t.weights_bf16 = 4 * crate::params::count(&cfg).dvae > MAX_F32_FILE;
-            let s = train::train_dvae(&t, &dvae_recipe(steps, o.usage_weight))?;
+            let s = train::train_dvae(&t, &dvae_recipe(steps, o.dvae))?;
             let check = last_dvae_check(&o.dir);
             Ok(serde_json::json!({
                 "steps": s.step, "loss": s.last_loss, "images_per_s": s.examples_per_s, "data_wait": s.data_wait,
@@ -461,11 +489,11 @@ fn stage_deadline(plan: &Plan, i: usize, t0: Instant) -> Instant {
 /// schedules compressed to the run (τ 1 → 1/16 over 80% of it, β up to the paper's 6.6 over the
 /// first 10% — with β = 1 the codebook collapsed to 11 of 2,048 codes in a GPU run — learning
 /// rate 1e-3 → 1e-5), weights averaged over the last ~5% of the steps (a long average would mix
-/// encoders trained at very different temperatures), and `usage_weight` for the optional
-/// codebook-usage term.
-pub fn dvae_recipe(steps: usize, usage_weight: f64) -> DvaeRecipe {
+/// encoders trained at very different temperatures), and the variant's options: β, the
+/// codebook-usage term and a straight-through tail.
+pub fn dvae_recipe(steps: usize, v: DvaeVariant) -> DvaeRecipe {
     let schedule = crate::dvae::DvaeSchedule {
-        beta_max: 6.6,
+        beta_max: v.beta,
         beta_steps: (steps / 10).max(1),
         tau_start: 1.0,
         tau_end: 1.0 / 16.0,
@@ -475,7 +503,8 @@ pub fn dvae_recipe(steps: usize, usage_weight: f64) -> DvaeRecipe {
         lr_steps: steps,
     };
     let ema = (1.0 - 20.0 / steps.max(1) as f64).clamp(0.9, 0.999);
-    DvaeRecipe { schedule, ema, usage_weight, ..Default::default() }
+    let hard_from = (v.hard_tail > 0.0).then(|| ((1.0 - v.hard_tail.min(1.0)) * steps as f64).round() as usize);
+    DvaeRecipe { schedule, ema, usage_weight: v.usage_weight, hard_from, ..Default::default() }
 }
 
 /// The last hard-code check the dVAE trainer logged.

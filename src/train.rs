@@ -121,6 +121,9 @@ pub struct DvaeRecipe {
     /// Weight of the codebook-usage term ([`crate::dvae::Dvae::loss_with_usage`]); 0 is the
     /// paper's objective.
     pub usage_weight: f64,
+    /// Steps from which the decoder is trained on hard codes with the straight-through
+    /// estimator ([`crate::dvae::Dvae::loss_variant`]); `None`: never (the paper's recipe).
+    pub hard_from: Option<usize>,
 }
 
 impl Default for DvaeRecipe {
@@ -131,6 +134,7 @@ impl Default for DvaeRecipe {
             weight_decay: 1e-4,
             decoder_only: false,
             usage_weight: 0.0,
+            hard_from: None,
         }
     }
 }
@@ -610,10 +614,11 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         let step = run.step;
         let x = from_rgb8(&batch.images, size, opts.device)?;
         let (tau, beta, lr) = (s.tau(step), s.beta(step), s.lr(step));
+        let hard = recipe.hard_from.is_some_and(|h| step >= h);
         let l = if recipe.decoder_only {
             model.net.decoder_loss(&x)
         } else {
-            model.net.loss_with_usage(&x, tau, beta, recipe.usage_weight)
+            model.net.loss_variant(&x, tau, beta, recipe.usage_weight, hard)
         };
         opt.zero_grad();
         l.loss.backward();
@@ -633,6 +638,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
                 record["usage_deficit"] = l.usage.double_value(&[]).into();
                 record["tau"] = tau.into();
                 record["beta"] = beta.into();
+                record["straight_through"] = hard.into();
             }
             run.record(opts.steps, record, rate, "images");
         }

@@ -455,3 +455,35 @@ fn the_papers_512_to_best_32_preset_runs_as_one_job() {
     let worst_kept = kept.iter().filter_map(|g| g.params.score).fold(f32::INFINITY, f32::min);
     assert!(app.gallery.iter().filter(|g| !g.kept).all(|g| g.params.score.unwrap_or(f32::NEG_INFINITY) <= worst_kept));
 }
+
+#[test]
+fn a_model_around_an_imported_dvae_opens_with_a_256_px_canvas_and_completes_a_photograph() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = crate::openai_dvae::imported_model(tmp.path());
+    let mut h = ready_app(ModelSource::Dir(model), None);
+    let (size, grid) = {
+        let c = h.state().canvas.as_ref().unwrap();
+        (c.size(), c.grid())
+    };
+    assert_eq!((size, grid), (256, 32));
+    // an upload is centre-cropped and resized to the canvas
+    let photo = tmp.path().join("photo.png");
+    image::RgbImage::from_fn(400, 300, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])).save(&photo).unwrap();
+    h.state_mut().import_image(&photo);
+    h.step();
+    assert!(h.state().errors().next().is_none(), "{:?}", h.state().errors().map(|n| &n.text).collect::<Vec<_>>());
+    let canvas = h.state().canvas.as_ref().unwrap().pixels().to_vec();
+    assert_eq!(canvas.len(), 256 * 256 * 3);
+    let keep = 28 * grid; // complete the bottom four rows
+    h.state_mut().canvas.as_mut().unwrap().set_keep_tokens(keep);
+    type_prompt(&mut h, "a red circle");
+    set_fixed(&mut h, 1, 1, 1, 5);
+    h.state_mut().settings.use_canvas = true;
+    let id = h.state_mut().generate().unwrap();
+    step_until(&mut h, "the completion", |a| job_done(a, id));
+    let g = h.state().gallery.first().expect("a completed sample");
+    let rgb = g.rgb.as_ref().unwrap();
+    assert_eq!(g.params.kept_tokens, keep);
+    let kept = 28 * (size / grid) * size * 3;
+    assert_eq!(rgb[..kept], canvas[..kept], "the kept rows changed");
+}

@@ -6,6 +6,7 @@ mod checkpoint;
 mod cli;
 mod common;
 mod masks;
+mod openai_dvae;
 mod params;
 mod pipeline;
 mod sampling;

@@ -224,6 +224,14 @@ fn train_all_resumes_after_a_kill_in_every_stage_and_leaves_a_working_model() {
     // resuming with another budget is refused
     let o = tessera().args(["train", "all", "--budget", "2m", "--resume", "--dir"]).arg(&dir).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("same budget"));
+    // and so is resuming with another dVAE recipe
+    let o = tessera()
+        .args(["train", "all", "--budget", BUDGET, "--hard-tail", "0.3", "--resume", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("same recipe") && err.contains("--hard-tail 0"), "{err}");
     // generate loads what it left
     let out = tmp.path().join("out");
     let o = tessera()
