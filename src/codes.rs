@@ -12,7 +12,7 @@ use tch::Device;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::io::{load_varstore, write_atomic};
+use crate::io::{load_varstore_bytes, write_atomic};
 use crate::model::{DvaeModel, Model, from_rgb8, to_rgb8};
 
 /// The `format` field of a token file.
@@ -85,8 +85,10 @@ impl DvaeOnly {
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
         let cfg = Model::load_config(dir)?;
         let path = dir.join(crate::model::DVAE_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        crate::model::weights_fit(&path, &bytes, crate::params::count(&cfg).dvae)?;
         let mut model = DvaeModel::new(&cfg, device);
-        load_varstore(&mut model.vs, &path)?;
+        load_varstore_bytes(&mut model.vs, &bytes, &path)?;
         model.vs.freeze();
         let fingerprint = crate::shards::dvae_fingerprint(&path)?;
         Ok(Self { cfg, model, fingerprint, device })

@@ -175,6 +175,9 @@ impl Default for Config {
     }
 }
 
+/// The most parameters a configuration may ask for (the paper's model has 12.3 billion).
+pub const MAX_PARAMS: u64 = 100_000_000_000;
+
 /// Names accepted by [`Config::preset`].
 pub const PRESETS: &[&str] = &["tiny", "S", "P", "L", "dalle_12b", "default", "gpu-default"];
 
@@ -386,6 +389,51 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&t.text_loss_weight) {
             return bad("transformer: text_loss_weight must lie in [0, 1]".into());
+        }
+        if !(0.0..=1.0).contains(&t.cond_drop_prob) || !(0.0..1.0).contains(&t.dropout) {
+            return bad("transformer: cond_drop_prob must lie in [0, 1] and dropout in [0, 1)".into());
+        }
+        let r = &self.reranker;
+        if r.embed_dim == 0 || r.text_width == 0 || r.image_width == 0 || r.text_heads == 0 {
+            return bad("reranker: embed_dim, text_width, text_heads and image_width must be ≥ 1".into());
+        }
+        if !r.text_width.is_multiple_of(r.text_heads) {
+            return bad(format!("reranker: text_width {} is not a multiple of text_heads {}", r.text_width, r.text_heads));
+        }
+        // Bounds far above any model that fits a machine, so that a damaged or hostile
+        // config.json is an error here, never an attempt to allocate what it asks for.
+        let limits: [(&str, usize, usize); 18] = [
+            ("dvae.groups", d.groups, 8),
+            ("dvae.blocks_per_group", d.blocks_per_group, 64),
+            ("dvae.hidden", d.hidden, 1 << 14),
+            ("dvae.n_init", d.n_init, 1 << 16),
+            ("dvae.vocab_size", d.vocab_size, 1 << 20),
+            ("dvae.image_size", d.image_size, 4096),
+            ("text.text_len", self.text.text_len, 1 << 16),
+            ("text.vocab_size", self.text.vocab_size, 1 << 20),
+            ("transformer.n_layers", t.n_layers, 1024),
+            ("transformer.n_heads", t.n_heads, 1024),
+            ("transformer.head_dim", t.head_dim, 1024),
+            ("transformer.d_model", t.d_model, 1 << 16),
+            ("transformer.mlp_ratio", t.mlp_ratio, 64),
+            ("transformer.conv_kernel", t.conv_kernel, 255),
+            ("reranker.embed_dim", r.embed_dim, 1 << 16),
+            ("reranker.text_width", r.text_width, 1 << 16),
+            ("reranker.text_layers", r.text_layers, 256),
+            ("reranker.image_width", r.image_width, 4096),
+        ];
+        if let Some((name, v, max)) = limits.iter().find(|(_, v, max)| v > max) {
+            return bad(format!("{name} = {v} is beyond the largest supported ({max})"));
+        }
+        if d.n_init == 0 || t.mlp_ratio == 0 {
+            return bad("dvae.n_init and transformer.mlp_ratio must be ≥ 1".into());
+        }
+        if self.image_len() > 1 << 16 {
+            return bad(format!("{} image tokens are beyond the largest supported grid (256×256)", self.image_len()));
+        }
+        let n = crate::params::count(self).total + crate::params::reranker_count(self);
+        if n > MAX_PARAMS {
+            return bad(format!("the configuration asks for {n} parameters, beyond the supported {MAX_PARAMS}"));
         }
         Ok(())
     }

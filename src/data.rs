@@ -177,7 +177,7 @@ fn read_tar(path: &Path, items: &mut Vec<(Vec<u8>, String)>) -> Result<usize> {
 /// Decodes an image, takes a random square crop of 80–100% of its shorter side, and resizes
 /// it to `size` (the paper's augmentation for real images).
 pub fn random_crop(bytes: &[u8], size: usize, rng: &mut SeedRng) -> Option<Vec<u8>> {
-    let img = image::load_from_memory(bytes).ok()?.to_rgb8();
+    let img = crate::store::decode_image(bytes)?.to_rgb8();
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
         return None;

@@ -103,6 +103,22 @@ pub struct Sample {
     pub size: usize,
 }
 
+/// Refuses a weight file too small for the parameters the config describes (2 bytes each at
+/// least, bf16), before any memory is allocated for them: a config.json that does not belong
+/// to its weights — or asks for a giant model — is an error, never an allocation of its size.
+pub fn weights_fit(path: &Path, bytes: &[u8], params: u64) -> Result<()> {
+    if (bytes.len() as u64) < 2 * params {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "holds {} bytes, too few for the {params} parameters config.json describes: the config and the weights do not belong together",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Converts images [B, 3, H, W] in [0, 1] to RGB8 buffers.
 pub fn to_rgb8(images: &Tensor) -> Result<Vec<Vec<u8>>> {
     let imgs = (images.clamp(0.0, 1.0) * 255.0)
@@ -253,12 +269,18 @@ impl Model {
                 ),
             ));
         }
+        let counts = crate::params::count(&config);
+        let dvae_bytes = need(DVAE_FILE)?;
+        weights_fit(&origin.join(DVAE_FILE), &dvae_bytes, counts.dvae)?;
         let mut dvae = DvaeModel::new(&config, device);
-        load_varstore_bytes(&mut dvae.vs, &need(DVAE_FILE)?, &origin.join(DVAE_FILE))?;
+        load_varstore_bytes(&mut dvae.vs, &dvae_bytes, &origin.join(DVAE_FILE))?;
+        let transformer_bytes = need(TRANSFORMER_FILE)?;
+        weights_fit(&origin.join(TRANSFORMER_FILE), &transformer_bytes, counts.transformer)?;
         let mut transformer = TransformerModel::new(&config, device);
-        load_varstore_bytes(&mut transformer.vs, &need(TRANSFORMER_FILE)?, &origin.join(TRANSFORMER_FILE))?;
+        load_varstore_bytes(&mut transformer.vs, &transformer_bytes, &origin.join(TRANSFORMER_FILE))?;
         let reranker = match read(RERANKER_FILE)? {
             Some(bytes) => {
+                weights_fit(&origin.join(RERANKER_FILE), &bytes, crate::params::reranker_count(&config))?;
                 let mut r = RerankerModel::new(&config, device);
                 load_varstore_bytes(&mut r.vs, &bytes, &origin.join(RERANKER_FILE))?;
                 Some(r)

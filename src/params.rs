@@ -89,6 +89,20 @@ pub fn count(cfg: &Config) -> ParamCount {
     }
 }
 
+/// Parameters of the reranker ([`crate::clip::Reranker`]), counted from the config.
+pub fn reranker_count(cfg: &Config) -> u64 {
+    let r = &cfg.reranker;
+    let (w, e, iw) = (r.text_width as u64, r.embed_dim as u64, r.image_width as u64);
+    let block = 2 * 2 * w + linear(w, 3 * w) + linear(w, w) + linear(w, 4 * w) + linear(4 * w, w);
+    let text = (cfg.text.vocab_size as u64 + 1) * w + cfg.text.text_len as u64 * w + r.text_layers as u64 * block
+        + 2 * w
+        + linear(w, e);
+    let chans = [3, iw, 2 * iw, 4 * iw, 4 * iw];
+    let convs: u64 = (0..4).map(|i| chans[i] * chans[i + 1] * 9 + chans[i + 1]).sum();
+    let side = (cfg.dvae.image_size as u64 / 16).max(1);
+    text + convs + linear(4 * iw * side * side, e) + 1
+}
+
 /// Forward FLOPs per sequence of the transformer, counting every matrix product
 /// (2 per multiply-add) and dense attention scores over the whole stream.
 pub fn transformer_forward_flops(cfg: &Config) -> f64 {

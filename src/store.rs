@@ -185,16 +185,18 @@ impl SampleStore {
     /// torn last line after a kill, or files deleted by hand).
     pub fn load(&self) -> Result<(Vec<StoredSample>, usize)> {
         let index = self.dir.join(INDEX_FILE);
-        let text = match std::fs::read_to_string(&index) {
+        let bytes = match std::fs::read(&index) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
             Err(e) => return Err(Error::io(&index, e)),
         };
         let mut out = Vec::new();
         let mut skipped = 0;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match serde_json::from_str::<StoredSample>(line) {
-                Ok(s) if self.path_of(&s).is_file() => out.push(s),
+        // line by line: a damaged line (torn by a kill, or not even UTF-8) costs that line only
+        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
+            match serde_json::from_slice::<StoredSample>(line) {
+                // only a plain file name inside samples/: an edited index cannot point elsewhere
+                Ok(s) if is_plain_name(&s.file) && self.path_of(&s).is_file() => out.push(s),
                 _ => skipped += 1,
             }
         }
@@ -221,15 +223,35 @@ pub fn read_rgb_square(path: &Path, size: Option<usize>) -> Result<(Vec<u8>, usi
     Ok((rgb, side))
 }
 
+/// Whether `name` is a bare file name (no folder, no `..`, nothing hidden).
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0'])
+}
+
+/// The most pixels and bytes an image file may ask for when decoded: a header that declares
+/// more is refused before anything of that size is allocated.
+pub fn image_limits() -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(1 << 14);
+    l.max_image_height = Some(1 << 14);
+    l.max_alloc = Some(512 << 20);
+    l
+}
+
 /// Reads an image file as RGB8, recognising its format from its content.
 pub fn read_image(path: &Path) -> Result<image::RgbImage> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::Image { path: path.into(), msg: format!("not a readable image: {e}") })?;
+    let mut reader =
+        image::ImageReader::open(path).map_err(|e| Error::io(path, e))?.with_guessed_format().map_err(|e| Error::io(path, e))?;
+    reader.limits(image_limits());
+    let img = reader.decode().map_err(|e| Error::Image { path: path.into(), msg: format!("not a readable image: {e}") })?;
     Ok(img.to_rgb8())
+}
+
+/// Decodes image bytes under [`image_limits`].
+pub fn decode_image(bytes: &[u8]) -> Option<image::DynamicImage> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?;
+    reader.limits(image_limits());
+    reader.decode().ok()
 }
 
 /// Centre-crops an image to a square and resizes it to `size` (default: the square's own

@@ -77,7 +77,11 @@ impl TextTokenizer {
     }
 
     pub fn from_json(json: &str) -> Result<Self> {
-        let tok: Tokenizer = json.parse().map_err(tk_err)?;
+        // the tokenizer library panics on some malformed files (found by fuzzing): contained
+        // here and reported as the damaged file it is
+        let parsed = std::panic::catch_unwind(|| json.parse::<Tokenizer>())
+            .map_err(|_| Error::Tokenizer("tokenizer.json is damaged (its reader gave up)".into()))?;
+        let tok: Tokenizer = parsed.map_err(tk_err)?;
         if !matches!(tok.get_model(), ModelWrapper::BPE(_)) {
             return Err(Error::Tokenizer("tokenizer.json does not hold a BPE model".into()));
         }

@@ -5,6 +5,7 @@ mod app;
 mod checkpoint;
 mod cli;
 mod common;
+mod fuzz;
 mod masks;
 mod openai_dvae;
 mod params;

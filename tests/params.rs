@@ -24,6 +24,15 @@ fn formula_matches_allocated_weights() {
 }
 
 #[test]
+fn reranker_formula_matches_allocated_weights() {
+    for cfg in [Config::tiny(), Config::s(), Config::p(), Config::default_model()] {
+        let r = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
+        let real = r.vs.variables().values().map(|t| t.numel() as u64).sum::<u64>();
+        assert_eq!(params::reranker_count(&cfg), real, "{}: reranker", cfg.name);
+    }
+}
+
+#[test]
 fn paper_preset_has_twelve_billion_parameters() {
     let cfg = Config::dalle_12b();
     assert_eq!((cfg.transformer.n_layers, cfg.transformer.n_heads, cfg.transformer.head_dim), (64, 62, 64));
