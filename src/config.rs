@@ -398,7 +398,10 @@ impl Config {
             return bad("reranker: embed_dim, text_width, text_heads and image_width must be ≥ 1".into());
         }
         if !r.text_width.is_multiple_of(r.text_heads) {
-            return bad(format!("reranker: text_width {} is not a multiple of text_heads {}", r.text_width, r.text_heads));
+            return bad(format!(
+                "reranker: text_width {} is not a multiple of text_heads {}",
+                r.text_width, r.text_heads
+            ));
         }
         // Bounds far above any model that fits a machine, so that a damaged or hostile
         // config.json is an error here, never an attempt to allocate what it asks for.

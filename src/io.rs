@@ -22,11 +22,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = temp_path(dir, path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        write_all(&mut f, bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
@@ -35,6 +34,69 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+/// The temporary name `path` is written under before it is renamed or linked into place:
+/// hidden, in the same folder, marked with this process's id.
+pub fn temp_path(dir: &Path, path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.join(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Removes the temporary files a killed Tessera process left in `dir` (those of processes
+/// that no longer run); returns how many. Errors are ignored: this is tidying only.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { continue };
+        let Some(pid) = stem.rsplit('.').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let alive = pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+thread_local! {
+    static FAIL_AFTER: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+static ENV_FAIL_AFTER: std::sync::OnceLock<Option<std::sync::atomic::AtomicU64>> = std::sync::OnceLock::new();
+
+/// Test hook: on this thread, writes fail with "no space left on device" once `bytes` more
+/// bytes have been written (`None` ends it). The variable `TESSERA_FAIL_WRITES_AFTER=N` does
+/// the same for a whole process, so a full disk can be simulated through the binary.
+pub fn inject_write_failure(bytes: Option<u64>) {
+    FAIL_AFTER.with(|c| c.set(bytes));
+}
+
+/// `write_all`, honouring [`inject_write_failure`]. Every file Tessera writes goes through it.
+pub fn write_all(f: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering;
+    let full = || std::io::Error::from_raw_os_error(28); // ENOSPC
+    if let Some(left) = FAIL_AFTER.with(|c| c.get()) {
+        let n = (bytes.len() as u64).min(left);
+        FAIL_AFTER.with(|c| c.set(Some(left - n)));
+        f.write_all(&bytes[..n as usize])?;
+        return if (n as usize) < bytes.len() { Err(full()) } else { Ok(()) };
+    }
+    let env = ENV_FAIL_AFTER.get_or_init(|| {
+        std::env::var("TESSERA_FAIL_WRITES_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::sync::atomic::AtomicU64::new)
+    });
+    if let Some(left) = env {
+        let want = bytes.len() as u64;
+        let got = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| Some(l - l.min(want))).unwrap_or(0);
+        let n = got.min(want) as usize;
+        f.write_all(&bytes[..n])?;
+        return if n < bytes.len() { Err(full()) } else { Ok(()) };
+    }
+    f.write_all(bytes)
 }
 
 struct Raw {

@@ -328,6 +328,11 @@ impl Model {
         if n == 0 {
             return Err(Error::Invalid("the number of samples must be at least 1".into()));
         }
+        if self.inject_oom_above.is_some_and(|limit| n > limit) {
+            return Err(Error::Torch(tch::TchError::Torch(format!(
+                "CUDA out of memory (injected for a batch of {n})"
+            ))));
+        }
         let enc = self.encode_prompt(prompt)?;
         let text = self.transformer.net.pad_text(&vec![enc.ids; n]);
         let prefix =
@@ -392,11 +397,6 @@ impl Model {
         opts: &SampleOptions,
         on_step: impl FnMut(&Sampler) -> bool,
     ) -> Result<Vec<Sample>> {
-        if self.inject_oom_above.is_some_and(|limit| n > limit) {
-            return Err(Error::Torch(tch::TchError::Torch(format!(
-                "CUDA out of memory (injected for a batch of {n})"
-            ))));
-        }
         let tokens = self.sampler(prompt, n, seed, prefix, opts)?.run(on_step)?;
         let rgb = self.decode(&tokens)?;
         let toks = tokens.to_device(Device::Cpu);

@@ -94,7 +94,9 @@ pub fn reranker_count(cfg: &Config) -> u64 {
     let r = &cfg.reranker;
     let (w, e, iw) = (r.text_width as u64, r.embed_dim as u64, r.image_width as u64);
     let block = 2 * 2 * w + linear(w, 3 * w) + linear(w, w) + linear(w, 4 * w) + linear(4 * w, w);
-    let text = (cfg.text.vocab_size as u64 + 1) * w + cfg.text.text_len as u64 * w + r.text_layers as u64 * block
+    let text = (cfg.text.vocab_size as u64 + 1) * w
+        + cfg.text.text_len as u64 * w
+        + r.text_layers as u64 * block
         + 2 * w
         + linear(w, e);
     let chans = [3, iw, 2 * iw, 4 * iw, 4 * iw];

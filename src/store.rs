@@ -2,7 +2,6 @@
 //! exports that never overwrite, and the autosave store (every sample, with an append-only
 //! index) that brings the gallery back after a restart or a crash.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -85,11 +84,10 @@ pub fn read_png_params(path: &Path) -> Result<Option<SampleParams>> {
 /// name, so nothing is ever overwritten, even by a concurrent writer).
 pub fn write_new_atomic(path: &Path, bytes: &[u8]) -> Result<bool> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = crate::io::temp_path(dir, path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        crate::io::write_all(&mut f, bytes).map_err(|e| Error::io(path, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         match std::fs::hard_link(&tmp, path) {
             Ok(()) => Ok(true),
@@ -105,6 +103,7 @@ pub fn write_new_atomic(path: &Path, bytes: &[u8]) -> Result<bool> {
 /// overwriting; returns the paths written.
 pub fn export(dir: &Path, items: &[(&[u8], usize, &SampleParams)]) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::io::remove_stale_temps(dir);
     let mut written = Vec::new();
     for (rgb, size, params) in items {
         let bytes = encode_png(rgb, *size, Some(params))?;
@@ -148,6 +147,7 @@ impl SampleStore {
     pub fn open(dir: &Path) -> Result<Self> {
         let samples = dir.join("samples");
         std::fs::create_dir_all(&samples).map_err(|e| Error::io(&samples, e))?;
+        crate::io::remove_stale_temps(&samples);
         Ok(Self { dir: dir.to_path_buf() })
     }
 
@@ -174,9 +174,17 @@ impl SampleStore {
         let mut line = serde_json::to_string(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
         line.push('\n');
         let index = self.dir.join(INDEX_FILE);
-        let mut f =
-            std::fs::OpenOptions::new().create(true).append(true).open(&index).map_err(|e| Error::io(&index, e))?;
-        f.write_all(line.as_bytes()).map_err(|e| Error::io(&index, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&index)
+            .map_err(|e| Error::io(&index, e))?;
+        // a line torn by a kill has no newline: end it, so this entry starts a line of its own
+        if !ends_with_newline(&mut f).map_err(|e| Error::io(&index, e))? {
+            line.insert(0, '\n');
+        }
+        crate::io::write_all(&mut f, line.as_bytes()).map_err(|e| Error::io(&index, e))?;
         f.sync_data().map_err(|e| Error::io(&index, e))?;
         Ok(entry)
     }
@@ -223,6 +231,18 @@ pub fn read_rgb_square(path: &Path, size: Option<usize>) -> Result<(Vec<u8>, usi
     Ok((rgb, side))
 }
 
+/// Whether a file is empty or ends with a newline.
+fn ends_with_newline(f: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if f.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    f.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
 /// Whether `name` is a bare file name (no folder, no `..`, nothing hidden).
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0'])
@@ -240,10 +260,13 @@ pub fn image_limits() -> image::Limits {
 
 /// Reads an image file as RGB8, recognising its format from its content.
 pub fn read_image(path: &Path) -> Result<image::RgbImage> {
-    let mut reader =
-        image::ImageReader::open(path).map_err(|e| Error::io(path, e))?.with_guessed_format().map_err(|e| Error::io(path, e))?;
+    let mut reader = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
     reader.limits(image_limits());
-    let img = reader.decode().map_err(|e| Error::Image { path: path.into(), msg: format!("not a readable image: {e}") })?;
+    let img =
+        reader.decode().map_err(|e| Error::Image { path: path.into(), msg: format!("not a readable image: {e}") })?;
     Ok(img.to_rgb8())
 }
 

@@ -474,6 +474,7 @@ struct Run {
 
 impl Run {
     fn begin(opts: &TrainOptions, component: &str, feed: Feed, start: usize) -> Result<Self> {
+        crate::io::remove_stale_temps(&opts.dir); // what a killed run was writing
         let end = opts.stop_after.map(|n| (start + n).min(opts.steps)).unwrap_or(opts.steps);
         Ok(Self {
             loader: spawn_loader(feed, opts.batch, opts.seed, start, end, opts.loader_workers()),

@@ -487,3 +487,184 @@ fn a_model_around_an_imported_dvae_opens_with_a_256_px_canvas_and_completes_a_ph
     let kept = 28 * (size / grid) * size * 3;
     assert_eq!(rgb[..kept], canvas[..kept], "the kept rows changed");
 }
+
+#[test]
+fn an_out_of_memory_job_is_a_notice_and_the_next_job_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut h = ready_app(ModelSource::Dir(tiny_dir(tmp.path())), None);
+    type_prompt(&mut h, "a red circle");
+    set_fixed(&mut h, 4, 2, 4, 1);
+    h.state_mut().inject_oom_for_test(Some(0)); // every batch, even of one, fails
+    let id = h.state_mut().generate().unwrap();
+    step_until(&mut h, "the failed job", |a| job_done(a, id));
+    assert!(matches!(h.state().jobs.last().unwrap().status, JobStatus::Failed), "{:?}", h.state().jobs.last());
+    assert!(h.state().errors().any(|n| n.text.contains("out of memory")), "no notice");
+    assert!(h.state().gallery.is_empty());
+    // batches above 1 fail: the job halves down to batches that fit and completes
+    h.state_mut().inject_oom_for_test(Some(1));
+    let id = h.state_mut().generate().unwrap();
+    step_until(&mut h, "the halved job", |a| job_done(a, id));
+    assert_eq!(h.state().jobs.last().unwrap().status, JobStatus::Done);
+    assert_eq!(h.state().gallery.len(), 4);
+}
+
+#[test]
+fn a_model_directory_changed_on_disk_keeps_the_loaded_model_and_a_reload_names_the_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_dir(tmp.path());
+    let mut h = ready_app(ModelSource::Dir(dir.clone()), None);
+    // the files change under the open app: it samples from what it loaded
+    std::fs::write(dir.join("transformer.safetensors"), b"overwritten by another program").unwrap();
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    type_prompt(&mut h, "a red circle");
+    set_fixed(&mut h, 2, 2, 2, 1);
+    let id = h.state_mut().generate().unwrap();
+    step_until(&mut h, "the job", |a| job_done(a, id));
+    assert_eq!(h.state().gallery.len(), 2);
+    // loading it again reports the damaged directory, and the app keeps running
+    h.state_mut().load_model(ModelSource::Dir(dir.clone()));
+    step_until(&mut h, "the load error", |a| a.errors().next().is_some());
+    let err = h.state().errors().next().unwrap().text.clone();
+    assert!(err.contains("tokenizer.json") || err.contains("transformer.safetensors"), "{err}");
+    h.state_mut().load_model(ModelSource::Dir(tiny_dir(&tmp.path().join("good"))));
+    step_until(&mut h, "the good model", |a| a.model.is_some());
+    let id = h.state_mut().generate().unwrap();
+    step_until(&mut h, "the job", |a| job_done(a, id));
+    assert_eq!(h.state().gallery.len(), 4);
+}
+
+/// Resident memory of this process, bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
+/// Run in a process of its own by the test below, so that no other test's memory is counted:
+/// 1,000 samples through the app's worker in many jobs, every fourth cancelled mid-run.
+#[test]
+#[ignore = "a child process of the long-run test"]
+fn long_run_child() {
+    let Ok(dir) = std::env::var("TESSERA_LONG_RUN_DIR") else { return };
+    let dir = PathBuf::from(dir);
+    let mut h = ready_app(ModelSource::Dir(tiny_dir(&dir)), Some(dir.join("data")));
+    type_prompt(&mut h, "a red circle above a green square");
+    let mut made = 0;
+    let mut start = None;
+    let mut jobs = 0;
+    while made < 1000 {
+        set_fixed(&mut h, 20, 20, 4, jobs as u64 * 100);
+        let before = h.state().gallery.len();
+        let id = h.state_mut().generate().unwrap();
+        if jobs % 4 == 3 {
+            step_until(&mut h, "a first batch", |a| a.gallery.len() > before || job_done(a, id));
+            h.state_mut().cancel(id);
+        }
+        step_until(&mut h, "the job", |a| job_done(a, id));
+        made = h.state().gallery.len();
+        jobs += 1;
+        if jobs == 2 {
+            start = Some((rss(), made)); // after the first jobs have warmed every cache
+        }
+    }
+    let (start, at) = start.unwrap();
+    println!("LONG_RUN rss_start={start} rss_end={} samples={made} jobs={jobs} from={at}", rss());
+}
+
+#[test]
+fn a_thousand_samples_through_the_worker_keep_memory_flat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "app::long_run_child", "--ignored", "--test-threads", "1", "--nocapture"])
+        .env("TESSERA_LONG_RUN_DIR", tmp.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let line = out.lines().find_map(|l| l.find("LONG_RUN").map(|i| &l[i..])).expect("the child's figures");
+    let field = |k: &str| -> f64 {
+        line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap().parse().unwrap()
+    };
+    let (start, end) = (field("rss_start"), field("rss_end"));
+    eprintln!(
+        "1,000 samples in {} jobs: resident memory {:.1} MB → {:.1} MB ({:+.1}%)",
+        field("jobs"),
+        start / 1e6,
+        end / 1e6,
+        100.0 * (end / start - 1.0)
+    );
+    assert!(field("samples") >= 1000.0);
+    assert!(end <= start * 1.05, "resident memory grew from {start} to {end} bytes");
+}
+
+#[test]
+fn a_gallery_of_ten_thousand_autosaved_samples_restores_and_scrolls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_dir(tmp.path());
+    let data = tmp.path().join("data");
+    let samples = data.join("samples");
+    std::fs::create_dir_all(&samples).unwrap();
+    // 10,000 samples in jobs of 10 (written directly: the store's format is the file names,
+    // the PNGs and one index line each)
+    let size = tessera::Config::tiny().dvae.image_size;
+    let mut index = String::new();
+    for i in 0..10_000u64 {
+        let rgb: Vec<u8> = (0..size * size * 3).map(|k| ((k as u64 * 7 + i) % 256) as u8).collect();
+        let mut p = SampleParams {
+            prompt: format!("sample {i}"),
+            seed: i,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            guidance: 1.0,
+            n: 10,
+            keep: 10,
+            model: "tiny".into(),
+            score: Some((i % 97) as f32),
+            kept_tokens: 0,
+        };
+        p.score = Some((i % 97) as f32);
+        let file = format!("{:06}-{i}-0.png", i / 10 + 1);
+        std::fs::write(samples.join(&file), store::encode_png(&rgb, size, Some(&p)).unwrap()).unwrap();
+        let entry = store::StoredSample { file, job: i / 10 + 1, size, params: p };
+        index.push_str(&serde_json::to_string(&entry).unwrap());
+        index.push('\n');
+    }
+    std::fs::write(data.join("index.jsonl"), index).unwrap();
+    let t0 = Instant::now();
+    let app = TesseraApp::new(options(ModelSource::Dir(model), Some(data)), Persisted::default());
+    let restore = t0.elapsed();
+    assert_eq!(app.gallery.len(), 10_000);
+    let mut h = harness(app);
+    step_until(&mut h, "the model", |a| a.model.is_some());
+    let first_frame = {
+        let t = Instant::now();
+        h.step();
+        t.elapsed()
+    };
+    // scroll the gallery from top to bottom with the mouse wheel, timing every frame
+    let mut frames = Vec::new();
+    for _ in 0..120 {
+        h.hover_at(egui::pos2(900.0, 420.0));
+        h.event(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, -2000.0),
+            modifiers: egui::Modifiers::NONE,
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+        });
+        let t = Instant::now();
+        h.step();
+        frames.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let loaded = h.state().gallery.iter().filter(|g| g.rgb.is_some()).count();
+    assert!(loaded > 200, "scrolling drew only {loaded} thumbnails");
+    assert!(h.state().errors().next().is_none());
+    frames.sort_by(f64::total_cmp);
+    let (p50, p99) = (frames[frames.len() / 2], frames[frames.len() * 99 / 100]);
+    eprintln!(
+        "10,000 autosaved samples: restored in {:.0} ms; first frame {:.1} ms; scrolling: frame p50 {p50:.1} ms, p99 {p99:.1} ms; {loaded} thumbnails read",
+        restore.as_secs_f64() * 1e3,
+        first_frame.as_secs_f64() * 1e3,
+    );
+    assert!(restore < Duration::from_secs(20), "restoring took {restore:?}");
+}

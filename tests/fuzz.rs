@@ -80,7 +80,7 @@ fn apply(bytes: &[u8], edits: &[Edit]) -> Vec<u8> {
 /// (the runner reports the smallest input that panics).
 fn fuzz<S: Strategy>(name: &str, strategy: S, f: impl Fn(S::Value) -> Result<(), TestCaseError>) {
     let t0 = Instant::now();
-    let result = runner().run(&strategy, |v| f(v));
+    let result = runner().run(&strategy, f);
     if let Err(e) = result {
         panic!("{name}: {e}");
     }
@@ -181,15 +181,8 @@ fn configs_that_ask_for_too_much_are_refused_before_allocating() {
         ("reranker", "image_width"),
         ("reranker", "text_heads"),
     ];
-    let values = prop_oneof![
-        Just(0u64),
-        Just(3),
-        Just(4096),
-        Just(1 << 20),
-        Just(1 << 31),
-        Just(u64::MAX),
-        any::<u64>(),
-    ];
+    let values =
+        prop_oneof![Just(0u64), Just(3), Just(4096), Just(1 << 20), Just(1 << 31), Just(u64::MAX), any::<u64>(),];
     fuzz("config sizes", (prop::sample::select(fields.to_vec()), values), |((section, key), v)| {
         let mut c = original.clone();
         c[section][key] = v.into();
@@ -220,11 +213,15 @@ fn the_tokenizer_takes_any_text() {
         Ok(())
     });
     let controls: String = (0u32..0x20).chain(0x7f..0xa0).filter_map(char::from_u32).collect();
-    fuzz("control characters", prop::collection::vec(prop::sample::select(controls.chars().collect::<Vec<_>>()), 0..200), |v| {
-        let s: String = v.into_iter().collect();
-        let _ = tok.encode(&s, text_len);
-        Ok(())
-    });
+    fuzz(
+        "control characters",
+        prop::collection::vec(prop::sample::select(controls.chars().collect::<Vec<_>>()), 0..200),
+        |v| {
+            let s: String = v.into_iter().collect();
+            let _ = tok.encode(&s, text_len);
+            Ok(())
+        },
+    );
     // a 5 MB prompt is cut to the text length, quickly
     let huge = "a red circle above a green square ".repeat(150_000);
     let t0 = Instant::now();
@@ -319,7 +316,10 @@ fn image_files_and_their_parameters() {
         let err = read_image(&path).expect_err("a giant image was accepted");
         assert!(t0.elapsed() < Duration::from_secs(1), "{w}×{h} took {:?}", t0.elapsed());
         assert!(err.to_string().contains("huge-"), "{err}");
-        assert!(tessera::data::random_crop(&std::fs::read(&path).unwrap(), 16, &mut tessera::sample::SeedRng::new(1)).is_none());
+        assert!(
+            tessera::data::random_crop(&std::fs::read(&path).unwrap(), 16, &mut tessera::sample::SeedRng::new(1))
+                .is_none()
+        );
     }
 }
 
@@ -418,4 +418,28 @@ fn the_autosave_index() {
     std::fs::write(&index, format!("{line}\n")).unwrap();
     let (samples, skipped) = store.load().unwrap();
     assert!(samples.is_empty() && skipped == 1, "{samples:?}");
+}
+
+/// Whatever a sample's parameters say (they come back from PNGs people drop on the app),
+/// exports land in the chosen folder under names Tessera makes.
+#[test]
+fn exports_stay_in_the_chosen_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("chosen");
+    let rgb = vec![1u8; 8 * 8 * 3];
+    fuzz("export names", (any::<String>(), any::<u64>(), any::<String>()), |(prompt, seed, model)| {
+        let mut p = params(&prompt);
+        p.seed = seed;
+        p.model = model;
+        let written = tessera::store::export(&dir, &[(&rgb, 8, &p)]).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for w in &written {
+            prop_assert_eq!(w.parent(), Some(dir.as_path()));
+            let name = w.file_name().unwrap().to_string_lossy();
+            prop_assert!(name.starts_with("tessera-") && name.ends_with(".png"), "{name}");
+        }
+        Ok(())
+    });
+    // nothing was written anywhere else
+    let outside: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(outside, vec![std::ffi::OsString::from("chosen")]);
 }

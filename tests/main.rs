@@ -5,6 +5,7 @@ mod app;
 mod checkpoint;
 mod cli;
 mod common;
+mod faults;
 mod fuzz;
 mod masks;
 mod openai_dvae;

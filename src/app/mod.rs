@@ -581,6 +581,12 @@ impl TesseraApp {
         self.worker.send(Command::Crash);
     }
 
+    /// Test hook: the worker's sampling batches larger than `limit` fail as out of memory.
+    #[doc(hidden)]
+    pub fn inject_oom_for_test(&self, limit: Option<usize>) {
+        self.worker.send(Command::InjectOom(limit));
+    }
+
     pub fn cancel_all(&mut self) {
         let ids: Vec<u64> = self.jobs.iter().map(|j| j.id).collect();
         for id in ids {

@@ -73,6 +73,8 @@ pub enum Command {
     /// Panics inside the worker's job guard (tests prove a crash becomes a notice).
     #[doc(hidden)]
     Crash,
+    /// Test hook: sampling batches larger than this fail as out of memory.
+    InjectOom(Option<usize>),
 }
 
 /// What the UI needs to know about a loaded model.
@@ -295,6 +297,11 @@ impl WorkerState {
                 }
             }
             Command::Load(src) => self.load(src),
+            Command::InjectOom(limit) => {
+                if let Some((m, _)) = &mut self.model {
+                    m.inject_oom_above = limit;
+                }
+            }
             Command::Crash => {
                 let r: std::thread::Result<()> = std::panic::catch_unwind(|| panic!("deliberate crash"));
                 if let Err(p) = r {
@@ -406,59 +413,94 @@ impl WorkerState {
         let total = job.n * (image_len - kept);
         let mut done = 0usize;
         let mut first = 0usize;
+        let mut chunk = job.chunk.max(1);
         while first < job.n {
-            let m = job.chunk.max(1).min(job.n - first);
-            let seed = job.seed.wrapping_add(first as u64);
-            let seeds = crate::sample::batch_seeds(seed, m);
-            let mut sampler = model.sampler(&job.prompt, m, seed, prefix.as_ref(), &job.opts)?;
-            let mut last_progress: Option<Instant> = None;
-            let mut previewed_rows = kept / g;
-            if self.poll(job.id) {
-                return Ok(true);
+            let m = chunk.min(job.n - first);
+            let done_before = done;
+            let c = Chunk { first, m, kept, total, start, prefix: prefix.as_ref() };
+            // a step that runs out of device memory panics inside libtorch's bindings: caught
+            // here, so that the chunk can be retried at half the size like any other error
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.sample_chunk(model, job, &c, &mut done)))
+                .unwrap_or_else(|p| Err(Error::Torch(tch::TchError::Torch(panic_message(&*p)))));
+            match r {
+                Ok(true) => return Ok(true),
+                Ok(false) => first += m,
+                // the same seeds at half the batch: the same images, just more chunks
+                Err(e) if m > 1 && crate::model::is_out_of_memory(&e) => {
+                    done = done_before;
+                    chunk = m / 2;
+                }
+                Err(e) => return Err(e),
             }
-            while sampler.step().is_some() {
-                done += m;
-                if self.poll(job.id) {
-                    return Ok(true);
-                }
-                if last_progress.is_none_or(|t| t.elapsed().as_millis() >= 40) || sampler.is_done() {
-                    last_progress = Some(Instant::now());
-                    let secs = start.elapsed().as_secs_f64().max(1e-6);
-                    let rate = done as f64 / secs;
-                    let eta = (total - done) as f64 / rate.max(1e-9);
-                    self.emit(Event::Progress { id: job.id, done, total, tokens_per_s: rate, eta_s: eta });
-                }
-                let known = sampler.progress().done;
-                let rows = known / g;
-                if job.preview_rows > 0 && !sampler.is_done() && rows >= previewed_rows + job.preview_rows {
-                    previewed_rows = rows;
-                    let mut images = model.decode(sampler.tokens())?;
-                    for img in &mut images {
-                        grey_unknown(img, size, g, known);
-                        if let Some(p) = &job.prefix {
-                            composite_prefix(img, &p.rgb, size, g, kept);
-                        }
-                    }
-                    self.emit(Event::Preview { id: job.id, seeds: seeds.clone(), images, rows });
-                }
-            }
-            let tokens: Tensor = sampler.tokens().shallow_clone();
-            drop(sampler);
-            let mut images = model.decode(&tokens)?;
-            if let Some(p) = &job.prefix {
-                for img in &mut images {
-                    composite_prefix(img, &p.rgb, size, g, kept);
-                }
-            }
-            let scores = model.rerank(&job.prompt, &images)?;
-            let samples = images
-                .into_iter()
-                .enumerate()
-                .map(|(i, rgb)| Finished { seed: seeds[i], rgb, score: scores.as_ref().map(|s| s[i]) })
-                .collect();
-            self.emit(Event::Samples { id: job.id, samples });
-            first += m;
         }
         Ok(false)
     }
+
+    /// Samples one chunk of a job, emitting progress, previews and the finished samples;
+    /// returns whether the job was cancelled.
+    fn sample_chunk(&mut self, model: &Model, job: &JobSpec, c: &Chunk, done: &mut usize) -> Result<bool> {
+        let g = model.config.grid_size();
+        let size = model.config.dvae.image_size;
+        let (m, kept) = (c.m, c.kept);
+        let seed = job.seed.wrapping_add(c.first as u64);
+        let seeds = crate::sample::batch_seeds(seed, m);
+        let mut sampler = model.sampler(&job.prompt, m, seed, c.prefix, &job.opts)?;
+        let mut last_progress: Option<Instant> = None;
+        let mut previewed_rows = kept / g;
+        if self.poll(job.id) {
+            return Ok(true);
+        }
+        while sampler.step().is_some() {
+            *done += m;
+            if self.poll(job.id) {
+                return Ok(true);
+            }
+            if last_progress.is_none_or(|t| t.elapsed().as_millis() >= 40) || sampler.is_done() {
+                last_progress = Some(Instant::now());
+                let secs = c.start.elapsed().as_secs_f64().max(1e-6);
+                let rate = *done as f64 / secs;
+                let eta = (c.total - *done) as f64 / rate.max(1e-9);
+                self.emit(Event::Progress { id: job.id, done: *done, total: c.total, tokens_per_s: rate, eta_s: eta });
+            }
+            let known = sampler.progress().done;
+            let rows = known / g;
+            if job.preview_rows > 0 && !sampler.is_done() && rows >= previewed_rows + job.preview_rows {
+                previewed_rows = rows;
+                let mut images = model.decode(sampler.tokens())?;
+                for img in &mut images {
+                    grey_unknown(img, size, g, known);
+                    if let Some(p) = &job.prefix {
+                        composite_prefix(img, &p.rgb, size, g, kept);
+                    }
+                }
+                self.emit(Event::Preview { id: job.id, seeds: seeds.clone(), images, rows });
+            }
+        }
+        let tokens: Tensor = sampler.tokens().shallow_clone();
+        drop(sampler);
+        let mut images = model.decode(&tokens)?;
+        if let Some(p) = &job.prefix {
+            for img in &mut images {
+                composite_prefix(img, &p.rgb, size, g, kept);
+            }
+        }
+        let scores = model.rerank(&job.prompt, &images)?;
+        let samples = images
+            .into_iter()
+            .enumerate()
+            .map(|(i, rgb)| Finished { seed: seeds[i], rgb, score: scores.as_ref().map(|s| s[i]) })
+            .collect();
+        self.emit(Event::Samples { id: job.id, samples });
+        Ok(false)
+    }
+}
+
+/// Where one chunk of a job lies in it.
+struct Chunk<'a> {
+    first: usize,
+    m: usize,
+    kept: usize,
+    total: usize,
+    start: Instant,
+    prefix: Option<&'a Tensor>,
 }
