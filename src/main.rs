@@ -580,10 +580,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let enc = model.encode_prompt(&a.prompt)?;
     if enc.truncated() {
-        eprintln!(
-            "warning: the prompt has {} tokens; only the first {} are used",
-            enc.full_len, model.config.text.text_len
-        );
+        let n = model.config.text.text_len;
+        eprintln!("warning: the prompt has more than {n} tokens; only the first {n} are used");
     }
     let prefix = match (&a.prefix_image, a.keep_rows) {
         (Some(path), Some(rows)) => {

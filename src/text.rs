@@ -130,6 +130,10 @@ impl TextTokenizer {
         if prompt.trim().is_empty() {
             return Err(Error::EmptyPrompt);
         }
+        // Only the first `text_len` tokens are used: the text beyond a generous bound (no
+        // token spans 64 bytes) is not tokenised at all, so a pasted book costs no time.
+        let limit = text_len.saturating_mul(64).max(1024);
+        let prompt = if prompt.len() > limit { &prompt[..prompt.floor_char_boundary(limit)] } else { prompt };
         let enc = tok.encode(prompt, false).map_err(tk_err)?;
         let all = enc.get_ids();
         let ids = all.iter().take(text_len).map(|&i| i as i64).collect();
