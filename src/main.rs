@@ -128,41 +128,45 @@ struct AppArgs {
     diagnostics: Option<PathBuf>,
 }
 
+/// The model directory whose dVAE a `dvae` subcommand uses, and where it runs.
+#[derive(Args)]
+struct DvaeAt {
+    /// Model directory (config.json and dvae.safetensors are enough).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch CPU threads.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
 #[derive(Subcommand)]
 enum DvaeCommand {
     /// Encode an image (centre-cropped, resized to the dVAE's size) into a token file (JSON).
     Encode {
         image: PathBuf,
         #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        at: DvaeAt,
     },
     /// Decode a token file made by the same dVAE into a PNG.
     Decode {
         tokens: PathBuf,
         #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        at: DvaeAt,
     },
     /// Encode and decode an image: writes the reconstruction (default IMAGE_STEM.roundtrip.png
     /// in the current folder) and prints its PSNR and the time of each half.
     Roundtrip {
         image: PathBuf,
         #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// libtorch CPU threads.
-        #[arg(long)]
-        threads: Option<usize>,
+        #[command(flatten)]
+        at: DvaeAt,
     },
 }
 
@@ -750,28 +754,28 @@ fn world_export(n: u64, out: &Path, size: usize, seed: u64, held_out: bool) -> R
 
 fn dvae_command(c: DvaeCommand) -> Result<()> {
     use tessera::codes::{DvaeOnly, TokenFile, write_png};
-    let load = |model: &Path, device: &str| -> Result<DvaeOnly> {
-        let device = tessera::parse_device(device)?;
-        DvaeOnly::load(model, device).with_context(|| format!("loading the dVAE of {}", model.display()))
+    let load = |at: &DvaeAt| -> Result<DvaeOnly> {
+        if let Some(t) = at.threads {
+            tch::set_num_threads(t as i32);
+        }
+        let device = tessera::parse_device(&at.device)?;
+        DvaeOnly::load(&at.model, device).with_context(|| format!("loading the dVAE of {}", at.model.display()))
     };
     match c {
-        DvaeCommand::Encode { image, model, out, device } => {
-            let d = load(&model, &device)?;
+        DvaeCommand::Encode { image, out, at } => {
+            let d = load(&at)?;
             let t = d.encode_file(&image)?;
             t.save(&out)?;
             eprintln!("{}: {}×{} codes of {} written to {}", image.display(), t.grid, t.grid, t.vocab, out.display());
         }
-        DvaeCommand::Decode { tokens, model, out, device } => {
-            let d = load(&model, &device)?;
+        DvaeCommand::Decode { tokens, out, at } => {
+            let d = load(&at)?;
             let rgb = d.decode(&TokenFile::load(&tokens)?)?;
             write_png(&out, &rgb, d.image_size())?;
             eprintln!("{} px image written to {}", d.image_size(), out.display());
         }
-        DvaeCommand::Roundtrip { image, model, out, device, threads } => {
-            if let Some(t) = threads {
-                tch::set_num_threads(t as i32);
-            }
-            let d = load(&model, &device)?;
+        DvaeCommand::Roundtrip { image, out, at } => {
+            let d = load(&at)?;
             let r = d.roundtrip(&image)?;
             let out = out.unwrap_or_else(|| {
                 let stem =

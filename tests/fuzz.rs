@@ -2,7 +2,7 @@
 //! tokenizer, image files, the PNG parameters of drop-to-restore, dataset folders and tar
 //! shards, the autosave index. Each must return (an error naming the file, or a value), never
 //! panic, and never allocate what a file merely claims. Cases per parser: `TESSERA_FUZZ_CASES`
-//! (default 256 in CI; the README's figures used 10,000).
+//! (default 256 in CI; the README's run used 10,000).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
