@@ -18,6 +18,20 @@ fn conv(vs: nn::Path, i: usize, o: usize, k: usize) -> nn::Conv2D {
     nn::conv2d(vs, i as i64, o as i64, k as i64, c)
 }
 
+/// A same-padded, stride-1 convolution run in `compute` precision when it is given and differs
+/// from the weights' (mixed precision: the f32 master weights are cast for the product, and
+/// gradients flow back to them through the cast); otherwise the layer itself.
+fn conv_c(c: &nn::Conv2D, x: &Tensor, compute: Option<Kind>) -> Tensor {
+    match compute {
+        Some(k) if k != c.ws.kind() => {
+            let pad = c.ws.size().last().map_or(0, |&k| k / 2);
+            let b = c.bs.as_ref().map(|b| b.to_kind(k));
+            x.to_kind(k).conv2d(&c.ws.to_kind(k), b.as_ref(), [1, 1], [pad, pad], [1, 1], 1)
+        }
+        _ => c.forward(&x.to_kind(c.ws.kind())),
+    }
+}
+
 /// One bottleneck residual block: identity (or 1×1 conv) + gain · path.
 #[derive(Debug)]
 struct ResBlock {
@@ -39,15 +53,15 @@ impl ResBlock {
     }
 }
 
-impl Module for ResBlock {
-    fn forward(&self, x: &Tensor) -> Tensor {
+impl ResBlock {
+    fn forward_c(&self, x: &Tensor, compute: Option<Kind>) -> Tensor {
         let id = match &self.id_path {
-            Some(c) => c.forward(x),
+            Some(c) => conv_c(c, x, compute),
             None => x.shallow_clone(),
         };
         let mut h = x.shallow_clone();
         for c in &self.res_path {
-            h = c.forward(&h.relu());
+            h = conv_c(c, &h.relu(), compute);
         }
         id + h * self.post_gain
     }
@@ -83,19 +97,20 @@ impl Encoder {
     }
 }
 
-impl Module for Encoder {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = self.input.forward(x);
+impl Encoder {
+    /// Codebook logits, in f32 whatever `compute` is.
+    fn forward_c(&self, x: &Tensor, compute: Option<Kind>) -> Tensor {
+        let mut h = conv_c(&self.input, x, compute);
         let last = self.groups.len() - 1;
         for (g, blocks) in self.groups.iter().enumerate() {
             for b in blocks {
-                h = b.forward(&h);
+                h = b.forward_c(&h, compute);
             }
             if g < last {
                 h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
             }
         }
-        self.output.forward(&h.relu())
+        conv_c(&self.output, &h.relu(), compute).to_kind(Kind::Float)
     }
 }
 
@@ -129,31 +144,31 @@ impl Decoder {
         Self { input, groups, output, vocab: cfg.vocab_size }
     }
 
-    /// The body after the input convolution.
-    fn body(&self, mut h: Tensor) -> Tensor {
+    /// The body after the input convolution; distribution parameters in f32.
+    fn body(&self, mut h: Tensor, compute: Option<Kind>) -> Tensor {
         let last = self.groups.len() - 1;
         for (g, blocks) in self.groups.iter().enumerate() {
             for b in blocks {
-                h = b.forward(&h);
+                h = b.forward_c(&h, compute);
             }
             if g < last {
                 let (_, _, hh, ww) = h.size4().unwrap_or((0, 0, 0, 0));
                 h = h.upsample_nearest2d([2 * hh, 2 * ww], 2.0, 2.0);
             }
         }
-        self.output.forward(&h.relu())
+        conv_c(&self.output, &h.relu(), compute).to_kind(Kind::Float)
     }
 
     /// Hard codes [B, G, G] → distribution parameters: the 1×1 input conv of a one-hot is a
     /// column lookup, done as a gather instead of materialising the one-hot.
-    fn forward_codes(&self, codes: &Tensor) -> Tensor {
+    fn forward_codes(&self, codes: &Tensor, compute: Option<Kind>) -> Tensor {
         let (b, gh, gw) = codes.size3().unwrap_or((0, 0, 0));
         let w = self.input.ws.view([-1, self.vocab as i64]);
         let mut h = w.index_select(1, &codes.flatten(0, -1)).view([-1, b, gh, gw]).permute([1, 0, 2, 3]);
         if let Some(bias) = &self.input.bs {
             h += bias.view([1, -1, 1, 1]);
         }
-        self.body(h.contiguous())
+        self.body(h.contiguous(), compute)
     }
 }
 
@@ -180,6 +195,7 @@ pub struct Dvae {
     encoder: Encoder,
     decoder: Decoder,
     cfg: DvaeConfig,
+    compute: Option<Kind>,
 }
 
 impl Dvae {
@@ -188,7 +204,14 @@ impl Dvae {
             encoder: Encoder::new(&vs / "encoder", cfg),
             decoder: Decoder::new(&vs / "decoder", cfg),
             cfg: cfg.clone(),
+            compute: None,
         }
+    }
+
+    /// Runs the convolutions in `kind` (bf16: mixed-precision training with f32 master
+    /// weights); logits, distribution parameters and losses stay f32. `None`: the weights' dtype.
+    pub fn set_compute_kind(&mut self, kind: Option<Kind>) {
+        self.compute = kind;
     }
 
     pub fn config(&self) -> &DvaeConfig {
@@ -209,7 +232,7 @@ impl Dvae {
 
     /// Codebook logits [B, V, G, G] for images [B, 3, H, W] in [0, 1].
     pub fn encoder_logits(&self, images: &Tensor) -> Tensor {
-        self.encoder.forward(&self.map_pixels(images))
+        self.encoder.forward_c(&self.map_pixels(images), self.compute)
     }
 
     /// Image tokens [B, G, G] (argmax of the encoder logits, no noise).
@@ -219,7 +242,7 @@ impl Dvae {
 
     /// Images [B, 3, H, W] in [0, 1] from tokens [B, G, G].
     pub fn decode(&self, codes: &Tensor) -> Tensor {
-        let stats = self.decoder.forward_codes(codes);
+        let stats = self.decoder.forward_codes(codes, self.compute);
         self.unmap_pixels(&stats.narrow(1, 0, 3).sigmoid())
     }
 
@@ -243,8 +266,8 @@ impl Dvae {
     /// than from the relaxed mixtures of training. `kl` is zero.
     pub fn decoder_loss(&self, images: &Tensor) -> DvaeLoss {
         let x = self.map_pixels(images);
-        let codes = tch::no_grad(|| self.encoder.forward(&x).argmax(1, false));
-        let stats = self.decoder.forward_codes(&codes);
+        let codes = tch::no_grad(|| self.encoder.forward_c(&x, self.compute).argmax(1, false));
+        let stats = self.decoder.forward_codes(&codes, self.compute);
         let (nll, mse) = self.reconstruction(images, &x, &stats);
         let zero = Tensor::zeros([], (Kind::Float, images.device()));
         DvaeLoss { loss: nll.shallow_clone(), nll, kl: zero.shallow_clone(), mse, usage: zero }
@@ -277,16 +300,30 @@ impl Dvae {
     /// is given the one-hot of the sampled code (what it meets at inference) while gradients
     /// flow through the relaxed sample, an option for the end of the τ schedule.
     pub fn loss_variant(&self, images: &Tensor, tau: f64, beta: f64, usage_weight: f64, hard: bool) -> DvaeLoss {
+        self.loss_with_noise(images, None, tau, beta, usage_weight, hard)
+    }
+
+    /// [`Dvae::loss_variant`] with the Gumbel noise's uniforms given ([B, V, G, G], as the
+    /// encoder's logits) instead of drawn: the same noise gives the same relaxed sample.
+    pub fn loss_with_noise(
+        &self,
+        images: &Tensor,
+        uniform: Option<&Tensor>,
+        tau: f64,
+        beta: f64,
+        usage_weight: f64,
+        hard: bool,
+    ) -> DvaeLoss {
         let x = self.map_pixels(images);
-        let logits = self.encoder.forward(&x);
-        let u = logits.rand_like().clamp(1e-10, 1.0 - 1e-7);
+        let logits = self.encoder.forward_c(&x, self.compute);
+        let u = uniform.map_or_else(|| logits.rand_like(), |u| u.shallow_clone()).clamp(1e-10, 1.0 - 1e-7);
         let gumbel = -(-u.log()).log();
         let mut z = ((&logits + gumbel) / tau).softmax(1, Kind::Float);
         if hard {
             let one_hot = z.zeros_like().scatter_value(1, &z.argmax(1, true), 1.0);
             z = &one_hot - z.detach() + &z;
         }
-        let stats = self.decoder.body(self.decoder.input.forward(&z));
+        let stats = self.decoder.body(conv_c(&self.decoder.input, &z, self.compute), self.compute);
         let (nll, mse) = self.reconstruction(images, &x, &stats);
         let log_q = logits.log_softmax(1, Kind::Float);
         let kl = (log_q.exp() * (&log_q + (self.cfg.vocab_size as f64).ln()))

@@ -370,6 +370,9 @@ enum TrainCommand {
         /// estimator (0 = the paper's relaxation throughout; see `train dvae --hard-from`).
         #[arg(long, default_value_t = 0.0)]
         hard_tail: f64,
+        /// Train the dVAE's convolutions in bf16 (f32 master weights, logits and losses).
+        #[arg(long)]
+        dvae_bf16: bool,
     },
     /// Train the contrastive reranker (AdamW(0.9, 0.98), warm-up and cosine decay).
     Reranker {
@@ -926,6 +929,7 @@ fn train(t: TrainCommand) -> Result<()> {
             usage_weight,
             beta,
             hard_tail,
+            dvae_bf16,
         } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
@@ -947,6 +951,7 @@ fn train(t: TrainCommand) -> Result<()> {
                 bail!("--hard-tail must lie in [0, 1], --beta and --usage-weight must be ≥ 0");
             }
             o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail };
+            o.dvae_bf16 = dvae_bf16;
             let plan = tessera::pipeline::train_all(&o)?;
             println!("{}", serde_json::to_string_pretty(&plan)?);
             eprintln!("model written to {} in {}", at.dir.display(), tessera::train::fmt_secs(plan.spent_s));

@@ -111,7 +111,7 @@ pub fn weights_fit(path: &Path, bytes: &[u8], params: u64) -> Result<()> {
         return Err(Error::checkpoint(
             path,
             format!(
-                "holds {} bytes, too few for the {params} parameters config.json describes: the config and the weights do not belong together",
+                "holds only {} bytes, too few for the {params} parameters config.json describes: the file is corrupt or truncated, or the weights of another configuration",
                 bytes.len()
             ),
         ));

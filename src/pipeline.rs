@@ -59,6 +59,8 @@ pub struct AllOptions {
     pub quiet: bool,
     /// The dVAE recipe's choices.
     pub dvae: DvaeVariant,
+    /// Train the dVAE's convolutions in bf16 (f32 master weights and losses).
+    pub dvae_bf16: bool,
 }
 
 /// The choices of the dVAE recipe a run is planned with (kept in the plan, so a resumed run
@@ -107,6 +109,7 @@ impl AllOptions {
             eval_samples: 16,
             quiet: false,
             dvae: DvaeVariant::default(),
+            dvae_bf16: false,
         }
     }
 }
@@ -367,15 +370,20 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
         }
         "dvae" => {
             let t0 = Instant::now();
+            let base = || {
+                let mut t = stage_opts(o, p, st.batch);
+                t.compute = o.dvae_bf16.then_some(tch::Kind::BFloat16);
+                t
+            };
             let steps = decide(o, plan, i, || {
-                let mut c = stage_opts(o, p, st.batch);
+                let mut c = base();
                 (c.steps, c.calibrate) = (calib_steps, true);
                 c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * st.planned_s));
                 let s = train::train_dvae(&c, &dvae_recipe(calib_steps, o.dvae))?;
                 let left = st.planned_s - t0.elapsed().as_secs_f64();
                 Ok((steps_for(left, s.steady_examples_per_s, st.batch), s.steady_examples_per_s))
             })?;
-            let mut t = stage_opts(o, p, st.batch);
+            let mut t = base();
             t.steps = steps;
             t.resume = true;
             t.checkpoint_every = (steps / 6).max(1);

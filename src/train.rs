@@ -590,6 +590,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
     let source = Source::open(&opts.data)?;
     tch::manual_seed(opts.seed as i64); // the initial weights depend on the seed alone
     let mut model = DvaeModel::new(&cfg, opts.device);
+    model.net.set_compute_kind(opts.compute);
     let component = if recipe.decoder_only { "dvae-decoder" } else { "dvae" };
     if recipe.decoder_only {
         let trained = opts.dir.join(DVAE_FILE);

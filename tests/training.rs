@@ -120,6 +120,32 @@ fn mixed_precision_matches_f32_and_trains() {
 }
 
 #[test]
+fn dvae_mixed_precision_matches_f32_and_trains() {
+    let mut model = tiny_model(None, 4);
+    let x = pictures();
+    let u = tch::no_grad(|| model.dvae.net.encoder_logits(&x)).rand_like(); // the same Gumbel noise
+    let losses = |net: &tessera::dvae::Dvae| {
+        let l = tch::no_grad(|| net.loss_with_noise(&x, Some(&u), 1.0, 0.5, 0.0, false));
+        (l.nll.double_value(&[]), l.kl.double_value(&[]), net.encode(&x))
+    };
+    let (nll, kl, codes) = losses(&model.dvae.net);
+    model.dvae.net.set_compute_kind(Some(Kind::BFloat16));
+    let (nll_bf, kl_bf, codes_bf) = losses(&model.dvae.net);
+    assert!((nll - nll_bf).abs() < 0.02 * nll.abs().max(0.1), "nll f32 {nll} vs mixed {nll_bf}");
+    assert!((kl - kl_bf).abs() < 0.05 * kl.abs().max(0.01), "kl f32 {kl} vs mixed {kl_bf}");
+    let same = codes.eq_tensor(&codes_bf).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    assert!(same > 0.9, "only {same} of the codes agree");
+    let net = &model.dvae.net;
+    let mut opt = nn::Adam::default().build(&model.dvae.vs, 3e-3).unwrap();
+    for _ in 0..200 {
+        opt.backward_step(&net.loss_variant(&x, 1.0, 0.5, 0.0, false).loss);
+    }
+    let after = tch::no_grad(|| net.loss_variant(&x, 1.0, 0.5, 0.0, false).nll.double_value(&[]));
+    assert!(after < nll_bf - 0.5, "mixed-precision dVAE training: nll {nll_bf} → {after}");
+    assert!(model.dvae.vs.variables().values().all(|t| t.kind() == Kind::Float));
+}
+
+#[test]
 fn ema_of_a_short_run_forgets_the_initialisation() {
     // A parameter that jumps from its initial value to 1 and stays there: after 1,000 updates
     // at decay 0.999 the average must be (almost) 1, not 63% of the way there.
@@ -144,21 +170,19 @@ fn straight_through_decodes_the_sampled_one_hot_and_trains_the_encoder() {
     let model = tiny_model(None, 1);
     let net = &model.dvae.net;
     let x = pictures();
-    tch::manual_seed(7);
-    let l = net.loss_variant(&x, 0.5, 1.0, 0.0, true);
+    let u = tch::no_grad(|| net.encoder_logits(&x)).rand_like();
+    let l = net.loss_with_noise(&x, Some(&u), 0.5, 1.0, 0.0, true);
     // the same Gumbel noise by hand: the decoder was given exactly the one-hot of the sample
-    tch::manual_seed(7);
     let by_hand = tch::no_grad(|| {
         let logits = net.encoder_logits(&x);
-        let u = logits.rand_like().clamp(1e-10, 1.0 - 1e-7);
+        let u = u.clamp(1e-10, 1.0 - 1e-7);
         let codes = (&logits - (-u.log()).log()).argmax(1, false);
         (net.decode(&codes) - &x).square().mean(Kind::Float).double_value(&[])
     });
     let mse = l.mse.double_value(&[]);
     assert!((mse - by_hand).abs() < 1e-6, "straight-through mse {mse} vs hard decode {by_hand}");
     // and the relaxed forward pass differs from it
-    tch::manual_seed(7);
-    let soft = net.loss_variant(&x, 0.5, 1.0, 0.0, false).mse.double_value(&[]);
+    let soft = net.loss_with_noise(&x, Some(&u), 0.5, 1.0, 0.0, false).mse.double_value(&[]);
     assert!((soft - by_hand).abs() > 1e-6, "relaxed mse {soft} equals the hard one");
     // gradients reach the encoder through the relaxed sample
     l.loss.backward();
