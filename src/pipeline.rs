@@ -388,7 +388,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             t.resume = true;
             t.checkpoint_every = (steps / 6).max(1);
             t.sample_every = t.checkpoint_every;
-            t.deadline = Some(stage_deadline(plan, i, t0));
+            t.deadline = Some(stage_deadline(plan, i, t0, p));
             let cfg = crate::model::Model::load_config(&o.dir)?;
             t.weights_bf16 = 4 * crate::params::count(&cfg).dvae > MAX_F32_FILE;
             let s = train::train_dvae(&t, &dvae_recipe(steps, o.dvae))?;
@@ -412,7 +412,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                 Ok((n.clamp(st.batch, 4_000_000), s.examples_per_s))
             })?;
             let mut t = stage_opts(o, p, st.batch);
-            t.deadline = Some(stage_deadline(plan, i, t0));
+            t.deadline = Some(stage_deadline(plan, i, t0, p));
             let s = train::encode_shards(&t, examples, per_shard)?;
             Ok(serde_json::json!({
                 "examples": s.examples, "encoded": s.encoded, "examples_per_s": s.examples_per_s, "data_wait": s.data_wait,
@@ -450,7 +450,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             t.steps = steps;
             t.resume = true;
             t.checkpoint_every = (steps / 6).max(1);
-            t.deadline = Some(stage_deadline(plan, i, t0));
+            t.deadline = Some(stage_deadline(plan, i, t0, p));
             let s = run(&t)?;
             Ok(serde_json::json!({
                 "steps": s.step, "loss": s.last_loss, "examples_per_s": s.examples_per_s, "data_wait": s.data_wait,
@@ -464,6 +464,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let model = crate::model::Model::load(&o.dir, o.device)?;
             let sample = crate::sample::SampleOptions::default();
             let t0 = Instant::now();
+            let deadline = stage_deadline(plan, i, t0, p);
             let captions = decide(o, plan, i, || {
                 // one caption's worth of work: sample, rerank
                 let t = Instant::now();
@@ -471,7 +472,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                 let rgb: Vec<Vec<u8>> = s.iter().map(|s| s.rgb.clone()).collect();
                 model.rerank("a red circle", &rgb)?;
                 let per_caption = t.elapsed().as_secs_f64();
-                let left = st.planned_s - t0.elapsed().as_secs_f64();
+                let left = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
                 let cells = 10.0; // six capabilities seen, four held out
                 let n = (left.max(0.0) * PLAN_FILL / (cells * per_caption)) as usize;
                 Ok((n.clamp(1, o.eval_captions), 1.0 / per_caption))
@@ -487,10 +488,18 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
 }
 
 /// When stage `i`, started (in this invocation) at `t0`, must stop: its share of the budget
-/// less what earlier invocations already spent in it.
-fn stage_deadline(plan: &Plan, i: usize, t0: Instant) -> Instant {
+/// less what earlier invocations already spent in it — and no later than the run's schedule
+/// allows (the shares so far, with the slack spread over them, of 97% of the budget), so that
+/// time an earlier stage ran over (closing checkpoints on a loaded machine) comes out of the
+/// later stages rather than out of the budget. At least a second either way.
+fn stage_deadline(plan: &Plan, i: usize, t0: Instant, p: &StageProgress) -> Instant {
     let st = &plan.stages[i];
-    t0 + Duration::from_secs_f64((0.95 * st.planned_s - st.seconds).max(1.0))
+    let own = t0 + Duration::from_secs_f64((0.95 * st.planned_s - st.seconds).max(0.0));
+    let total: f64 = plan.stages.iter().map(|s| s.planned_s).sum();
+    let upto: f64 = plan.stages[..=i].iter().map(|s| s.planned_s).sum();
+    let allowed_end = 0.97 * plan.budget_s * upto / total.max(1e-9);
+    let by_run = Instant::now() + Duration::from_secs_f64((allowed_end - p.elapsed()).max(0.0));
+    own.min(by_run).max(t0 + Duration::from_secs(1))
 }
 
 /// The dVAE recipe of a run of `steps` steps: the paper's objective and relaxation with its
