@@ -412,6 +412,7 @@ fn main_window_snapshot() {
 
 #[test]
 fn a_model_from_train_all_finishes_in_its_budget_and_opens_in_the_app() {
+    let _cpu = crate::common::exclusive_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("trained");
     let mut o = tessera::pipeline::AllOptions::new(&dir, 30.0, Device::Cpu);
@@ -458,6 +459,7 @@ fn the_papers_512_to_best_32_preset_runs_as_one_job() {
 
 #[test]
 fn a_model_around_an_imported_dvae_opens_with_a_256_px_canvas_and_completes_a_photograph() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let model = crate::openai_dvae::imported_model(tmp.path());
     let mut h = ready_app(ModelSource::Dir(model), None);
@@ -572,6 +574,7 @@ fn long_run_child() {
 
 #[test]
 fn a_thousand_samples_through_the_worker_keep_memory_flat() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let o = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "app::long_run_child", "--ignored", "--test-threads", "1", "--nocapture"])
@@ -598,6 +601,7 @@ fn a_thousand_samples_through_the_worker_keep_memory_flat() {
 
 #[test]
 fn a_gallery_of_ten_thousand_autosaved_samples_restores_and_scrolls() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_dir(tmp.path());
     let data = tmp.path().join("data");

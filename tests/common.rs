@@ -34,3 +34,17 @@ pub fn random_batch(model: &Model, b: usize, seed: i64) -> (Tensor, Tensor) {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
+
+static CPU: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by tests that load the CPU for many seconds: they may run together, but not beside a
+/// test that holds [`exclusive_cpu`].
+pub fn heavy_cpu() -> std::sync::RwLockReadGuard<'static, ()> {
+    CPU.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test whose subject is time (a run that must keep to its budget): no heavy test
+/// runs beside it on these two cores.
+pub fn exclusive_cpu() -> std::sync::RwLockWriteGuard<'static, ()> {
+    CPU.write().unwrap_or_else(|e| e.into_inner())
+}

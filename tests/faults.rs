@@ -103,6 +103,7 @@ fn hidden(dir: &Path) -> usize {
 
 #[test]
 fn kill_9_during_exports_leaves_only_whole_pictures() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("exports");
     let mut kills = 0;
@@ -127,6 +128,7 @@ fn kill_9_during_exports_leaves_only_whole_pictures() {
 
 #[test]
 fn kill_9_during_autosaves_loses_at_most_the_sample_being_written() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");
     let kills = 8;
@@ -206,6 +208,7 @@ fn a_full_disk_during_export_and_autosave_keeps_what_was_there() {
 
 #[test]
 fn a_full_disk_during_training_fails_clearly_and_resumes_from_the_last_checkpoint() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("m");
     let train = |steps: &str, fail: Option<&str>| {

@@ -121,6 +121,7 @@ fn names(e: &impl std::fmt::Display, path: &Path) -> Result<(), TestCaseError> {
 
 #[test]
 fn weight_files_and_configs() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let good = tiny_model_dir(&tmp.path().join("good"));
     let bad = tmp.path().join("bad");
@@ -427,6 +428,7 @@ fn the_autosave_index() {
 /// exports land in the chosen folder under names Tessera makes.
 #[test]
 fn exports_stay_in_the_chosen_folder() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("chosen");
     let rgb = vec![1u8; 8 * 8 * 3];

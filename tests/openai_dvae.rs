@@ -94,6 +94,7 @@ fn assert_same_network(shape: &[&str], image_size: &str) {
 
 #[test]
 fn a_small_converted_dvae_gives_the_references_logits_codes_and_pixels() {
+    let _cpu = crate::common::heavy_cpu();
     assert_same_network(
         &["--n-hid", "64", "--blocks", "1", "--vocab", "512", "--n-init", "32", "--image-size", "64", "--images", "3"],
         "64",
@@ -102,12 +103,14 @@ fn a_small_converted_dvae_gives_the_references_logits_codes_and_pixels() {
 
 #[test]
 fn the_papers_shape_converts_exactly() {
+    let _cpu = crate::common::heavy_cpu();
     // 256 px, 32×32 codes of 8,192, width 256, 4 groups of 2 blocks, n_init 128
     assert_same_network(&["--images", "1", "--seed", "3"], "256");
 }
 
 #[test]
 fn bad_files_are_refused_with_a_clear_error_and_nothing_is_written() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let reference = tmp.path().join("ref");
     make_reference(
@@ -188,6 +191,7 @@ pub fn imported_model(tmp: &Path) -> PathBuf {
 
 #[test]
 fn a_model_around_an_imported_dvae_trains_samples_and_completes_an_image() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let model = imported_model(tmp.path());
     let cfg = tessera::Model::load_config(&model).unwrap();

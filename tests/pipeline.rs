@@ -48,6 +48,7 @@ fn the_parallel_loader_yields_the_batches_of_one_worker() {
 
 #[test]
 fn shards_hold_the_tokens_of_encoding_on_the_fly_and_corrupt_ones_are_skipped() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     tiny_dir(dir);
@@ -182,6 +183,7 @@ fn train_all_refuses_a_budget_too_small_before_any_work() {
 
 #[test]
 fn train_all_resumes_after_a_kill_in_every_stage_and_leaves_a_working_model() {
+    let _cpu = crate::common::heavy_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
     // the first run is killed in the dVAE stage; each resumed run is killed in the next stage

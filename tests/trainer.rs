@@ -54,6 +54,7 @@ fn sorted_state(path: &Path) -> Vec<(String, tch::Tensor)> {
 
 #[test]
 fn stopped_then_resumed_training_equals_an_uninterrupted_run() {
+    let _cpu = crate::common::heavy_cpu();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for d in [a.path(), b.path()] {
         new_dir(d);
@@ -101,6 +102,7 @@ fn train_cmd(dir: &Path, steps: usize, resume: bool) -> Command {
 
 #[test]
 fn training_resumes_exactly_after_kill_9() {
+    let _cpu = crate::common::heavy_cpu();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for d in [a.path(), b.path()] {
         new_dir(d);
@@ -186,6 +188,7 @@ fn webdataset_shards_are_read() {
 
 #[test]
 fn reranker_learns_and_eval_writes_a_report() {
+    let _cpu = crate::common::heavy_cpu();
     let dir = tempfile::tempdir().unwrap();
     new_dir(dir.path());
     let mut o = options(dir.path(), 40, None, false);
@@ -238,6 +241,7 @@ fn hard_reconstruction(dir: &Path, images: &tch::Tensor) -> (tch::Tensor, f64, V
 
 #[test]
 fn decoder_fine_tuning_keeps_every_token_and_sharpens_hard_codes() {
+    let _cpu = crate::common::heavy_cpu();
     let dir = tempfile::tempdir().unwrap();
     new_dir(dir.path());
     let mut o = options(dir.path(), 40, None, false);
