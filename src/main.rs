@@ -373,6 +373,10 @@ enum TrainCommand {
         /// Train the dVAE's convolutions in bf16 (f32 master weights, logits and losses).
         #[arg(long)]
         dvae_bf16: bool,
+        /// Use the trained dVAE of this directory (an imported OpenAI dVAE, say) instead of
+        /// training one; its share of the budget goes to the transformer.
+        #[arg(long, conflicts_with = "resume")]
+        dvae_from: Option<PathBuf>,
     },
     /// Train the contrastive reranker (AdamW(0.9, 0.98), warm-up and cosine decay).
     Reranker {
@@ -930,6 +934,7 @@ fn train(t: TrainCommand) -> Result<()> {
             beta,
             hard_tail,
             dvae_bf16,
+            dvae_from,
         } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
@@ -952,6 +957,7 @@ fn train(t: TrainCommand) -> Result<()> {
             }
             o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail };
             o.dvae_bf16 = dvae_bf16;
+            o.dvae_from = dvae_from;
             let plan = tessera::pipeline::train_all(&o)?;
             println!("{}", serde_json::to_string_pretty(&plan)?);
             eprintln!("model written to {} in {}", at.dir.display(), tessera::train::fmt_secs(plan.spent_s));

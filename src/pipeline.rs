@@ -61,6 +61,9 @@ pub struct AllOptions {
     pub dvae: DvaeVariant,
     /// Train the dVAE's convolutions in bf16 (f32 master weights and losses).
     pub dvae_bf16: bool,
+    /// Use this directory's trained dVAE (an imported OpenAI dVAE, say) instead of training
+    /// one: the dVAE stage is skipped and its share goes to the transformer.
+    pub dvae_from: Option<PathBuf>,
 }
 
 /// The choices of the dVAE recipe a run is planned with (kept in the plan, so a resumed run
@@ -110,6 +113,7 @@ impl AllOptions {
             quiet: false,
             dvae: DvaeVariant::default(),
             dvae_bf16: false,
+            dvae_from: None,
         }
     }
 }
@@ -157,11 +161,23 @@ impl Plan {
             _ => o.eval_samples,
         };
         let mut stages = vec![Stage { name: "tokenizer".into(), ..Default::default() }];
-        stages.extend(SPLIT.iter().map(|&(n, f)| Stage {
-            name: n.into(),
-            planned_s: f * o.budget_s,
-            batch: batch(n),
-            ..Default::default()
+        // with a given dVAE, its share goes to the transformer
+        let given = o.dvae_from.is_some();
+        let share = |n: &str, f: f64| match n {
+            "dvae" if given => 0.0,
+            "transformer" if given => f + SPLIT[0].1,
+            _ => f,
+        };
+        stages.extend(SPLIT.iter().map(|&(n, f)| {
+            Stage {
+                name: n.into(),
+                planned_s: share(n, f) * o.budget_s,
+                batch: batch(n),
+                done: given && n == "dvae",
+                result: (given && n == "dvae")
+                    .then(|| serde_json::json!({"given": o.dvae_from.as_ref().map(|p| p.display().to_string())})),
+                ..Default::default()
+            }
         }));
         Self {
             budget_s: o.budget_s,
@@ -289,7 +305,12 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
             }
         };
         cfg.validate()?;
-        train::init_dir(&o.dir, &cfg)?;
+        match &o.dvae_from {
+            Some(donor) => {
+                crate::codes::init_with_dvae(&o.dir, &cfg, donor)?;
+            }
+            None => train::init_dir(&o.dir, &cfg)?,
+        }
         let p = Plan::new(o);
         p.save(&o.dir)?;
         p

@@ -286,3 +286,32 @@ fn mutated_truncated_or_lying_shards_are_errors_never_panics() {
         assert!(!err.is_empty());
     }
 }
+
+#[test]
+fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_transformer() {
+    let _cpu = crate::common::heavy_cpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let donor = tmp.path().join("donor");
+    tessera::Model::random_init(&tessera::Config::tiny(), tch::Device::Cpu, 5).unwrap().save(&donor).unwrap();
+    let dir = tmp.path().join("model");
+    let o = tessera()
+        .args(["train", "all", "--preset", "tiny", "--data", "world:3", "--budget", "20s", "--device", "cpu"])
+        .args(["--threads", "1", "--workers", "1", "--eval-captions", "1", "--eval-samples", "2", "--dvae-from"])
+        .arg(&donor)
+        .arg("--dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(dir.join("dvae.safetensors")).unwrap(),
+        std::fs::read(donor.join("dvae.safetensors")).unwrap()
+    );
+    assert!(!dir.join("dvae.log.jsonl").exists(), "a dVAE was trained");
+    let plan = Plan::load(&dir).unwrap();
+    let stage = |n: &str| plan.stages.iter().find(|s| s.name == n).unwrap().clone();
+    assert!(stage("dvae").done && stage("dvae").planned_s == 0.0);
+    assert!((stage("transformer").planned_s - 0.75 * 20.0).abs() < 1e-9, "{plan:?}");
+    assert!(plan.stages.iter().all(|s| s.done));
+    assert!(dir.join("transformer.safetensors").exists() && dir.join("shards").is_dir());
+}
