@@ -180,6 +180,10 @@ pub struct TesseraApp {
     pub jobs: Vec<JobView>,
     pub notices: Vec<Notice>,
     store: Option<SampleStore>,
+    /// Gallery indices whose pixels were read back from the store, oldest first: beyond
+    /// [`RESTORED_PIXELS_CAP`] the oldest are dropped again (they are re-read when shown), so
+    /// scrolling through a large gallery does not keep every picture in memory.
+    restored: std::collections::VecDeque<usize>,
     next_job: u64,
     next_item: u64,
     pub viewer: Option<u64>,
@@ -194,6 +198,9 @@ pub struct TesseraApp {
     last_frame: Option<Instant>,
     pub grid_gpu: bool,
 }
+
+/// Most gallery pictures kept in memory after being read back from the autosave store.
+pub const RESTORED_PIXELS_CAP: usize = 1024;
 
 impl TesseraApp {
     /// Starts the worker and asks it to load the model; returns at once (the window shows
@@ -224,6 +231,7 @@ impl TesseraApp {
             jobs: Vec::new(),
             notices: Vec::new(),
             store: None,
+            restored: Default::default(),
             next_job: 1,
             next_item: 1,
             viewer: None,
@@ -474,6 +482,15 @@ impl TesseraApp {
             Ok(rgb) => {
                 let rgb = Arc::new(rgb);
                 self.gallery[i].rgb = Some(rgb.clone());
+                self.restored.push_back(i);
+                while self.restored.len() > RESTORED_PIXELS_CAP {
+                    if let Some(old) = self.restored.pop_front()
+                        && let Some(item) = self.gallery.get_mut(old)
+                        && item.stored.is_some()
+                    {
+                        item.rgb = None;
+                    }
+                }
                 Some(rgb)
             }
             Err(e) => {
