@@ -94,13 +94,18 @@ pub fn filter_logits(logits: &Tensor, opts: &SampleOptions) -> Tensor {
 /// Draws one token per row of filtered logits [B, V] by inverting the CDF at `uniforms[b]`;
 /// with temperature 0, takes the argmax.
 pub fn draw(logits: &Tensor, uniforms: &[f64], greedy: bool) -> Tensor {
+    draw_with(logits, &Tensor::from_slice(uniforms).to_device(logits.device()), greedy)
+}
+
+/// [`draw`] with the uniforms [B] or [B, 1] already on the logits' device (no host copy).
+pub fn draw_with(logits: &Tensor, uniforms: &Tensor, greedy: bool) -> Tensor {
     if greedy {
         return logits.argmax(1, false);
     }
     let v = logits.size()[1];
     let cdf = logits.softmax(1, Kind::Double).cumsum(1, Kind::Double);
     let total = cdf.narrow(1, v - 1, 1);
-    let u = Tensor::from_slice(uniforms).to_device(logits.device()).view([-1, 1]) * total;
+    let u = uniforms.view([-1, 1]) * total;
     u.searchsorted(&cdf, false, true, "right", None::<Tensor>).clamp_max(v - 1).squeeze_dim(1)
 }
 
@@ -121,7 +126,9 @@ pub struct Sampler<'a> {
     model: &'a Transformer,
     cache: crate::attention::KvCache,
     opts: SampleOptions,
-    rngs: Vec<SeedRng>,
+    /// Every uniform the run will draw, [B, steps] f64 on the device: row b is the stream of
+    /// sample b's seed, one per step, made once up front so that no step copies from the host.
+    uniforms: Tensor,
     tokens: Tensor,
     logits: Option<Tensor>,
     pos: usize,
@@ -183,17 +190,14 @@ impl<'a> Sampler<'a> {
         } else {
             None
         };
-        Ok(Self {
-            model,
-            cache,
-            opts: opts.clone(),
-            rngs: seeds.iter().map(|&s| SeedRng::new(s)).collect(),
-            tokens,
-            logits,
-            pos: p,
-            prefix: p,
-            guided,
-        })
+        let steps = image_len - p;
+        let mut u = Vec::with_capacity(b * steps);
+        for &s in seeds {
+            let mut r = SeedRng::new(s);
+            u.extend((0..steps).map(|_| r.next_f64()));
+        }
+        let uniforms = Tensor::from_slice(&u).view([b as i64, steps as i64]).to_device(dev);
+        Ok(Self { model, cache, opts: opts.clone(), uniforms, tokens, logits, pos: p, prefix: p, guided })
     }
 
     pub fn progress(&self) -> Progress {
@@ -212,7 +216,7 @@ impl<'a> Sampler<'a> {
     /// Draws the next image token of every row; returns them [B], or `None` when done.
     pub fn step(&mut self) -> Option<Tensor> {
         let logits = self.logits.take()?;
-        let b = self.rngs.len() as i64;
+        let b = self.tokens.size()[0];
         let logits = if self.guided {
             let c = logits.narrow(0, 0, b).to_kind(Kind::Float);
             let u = logits.narrow(0, b, b).to_kind(Kind::Float);
@@ -221,8 +225,8 @@ impl<'a> Sampler<'a> {
             logits
         };
         let greedy = self.opts.temperature == 0.0;
-        let uniforms: Vec<f64> = self.rngs.iter_mut().map(|r| r.next_f64()).collect();
-        let tok = tch::no_grad(|| draw(&filter_logits(&logits, &self.opts), &uniforms, greedy));
+        let u = self.uniforms.narrow(1, (self.pos - self.prefix) as i64, 1);
+        let tok = tch::no_grad(|| draw_with(&filter_logits(&logits, &self.opts), &u, greedy));
         let j = self.pos;
         self.tokens.narrow(1, j as i64, 1).copy_(&tok.view([b, 1]));
         self.pos += 1;
