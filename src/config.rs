@@ -80,7 +80,8 @@ impl Default for DvaeConfig {
 
 impl DvaeConfig {
     pub fn downsample(&self) -> usize {
-        1 << (self.groups.saturating_sub(1))
+        // a config may ask for any number of groups: a shift past the word is "too many"
+        1usize.checked_shl(self.groups.saturating_sub(1) as u32).unwrap_or(usize::MAX)
     }
     pub fn grid_size(&self) -> usize {
         self.image_size / self.downsample()
