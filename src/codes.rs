@@ -43,7 +43,7 @@ impl TokenFile {
         if t.format != TOKEN_FORMAT {
             return Err(bad(format!("format is {:?}, not {TOKEN_FORMAT:?}", t.format)));
         }
-        if t.grid == 0 || t.tokens.len() != t.grid * t.grid {
+        if t.grid == 0 || t.grid.checked_mul(t.grid) != Some(t.tokens.len()) {
             return Err(bad(format!("{} codes for a {}×{} grid", t.tokens.len(), t.grid, t.grid)));
         }
         if let Some(c) = t.tokens.iter().find(|&&c| c as usize >= t.vocab) {
@@ -65,6 +65,8 @@ pub struct DvaeOnly {
     pub model: DvaeModel,
     /// Fingerprint of its weight file (as token files and shards record it).
     pub fingerprint: String,
+    /// The weight file's bytes, exactly those loaded and fingerprinted.
+    weights: Vec<u8>,
     device: Device,
 }
 
@@ -90,8 +92,9 @@ impl DvaeOnly {
         let mut model = DvaeModel::new(&cfg, device);
         load_varstore_bytes(&mut model.vs, &bytes, &path)?;
         model.vs.freeze();
-        let fingerprint = crate::shards::dvae_fingerprint(&path)?;
-        Ok(Self { cfg, model, fingerprint, device })
+        // the same bytes as the weights (a file being rewritten cannot make them disagree)
+        let fingerprint = format!("{:016x}", crate::shards::fnv1a(&bytes));
+        Ok(Self { cfg, model, fingerprint, weights: bytes, device })
     }
 
     pub fn image_size(&self) -> usize {
@@ -183,16 +186,22 @@ pub fn write_png(path: &Path, rgb: &[u8], size: usize) -> Result<()> {
 pub fn init_with_dvae(dir: &Path, base: &Config, dvae_dir: &Path) -> Result<Config> {
     let donor = DvaeOnly::load(dvae_dir, Device::Cpu)?;
     let mut cfg = base.clone();
-    cfg.dvae = donor.cfg.dvae.clone();
-    cfg.name = format!("{}+{}", base.name, donor.cfg.name);
+    if cfg.dvae != donor.cfg.dvae {
+        cfg.dvae = donor.cfg.dvae.clone();
+        cfg.name = format!("{}+{}", base.name, donor.cfg.name);
+    }
     cfg.validate()?;
     let target = dir.join(crate::model::DVAE_FILE);
     if target.exists() {
-        return Err(Error::Invalid(format!("{} already holds a dVAE; use a new directory", dir.display())));
+        // the same dVAE again (a retried or resumed start) is fine; another one is not
+        let same = std::fs::read(&target).is_ok_and(|b| b == donor.weights);
+        if !same {
+            return Err(Error::Invalid(format!("{} already holds another dVAE; use a new directory", dir.display())));
+        }
     }
     crate::train::init_dir(dir, &cfg)?;
-    let src = dvae_dir.join(crate::model::DVAE_FILE);
-    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-    write_atomic(&target, &bytes)?;
+    if !target.exists() {
+        write_atomic(&target, &donor.weights)?;
+    }
     Ok(cfg)
 }

@@ -37,21 +37,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// The temporary name `path` is written under before it is renamed or linked into place:
-/// hidden, in the same folder, marked with this process's id.
+/// hidden, in the same folder, marked as Tessera's with this process's id.
 pub fn temp_path(dir: &Path, path: &Path) -> std::path::PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    dir.join(format!(".{name}.{}.tmp", std::process::id()))
+    dir.join(format!(".{name}.tessera-{}.tmp", std::process::id()))
 }
 
-/// Removes the temporary files a killed Tessera process left in `dir` (those of processes
-/// that no longer run); returns how many. Errors are ignored: this is tidying only.
+/// Removes the temporary files killed Tessera processes left in `dir` (Tessera's own names
+/// only, of processes that no longer run); returns how many. Where it cannot tell whether a
+/// process runs (no `/proc`), it removes nothing. Errors are ignored: this is tidying only.
 pub fn remove_stale_temps(dir: &Path) -> usize {
+    let proc = Path::new("/proc/self");
+    if !proc.exists() {
+        return 0;
+    }
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { continue };
-        let Some(pid) = stem.rsplit('.').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = stem.rsplit_once(".tessera-").and_then(|(_, p)| p.parse::<u32>().ok()) else { continue };
         let alive = pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists();
         if !alive && std::fs::remove_file(e.path()).is_ok() {
             removed += 1;

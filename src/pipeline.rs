@@ -294,6 +294,13 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
         }
         p
     } else {
+        if o.dvae_from.is_none() && o.dir.join(crate::model::DVAE_FILE).exists() {
+            return Err(Error::Invalid(format!(
+                "{} already has a dVAE, and train all would train its own over it: pass --dvae-from {} to keep it, or use a new directory",
+                o.dir.display(),
+                o.dir.display()
+            )));
+        }
         let cfg = match &o.preset {
             Some(p) => Config::preset(p)?,
             None if o.dir.join(crate::model::CONFIG_FILE).exists() => crate::model::Model::load_config(&o.dir)?,

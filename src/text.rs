@@ -20,13 +20,16 @@ use crate::io::write_atomic;
 pub struct Encoded {
     /// At most `text_len` ids.
     pub ids: Vec<i64>,
-    /// Tokens the caption had before truncation.
+    /// Tokens the caption had before truncation (of its first part only, when `cut`).
     pub full_len: usize,
+    /// Whether the text was so long that only its beginning was tokenised (it has more than
+    /// `full_len` tokens).
+    pub cut: bool,
 }
 
 impl Encoded {
     pub fn truncated(&self) -> bool {
-        self.full_len > self.ids.len()
+        self.cut || self.full_len > self.ids.len()
     }
 }
 
@@ -133,11 +136,12 @@ impl TextTokenizer {
         // Only the first `text_len` tokens are used: the text beyond a generous bound (no
         // token spans 64 bytes) is not tokenised at all, so a pasted book costs no time.
         let limit = text_len.saturating_mul(64).max(1024);
-        let prompt = if prompt.len() > limit { &prompt[..prompt.floor_char_boundary(limit)] } else { prompt };
+        let cut = prompt.len() > limit;
+        let prompt = if cut { &prompt[..prompt.floor_char_boundary(limit)] } else { prompt };
         let enc = tok.encode(prompt, false).map_err(tk_err)?;
         let all = enc.get_ids();
         let ids = all.iter().take(text_len).map(|&i| i as i64).collect();
-        Ok(Encoded { ids, full_len: all.len() })
+        Ok(Encoded { ids, full_len: all.len(), cut })
     }
 
     /// Encodes a prompt for sampling: lowercased, at most `text_len` tokens.

@@ -205,15 +205,34 @@ fn a_model_around_an_imported_dvae_trains_samples_and_completes_an_image() {
         std::fs::read(model.join("dvae.safetensors")).unwrap(),
         std::fs::read(tmp.path().join("openai-dvae/dvae.safetensors")).unwrap()
     );
-    // a second init around it is refused
+    // the same init again is harmless; an init around another dVAE is refused
+    run_ok(
+        tessera()
+            .args(["init", "--preset", "tiny", "--dir"])
+            .arg(&model)
+            .arg("--dvae-from")
+            .arg(tmp.path().join("openai-dvae")),
+    );
     let o = tessera()
         .args(["init", "--preset", "tiny", "--dir"])
         .arg(&model)
         .arg("--dvae-from")
-        .arg(tmp.path().join("openai-dvae"))
+        .arg(repo().join("assets/models/default"))
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already holds another dVAE"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // train all on a directory that already has a dVAE keeps it only when asked to
+    let o =
+        tessera().args(["train", "all", "--budget", "20s", "--device", "cpu", "--dir"]).arg(&model).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--dvae-from"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(model.join("dvae.safetensors")).unwrap(),
+        std::fs::read(tmp.path().join("openai-dvae/dvae.safetensors")).unwrap()
+    );
     // complete a photograph from its top 24 of 32 token rows
     let photo = tmp.path().join("photos/000000.png");
     let out = tmp.path().join("out");

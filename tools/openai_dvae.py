@@ -117,13 +117,23 @@ def safetensors_bytes(tensors, metadata):
     return struct.pack("<Q", len(head)) + head + b"".join(blobs)
 
 
-def write_atomic(path, data):
+def write_temp(path, data):
+    """Writes `data` beside `path` under a temporary name; returns that name (removed on error)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path, data):
+    os.replace(write_temp(path, data), path)
 
 
 def convert(enc_path, dec_path, out_dir, image_size):
@@ -153,9 +163,21 @@ def convert(enc_path, dec_path, out_dir, image_size):
     weights = safetensors_bytes(tensors, {"source": "OpenAI DALL-E dVAE (encoder.pkl, decoder.pkl)", "format": "pt"})
     if os.path.exists(os.path.join(out_dir, "dvae.safetensors")):
         raise Refused(f"{out_dir} already holds a dVAE: choose a new folder")
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, "dvae.safetensors"), weights)
-    write_atomic(os.path.join(out_dir, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
+    files = [("dvae.safetensors", weights), ("config.json", (json.dumps(config, indent=2) + "\n").encode())]
+    temps = []
+    try:
+        for name, data in files:  # both written before either is put in place
+            temps.append((write_temp(os.path.join(out_dir, name), data), name))
+    except OSError as e:
+        for tmp, _ in temps:
+            os.remove(tmp)
+        if created:
+            os.rmdir(out_dir)
+        raise Refused(f"{out_dir}: could not write the converted dVAE ({e}); nothing was kept")
+    for tmp, name in temps:
+        os.replace(tmp, os.path.join(out_dir, name))
     params = sum(t.numel() for t in tensors.values())
     grid = image_size // down
     print(

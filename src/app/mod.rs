@@ -309,11 +309,14 @@ impl TesseraApp {
         self.notices.iter().filter(|n| n.level == Level::Error)
     }
 
-    /// Prompt tokens and the model's text length (None before a model is loaded).
-    pub fn prompt_tokens(&self) -> Option<(usize, usize)> {
+    /// Prompt tokens (as text: "40", or "2560+" when the prompt is so long that only its
+    /// beginning was counted), whether it is longer than the model's text length, and that
+    /// length (None before a model is loaded).
+    pub fn prompt_tokens(&self) -> Option<(String, bool, usize)> {
         let m = self.model.as_ref()?;
         let enc = m.tokenizer.encode(&self.prompt, m.text_len).ok()?;
-        Some((enc.full_len, m.text_len))
+        let n = if enc.cut { format!("{}+", enc.full_len) } else { enc.full_len.to_string() };
+        Some((n, enc.truncated(), m.text_len))
     }
 
     pub fn is_busy(&self) -> bool {
@@ -519,9 +522,7 @@ impl TesseraApp {
             self.notify(Level::Error, e.to_string());
             return None;
         }
-        if let Some((n, len)) = self.prompt_tokens()
-            && n > len
-        {
+        if let Some((n, true, len)) = self.prompt_tokens() {
             self.notify(Level::Info, format!("the prompt has {n} tokens; only the first {len} are used"));
         }
         let seed = if s.random_seed { random_seed() } else { s.seed };

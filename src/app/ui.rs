@@ -248,10 +248,10 @@ impl TesseraApp {
             .hint_text("a small red circle above a large green square");
         ui.add(edit).labelled_by(label.id);
         match self.prompt_tokens() {
-            Some((n, len)) if n > len => {
+            Some((n, true, len)) => {
                 ui.colored_label(Color32::from_rgb(240, 170, 40), format!("{n}/{len} tokens: the end will be cut"));
             }
-            Some((n, len)) => {
+            Some((n, false, len)) => {
                 ui.weak(format!("{n}/{len} tokens"));
             }
             None => {}
