@@ -12,7 +12,7 @@ use tch::Device;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::io::{load_varstore_bytes, write_atomic};
+use crate::io::write_atomic;
 use crate::model::{DvaeModel, Model, from_rgb8, to_rgb8};
 
 /// The `format` field of a token file.
@@ -88,12 +88,10 @@ impl DvaeOnly {
         let cfg = Model::load_config(dir)?;
         let path = dir.join(crate::model::DVAE_FILE);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        crate::model::weights_fit(&path, &bytes, crate::params::count(&cfg).dvae)?;
-        let mut model = DvaeModel::new(&cfg, device);
-        load_varstore_bytes(&mut model.vs, &bytes, &path)?;
+        let mut model = DvaeModel::from_bytes(&cfg, device, &bytes, &path)?;
         model.vs.freeze();
         // the same bytes as the weights (a file being rewritten cannot make them disagree)
-        let fingerprint = format!("{:016x}", crate::shards::fnv1a(&bytes));
+        let fingerprint = crate::shards::fingerprint(&bytes);
         Ok(Self { cfg, model, fingerprint, weights: bytes, device })
     }
 
@@ -172,12 +170,7 @@ pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
 
 /// Writes square RGB8 pixels as a PNG, atomically.
 pub fn write_png(path: &Path, rgb: &[u8], size: usize) -> Result<()> {
-    let img = image::RgbImage::from_raw(size as u32, size as u32, rgb.to_vec())
-        .ok_or_else(|| Error::Invalid(format!("{} bytes are not a {size}×{size} RGB image", rgb.len())))?;
-    let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::Image { path: path.to_path_buf(), msg: e.to_string() })?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &crate::store::encode_png(rgb, size, None)?)
 }
 
 /// Starts a model directory around another directory's trained dVAE: the configuration of

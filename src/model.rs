@@ -62,6 +62,15 @@ impl DvaeModel {
         let net = Dvae::new(vs.root(), &cfg.dvae);
         Self { vs, net }
     }
+
+    /// The dVAE `cfg` describes with the weights of `bytes` (the file at `path`, named in
+    /// errors), checked to fit the config before anything is allocated.
+    pub fn from_bytes(cfg: &Config, device: Device, bytes: &[u8], path: &Path) -> Result<Self> {
+        weights_fit(path, bytes, crate::params::count(cfg).dvae)?;
+        let mut m = Self::new(cfg, device);
+        load_varstore_bytes(&mut m.vs, bytes, path)?;
+        Ok(m)
+    }
 }
 
 /// The transformer with its weights.
@@ -269,13 +278,9 @@ impl Model {
                 ),
             ));
         }
-        let counts = crate::params::count(&config);
-        let dvae_bytes = need(DVAE_FILE)?;
-        weights_fit(&origin.join(DVAE_FILE), &dvae_bytes, counts.dvae)?;
-        let mut dvae = DvaeModel::new(&config, device);
-        load_varstore_bytes(&mut dvae.vs, &dvae_bytes, &origin.join(DVAE_FILE))?;
+        let dvae = DvaeModel::from_bytes(&config, device, &need(DVAE_FILE)?, &origin.join(DVAE_FILE))?;
         let transformer_bytes = need(TRANSFORMER_FILE)?;
-        weights_fit(&origin.join(TRANSFORMER_FILE), &transformer_bytes, counts.transformer)?;
+        weights_fit(&origin.join(TRANSFORMER_FILE), &transformer_bytes, crate::params::count(&config).transformer)?;
         let mut transformer = TransformerModel::new(&config, device);
         load_varstore_bytes(&mut transformer.vs, &transformer_bytes, &origin.join(TRANSFORMER_FILE))?;
         let reranker = match read(RERANKER_FILE)? {
@@ -379,7 +384,8 @@ impl Model {
             // a prefix of one row serves every batch; one of n rows is cut with the batch
             let rows =
                 prefix.map(|p| if p.size()[0] > 1 { p.narrow(0, done as i64, m as i64) } else { p.shallow_clone() });
-            match self.generate_batch(prompt, m, seed.wrapping_add(done as u64), rows.as_ref(), opts, &mut on_step) {
+            let batch_seed = seed.wrapping_add(done as u64);
+            match catch_torch(|| self.generate_batch(prompt, m, batch_seed, rows.as_ref(), opts, &mut on_step)) {
                 Ok(v) => out.extend(v),
                 Err(e) if m > 1 && is_out_of_memory(&e) => batch = m / 2,
                 Err(e) => return Err(e),
@@ -411,6 +417,25 @@ impl Model {
                 })
             })
             .collect()
+    }
+}
+
+/// Runs `f`, turning a panic inside libtorch's bindings (tch panics when an operation fails,
+/// a device running out of memory in the middle of a sampling step among them) into an
+/// error, so that callers can tell an out-of-memory batch apart and retry it smaller.
+pub fn catch_torch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(Error::Torch(tch::TchError::Torch(panic_message(&*p)))))
+}
+
+/// The message a panic carried.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else {
+        "unknown panic".into()
     }
 }
 

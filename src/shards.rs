@@ -34,7 +34,12 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 /// The fingerprint of a dVAE weight file, as shards record it.
 pub fn dvae_fingerprint(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(format!("{:016x}", fnv1a(&bytes)))
+    Ok(fingerprint(&bytes))
+}
+
+/// The fingerprint of a dVAE weight file's bytes.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    format!("{:016x}", fnv1a(bytes))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

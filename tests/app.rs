@@ -48,12 +48,7 @@ fn step_until(h: &mut Harness<'static, TesseraApp>, what: &str, cond: impl Fn(&T
 }
 
 fn tiny_dir(tmp: &Path) -> PathBuf {
-    let dir = tmp.join("tiny-model");
-    let cfg = tessera::Config::tiny();
-    let mut m = tessera::Model::random_init(&cfg, Device::Cpu, 3).expect("tiny model");
-    m.reranker = Some(tessera::model::RerankerModel::new(&cfg, Device::Cpu));
-    m.save(&dir).expect("save");
-    dir
+    crate::common::saved_tiny_model(&tmp.join("tiny-model"), 3)
 }
 
 fn ready_app(model: ModelSource, data_dir: Option<PathBuf>) -> Harness<'static, TesseraApp> {
@@ -613,20 +608,12 @@ fn a_gallery_of_ten_thousand_autosaved_samples_restores_and_scrolls() {
     let mut index = String::new();
     for i in 0..10_000u64 {
         let rgb: Vec<u8> = (0..size * size * 3).map(|k| ((k as u64 * 7 + i) % 256) as u8).collect();
-        let mut p = SampleParams {
-            prompt: format!("sample {i}"),
-            seed: i,
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            guidance: 1.0,
+        let p = SampleParams {
             n: 10,
             keep: 10,
-            model: "tiny".into(),
             score: Some((i % 97) as f32),
-            kept_tokens: 0,
+            ..crate::common::sample_params(&format!("sample {i}"), i)
         };
-        p.score = Some((i % 97) as f32);
         let file = format!("{:06}-{i}-0.png", i / 10 + 1);
         std::fs::write(samples.join(&file), store::encode_png(&rgb, size, Some(&p)).unwrap()).unwrap();
         let entry = store::StoredSample { file, job: i / 10 + 1, size, params: p };

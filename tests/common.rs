@@ -14,6 +14,32 @@ pub fn tiny_model(kind: Option<AttentionKind>, seed: i64) -> Model {
     Model::random_init(&tiny_with(kind), Device::Cpu, seed).expect("tiny model")
 }
 
+/// A tiny model with a reranker, randomly initialised from `seed`, saved in `dir`.
+pub fn saved_tiny_model(dir: &std::path::Path, seed: i64) -> std::path::PathBuf {
+    let cfg = Config::tiny();
+    let mut m = Model::random_init(&cfg, Device::Cpu, seed).expect("tiny model");
+    m.reranker = Some(tessera::model::RerankerModel::new(&cfg, Device::Cpu));
+    m.save(dir).expect("save");
+    dir.to_path_buf()
+}
+
+/// Generation parameters of a sample drawn with `seed` for `prompt`.
+pub fn sample_params(prompt: &str, seed: u64) -> tessera::store::SampleParams {
+    tessera::store::SampleParams {
+        prompt: prompt.into(),
+        seed,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        guidance: 1.0,
+        n: 4,
+        keep: 2,
+        model: "test".into(),
+        score: Some(0.5),
+        kept_tokens: 0,
+    }
+}
+
 /// Random captions [B, T] (some slots padded) and image tokens [B, I].
 pub fn random_batch(model: &Model, b: usize, seed: i64) -> (Tensor, Tensor) {
     tch::manual_seed(seed);

@@ -9,19 +9,7 @@ use std::time::{Duration, Instant};
 use tessera::store::{SampleParams, SampleStore, export, read_png_params};
 
 fn params(seed: u64) -> SampleParams {
-    SampleParams {
-        prompt: "a red circle above a green square".into(),
-        seed,
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        guidance: 1.0,
-        n: 8,
-        keep: 4,
-        model: "test".into(),
-        score: Some(0.25),
-        kept_tokens: 0,
-    }
+    crate::common::sample_params("a red circle above a green square", seed)
 }
 
 /// A 256 px picture whose PNG takes a little while to write.

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 use tch::Device;
+use tessera::Model;
 use tessera::store::{SampleParams, SampleStore, encode_png, read_image, read_png_params};
-use tessera::{Config, Model};
 
 fn cases() -> u32 {
     std::env::var("TESSERA_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
@@ -88,27 +88,11 @@ fn fuzz<S: Strategy>(name: &str, strategy: S, f: impl Fn(S::Value) -> Result<(),
 }
 
 fn tiny_model_dir(dir: &Path) -> PathBuf {
-    let m = Model::random_init(&Config::tiny(), Device::Cpu, 1).unwrap();
-    let mut m = m;
-    m.reranker = Some(tessera::model::RerankerModel::new(&Config::tiny(), Device::Cpu));
-    m.save(dir).unwrap();
-    dir.to_path_buf()
+    crate::common::saved_tiny_model(dir, 1)
 }
 
 fn params(prompt: &str) -> SampleParams {
-    SampleParams {
-        prompt: prompt.into(),
-        seed: 7,
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        guidance: 1.0,
-        n: 4,
-        keep: 2,
-        model: "tiny".into(),
-        score: Some(0.5),
-        kept_tokens: 0,
-    }
+    crate::common::sample_params(prompt, 7)
 }
 
 /// An error that names the file it is about.

@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::model::panic_message;
 use crate::sample::SampleOptions;
 use crate::text::TextTokenizer;
 
@@ -213,16 +214,6 @@ struct WorkerState {
     notify: Arc<dyn Fn() + Send + Sync>,
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else {
-        "unknown panic".into()
-    }
-}
-
 /// Copies the first `keep` token cells (raster order) of `src` into `dst`, so the kept part
 /// of a completed image is exactly the given pixels, not their dVAE reconstruction.
 pub fn composite_prefix(dst: &mut [u8], src: &[u8], size: usize, grid: usize, keep: usize) {
@@ -418,11 +409,7 @@ impl WorkerState {
             let m = chunk.min(job.n - first);
             let done_before = done;
             let c = Chunk { first, m, kept, total, start, prefix: prefix.as_ref() };
-            // a step that runs out of device memory panics inside libtorch's bindings: caught
-            // here, so that the chunk can be retried at half the size like any other error
-            let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.sample_chunk(model, job, &c, &mut done)))
-                .unwrap_or_else(|p| Err(Error::Torch(tch::TchError::Torch(panic_message(&*p)))));
-            match r {
+            match crate::model::catch_torch(|| self.sample_chunk(model, job, &c, &mut done)) {
                 Ok(true) => return Ok(true),
                 Ok(false) => first += m,
                 // the same seeds at half the batch: the same images, just more chunks
