@@ -2,6 +2,9 @@
 //! - an rpath to libtorch so no `LD_LIBRARY_PATH` is needed, and `libtorch_cuda` kept as a
 //!   real dependency (rustc links with `--as-needed`, which would drop it because nothing
 //!   references it directly, and then libtorch never registers its CUDA backend);
+//! - `src/shim.cpp`, what tch does not bind (fused AdamW, foreach kernels, CUDA graphs),
+//!   compiled against the same libtorch headers; its CUDA half only where libtorch has CUDA
+//!   and the CUDA runtime headers are found beside it;
 //! - the embedded default model: every file of `assets/models/default/` is compiled into the
 //!   binary (`$OUT_DIR/default_model.rs`), so the app and `generate` work from any directory.
 use std::path::{Path, PathBuf};
@@ -16,12 +19,14 @@ fn main() {
     let Ok(root) = std::env::var("LIBTORCH") else {
         return;
     };
-    let mut lib = PathBuf::from(root).join("lib");
+    let mut lib = PathBuf::from(&root).join("lib");
     if let Ok(real) = lib.canonicalize() {
         lib = real;
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    if lib.join("libtorch_cuda.so").exists() {
+    let cuda = lib.join("libtorch_cuda.so").exists();
+    build_shim(Path::new(&root), cuda);
+    if cuda {
         println!("cargo:rustc-link-search=native={}", lib.display());
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
@@ -50,4 +55,43 @@ fn embed_default_model() {
     if let Err(e) = std::fs::write(&out, code) {
         panic!("cannot write {}: {e}", out.display());
     }
+}
+
+/// Compiles `src/shim.cpp`; `cuda`: libtorch has its CUDA library.
+fn build_shim(root: &Path, cuda: bool) {
+    println!("cargo:rerun-if-changed=src/shim.cpp");
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .file("src/shim.cpp")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false);
+    // the CUDA runtime headers: from the CUDA wheels installed beside torch, or a CUDA toolkit
+    let mut headers: Vec<PathBuf> = Vec::new();
+    if let Some(Ok(entries)) = root.parent().map(|site| std::fs::read_dir(site.join("nvidia"))) {
+        headers.extend(entries.flatten().map(|e| e.path().join("include")));
+    }
+    if let Ok(home) = std::env::var("CUDA_HOME") {
+        headers.push(PathBuf::from(home).join("include"));
+    }
+    headers.push(PathBuf::from("/usr/local/cuda/include"));
+    let runtime =
+        headers.into_iter().find(|d| d.join("cuda_runtime_api.h").is_file() && d.join("crt/host_config.h").is_file());
+    match runtime {
+        Some(dir) if cuda => {
+            b.define("TESSERA_CUDA", None).include(dir);
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg=-lc10_cuda");
+            println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        }
+        _ if cuda => println!("cargo:warning=CUDA runtime headers not found: CUDA graphs left out"),
+        _ => {}
+    }
+    b.compile("tessera_shim");
 }

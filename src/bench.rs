@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Config;
@@ -44,6 +43,13 @@ pub struct ConfigBench {
     pub train_ms_per_step: f64,
     pub train_gflops_per_step: f64,
     pub train_mfu: f64,
+    /// Whether the training figures above used the fused optimiser kernels (AdamW, clipping
+    /// and the average in a few launches); the `_unfused` figures run one operation per tensor.
+    pub fused_optimizer: bool,
+    /// Clipping, AdamW and the average alone.
+    pub optimizer_ms_per_step: f64,
+    pub train_ms_per_step_unfused: f64,
+    pub optimizer_ms_per_step_unfused: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -172,19 +178,38 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
     model.transformer.net.set_compute_kind((opts.kind != Kind::Float).then_some(opts.kind));
     let net = &model.transformer.net;
     let tb = opts.train_batch;
-    let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.96, wd: 4.5e-2, eps: 1e-8, amsgrad: false }
-        .build(&model.transformer.vs, 1e-4)?;
+    let mut opt = crate::optim::AdamW::new(&model.transformer.vs, 0.9, 0.96, 1e-8, 4.5e-2);
+    let mut ema = crate::optim::Ema::new(&model.transformer.vs, 0.999);
+    let fused_available = opt.fused;
     let ttext = Tensor::randint(cfg.text.vocab_size as i64, [tb as i64, tl as i64], (Kind::Int64, dev));
     let timg = Tensor::randint(cfg.dvae.vocab_size as i64, [tb as i64, image_len as i64], (Kind::Int64, dev));
-    let train_times = time_runs(dev, opts.runs, || {
-        let loss = net.loss(&ttext, &timg, true);
-        opt.zero_grad();
-        loss.loss.backward();
-        opt.clip_grad_norm(4.0);
-        opt.step();
-        Ok(())
-    })?;
-    let t_train = median(train_times);
+    // as the trainers step: clipping, AdamW and the average; fused kernels, then per tensor
+    let update = |opt: &mut crate::optim::AdamW, ema: &mut crate::optim::Ema| {
+        let _ = opt.clip_grad_norm(4.0);
+        opt.step(1e-4);
+        ema.update(opt.step);
+    };
+    let mut train_step = |fused: bool| {
+        opt.fused = fused && fused_available;
+        ema.fused = opt.fused;
+        let o = &mut opt;
+        let e = &mut ema;
+        let times = time_runs(dev, opts.runs, || {
+            let loss = net.loss(&ttext, &timg, true);
+            o.zero_grad();
+            loss.loss.backward();
+            update(o, e);
+            Ok(())
+        })?;
+        // the optimiser alone, on the gradients of the last step
+        let optim = time_runs(dev, opts.runs, || {
+            update(o, e);
+            Ok(())
+        })?;
+        Ok::<_, crate::error::Error>((median(times), median(optim)))
+    };
+    let (t_train, t_optim) = train_step(true)?;
+    let (t_unfused, t_optim_unfused) = train_step(false)?;
     let step_flops = 3.0 * params::transformer_forward_flops(cfg) * tb as f64;
     Ok(ConfigBench {
         params: counts.total,
@@ -201,6 +226,10 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
         train_ms_per_step: 1e3 * t_train,
         train_gflops_per_step: step_flops / 1e9,
         train_mfu: step_flops / t_train / (peak_gflops * 1e9),
+        fused_optimizer: fused_available,
+        optimizer_ms_per_step: 1e3 * t_optim,
+        train_ms_per_step_unfused: 1e3 * t_unfused,
+        optimizer_ms_per_step_unfused: 1e3 * t_optim_unfused,
     })
 }
 

@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod report;
 pub mod sample;
 pub mod shards;
+pub mod shim;
 pub mod store;
 pub mod text;
 pub mod train;

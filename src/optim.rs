@@ -1,5 +1,10 @@
 //! AdamW, gradient clipping and a parameter EMA whose whole state can be saved and restored,
 //! so that training resumes exactly where a checkpoint left it [P A.2, B.2].
+//!
+//! When every parameter is f32 on one device, the update, the clipping and the average run as
+//! libtorch's fused and multi-tensor kernels (a few launches per step instead of ~10 per
+//! parameter tensor); otherwise, or with `TESSERA_FUSED_OPTIM=0`, as one operation per tensor.
+//! Both compute the same update up to rounding.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +28,18 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// Updates taken so far.
     pub step: usize,
+    /// Runs the fused kernels (see the module notes).
+    pub fused: bool,
+    /// The update number as a device scalar, for the fused kernel's bias corrections.
+    step_t: Option<Tensor>,
+}
+
+/// Whether fused kernels may be used for these tensors: all f32 on one device, and not turned
+/// off with `TESSERA_FUSED_OPTIM=0`.
+fn fusable(params: &[Tensor]) -> bool {
+    let on = std::env::var("TESSERA_FUSED_OPTIM").map(|v| v != "0").unwrap_or(true);
+    let dev = params.first().map(|p| p.device());
+    on && params.iter().all(|p| p.kind() == Kind::Float && Some(p.device()) == dev)
 }
 
 impl AdamW {
@@ -31,6 +48,7 @@ impl AdamW {
         let names: Vec<String> = vars.keys().cloned().collect();
         let params: Vec<Tensor> = vars.into_values().collect();
         let zeros = |p: &Tensor| p.zeros_like().to_kind(Kind::Float);
+        let fused = fusable(&params);
         Self {
             m: params.iter().map(zeros).collect(),
             v: params.iter().map(zeros).collect(),
@@ -42,6 +60,8 @@ impl AdamW {
             eps,
             weight_decay,
             step: 0,
+            fused,
+            step_t: None,
         }
     }
 
@@ -63,13 +83,22 @@ impl AdamW {
             if grads.is_empty() {
                 return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
             }
-            let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm().square()).collect();
-            let total = Tensor::stack(&norms, 0).sum(Kind::Float).sqrt();
+            let fused = if self.fused {
+                crate::shim::foreach_norm(&grads).map(|n| Tensor::stack(&n, 0).norm()).ok()
+            } else {
+                None
+            };
+            let total = fused.unwrap_or_else(|| {
+                let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm().square()).collect();
+                Tensor::stack(&norms, 0).sum(Kind::Float).sqrt()
+            });
             // factor min(1, max / norm), left at 1 when the norm is not finite (as before)
             let k = (max / (&total + 1e-6)).clamp_max(1.0);
             let k = k.where_self(&total.isfinite(), &k.ones_like());
-            for g in &grads {
-                let _ = g.shallow_clone().g_mul_(&k);
+            if !(self.fused && crate::shim::foreach_mul_(&grads, &k).is_ok()) {
+                for g in &grads {
+                    let _ = g.shallow_clone().g_mul_(&k);
+                }
             }
             total
         })
@@ -82,6 +111,16 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(t);
         let c2 = 1.0 - b2.powi(t);
+        if self.fused {
+            match tch::no_grad(|| self.step_fused(lr)) {
+                Ok(()) => return,
+                Err(e) => {
+                    // the kernel checks its inputs before touching them: nothing was updated
+                    eprintln!("tessera: {e}; AdamW goes on unfused");
+                    self.fused = false;
+                }
+            }
+        }
         tch::no_grad(|| {
             for i in 0..self.params.len() {
                 let g = self.params[i].grad();
@@ -99,6 +138,34 @@ impl AdamW {
                 let _ = p.g_sub_(&(update * lr).to_kind(p.kind()));
             }
         });
+    }
+
+    /// [`AdamW::step`] with libtorch's fused kernel: one call for the tensors with weight decay,
+    /// one for those without.
+    fn step_fused(&mut self, lr: f64) -> Result<()> {
+        let Some(first) = self.params.first() else {
+            return Ok(());
+        };
+        let dev = first.device();
+        let st = self.step_t.get_or_insert_with(|| Tensor::zeros([], (Kind::Float, dev)));
+        let _ = st.fill_(self.step as f64);
+        let mut groups: [[Vec<Tensor>; 4]; 2] = Default::default();
+        for i in 0..self.params.len() {
+            let g = self.params[i].grad();
+            if !g.defined() {
+                continue;
+            }
+            let k = usize::from(self.decay[i] && self.weight_decay > 0.0);
+            groups[k][0].push(self.params[i].shallow_clone());
+            groups[k][1].push(g);
+            groups[k][2].push(self.m[i].shallow_clone());
+            groups[k][3].push(self.v[i].shallow_clone());
+        }
+        for (k, [p, g, m, v]) in groups.iter().enumerate() {
+            let wd = if k == 1 { self.weight_decay } else { 0.0 };
+            crate::shim::fused_adamw(p, g, m, v, st, lr, (self.beta1, self.beta2), wd, self.eps)?;
+        }
+        Ok(())
     }
 
     /// The moment buffers, named `m.<param>` and `v.<param>`.
@@ -136,6 +203,8 @@ pub struct Ema {
     params: Vec<Tensor>,
     shadow: Vec<Tensor>,
     pub decay: f64,
+    /// Averages with one multi-tensor kernel (see the module notes).
+    pub fused: bool,
 }
 
 impl Ema {
@@ -144,7 +213,8 @@ impl Ema {
         let names: Vec<String> = vars.keys().cloned().collect();
         let params: Vec<Tensor> = vars.into_values().collect();
         let shadow = params.iter().map(|p| p.detach().copy()).collect();
-        Self { names, params, shadow, decay }
+        let fused = fusable(&params);
+        Self { names, params, shadow, decay, fused }
     }
 
     /// The decay used after `step` updates (0-based): `decay`, warmed up as
@@ -159,6 +229,17 @@ impl Ema {
     /// Frozen parameters (no gradient) are left as they are, bit for bit.
     pub fn update(&mut self, step: usize) {
         let d = self.decay_at(step);
+        if self.fused {
+            let (s, p): (Vec<&Tensor>, Vec<&Tensor>) =
+                self.shadow.iter().zip(&self.params).filter(|(_, p)| p.requires_grad()).unzip();
+            match tch::no_grad(|| crate::shim::foreach_lerp_(&s, &p, 1.0 - d)) {
+                Ok(()) => return,
+                Err(e) => {
+                    eprintln!("tessera: {e}; the average goes on unfused");
+                    self.fused = false;
+                }
+            }
+        }
         tch::no_grad(|| {
             for (s, p) in self.shadow.iter_mut().zip(&self.params) {
                 if !p.requires_grad() {

@@ -22,4 +22,20 @@ if [ ! -f "$dest/torch/lib/libtorch_cpu.so" ]; then
   rm -rf "$dest"
   mv "$tmp" "$dest"
 fi
+# The CUDA wheels carry the runtime headers but not their compiler-internal part (crt/), which
+# the build of src/shim.cpp (CUDA graphs) includes; it comes as a separate 130 kB wheel. Without
+# it the build goes on and leaves CUDA graphs out.
+inc="$dest/nvidia/cu13/include"
+if [ -f "$inc/cuda_runtime_api.h" ] && [ ! -f "$inc/crt/host_config.h" ]; then
+  tmp=$(mktemp -d)
+  if python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" \
+      "nvidia-cuda-crt==13.0.88" >&2 && python3 -m zipfile -e "$tmp"/nvidia_cuda_crt-*.whl "$tmp/x"; then
+    rm -rf "$inc/crt.partial"
+    cp -r "$tmp/x/nvidia/cu13/include/crt" "$inc/crt.partial"
+    mv "$inc/crt.partial" "$inc/crt"
+  else
+    echo "tessera: could not fetch the CUDA crt headers; building without CUDA graphs" >&2
+  fi
+  rm -rf "$tmp"
+fi
 ln -sfn "$dest/torch" "$repo/.libtorch"

@@ -1,0 +1,222 @@
+//! What tch 0.24 does not bind, from `src/shim.cpp` (compiled by build.rs against the same
+//! libtorch): the fused AdamW update and multi-tensor ("foreach") kernels, which update every
+//! parameter in a few launches instead of several per tensor, and CUDA graph capture and
+//! replay, which turn a decode step's hundreds of kernel launches into one.
+//!
+//! Tensors cross as tch's handles (`at::Tensor*`); every C++ exception comes back as an
+//! [`Error::Invalid`] naming the operation.
+
+use std::ffi::{CStr, c_char, c_void};
+
+use tch::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+type Handle = *const c_void;
+
+unsafe extern "C" {
+    fn tessera_free_message(m: *mut c_char);
+    fn tessera_fused_adamw(
+        params: *const Handle,
+        grads: *const Handle,
+        m: *const Handle,
+        v: *const Handle,
+        n: usize,
+        step: Handle,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        wd: f64,
+        eps: f64,
+    ) -> *mut c_char;
+    fn tessera_foreach_norm(ts: *const Handle, n: usize, out: *mut *mut c_void) -> *mut c_char;
+    fn tessera_foreach_mul_tensor(ts: *const Handle, n: usize, k: Handle) -> *mut c_char;
+    fn tessera_foreach_lerp(a: *const Handle, b: *const Handle, n: usize, w: f64) -> *mut c_char;
+    fn tessera_cuda_graphs_built() -> i32;
+    fn tessera_stream_enter(device: i32, out: *mut *mut c_void) -> *mut c_char;
+    fn tessera_stream_exit(s: *mut c_void) -> *mut c_char;
+    fn tessera_graph_new(out: *mut *mut c_void) -> *mut c_char;
+    fn tessera_graph_begin(g: *mut c_void) -> *mut c_char;
+    fn tessera_graph_end(g: *mut c_void) -> *mut c_char;
+    fn tessera_graph_replay(g: *mut c_void) -> *mut c_char;
+    fn tessera_graph_free(g: *mut c_void) -> *mut c_char;
+}
+
+/// Turns the shim's returned message (null = success) into a result.
+fn check(what: &str, m: *mut c_char) -> Result<()> {
+    if m.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null message is a NUL-terminated string from malloc, freed here once.
+    let text = unsafe {
+        let s = CStr::from_ptr(m).to_string_lossy().into_owned();
+        tessera_free_message(m);
+        s
+    };
+    Err(Error::Invalid(format!("{what}: {}", text.lines().next().unwrap_or("failed"))))
+}
+
+fn handles<T: std::borrow::Borrow<Tensor>>(ts: &[T]) -> Vec<Handle> {
+    ts.iter().map(|t| t.borrow().as_ptr() as Handle).collect()
+}
+
+/// One AdamW update of every tensor in `params`, in place (libtorch's fused kernel): moments
+/// `m`, `v`, decoupled weight decay `wd`, bias corrections for update number `step` (a float
+/// scalar tensor on the parameters' device). All lists have the same length.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_adamw<T: std::borrow::Borrow<Tensor>>(
+    params: &[T],
+    grads: &[T],
+    m: &[T],
+    v: &[T],
+    step: &Tensor,
+    lr: f64,
+    betas: (f64, f64),
+    wd: f64,
+    eps: f64,
+) -> Result<()> {
+    let n = params.len();
+    if grads.len() != n || m.len() != n || v.len() != n {
+        return Err(Error::Invalid("fused AdamW: lists of different lengths".into()));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (p, g, m, v) = (handles(params), handles(grads), handles(m), handles(v));
+    // SAFETY: every handle is a live tensor borrowed for the call; n matches each list.
+    let r = unsafe {
+        tessera_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            n,
+            step.as_ptr() as Handle,
+            lr,
+            betas.0,
+            betas.1,
+            wd,
+            eps,
+        )
+    };
+    check("fused AdamW", r)
+}
+
+/// The 2-norm of each tensor (one multi-tensor kernel), as scalar tensors on their devices.
+pub fn foreach_norm<T: std::borrow::Borrow<Tensor>>(ts: &[T]) -> Result<Vec<Tensor>> {
+    if ts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let h = handles(ts);
+    let mut out: Vec<*mut c_void> = vec![std::ptr::null_mut(); ts.len()];
+    // SAFETY: the handles are live; `out` has room for one new handle per input.
+    check("foreach norm", unsafe { tessera_foreach_norm(h.as_ptr(), h.len(), out.as_mut_ptr()) })?;
+    // SAFETY: on success each slot holds a tensor allocated by the shim, owned from here on.
+    Ok(out.into_iter().map(|p| unsafe { Tensor::from_ptr(p.cast()) }).collect())
+}
+
+/// Multiplies every tensor in place by the one-element tensor `k` (no host synchronisation).
+pub fn foreach_mul_<T: std::borrow::Borrow<Tensor>>(ts: &[T], k: &Tensor) -> Result<()> {
+    if ts.is_empty() {
+        return Ok(());
+    }
+    let h = handles(ts);
+    // SAFETY: the handles are live for the call.
+    check("foreach mul", unsafe { tessera_foreach_mul_tensor(h.as_ptr(), h.len(), k.as_ptr() as Handle) })
+}
+
+/// `a[i] += w · (b[i] − a[i])` in place for every pair.
+pub fn foreach_lerp_<T: std::borrow::Borrow<Tensor>>(a: &[T], b: &[T], w: f64) -> Result<()> {
+    if a.len() != b.len() {
+        return Err(Error::Invalid("foreach lerp: lists of different lengths".into()));
+    }
+    if a.is_empty() {
+        return Ok(());
+    }
+    let (ha, hb) = (handles(a), handles(b));
+    // SAFETY: the handles are live for the call; both lists have `len` entries.
+    check("foreach lerp", unsafe { tessera_foreach_lerp(ha.as_ptr(), hb.as_ptr(), ha.len(), w) })
+}
+
+/// Whether this build can capture CUDA graphs (libtorch with CUDA and its headers at build
+/// time); a GPU must still be present to use them.
+pub fn cuda_graphs_built() -> bool {
+    // SAFETY: reads a constant.
+    unsafe { tessera_cuda_graphs_built() != 0 }
+}
+
+/// A CUDA side stream made the current stream of this thread for as long as the value lives
+/// (graphs cannot be captured on the default stream). Entering and leaving wait for the device,
+/// so work before and after keeps its order.
+#[derive(Debug)]
+pub struct SideStream(*mut c_void);
+
+impl SideStream {
+    pub fn enter(device: Device) -> Result<Self> {
+        let Device::Cuda(i) = device else {
+            return Err(Error::Invalid("a CUDA stream needs a CUDA device".into()));
+        };
+        let mut s = std::ptr::null_mut();
+        // SAFETY: writes one handle on success.
+        check("CUDA stream", unsafe { tessera_stream_enter(i as i32, &mut s) })?;
+        Ok(Self(s))
+    }
+}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tessera_stream_enter and is released once.
+        if let Err(e) = check("CUDA stream", unsafe { tessera_stream_exit(self.0) }) {
+            eprintln!("tessera: {e}");
+        }
+    }
+}
+
+/// A captured CUDA graph: the kernels one call of a closure launched, replayed as one launch.
+/// Tensors the closure read and wrote are the graph's inputs and outputs: replays read and
+/// write the same memory, so inputs are updated in place between replays.
+#[derive(Debug)]
+pub struct CudaGraph(*mut c_void);
+
+impl CudaGraph {
+    /// Captures the work `f` queues on the current (side) stream: nothing runs during capture.
+    /// A capture that fails (an operation that cannot be captured, a panic inside `f`) is an
+    /// error and leaves no graph behind.
+    pub fn capture<R>(f: impl FnOnce() -> R) -> Result<(Self, R)> {
+        let mut g = std::ptr::null_mut();
+        // SAFETY: writes one handle on success.
+        check("CUDA graph", unsafe { tessera_graph_new(&mut g) })?;
+        let graph = Self(g);
+        // SAFETY: the graph handle is live.
+        check("CUDA graph capture", unsafe { tessera_graph_begin(graph.0) })?;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        // SAFETY: the graph handle is live; capture always ends, also after a panic.
+        let ended = check("CUDA graph capture", unsafe { tessera_graph_end(graph.0) });
+        match out {
+            Ok(r) => ended.map(|()| (graph, r)),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                Err(Error::Invalid(format!("CUDA graph capture: {}", msg.lines().next().unwrap_or(""))))
+            }
+        }
+    }
+
+    /// Launches the captured work once on the current stream.
+    pub fn replay(&self) -> Result<()> {
+        // SAFETY: the graph handle is live and was captured.
+        check("CUDA graph replay", unsafe { tessera_graph_replay(self.0) })
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tessera_graph_new and is released once.
+        if let Err(e) = check("CUDA graph", unsafe { tessera_graph_free(self.0) }) {
+            eprintln!("tessera: {e}");
+        }
+    }
+}
