@@ -94,6 +94,18 @@ impl MaskSet {
         }
     }
 
+    /// [`MaskSet::static_row`] at the stream position held by `pos` (an Int64 tensor [1] on the
+    /// device): the same row, chosen on the device, so a captured CUDA graph replays it for
+    /// whatever position the tensor holds then.
+    pub fn static_row_at(&self, kind: AttentionKind, pos: &Tensor) -> Mask {
+        let row = |m: &Tensor| Mask::Explicit(m.index_select(0, pos));
+        match (kind, self.masks.get(&kind)) {
+            (AttentionKind::Full, _) => row(&self.causal),
+            (_, Some(m)) => row(m),
+            (_, None) => row(&build_mask(kind, self.shape, self.device)),
+        }
+    }
+
     /// The mask for queries `start..start+n` over keys `0..start+n`. Full attention is plain
     /// causal attention, which the fused kernels do without a mask (and a single trailing
     /// query needs none at all).
@@ -166,6 +178,12 @@ impl KvCache {
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }
+
+    /// Sets the number of positions stored (steps that write at a device-held position do not
+    /// count them on the host).
+    pub(crate) fn set_len(&mut self, n: usize) {
+        self.len = n;
+    }
 }
 
 /// A linear layer run in `compute` precision when it is given and differs from the weights'
@@ -176,6 +194,21 @@ pub fn dense(l: &nn::Linear, x: &Tensor, compute: Option<Kind>) -> Tensor {
         Some(k) if l.ws.kind() != k => x.to_kind(k).linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k))),
         _ => l.forward(x),
     }
+}
+
+/// Which keys an attention call with a cache reads, and where its keys and values go.
+#[derive(Debug, Clone, Copy)]
+pub enum CacheUse<'a> {
+    /// Written at `start..start+n`; attention over the keys `0..start+n` written so far.
+    Written,
+    /// Written at `start..start+n`; attention over the whole preallocated cache (static
+    /// shapes; the mask must hide the positions not yet written, as
+    /// [`MaskSet::static_row`] does).
+    Whole,
+    /// One position, written where the Int64 tensor [1] says (the stream position, held on the
+    /// device); attention over the whole cache. No host value enters the step, so a CUDA graph
+    /// of it replays at every position.
+    WholeAt(&'a Tensor),
 }
 
 /// Multi-head self-attention with a fused kernel.
@@ -201,9 +234,7 @@ impl Attention {
     }
 
     /// `x`: [B, n, d] for positions `start..start+n`. With a cache, this layer's keys and
-    /// values are written at those positions and attention runs over `0..start+n`, or over
-    /// the whole preallocated cache when `whole_cache` (static shapes; `mask` must then hide
-    /// the positions not yet written, as [`MaskSet::static_row`] does).
+    /// values are written and read as `keys` says.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -213,7 +244,7 @@ impl Attention {
         start: usize,
         train: bool,
         compute: Option<Kind>,
-        whole_cache: bool,
+        keys: CacheUse,
     ) -> Tensor {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
         let qkv = dense(&self.qkv, x, compute).view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
@@ -221,12 +252,17 @@ impl Attention {
         let (k, v) = match cache {
             Some((c, layer)) => {
                 let end = (start as i64) + n;
-                c.keys[layer].narrow(2, start as i64, n).copy_(&k);
-                c.values[layer].narrow(2, start as i64, n).copy_(&v);
-                if whole_cache {
-                    (c.keys[layer].shallow_clone(), c.values[layer].shallow_clone())
+                if let CacheUse::WholeAt(pos) = keys {
+                    let _ = c.keys[layer].index_copy_(2, pos, &k);
+                    let _ = c.values[layer].index_copy_(2, pos, &v);
                 } else {
+                    c.keys[layer].narrow(2, start as i64, n).copy_(&k);
+                    c.values[layer].narrow(2, start as i64, n).copy_(&v);
+                }
+                if let CacheUse::Written = keys {
                     (c.keys[layer].narrow(2, 0, end), c.values[layer].narrow(2, 0, end))
+                } else {
+                    (c.keys[layer].shallow_clone(), c.values[layer].shallow_clone())
                 }
             }
             None => (k, v),

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::attention::{Attention, Mask};
+use crate::attention::{Attention, CacheUse, Mask};
 
 /// Shape of the reranker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,7 +119,7 @@ impl Reranker {
         let b = ids.size()[0];
         let mask = Mask::Explicit(valid.view([b, 1, 1, t]));
         for blk in &self.blocks {
-            x = &x + blk.attn.forward(&blk.ln1.forward(&x), &mask, None, 0, false, None, false);
+            x = &x + blk.attn.forward(&blk.ln1.forward(&x), &mask, None, 0, false, None, CacheUse::Written);
             x = &x + blk.fc2.forward(&blk.fc1.forward(&blk.ln2.forward(&x)).gelu("none"));
         }
         let x = self.ln.forward(&x);

@@ -610,7 +610,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let opts = a.sampling.options()?;
     let t0 = std::time::Instant::now();
     let mut last_pct = usize::MAX;
+    let mut graphs = false;
     let samples = model.generate(&a.prompt, a.n, seed, prefix.as_ref(), &opts, |s| {
+        graphs |= s.uses_cuda_graph();
         let p = s.progress();
         let pct = 100 * p.done / p.total.max(1);
         if pct != last_pct {
@@ -643,7 +645,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         tessera::io::write_atomic(&path, &bytes)?;
         println!("{}", path.display());
     }
-    eprintln!("{} images in {:.1}s on {:?}", samples.len(), t0.elapsed().as_secs_f64(), device);
+    let how = if graphs { " (decode steps replayed as a CUDA graph)" } else { "" };
+    eprintln!("{} images in {:.1}s on {:?}{how}", samples.len(), t0.elapsed().as_secs_f64(), device);
     Ok(())
 }
 

@@ -9,7 +9,7 @@
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{Attention, KvCache, MaskSet, StreamShape, dense};
+use crate::attention::{Attention, CacheUse, KvCache, MaskSet, StreamShape, dense};
 use crate::config::{AttentionKind, Config};
 
 #[derive(Debug)]
@@ -177,33 +177,52 @@ impl Transformer {
     /// Embeddings of image tokens `ids` [B, n] standing at grid indices `j0..j0+n`: token plus
     /// row and column embeddings.
     fn embed_image(&self, ids: &Tensor, j0: usize) -> Tensor {
-        let g = self.cfg.grid_size() as i64;
         let n = ids.size()[1];
-        let j = Tensor::arange_start(j0 as i64, j0 as i64 + n, (Kind::Int64, self.device()));
+        self.embed_image_at(ids, &Tensor::arange_start(j0 as i64, j0 as i64 + n, (Kind::Int64, self.device())))
+    }
+
+    /// [`Transformer::embed_image`] at the grid indices held in the Int64 tensor `j` [n].
+    fn embed_image_at(&self, ids: &Tensor, j: &Tensor) -> Tensor {
+        let g = self.cfg.grid_size() as i64;
         let pos = self.row_emb.forward(&j.floor_divide_scalar(g)) + self.col_emb.forward(&j.remainder(g));
         self.image_emb.forward(ids) + pos.unsqueeze(0)
     }
 
-    /// Runs the blocks over positions `start..start+n` (embedded in `x`).
+    /// Runs the blocks over positions `start..start+n` (embedded in `x`), or over the one
+    /// position that `at` holds on the device (an Int64 tensor [1]; `start` is then unused).
     // The residual sums stay out of place: autograd needs the block inputs unchanged.
     #[allow(clippy::assign_op_pattern)]
-    fn run(&self, mut x: Tensor, start: usize, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    fn run(
+        &self,
+        mut x: Tensor,
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+        at: Option<&Tensor>,
+    ) -> Tensor {
         let n = x.size()[1] as usize;
         if train && self.dropout > 0.0 {
             x = x.dropout(self.dropout, true);
         }
-        let whole = self.static_decode && n == 1 && cache.is_some();
+        let keys = match at {
+            Some(pos) => CacheUse::WholeAt(pos),
+            None if self.static_decode && n == 1 && cache.is_some() => CacheUse::Whole,
+            None => CacheUse::Written,
+        };
         for (i, blk) in self.blocks.iter().enumerate() {
-            let mask =
-                if whole { self.masks.static_row(blk.kind, start) } else { self.masks.window(blk.kind, start, n) };
+            let mask = match keys {
+                CacheUse::WholeAt(pos) => self.masks.static_row_at(blk.kind, pos),
+                CacheUse::Whole => self.masks.static_row(blk.kind, start),
+                CacheUse::Written => self.masks.window(blk.kind, start, n),
+            };
             let c = cache.as_deref_mut().map(|c| (c, i));
-            let h = blk.attn.forward(&blk.ln1.forward(&x), &mask, c, start, train, self.compute, whole);
+            let h = blk.attn.forward(&blk.ln1.forward(&x), &mask, c, start, train, self.compute, keys);
             x = x + h;
             let h = dense(&blk.fc1, &blk.ln2.forward(&x), self.compute).gelu("none");
             let h = dense(&blk.fc2, &h, self.compute);
             x = if train && self.dropout > 0.0 { x + h.dropout(self.dropout, true) } else { x + h };
         }
-        if let Some(c) = cache {
+        if let (Some(c), None) = (cache, at) {
             c.advance(n);
         }
         self.ln_f.forward(&x)
@@ -215,7 +234,7 @@ impl Transformer {
         let tl = self.cfg.text.text_len;
         let l = self.cfg.seq_len();
         let x = self.embed(text, Some(image), 0, l);
-        let h = self.run(x, 0, None, train);
+        let h = self.run(x, 0, None, train, None);
         let text_logits = dense(&self.text_head, &h.narrow(1, 0, tl as i64), self.compute);
         let image_logits = dense(&self.image_head, &h.narrow(1, tl as i64, self.cfg.image_len() as i64), self.compute);
         (text_logits, image_logits)
@@ -264,7 +283,7 @@ impl Transformer {
         let n = self.cfg.text.text_len + 1 + n_img;
         cache.clear();
         let x = self.embed(text, image, 0, n);
-        let h = self.run(x, 0, Some(cache), false);
+        let h = self.run(x, 0, Some(cache), false, None);
         dense(&self.image_head, &h.narrow(1, n as i64 - 1, 1).squeeze_dim(1), self.compute)
     }
 
@@ -273,7 +292,23 @@ impl Transformer {
         let start = self.cfg.text.text_len + 1 + j;
         debug_assert_eq!(cache.len(), start);
         let x = self.embed_image(&token.view([-1, 1]), j);
-        let h = self.run(x, start, Some(cache), false);
+        let h = self.run(x, start, Some(cache), false, None);
         dense(&self.image_head, &h.squeeze_dim(1), self.compute)
+    }
+
+    /// [`Transformer::decode_step`] with the image index `j` held in an Int64 tensor [1] on the
+    /// device: the step reads no host value, so a CUDA graph captured once replays it at every
+    /// position. Attention runs over the whole cache (static shapes) whatever
+    /// [`Transformer::set_static_decode`] says; the cache's host-side length is not advanced.
+    pub fn decode_step_at(&self, cache: &mut KvCache, token: &Tensor, j: &Tensor) -> Tensor {
+        let x = self.embed_image_at(&token.view([-1, 1]), j);
+        let pos = j + (self.cfg.text.text_len + 1) as i64;
+        let h = self.run(x, 0, Some(cache), false, Some(&pos));
+        dense(&self.image_head, &h.squeeze_dim(1), self.compute)
+    }
+
+    /// Whether decode steps attend over the whole cache (see [`Transformer::set_static_decode`]).
+    pub fn static_decode(&self) -> bool {
+        self.static_decode
     }
 }
