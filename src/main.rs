@@ -283,6 +283,10 @@ enum TrainCommand {
         /// inference) with straight-through gradients to the encoder (default: never).
         #[arg(long)]
         hard_from: Option<usize>,
+        /// Reconstruction term: `laplace` (the paper's logit-Laplace likelihood) or `mse`
+        /// (squared error, σ = 0.1: weighs edges and small shapes more).
+        #[arg(long, default_value = "laplace")]
+        recon: tessera::dvae::Recon,
         /// Fine-tune only the decoder of the directory's trained dVAE on the encoder's hard
         /// codes (the encoder, and so every image's tokens, stay exactly as they are: a
         /// transformer trained on them remains valid). --resume continues this run.
@@ -301,6 +305,10 @@ enum TrainCommand {
         ema: f64,
         #[arg(long, default_value_t = 4.0)]
         clip: f64,
+        /// Start from this transformer.safetensors (same shape) instead of random weights, e.g.
+        /// to retrain a model's transformer for a new dVAE. Ignored when --resume continues a run.
+        #[arg(long)]
+        init_from: Option<PathBuf>,
     },
     /// Encode a training set with the directory's dVAE once into token shards
     /// (DIR/shards/shard-NNNNN.tok), for `--shards` training of the transformer and reranker.
@@ -370,6 +378,9 @@ enum TrainCommand {
         /// estimator (0 = the paper's relaxation throughout; see `train dvae --hard-from`).
         #[arg(long, default_value_t = 0.0)]
         hard_tail: f64,
+        /// The dVAE's reconstruction term: `laplace` (the paper's) or `mse` (see `train dvae`).
+        #[arg(long, default_value = "laplace")]
+        recon: tessera::dvae::Recon,
         /// Train the dVAE's convolutions in bf16 (f32 master weights, logits and losses).
         #[arg(long)]
         dvae_bf16: bool,
@@ -874,6 +885,7 @@ fn train(t: TrainCommand) -> Result<()> {
             ema,
             usage_weight,
             hard_from,
+            recon,
             decoder_only,
         } => {
             let opts = train_options(&common)?;
@@ -889,12 +901,12 @@ fn train(t: TrainCommand) -> Result<()> {
             };
             tr::train_dvae(
                 &opts,
-                &DvaeRecipe { schedule, ema, decoder_only, usage_weight, hard_from, ..Default::default() },
+                &DvaeRecipe { schedule, ema, decoder_only, usage_weight, hard_from, recon, ..Default::default() },
             )?
         }
-        TrainCommand::Transformer { common, lr, warmup, ema, clip } => {
+        TrainCommand::Transformer { common, lr, warmup, ema, clip, init_from } => {
             let opts = train_options(&common)?;
-            tr::train_transformer(&opts, &TransformerRecipe { lr, warmup, ema, clip, ..Default::default() })?
+            tr::train_transformer(&opts, &TransformerRecipe { lr, warmup, ema, clip, init_from, ..Default::default() })?
         }
         TrainCommand::Reranker { common, lr, warmup } => tr::train_reranker(&train_options(&common)?, lr, warmup)?,
         TrainCommand::Shards { at, examples, per_shard, batch, out, seed, device, workers } => {
@@ -936,6 +948,7 @@ fn train(t: TrainCommand) -> Result<()> {
             usage_weight,
             beta,
             hard_tail,
+            recon,
             dvae_bf16,
             dvae_from,
         } => {
@@ -958,7 +971,7 @@ fn train(t: TrainCommand) -> Result<()> {
             if !(0.0..=1.0).contains(&hard_tail) || beta < 0.0 || usage_weight < 0.0 {
                 bail!("--hard-tail must lie in [0, 1], --beta and --usage-weight must be ≥ 0");
             }
-            o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail };
+            o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail, recon };
             o.dvae_bf16 = dvae_bf16;
             o.dvae_from = dvae_from;
             let plan = tessera::pipeline::train_all(&o)?;

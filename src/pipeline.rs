@@ -79,6 +79,9 @@ pub struct DvaeVariant {
     /// Final share of the steps trained with straight-through hard codes (0: none).
     #[serde(default)]
     pub hard_tail: f64,
+    /// The reconstruction term (the paper's logit-Laplace unless told).
+    #[serde(default)]
+    pub recon: crate::dvae::Recon,
 }
 
 fn paper_beta() -> f64 {
@@ -87,7 +90,7 @@ fn paper_beta() -> f64 {
 
 impl Default for DvaeVariant {
     fn default() -> Self {
-        Self { beta: paper_beta(), usage_weight: 0.0, hard_tail: 0.0 }
+        Self { beta: paper_beta(), usage_weight: 0.0, hard_tail: 0.0, recon: crate::dvae::Recon::default() }
     }
 }
 
@@ -277,11 +280,12 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
         if p.dvae != o.dvae {
             let d = p.dvae;
             return Err(Error::Invalid(format!(
-                "the run in {} was planned with --beta {} --usage-weight {} --hard-tail {}: resume it with the same recipe",
+                "the run in {} was planned with --beta {} --usage-weight {} --hard-tail {} --recon {}: resume it with the same recipe",
                 o.dir.display(),
                 d.beta,
                 d.usage_weight,
-                d.hard_tail
+                d.hard_tail,
+                d.recon
             )));
         }
         if (p.budget_s - o.budget_s).abs() > 1e-6 {
@@ -549,7 +553,7 @@ pub fn dvae_recipe(steps: usize, v: DvaeVariant) -> DvaeRecipe {
     };
     let ema = (1.0 - 20.0 / steps.max(1) as f64).clamp(0.9, 0.999);
     let hard_from = (v.hard_tail > 0.0).then(|| ((1.0 - v.hard_tail.min(1.0)) * steps as f64).round() as usize);
-    DvaeRecipe { schedule, ema, usage_weight: v.usage_weight, hard_from, ..Default::default() }
+    DvaeRecipe { schedule, ema, usage_weight: v.usage_weight, hard_from, recon: v.recon, ..Default::default() }
 }
 
 /// The last hard-code check the dVAE trainer logged.

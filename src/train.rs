@@ -124,6 +124,8 @@ pub struct DvaeRecipe {
     /// Steps from which the decoder is trained on hard codes with the straight-through
     /// estimator ([`crate::dvae::Dvae::loss_variant`]); `None`: never (the paper's recipe).
     pub hard_from: Option<usize>,
+    /// The reconstruction term (the paper's logit-Laplace by default).
+    pub recon: crate::dvae::Recon,
 }
 
 impl Default for DvaeRecipe {
@@ -135,6 +137,7 @@ impl Default for DvaeRecipe {
             decoder_only: false,
             usage_weight: 0.0,
             hard_from: None,
+            recon: crate::dvae::Recon::default(),
         }
     }
 }
@@ -147,11 +150,15 @@ pub struct TransformerRecipe {
     pub ema: f64,
     pub clip: f64,
     pub weight_decay: f64,
+    /// Start from these transformer weights (a model of the same shape) instead of a random
+    /// initialisation, e.g. to retrain a model's transformer on a new dVAE: what it learnt of
+    /// captions, layout and counting carries over, the image tokens' meanings are relearnt.
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for TransformerRecipe {
     fn default() -> Self {
-        Self { lr: 4.5e-4, warmup: 5_000, ema: 0.99, clip: 4.0, weight_decay: 4.5e-2 }
+        Self { lr: 4.5e-4, warmup: 5_000, ema: 0.99, clip: 4.0, weight_decay: 4.5e-2, init_from: None }
     }
 }
 
@@ -591,6 +598,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
     tch::manual_seed(opts.seed as i64); // the initial weights depend on the seed alone
     let mut model = DvaeModel::new(&cfg, opts.device);
     model.net.set_compute_kind(opts.compute);
+    model.net.set_recon(recipe.recon);
     let component = if recipe.decoder_only { "dvae-decoder" } else { "dvae" };
     if recipe.decoder_only {
         let trained = opts.dir.join(DVAE_FILE);
@@ -704,10 +712,15 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
     tch::manual_seed(opts.seed as i64);
     let mut model = TransformerModel::new(&cfg, opts.device);
     model.net.set_compute_kind(opts.compute);
+    let resuming = opts.resume && state_path(&opts.dir, "transformer").exists();
+    if let (Some(from), false) = (&recipe.init_from, resuming) {
+        // before the average is made, so that it starts from these weights too
+        load_varstore(&mut model.vs, from)?;
+    }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.96, 1e-8, recipe.weight_decay);
     let mut ema = Ema::new(&model.vs, recipe.ema);
     let mut start = 0;
-    if opts.resume && state_path(&opts.dir, "transformer").exists() {
+    if resuming {
         start = load_state(&opts.dir, "transformer", &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;

@@ -306,3 +306,39 @@ fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
         assert_eq!(check["roundtrip"][cap].as_f64().unwrap(), *v, "{cap}");
     }
 }
+
+#[test]
+fn a_transformer_can_start_from_another_models_weights() {
+    let _cpu = crate::common::heavy_cpu();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [a.path(), b.path()] {
+        new_dir(d);
+        train::train_dvae(&options(d, 1, None, false), &DvaeRecipe::default()).unwrap();
+    }
+    // a: a transformer trained a few steps; b: one step from a's weights at a negligible rate
+    let recipe = TransformerRecipe { lr: 3e-3, warmup: 1, ..Default::default() };
+    train::train_transformer(&options(a.path(), 4, None, false), &recipe).unwrap();
+    let source = a.path().join("transformer.safetensors");
+    let tiny = TransformerRecipe { lr: 1e-12, warmup: 1, init_from: Some(source.clone()), ..Default::default() };
+    train::train_transformer(&options(b.path(), 1, None, false), &tiny).unwrap();
+    let (want, got) = (sorted_state(&source), sorted_state(&b.path().join("transformer.safetensors")));
+    assert_eq!(want.len(), got.len());
+    for ((n, x), (m, y)) in want.iter().zip(&got) {
+        assert_eq!(n, m);
+        let d = (x - y).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{n} moved by {d} from the weights it started from");
+    }
+    // without --init-from the same step starts from a random initialisation
+    let c = tempfile::tempdir().unwrap();
+    new_dir(c.path());
+    train::train_dvae(&options(c.path(), 1, None, false), &DvaeRecipe::default()).unwrap();
+    let fresh = TransformerRecipe { init_from: None, ..tiny };
+    train::train_transformer(&options(c.path(), 1, None, false), &fresh).unwrap();
+    let other = sorted_state(&c.path().join("transformer.safetensors"));
+    assert!(want.iter().zip(&other).any(|((_, x), (_, y))| (x - y).abs().max().double_value(&[]) > 1e-3));
+    // a file of another shape is refused, naming it
+    let wrong = a.path().join("dvae.safetensors");
+    let bad = TransformerRecipe { init_from: Some(wrong.clone()), ..Default::default() };
+    let e = train::train_transformer(&options(c.path(), 1, None, false), &bad).unwrap_err().to_string();
+    assert!(e.contains("dvae.safetensors"), "{e}");
+}

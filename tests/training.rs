@@ -257,3 +257,37 @@ fn fused_optimiser_kernels_match_the_per_tensor_update() {
     close("average", &e_f, &e_u);
     close("moment", &s_f, &s_u);
 }
+
+#[test]
+fn the_squared_error_option_is_fifty_times_the_pixel_error() {
+    use tessera::dvae::Recon;
+    let mut model = tiny_model(None, 1);
+    let x = pictures();
+    let u = tch::no_grad(|| model.dvae.net.encoder_logits(&x)).rand_like();
+    let laplace = model.dvae.net.loss_with_noise(&x, Some(&u), 0.5, 0.0, 0.0, true);
+    model.dvae.net.set_recon(Recon::Mse);
+    let net = &model.dvae.net;
+    let l = net.loss_with_noise(&x, Some(&u), 0.5, 0.0, 0.0, true);
+    // the straight-through decoder input is the one-hot of the sampled code: decode it by hand
+    let by_hand = tch::no_grad(|| {
+        let logits = net.encoder_logits(&x);
+        let u = u.clamp(1e-10, 1.0 - 1e-7);
+        let codes = (&logits - (-u.log()).log()).argmax(1, false);
+        (net.decode(&codes) - &x).square().mean(Kind::Float).double_value(&[])
+    });
+    let term = l.nll.double_value(&[]);
+    // the term counts the error unclamped (a clamped pixel is never further from its target,
+    // which lies in [0, 1]); an untrained decoder overshoots in a few places
+    assert!(
+        term / 50.0 >= by_hand - 1e-7 && term / 50.0 <= 1.02 * by_hand,
+        "squared-error term {term} vs 50 × {by_hand}"
+    );
+    assert!((l.loss.double_value(&[]) - term).abs() < 1e-6, "β = 0: the loss is the reconstruction term");
+    assert!((l.mse.double_value(&[]) - by_hand).abs() < 1e-6);
+    // the paper's term is another number for the same reconstruction
+    assert!((laplace.nll.double_value(&[]) - term).abs() > 1e-3);
+    assert_eq!("mse".parse::<Recon>(), Ok(Recon::Mse));
+    assert_eq!("laplace".parse::<Recon>(), Ok(Recon::LogitLaplace));
+    assert!("l2".parse::<Recon>().is_err());
+    assert_eq!(serde_json::to_string(&Recon::Mse).unwrap(), "\"mse\"");
+}
