@@ -310,8 +310,8 @@ fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
 #[test]
 fn a_transformer_can_start_from_another_models_weights() {
     let _cpu = crate::common::heavy_cpu();
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for d in [a.path(), b.path()] {
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [a.path(), b.path(), c.path()] {
         new_dir(d);
         train::train_dvae(&options(d, 1, None, false), &DvaeRecipe::default()).unwrap();
     }
@@ -329,9 +329,6 @@ fn a_transformer_can_start_from_another_models_weights() {
         assert!(d < 1e-6, "{n} moved by {d} from the weights it started from");
     }
     // without --init-from the same step starts from a random initialisation
-    let c = tempfile::tempdir().unwrap();
-    new_dir(c.path());
-    train::train_dvae(&options(c.path(), 1, None, false), &DvaeRecipe::default()).unwrap();
     let fresh = TransformerRecipe { init_from: None, ..tiny };
     train::train_transformer(&options(c.path(), 1, None, false), &fresh).unwrap();
     let other = sorted_state(&c.path().join("transformer.safetensors"));

@@ -165,6 +165,16 @@ fn ema_of_a_short_run_forgets_the_initialisation() {
     assert_eq!(ema.decay_at(1_000_000), 0.999);
 }
 
+/// Squared error of decoding, by hand, the codes that Gumbel noise from uniforms `u` samples.
+fn sampled_code_error(net: &tessera::dvae::Dvae, x: &Tensor, u: &Tensor) -> f64 {
+    tch::no_grad(|| {
+        let logits = net.encoder_logits(x);
+        let u = u.clamp(1e-10, 1.0 - 1e-7);
+        let codes = (&logits - (-u.log()).log()).argmax(1, false);
+        (net.decode(&codes) - x).square().mean(Kind::Float).double_value(&[])
+    })
+}
+
 #[test]
 fn straight_through_decodes_the_sampled_one_hot_and_trains_the_encoder() {
     let model = tiny_model(None, 1);
@@ -173,12 +183,7 @@ fn straight_through_decodes_the_sampled_one_hot_and_trains_the_encoder() {
     let u = tch::no_grad(|| net.encoder_logits(&x)).rand_like();
     let l = net.loss_with_noise(&x, Some(&u), 0.5, 1.0, 0.0, true);
     // the same Gumbel noise by hand: the decoder was given exactly the one-hot of the sample
-    let by_hand = tch::no_grad(|| {
-        let logits = net.encoder_logits(&x);
-        let u = u.clamp(1e-10, 1.0 - 1e-7);
-        let codes = (&logits - (-u.log()).log()).argmax(1, false);
-        (net.decode(&codes) - &x).square().mean(Kind::Float).double_value(&[])
-    });
+    let by_hand = sampled_code_error(net, &x, &u);
     let mse = l.mse.double_value(&[]);
     assert!((mse - by_hand).abs() < 1e-6, "straight-through mse {mse} vs hard decode {by_hand}");
     // and the relaxed forward pass differs from it
@@ -269,12 +274,7 @@ fn the_squared_error_option_is_fifty_times_the_pixel_error() {
     let net = &model.dvae.net;
     let l = net.loss_with_noise(&x, Some(&u), 0.5, 0.0, 0.0, true);
     // the straight-through decoder input is the one-hot of the sampled code: decode it by hand
-    let by_hand = tch::no_grad(|| {
-        let logits = net.encoder_logits(&x);
-        let u = u.clamp(1e-10, 1.0 - 1e-7);
-        let codes = (&logits - (-u.log()).log()).argmax(1, false);
-        (net.decode(&codes) - &x).square().mean(Kind::Float).double_value(&[])
-    });
+    let by_hand = sampled_code_error(net, &x, &u);
     let term = l.nll.double_value(&[]);
     // the term counts the error unclamped (a clamped pixel is never further from its target,
     // which lies in [0, 1]); an untrained decoder overshoots in a few places
