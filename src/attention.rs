@@ -82,41 +82,40 @@ impl MaskSet {
         Self { shape, device, masks, causal: build_mask(AttentionKind::Full, shape, device) }
     }
 
+    /// The whole `[L, L]` mask of `kind` handed to `f` (plain causal attention for `Full`).
+    fn with_mask<R>(&self, kind: AttentionKind, f: impl FnOnce(&Tensor) -> R) -> R {
+        match (kind, self.masks.get(&kind)) {
+            (AttentionKind::Full, _) => f(&self.causal),
+            (_, Some(m)) => f(m),
+            (_, None) => f(&build_mask(kind, self.shape, self.device)),
+        }
+    }
+
     /// The mask of a static-shape decode step: query `pos` over every key of the stream
     /// (`[1, L]`). Keys past `pos` are masked, so the cache positions not yet written are never
     /// read, and every step has the same shapes whatever `pos` is.
     pub fn static_row(&self, kind: AttentionKind, pos: usize) -> Mask {
-        let row = |m: &Tensor| Mask::Explicit(m.narrow(0, pos as i64, 1));
-        match (kind, self.masks.get(&kind)) {
-            (AttentionKind::Full, _) => row(&self.causal),
-            (_, Some(m)) => row(m),
-            (_, None) => row(&build_mask(kind, self.shape, self.device)),
-        }
+        self.with_mask(kind, |m| Mask::Explicit(m.narrow(0, pos as i64, 1)))
     }
 
     /// [`MaskSet::static_row`] at the stream position held by `pos` (an Int64 tensor [1] on the
     /// device): the same row, chosen on the device, so a captured CUDA graph replays it for
     /// whatever position the tensor holds then.
     pub fn static_row_at(&self, kind: AttentionKind, pos: &Tensor) -> Mask {
-        let row = |m: &Tensor| Mask::Explicit(m.index_select(0, pos));
-        match (kind, self.masks.get(&kind)) {
-            (AttentionKind::Full, _) => row(&self.causal),
-            (_, Some(m)) => row(m),
-            (_, None) => row(&build_mask(kind, self.shape, self.device)),
-        }
+        self.with_mask(kind, |m| Mask::Explicit(m.index_select(0, pos)))
     }
 
     /// The mask for queries `start..start+n` over keys `0..start+n`. Full attention is plain
     /// causal attention, which the fused kernels do without a mask (and a single trailing
     /// query needs none at all).
     pub fn window(&self, kind: AttentionKind, start: usize, n: usize) -> Mask {
-        let cut = |m: &Tensor| m.narrow(0, start as i64, n as i64).narrow(1, 0, (start + n) as i64);
-        match (kind, self.masks.get(&kind)) {
-            (AttentionKind::Full, _) if n == 1 => Mask::None,
-            (AttentionKind::Full, _) if start == 0 => Mask::Causal,
-            (AttentionKind::Full, _) => Mask::Explicit(causal_window(start, n, self.device)),
-            (_, Some(m)) => Mask::Explicit(cut(m)),
-            (_, None) => Mask::Explicit(cut(&build_mask(kind, self.shape, self.device))),
+        match kind {
+            AttentionKind::Full if n == 1 => Mask::None,
+            AttentionKind::Full if start == 0 => Mask::Causal,
+            AttentionKind::Full => Mask::Explicit(causal_window(start, n, self.device)),
+            _ => self.with_mask(kind, |m| {
+                Mask::Explicit(m.narrow(0, start as i64, n as i64).narrow(1, 0, (start + n) as i64))
+            }),
         }
     }
 }

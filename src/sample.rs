@@ -180,7 +180,14 @@ impl<'a> Sampler<'a> {
         opts.validate()?;
         let graphs = cuda_graphs_enabled(model);
         // the whole run on a side stream, from its first allocation
-        let stream = if graphs { SideStream::enter(model.device()).ok() } else { None };
+        let stream = match graphs.then(|| SideStream::enter(model.device())) {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                eprintln!("tessera: {e}; decoding goes on without CUDA graphs");
+                None
+            }
+            None => None,
+        };
         let cfg = model.config();
         let b = text.size()[0] as usize;
         let image_len = cfg.image_len();
@@ -243,7 +250,7 @@ impl<'a> Sampler<'a> {
             guided,
             counted: None,
         };
-        if graphs && stream.is_some() {
+        if stream.is_some() {
             s = s.with_device_positions();
             if let Some(c) = &mut s.counted {
                 c.capture = true;
