@@ -155,6 +155,33 @@ impl Reranker {
         (logits.cross_entropy_for_logits(&target) + logits.tr().cross_entropy_for_logits(&target)) / 2.0
     }
 
+    /// The contrastive loss with `k` contrasting captions per image (`contrast_ids` [B·k, T],
+    /// image b's at rows b·k..(b+1)·k): each image must pick its caption among the batch's and
+    /// its own contrasts, each caption its image among the batch's. `k` = 0 is [`Self::loss`].
+    pub fn loss_with_contrasts(
+        &self,
+        images: &Tensor,
+        ids: &Tensor,
+        valid: &Tensor,
+        contrast_ids: &Tensor,
+        contrast_valid: &Tensor,
+        k: usize,
+    ) -> Tensor {
+        if k == 0 {
+            return self.loss(images, ids, valid);
+        }
+        let img = self.encode_image(images);
+        let txt = self.encode_text(ids, valid);
+        let b = img.size()[0];
+        let other = self.encode_text(contrast_ids, contrast_valid).view([b, k as i64, -1]);
+        let scale = self.scale();
+        let logits = img.matmul(&txt.tr()) * &scale;
+        let hard = (img.unsqueeze(1) * other).sum_dim_intlist(-1, false, Kind::Float) * &scale;
+        let target = Tensor::arange(b, (Kind::Int64, logits.device()));
+        let image_side = Tensor::cat(&[&logits, &hard], 1).cross_entropy_for_logits(&target);
+        (image_side + logits.tr().cross_entropy_for_logits(&target)) / 2.0
+    }
+
     /// Scores of images [N, 3, H, W] against one caption: cosine similarity × temperature.
     pub fn score(&self, images: &Tensor, caption: &[i64]) -> Tensor {
         let (ids, valid) = self.batch_text(&[caption.to_vec()], images.device());

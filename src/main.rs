@@ -397,6 +397,17 @@ enum TrainCommand {
         lr: f64,
         #[arg(long, default_value_t = 200)]
         warmup: usize,
+        /// Start from this reranker.safetensors (same shape) instead of random weights, e.g. to
+        /// fit a model's reranker to the pictures of its new dVAE (with --shards). Ignored when
+        /// --resume continues a run.
+        #[arg(long)]
+        init_from: Option<PathBuf>,
+        /// Contrasting captions per picture (one colour, shape, size, count, relation, order,
+        /// letter or transform changed) that it must score below its own, beside the batch's
+        /// other captions: teaches the details a ranking among samples of one prompt turns on.
+        /// 0: the batch alone, as in CLIP.
+        #[arg(long, default_value_t = 0)]
+        contrasts: usize,
     },
 }
 
@@ -908,7 +919,9 @@ fn train(t: TrainCommand) -> Result<()> {
             let opts = train_options(&common)?;
             tr::train_transformer(&opts, &TransformerRecipe { lr, warmup, ema, clip, init_from, ..Default::default() })?
         }
-        TrainCommand::Reranker { common, lr, warmup } => tr::train_reranker(&train_options(&common)?, lr, warmup)?,
+        TrainCommand::Reranker { common, lr, warmup, init_from, contrasts } => {
+            tr::train_reranker(&train_options(&common)?, &tr::RerankerRecipe { lr, warmup, init_from, contrasts })?
+        }
         TrainCommand::Shards { at, examples, per_shard, batch, out, seed, device, workers } => {
             prepare_dir(&at.dir, at.preset.as_deref())?;
             if examples == 0 || per_shard == 0 || batch == 0 {

@@ -458,7 +458,10 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                     let recipe = TransformerRecipe { lr: 1e-3, warmup: (t.steps / 20).max(1), ..Default::default() };
                     train::train_transformer(t, &recipe)
                 } else {
-                    train::train_reranker(t, 1e-3, (t.steps / 20).max(1))
+                    train::train_reranker(
+                        t,
+                        &train::RerankerRecipe { warmup: (t.steps / 20).max(1), ..Default::default() },
+                    )
                 }
             };
             let base = |o: &AllOptions| {

@@ -801,17 +801,44 @@ fn sample_grid(
 // ---------------------------------------------------------------------------------------
 // Reranker
 
+/// How the reranker trains.
+#[derive(Debug, Clone)]
+pub struct RerankerRecipe {
+    pub lr: f64,
+    pub warmup: usize,
+    /// Start from this reranker.safetensors (same shape) instead of random weights, e.g. to fit
+    /// a reranker to the pictures of a new dVAE; ignored when a run is resumed.
+    pub init_from: Option<PathBuf>,
+    /// Contrasting captions per picture ([`crate::world::contrast_captions`]: one colour,
+    /// shape, size, count, relation, order, letter or transform changed) that the picture must
+    /// score below its own caption, beside the batch's other captions. 0: the batch alone, as
+    /// in CLIP.
+    pub contrasts: usize,
+}
+
+impl Default for RerankerRecipe {
+    fn default() -> Self {
+        Self { lr: 1e-3, warmup: 200, init_from: None, contrasts: 0 }
+    }
+}
+
 /// Trains the contrastive reranker of a model directory that has its tokenizer.
-pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<TrainSummary> {
+pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<TrainSummary> {
+    let (lr, warmup, k) = (recipe.lr, recipe.warmup, recipe.contrasts);
     let cfg = crate::model::Model::load_config(&opts.dir)?;
     let tok = TextTokenizer::load(&opts.dir.join(TOKENIZER_FILE))?;
     let source = Source::open(&opts.data)?;
     tch::manual_seed(opts.seed as i64);
-    let model = crate::model::RerankerModel::new(&cfg, opts.device);
+    let mut model = crate::model::RerankerModel::new(&cfg, opts.device);
+    let resuming = opts.resume && state_path(&opts.dir, "reranker").exists();
+    if let (Some(from), false) = (&recipe.init_from, resuming) {
+        // before the average is made, so that it starts from these weights too
+        load_varstore(&mut model.vs, from)?;
+    }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.98, 1e-6, 0.2);
     let mut ema = Ema::new(&model.vs, 0.99);
     let mut start = 0;
-    if opts.resume && state_path(&opts.dir, "reranker").exists() {
+    if resuming {
         start = load_state(&opts.dir, "reranker", &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;
@@ -845,8 +872,21 @@ pub fn train_reranker(opts: &TrainOptions, lr: f64, warmup: usize) -> Result<Tra
             .map(|c| tok.encode(c, cfg.text.text_len).map(|e| e.ids).unwrap_or_default())
             .collect();
         let (ids, valid) = model.net.batch_text(&caps, opts.device);
+        // k contrasting captions per picture, drawn from the step so that a resumed run draws
+        // the same; a caption with fewer borrows the next picture's caption (an ordinary
+        // in-batch negative)
+        let mut rng = crate::sample::SeedRng::new(opts.seed ^ 0xC0_4E57 ^ (step as u64).wrapping_mul(0x9E37_79B9));
+        let mut others = Vec::with_capacity(caps.len() * k);
+        for (i, c) in batch.captions.iter().enumerate() {
+            let mut picked = crate::world::pick_contrasts(c, k, &mut rng);
+            picked.resize(k, batch.captions[(i + 1) % batch.captions.len()].clone());
+            for p in picked {
+                others.push(tok.encode(&p, cfg.text.text_len).map(|e| e.ids).unwrap_or_default());
+            }
+        }
+        let (other_ids, other_valid) = model.net.batch_text(&others, opts.device);
         let rate = warmup_cosine(lr, step, warmup, opts.steps);
-        let loss = model.net.loss(&x, &ids, &valid);
+        let loss = model.net.loss_with_contrasts(&x, &ids, &valid, &other_ids, &other_valid, k);
         opt.zero_grad();
         loss.backward();
         let _ = opt.clip_grad_norm(1.0);

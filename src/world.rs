@@ -704,3 +704,133 @@ pub fn render(scene: &Scene, size: usize) -> Vec<u8> {
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------
+// Contrasting captions
+
+/// Captions that differ from `caption` in one detail a picture shows, grouped by kind of
+/// change: a colour, a shape, a size, a count, a relation (above/below, left/right), the order
+/// of two colours or of two shapes (what is on top of a stack, which object is where), a
+/// letter of a quoted word, or the transform named. Each is false of any picture `caption` is
+/// true of (for this world's captions). Groups with no candidate are left out; a caption
+/// naming none of these words has none. The reranker trains against them as hard negatives.
+pub fn contrast_captions(caption: &str) -> Vec<Vec<String>> {
+    let words: Vec<&str> = caption.split(' ').collect();
+    let join = |w: &[String]| w.join(" ");
+    let owned = || words.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    // replaces word i, keeping a correct article before it correct
+    let replace = |i: usize, new: &str| {
+        let mut w = owned();
+        if i > 0 && w[i - 1] == article(words[i]) {
+            w[i - 1] = article(new).to_string();
+        }
+        w[i] = new.to_string();
+        join(&w)
+    };
+    let shape_of = |w: &str| {
+        Shape::from_name(w)
+            .map(|s| (s, false))
+            .or_else(|| Shape::ALL.iter().find(|s| plural(**s) == w).map(|s| (*s, true)))
+    };
+    let (mut colours, mut shapes, mut sizes, mut counts, mut relations, mut orders, mut letters, mut transforms) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let colour_at: Vec<(usize, Colour)> =
+        words.iter().enumerate().filter_map(|(i, w)| Colour::from_name(w).map(|c| (i, c))).collect();
+    let shape_at: Vec<(usize, Shape, bool)> =
+        words.iter().enumerate().filter_map(|(i, w)| shape_of(w).map(|(s, p)| (i, s, p))).collect();
+    for &(i, c) in &colour_at {
+        for &other in Colour::ALL.iter().filter(|&&o| o != c) {
+            colours.push(replace(i, other.name()));
+        }
+    }
+    for &(i, s, many) in &shape_at {
+        for &other in Shape::ALL.iter().filter(|&&o| o != s) {
+            shapes.push(replace(i, &if many { plural(other) } else { other.name().to_string() }));
+        }
+    }
+    for (i, w) in words.iter().enumerate() {
+        if let Some(z) = Size::from_name(w) {
+            for &other in Size::ALL.iter().filter(|&&o| o != z) {
+                sizes.push(replace(i, other.name()));
+            }
+        }
+        // counts of two or more, so the noun stays plural
+        if let Some(n) = NUMBER_WORDS.iter().position(|x| x == w).filter(|&n| n >= 2) {
+            for m in (2..=6).filter(|&m| m != n) {
+                counts.push(replace(i, NUMBER_WORDS[m]));
+            }
+        }
+        let opposite = match *w {
+            "above" => Some("below"),
+            "below" => Some("above"),
+            "left" if i > 0 && words[i - 1] == "the" => Some("right"),
+            "right" if i > 0 && words[i - 1] == "the" => Some("left"),
+            _ => None,
+        };
+        if let Some(o) = opposite {
+            relations.push(replace(i, o));
+        }
+        let quoted = w.len() > 2 && w.starts_with('\'') && w.ends_with('\'');
+        if quoted && w.is_ascii() {
+            let inner = &w[1..w.len() - 1];
+            for (j, ch) in inner.char_indices().filter(|(_, ch)| ch.is_ascii_lowercase()) {
+                for other in ('a'..='z').filter(|&o| o != ch) {
+                    letters.push(replace(i, &format!("'{}{other}{}'", &inner[..j], &inner[j + 1..])));
+                }
+            }
+        }
+    }
+    // two different colours (or shapes) trading places
+    for (a, &(i, ci)) in colour_at.iter().enumerate() {
+        for &(j, cj) in &colour_at[a + 1..] {
+            if ci != cj {
+                let mut w = owned();
+                w.swap(i, j);
+                orders.push(join(&w));
+            }
+        }
+    }
+    for (a, &(i, si, pi)) in shape_at.iter().enumerate() {
+        for &(j, sj, pj) in &shape_at[a + 1..] {
+            if si != sj && pi == pj {
+                let mut w = owned();
+                w.swap(i, j);
+                orders.push(join(&w));
+            }
+        }
+    }
+    for t in Transform::ALL {
+        if let Some(at) = caption.find(t.name()) {
+            for o in Transform::ALL.iter().filter(|&&o| o != *t) {
+                transforms.push(format!("{}{}{}", &caption[..at], o.name(), &caption[at + t.name().len()..]));
+            }
+        }
+    }
+    [colours, shapes, sizes, counts, relations, orders, letters, transforms]
+        .into_iter()
+        .map(|mut g| {
+            g.retain(|c| c != caption);
+            g.dedup();
+            g
+        })
+        .filter(|g| !g.is_empty())
+        .collect()
+}
+
+/// Up to `k` distinct contrasting captions of `caption` ([`contrast_captions`]), drawn by
+/// `rng`: a kind of change uniformly, then a caption of that kind.
+pub fn pick_contrasts(caption: &str, k: usize, rng: &mut SeedRng) -> Vec<String> {
+    let groups = contrast_captions(caption);
+    let total: usize = groups.iter().map(Vec::len).sum();
+    let mut out: Vec<String> = Vec::with_capacity(k);
+    let mut tries = 0;
+    while out.len() < k.min(total) && tries < 16 * k {
+        tries += 1;
+        let g = &groups[(rng.next_u64() % groups.len() as u64) as usize];
+        let c = &g[(rng.next_u64() % g.len() as u64) as usize];
+        if !out.contains(c) {
+            out.push(c.clone());
+        }
+    }
+    out
+}

@@ -11,7 +11,7 @@ use tessera::Config;
 use tessera::data::Source;
 use tessera::pipeline::Plan;
 use tessera::shards::{TokenShards, dvae_fingerprint, shard_path};
-use tessera::train::{self, DvaeRecipe, Feed, TrainOptions, make_batch, spawn_loader};
+use tessera::train::{self, DvaeRecipe, Feed, RerankerRecipe, TrainOptions, make_batch, spawn_loader};
 
 fn tiny_dir(dir: &Path) {
     train::init_dir(dir, &Config::tiny()).unwrap();
@@ -113,7 +113,7 @@ fn shards_hold_the_tokens_of_encoding_on_the_fly_and_corrupt_ones_are_skipped() 
     let s = train::train_transformer(&t, &Default::default()).unwrap();
     assert_eq!(s.step, 4);
     assert!(s.last_loss.is_finite());
-    let s = train::train_reranker(&t, 1e-3, 1).unwrap();
+    let s = train::train_reranker(&t, &RerankerRecipe { warmup: 1, ..Default::default() }).unwrap();
     assert!(s.last_loss.is_finite());
     assert!(tessera::Model::load(dir, Device::Cpu).unwrap().reranker.is_some());
 }

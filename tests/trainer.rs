@@ -5,7 +5,7 @@ use std::process::Command;
 
 use tch::Device;
 use tessera::Config;
-use tessera::train::{self, DvaeRecipe, TrainOptions, TransformerRecipe};
+use tessera::train::{self, DvaeRecipe, RerankerRecipe, TrainOptions, TransformerRecipe};
 
 fn options(dir: &Path, steps: usize, stop_after: Option<usize>, resume: bool) -> TrainOptions {
     let mut o = TrainOptions::new(dir);
@@ -78,6 +78,13 @@ fn stopped_then_resumed_training_equals_an_uninterrupted_run() {
     tessera(&[&t[..], &["--resume"]].concat(), b.path());
     let name = "transformer.safetensors";
     assert!(bytes(&a.path().join(name)) == bytes(&b.path().join(name)), "transformer differs after resuming");
+    // the reranker with contrasting captions (drawn per step) resumes exactly too
+    let r = ["train", "reranker", "--steps", "6", "--warmup", "2", "--contrasts", "3"];
+    tessera(&r, a.path());
+    tessera(&[&r[..], &["--stop-after", "3"]].concat(), b.path());
+    tessera(&[&r[..], &["--resume"]].concat(), b.path());
+    let name = "reranker.safetensors";
+    assert!(bytes(&a.path().join(name)) == bytes(&b.path().join(name)), "reranker differs after resuming");
     // the trained directory is a complete model
     let m = tessera::Model::load(a.path(), Device::Cpu).unwrap();
     let s = m.generate("a red circle", 1, 0, None, &Default::default(), |_| true).unwrap();
@@ -194,7 +201,7 @@ fn reranker_learns_and_eval_writes_a_report() {
     let mut o = options(dir.path(), 40, None, false);
     o.batch = 16;
     o.checkpoint_every = 20;
-    let s = train::train_reranker(&o, 2e-3, 5).unwrap();
+    let s = train::train_reranker(&o, &RerankerRecipe { lr: 2e-3, warmup: 5, ..Default::default() }).unwrap();
     let log = std::fs::read_to_string(dir.path().join("reranker.log.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     assert!(s.last_loss < first["loss"].as_f64().unwrap() - 0.3, "reranker loss {} → {}", first["loss"], s.last_loss);
@@ -337,5 +344,41 @@ fn a_transformer_can_start_from_another_models_weights() {
     let wrong = a.path().join("dvae.safetensors");
     let bad = TransformerRecipe { init_from: Some(wrong.clone()), ..Default::default() };
     let e = train::train_transformer(&options(c.path(), 1, None, false), &bad).unwrap_err().to_string();
+    assert!(e.contains("dvae.safetensors"), "{e}");
+}
+
+#[test]
+fn a_reranker_can_start_from_another_models_weights() {
+    let _cpu = crate::common::heavy_cpu();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [a.path(), b.path()] {
+        new_dir(d);
+    }
+    let mut o = options(a.path(), 4, None, false);
+    o.batch = 8;
+    train::train_reranker(&o, &RerankerRecipe { lr: 3e-3, warmup: 1, ..Default::default() }).unwrap();
+    let source = a.path().join("reranker.safetensors");
+    // one step at a negligible rate from a's weights keeps them
+    let mut ob = options(b.path(), 1, None, false);
+    ob.batch = 8;
+    train::train_reranker(&ob, &RerankerRecipe { lr: 1e-12, warmup: 1, init_from: Some(source.clone()), contrasts: 0 })
+        .unwrap();
+    let (want, got) = (sorted_state(&source), sorted_state(&b.path().join("reranker.safetensors")));
+    assert_eq!(want.len(), got.len());
+    for ((n, x), (m, y)) in want.iter().zip(&got) {
+        assert_eq!(n, m);
+        let d = (x - y).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{n} moved by {d} from the weights it started from");
+    }
+    // without it the same step starts from a random initialisation
+    train::train_reranker(&ob, &RerankerRecipe { lr: 1e-12, warmup: 1, ..Default::default() }).unwrap();
+    let other = sorted_state(&b.path().join("reranker.safetensors"));
+    assert!(want.iter().zip(&other).any(|((_, x), (_, y))| (x - y).abs().max().double_value(&[]) > 1e-3));
+    // a file of another shape is refused, naming it
+    train::train_dvae(&options(a.path(), 1, None, false), &DvaeRecipe::default()).unwrap();
+    let wrong = a.path().join("dvae.safetensors");
+    let e = train::train_reranker(&ob, &RerankerRecipe { init_from: Some(wrong.clone()), ..Default::default() })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("dvae.safetensors"), "{e}");
 }

@@ -291,3 +291,39 @@ fn the_squared_error_option_is_fifty_times_the_pixel_error() {
     assert!("l2".parse::<Recon>().is_err());
     assert_eq!(serde_json::to_string(&Recon::Mse).unwrap(), "\"mse\"");
 }
+
+#[test]
+fn the_contrast_loss_matches_a_brute_force_softmax() {
+    let cfg = crate::common::tiny_with(None);
+    tch::manual_seed(3);
+    let r = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
+    let net = &r.net;
+    let size = cfg.dvae.image_size as i64;
+    let (b, k) = (3usize, 2usize);
+    let images = Tensor::rand([b as i64, 3, size, size], (Kind::Float, Device::Cpu));
+    let caption = |i: usize| vec![(i % 7) as i64 + 1, (3 * i % 5) as i64 + 2, (i % 4) as i64];
+    let (ids, valid) = net.batch_text(&(0..b).map(caption).collect::<Vec<_>>(), Device::Cpu);
+    let (oids, ovalid) = net.batch_text(&(0..b * k).map(|j| caption(10 + j)).collect::<Vec<_>>(), Device::Cpu);
+    let got = tch::no_grad(|| net.loss_with_contrasts(&images, &ids, &valid, &oids, &ovalid, k)).double_value(&[]);
+    // the same from one score at a time: image i against each caption, and each caption
+    // against every image, with the softmax written out
+    let score = |i: usize, text: &[i64]| -> f64 {
+        tch::no_grad(|| net.score(&images.narrow(0, i as i64, 1), text)).double_value(&[0])
+    };
+    let nll = |own: f64, all: &[f64]| -> f64 { all.iter().map(|s| (s - own).exp()).sum::<f64>().ln() };
+    let (mut image_side, mut text_side) = (0.0, 0.0);
+    for i in 0..b {
+        let mut row: Vec<f64> = (0..b).map(|j| score(i, &caption(j))).collect();
+        row.extend((0..k).map(|j| score(i, &caption(10 + i * k + j))));
+        image_side += nll(row[i], &row);
+        let column: Vec<f64> = (0..b).map(|j| score(j, &caption(i))).collect();
+        text_side += nll(column[i], &column);
+    }
+    let want = (image_side + text_side) / (2.0 * b as f64);
+    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "loss {got} vs brute force {want}");
+    // with no contrasts it is CLIP's loss, and contrasts make it larger
+    let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
+    let none = tch::no_grad(|| net.loss_with_contrasts(&images, &ids, &valid, &oids, &ovalid, 0)).double_value(&[]);
+    assert_eq!(plain, none);
+    assert!(got > plain);
+}

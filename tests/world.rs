@@ -130,3 +130,56 @@ fn detection_reads_objects_and_words() {
     let word = read_sign(&render(&scene, SIZE), SIZE, sign.colour, 3);
     assert_eq!(word.as_deref(), Some(sign.word.as_str()));
 }
+
+#[test]
+fn contrasting_captions_change_one_detail_of_every_kind() {
+    use tessera::world::{contrast_captions, pick_contrasts};
+    let all = |c: &str| contrast_captions(c).concat();
+    let two = all("a red circle above a green square");
+    for want in [
+        "a red circle below a green square",     // relation
+        "a green circle above a red square",     // colours trade places
+        "a red square above a green circle",     // shapes trade places
+        "an orange circle above a green square", // a colour, the article kept right
+        "a red star above a green square",       // a shape
+    ] {
+        assert!(two.iter().any(|c| c == want), "{want} missing from {two:?}");
+    }
+    assert!(!two.iter().any(|c| c == "a red circle above a green square"));
+    let left = all("there is a small red circle to the left of a large blue star");
+    assert!(left.iter().any(|c| c == "there is a small red circle to the right of a large blue star"));
+    assert!(left.iter().any(|c| c == "there is a large red circle to the left of a large blue star"));
+    let count = all("a picture of three olive hearts");
+    assert!(count.iter().any(|c| c == "a picture of five olive hearts"));
+    assert!(count.iter().any(|c| c == "a picture of three olive stars"), "plural kept");
+    assert!(!count.iter().any(|c| c.contains(" one ")), "a count never loses its plural");
+    let sign = all("a sign with the word 'web' on it");
+    assert!(sign.iter().any(|c| c == "a sign with the word 'wab' on it"));
+    assert_eq!(sign.len(), 3 * 25, "one letter changed, each place, each other letter");
+    let tf = all("a red star on the top, and the exact same shapes as outlines on the bottom");
+    assert!(tf.iter().any(|c| c == "a red star on the top, and the exact same shapes colored pink on the bottom"));
+    // every contrast of every kind of scene differs from its caption by one word or one swap
+    for cap in Capability::ALL {
+        for seed in 0..20 {
+            let scene = world::generate(*cap, seed, Split::Train);
+            let groups = contrast_captions(&scene.caption);
+            assert!(!groups.is_empty(), "{} has no contrast", scene.caption);
+            let words: Vec<&str> = scene.caption.split(' ').collect();
+            for c in groups.concat() {
+                let other: Vec<&str> = c.split(' ').collect();
+                let changed = words.iter().zip(&other).filter(|(a, b)| a != b).count();
+                assert_eq!(words.len(), other.len(), "{c} vs {}", scene.caption);
+                assert!((1..=2).contains(&changed), "{c} vs {}", scene.caption);
+            }
+        }
+    }
+    assert!(contrast_captions("a photo of my grandmother").is_empty());
+    // the same generator state picks the same distinct contrasts
+    let pick = |seed| pick_contrasts("a red circle above a green square", 6, &mut tessera::sample::SeedRng::new(seed));
+    let (a, b) = (pick(3), pick(3));
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 6);
+    assert!(a.iter().all(|c| two.contains(c)));
+    assert!((1..a.len()).all(|i| !a[..i].contains(&a[i])));
+    assert_ne!(a, pick(4));
+}
