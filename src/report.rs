@@ -36,6 +36,34 @@ pub struct Accuracy {
     pub rerank_top1: f64,
     /// Captions scored.
     pub n: usize,
+    /// Of the pairs of one caption's samples where one is right and the other wrong, the share
+    /// the reranker scores the right one higher (ties count half): how well it ranks, free of
+    /// the top-1's dependence on how many samples happen to be right. None without a reranker
+    /// or without such a pair.
+    pub rerank_pairs: Option<f64>,
+    /// How many such pairs there were.
+    pub pairs: usize,
+}
+
+/// Over the pairs (right sample, wrong sample) of one caption: how many the scores order right
+/// (ties count half), and how many pairs there are.
+pub fn ordered_pairs(scores: &[f32], right: &[bool]) -> (f64, usize) {
+    let (mut good, mut n) = (0.0, 0);
+    for (i, &si) in scores.iter().enumerate() {
+        for (j, &sj) in scores.iter().enumerate() {
+            if right.get(i) == Some(&true) && right.get(j) == Some(&false) {
+                n += 1;
+                good += if si > sj {
+                    1.0
+                } else if si == sj {
+                    0.5
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    (good, n)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -166,6 +194,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     for (split, caps) in [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)] {
         for &cap in caps {
             let (mut single, mut top, mut n) = (0.0, 0.0, 0);
+            let (mut ordered, mut pairs) = (0.0, 0usize);
             // evaluation scenes use seeds the training stream does not (it draws from `sample`)
             let scenes = eval_scenes(cap, opts.captions, opts.seed, split);
             if split == Split::Train {
@@ -184,7 +213,8 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                     model.generate(&scene.caption, opts.samples, opts.seed + c as u64, None, &opts.sample, |_| true)?;
                 images += samples.len();
                 let rgb: Vec<Vec<u8>> = samples.iter().map(|s| s.rgb.clone()).collect();
-                let best = match model.rerank(&scene.caption, &rgb)? {
+                let scores = model.rerank(&scene.caption, &rgb)?;
+                let best = match &scores {
                     Some(scores) => {
                         scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|p| p.0).unwrap_or(0)
                     }
@@ -192,6 +222,11 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                 };
                 sampling += t0.elapsed().as_secs_f64();
                 let oks: Vec<bool> = samples.iter().map(|s| score(scene, &s.rgb, size)).collect();
+                if let Some(scores) = &scores {
+                    let (g, p) = ordered_pairs(scores, &oks);
+                    ordered += g;
+                    pairs += p;
+                }
                 single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
                 top += oks[best] as u8 as f64;
                 n += 1;
@@ -201,7 +236,8 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                     grid_rows.push((scene.caption.clone(), row));
                 }
             }
-            let acc = Accuracy { single: single / n as f64, rerank_top1: top / n as f64, n };
+            let rerank_pairs = (pairs > 0).then(|| ordered / pairs as f64);
+            let acc = Accuracy { single: single / n as f64, rerank_top1: top / n as f64, n, rerank_pairs, pairs };
             log(&format!("{:?} {}: single {:.2}, top-1 {:.2}", split, cap.name(), acc.single, acc.rerank_top1));
             match split {
                 Split::Train => accuracy.insert(cap.name().to_string(), acc),
@@ -240,21 +276,28 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
         s += &format!(" {:.3} s per image (sampling and reranking) on {}.", r.seconds_per_image, r.device);
     }
     s += "\n\n";
-    s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | ground truth through the dVAE | captions |\n";
-    s += "| --- | --- | --- | --- | --- | --- | --- |\n";
+    s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | ground truth through the dVAE | reranker orders right, seen / held out | captions |\n";
+    s += "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for (k, roundtrip) in &r.dvae_roundtrip {
         let (a, h) = (r.accuracy.get(k), r.held_out.get(k));
         let f = |v: Option<f64>| v.map(|x| format!("{:.0}%", 100.0 * x)).unwrap_or_else(|| "–".into());
+        let pairs = |v: Option<&Accuracy>| match v.and_then(|v| v.rerank_pairs.map(|p| (p, v.pairs))) {
+            Some((p, n)) => format!("{:.0}% of {n}", 100.0 * p),
+            None => "–".into(),
+        };
         s += &format!(
-            "| {k} | {} | {} | {} | {} | {} | {} |\n",
+            "| {k} | {} | {} | {} | {} | {} | {} / {} | {} |\n",
             f(a.map(|a| a.single)),
             f(a.map(|a| a.rerank_top1)),
             f(h.map(|h| h.single)),
             f(h.map(|h| h.rerank_top1)),
             f(Some(*roundtrip)),
+            pairs(a),
+            pairs(h),
             r.captions
         );
     }
+    s += "\n\"Reranker orders right\": of the pairs of one caption's samples where one is right and the other wrong, the share the reranker scores the right one higher (50% is chance), and the number of such pairs.\n";
     s += if r.samples_per_caption == 0 {
         "\n`grid.png`: one row per capability: the ground-truth render and its dVAE reconstruction. Captions:\n\n"
     } else {

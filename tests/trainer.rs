@@ -218,6 +218,11 @@ fn reranker_learns_and_eval_writes_a_report() {
     assert!(r.dvae_psnr_db.is_finite());
     assert_eq!(r.dvae_roundtrip.len(), 6);
     assert!(r.dvae_roundtrip.values().all(|v| (0.0..=1.0).contains(v)));
+    for a in r.accuracy.values().chain(r.held_out.values()) {
+        // two samples per caption: at most one right-over-wrong pair per caption
+        assert!(a.pairs <= a.n && a.rerank_pairs.is_some() == (a.pairs > 0), "{a:?}");
+        assert!(a.rerank_pairs.is_none_or(|p| (0.0..=1.0).contains(&p)));
+    }
     for f in ["report.json", "report.md", "grid.png"] {
         assert!(out.join(f).exists(), "{f} missing");
     }

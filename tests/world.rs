@@ -183,3 +183,17 @@ fn contrasting_captions_change_one_detail_of_every_kind() {
     assert!((1..a.len()).all(|i| !a[..i].contains(&a[i])));
     assert_ne!(a, pick(4));
 }
+
+#[test]
+fn the_reranker_pair_score_counts_right_over_wrong_pairs() {
+    use tessera::report::ordered_pairs;
+    // right samples 0 and 2; wrong 1 and 3: pairs (0,1) (0,3) (2,1) (2,3)
+    let right = [true, false, true, false];
+    assert_eq!(ordered_pairs(&[0.9, 0.1, 0.8, 0.2], &right), (4.0, 4));
+    assert_eq!(ordered_pairs(&[0.1, 0.9, 0.2, 0.8], &right), (0.0, 4));
+    // 0 beats both wrong ones; 2 ties with 1 (half) and loses to 3
+    assert_eq!(ordered_pairs(&[0.9, 0.5, 0.5, 0.7], &right), (2.5, 4));
+    // all right or all wrong: no pair
+    assert_eq!(ordered_pairs(&[0.3, 0.2], &[true, true]), (0.0, 0));
+    assert_eq!(ordered_pairs(&[0.3, 0.2], &[false, false]), (0.0, 0));
+}
