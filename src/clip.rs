@@ -147,17 +147,25 @@ impl Reranker {
 
     /// Symmetric contrastive loss of a batch of matching images and captions.
     pub fn loss(&self, images: &Tensor, ids: &Tensor, valid: &Tensor) -> Tensor {
-        let img = self.encode_image(images);
-        let txt = self.encode_text(ids, valid);
+        self.paired_loss(&self.encode_image(images), &self.encode_text(ids, valid), None)
+    }
+
+    /// The symmetric loss of embedded pairs; `extra` [B, K]: further logits on the image side
+    /// only (the contrasting captions).
+    fn paired_loss(&self, img: &Tensor, txt: &Tensor, extra: Option<Tensor>) -> Tensor {
         let logits = img.matmul(&txt.tr()) * self.scale();
-        let b = logits.size()[0];
-        let target = Tensor::arange(b, (Kind::Int64, logits.device()));
-        (logits.cross_entropy_for_logits(&target) + logits.tr().cross_entropy_for_logits(&target)) / 2.0
+        let target = Tensor::arange(logits.size()[0], (Kind::Int64, logits.device()));
+        let image_side = match extra {
+            Some(e) => Tensor::cat(&[&logits, &e], 1),
+            None => logits.shallow_clone(),
+        };
+        (image_side.cross_entropy_for_logits(&target) + logits.tr().cross_entropy_for_logits(&target)) / 2.0
     }
 
     /// The contrastive loss with `k` contrasting captions per image (`contrast_ids` [B·k, T],
-    /// image b's at rows b·k..(b+1)·k): each image must pick its caption among the batch's and
-    /// its own contrasts, each caption its image among the batch's. `k` = 0 is [`Self::loss`].
+    /// image b's at rows b·k..(b+1)·k; `real` [B, k]: false where a picture had fewer than k, so
+    /// that row is left out): each image must pick its caption among the batch's and its own
+    /// contrasts, each caption its image among the batch's. `k` = 0 is [`Self::loss`].
     pub fn loss_with_contrasts(
         &self,
         images: &Tensor,
@@ -165,21 +173,17 @@ impl Reranker {
         valid: &Tensor,
         contrast_ids: &Tensor,
         contrast_valid: &Tensor,
-        k: usize,
+        real: &Tensor,
     ) -> Tensor {
-        if k == 0 {
-            return self.loss(images, ids, valid);
-        }
         let img = self.encode_image(images);
         let txt = self.encode_text(ids, valid);
-        let b = img.size()[0];
-        let other = self.encode_text(contrast_ids, contrast_valid).view([b, k as i64, -1]);
-        let scale = self.scale();
-        let logits = img.matmul(&txt.tr()) * &scale;
-        let hard = (img.unsqueeze(1) * other).sum_dim_intlist(-1, false, Kind::Float) * &scale;
-        let target = Tensor::arange(b, (Kind::Int64, logits.device()));
-        let image_side = Tensor::cat(&[&logits, &hard], 1).cross_entropy_for_logits(&target);
-        (image_side + logits.tr().cross_entropy_for_logits(&target)) / 2.0
+        let (b, k) = (img.size()[0], real.size().get(1).copied().unwrap_or(0));
+        if k == 0 {
+            return self.paired_loss(&img, &txt, None);
+        }
+        let other = self.encode_text(contrast_ids, contrast_valid).view([b, k, -1]);
+        let hard = (img.unsqueeze(1) * other).sum_dim_intlist(-1, false, Kind::Float) * self.scale();
+        self.paired_loss(&img, &txt, Some(hard.masked_fill(&real.logical_not(), f64::NEG_INFINITY)))
     }
 
     /// Scores of images [N, 3, H, W] against one caption: cosine similarity × temperature.

@@ -872,21 +872,28 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
             .map(|c| tok.encode(c, cfg.text.text_len).map(|e| e.ids).unwrap_or_default())
             .collect();
         let (ids, valid) = model.net.batch_text(&caps, opts.device);
-        // k contrasting captions per picture, drawn from the step so that a resumed run draws
-        // the same; a caption with fewer borrows the next picture's caption (an ordinary
-        // in-batch negative)
-        let mut rng = crate::sample::SeedRng::new(opts.seed ^ 0xC0_4E57 ^ (step as u64).wrapping_mul(0x9E37_79B9));
-        let mut others = Vec::with_capacity(caps.len() * k);
-        for (i, c) in batch.captions.iter().enumerate() {
-            let mut picked = crate::world::pick_contrasts(c, k, &mut rng);
-            picked.resize(k, batch.captions[(i + 1) % batch.captions.len()].clone());
-            for p in picked {
-                others.push(tok.encode(&p, cfg.text.text_len).map(|e| e.ids).unwrap_or_default());
-            }
-        }
-        let (other_ids, other_valid) = model.net.batch_text(&others, opts.device);
         let rate = warmup_cosine(lr, step, warmup, opts.steps);
-        let loss = model.net.loss_with_contrasts(&x, &ids, &valid, &other_ids, &other_valid, k);
+        let loss = if k == 0 {
+            model.net.loss(&x, &ids, &valid)
+        } else {
+            // k contrasting captions per picture, drawn from the step so that a resumed run
+            // draws the same; a picture with fewer has the rest masked out (its own caption
+            // stands in for them)
+            let mut rng = crate::sample::SeedRng::new(opts.seed ^ 0xC0_4E57 ^ (step as u64).wrapping_mul(0x9E37_79B9));
+            let (mut others, mut real) = (Vec::with_capacity(caps.len() * k), Vec::with_capacity(caps.len() * k));
+            for (c, own) in batch.captions.iter().zip(&caps) {
+                let picked = crate::world::pick_contrasts(c, k, &mut rng);
+                for j in 0..k {
+                    real.push(j < picked.len());
+                    let ids =
+                        picked.get(j).map(|p| tok.encode(p, cfg.text.text_len).map(|e| e.ids).unwrap_or_default());
+                    others.push(ids.unwrap_or_else(|| own.clone()));
+                }
+            }
+            let (other_ids, other_valid) = model.net.batch_text(&others, opts.device);
+            let real = Tensor::from_slice(&real).view([-1, k as i64]).to_device(opts.device);
+            model.net.loss_with_contrasts(&x, &ids, &valid, &other_ids, &other_valid, &real)
+        };
         opt.zero_grad();
         loss.backward();
         let _ = opt.clip_grad_norm(1.0);

@@ -820,6 +820,9 @@ pub fn contrast_captions(caption: &str) -> Vec<Vec<String>> {
 /// Up to `k` distinct contrasting captions of `caption` ([`contrast_captions`]), drawn by
 /// `rng`: a kind of change uniformly, then a caption of that kind.
 pub fn pick_contrasts(caption: &str, k: usize, rng: &mut SeedRng) -> Vec<String> {
+    if k == 0 {
+        return Vec::new();
+    }
     let groups = contrast_captions(caption);
     let total: usize = groups.iter().map(Vec::len).sum();
     let mut out: Vec<String> = Vec::with_capacity(k);

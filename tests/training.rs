@@ -304,26 +304,39 @@ fn the_contrast_loss_matches_a_brute_force_softmax() {
     let caption = |i: usize| vec![(i % 7) as i64 + 1, (3 * i % 5) as i64 + 2, (i % 4) as i64];
     let (ids, valid) = net.batch_text(&(0..b).map(caption).collect::<Vec<_>>(), Device::Cpu);
     let (oids, ovalid) = net.batch_text(&(0..b * k).map(|j| caption(10 + j)).collect::<Vec<_>>(), Device::Cpu);
-    let got = tch::no_grad(|| net.loss_with_contrasts(&images, &ids, &valid, &oids, &ovalid, k)).double_value(&[]);
-    // the same from one score at a time: image i against each caption, and each caption
-    // against every image, with the softmax written out
+    let loss_with = |real: &[bool], k: usize| {
+        let real = Tensor::from_slice(real).view([b as i64, k as i64]);
+        tch::no_grad(|| net.loss_with_contrasts(&images, &ids, &valid, &oids, &ovalid, &real)).double_value(&[])
+    };
+    // the same from one score at a time: image i against each caption and its real contrasts,
+    // and each caption against every image, with the softmax written out
     let score = |i: usize, text: &[i64]| -> f64 {
         tch::no_grad(|| net.score(&images.narrow(0, i as i64, 1), text)).double_value(&[0])
     };
     let nll = |own: f64, all: &[f64]| -> f64 { all.iter().map(|s| (s - own).exp()).sum::<f64>().ln() };
-    let (mut image_side, mut text_side) = (0.0, 0.0);
-    for i in 0..b {
-        let mut row: Vec<f64> = (0..b).map(|j| score(i, &caption(j))).collect();
-        row.extend((0..k).map(|j| score(i, &caption(10 + i * k + j))));
-        image_side += nll(row[i], &row);
-        let column: Vec<f64> = (0..b).map(|j| score(j, &caption(i))).collect();
-        text_side += nll(column[i], &column);
-    }
-    let want = (image_side + text_side) / (2.0 * b as f64);
+    let brute = |real: &[bool]| {
+        let (mut image_side, mut text_side) = (0.0, 0.0);
+        for i in 0..b {
+            let mut row: Vec<f64> = (0..b).map(|j| score(i, &caption(j))).collect();
+            row.extend((0..k).filter(|&j| real[i * k + j]).map(|j| score(i, &caption(10 + i * k + j))));
+            image_side += nll(row[i], &row);
+            let column: Vec<f64> = (0..b).map(|j| score(j, &caption(i))).collect();
+            text_side += nll(column[i], &column);
+        }
+        (image_side + text_side) / (2.0 * b as f64)
+    };
+    let all = vec![true; b * k];
+    let (got, want) = (loss_with(&all, k), brute(&all));
     assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "loss {got} vs brute force {want}");
+    // a picture with fewer contrasts: the missing ones are left out
+    let mut some = all.clone();
+    some[1] = false;
+    some[2 * k - 1] = false;
+    let (part, want_part) = (loss_with(&some, k), brute(&some));
+    assert!((part - want_part).abs() < 1e-4 * want_part.abs().max(1.0), "loss {part} vs brute force {want_part}");
+    assert!(part < got);
     // with no contrasts it is CLIP's loss, and contrasts make it larger
     let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
-    let none = tch::no_grad(|| net.loss_with_contrasts(&images, &ids, &valid, &oids, &ovalid, 0)).double_value(&[]);
-    assert_eq!(plain, none);
+    assert_eq!(plain, loss_with(&[], 0));
     assert!(got > plain);
 }
