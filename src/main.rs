@@ -245,6 +245,12 @@ struct CommonTrain {
     /// Store the averaged weights in bf16 (half the size).
     #[arg(long)]
     bf16_weights: bool,
+    /// Train for about this long (90s, 8m, 1h30m): a few throwaway steps measure the speed and
+    /// --steps becomes what fits, so the schedules are those of a run of that length; the run
+    /// also stops (checkpointing) once the time is up. Steps named in other flags (warm-up,
+    /// --hard-from) stay as given.
+    #[arg(long, conflicts_with = "resume")]
+    time: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -388,6 +394,11 @@ enum TrainCommand {
         /// training one; its share of the budget goes to the transformer.
         #[arg(long, conflicts_with = "resume")]
         dvae_from: Option<PathBuf>,
+        /// Continue a trained model: take this directory's tokenizer (and, without --preset,
+        /// its configuration) and start the transformer and reranker from its weights. With
+        /// --dvae-from the same directory, the whole model trains further on this device.
+        #[arg(long, conflicts_with = "resume")]
+        init_from: Option<PathBuf>,
     },
     /// Train the contrastive reranker (AdamW(0.9, 0.98), warm-up and cosine decay).
     Reranker {
@@ -876,6 +887,29 @@ fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
     Ok(o)
 }
 
+/// The trainer's options; with `--time`, the steps that fill it (measured with `run`) and the
+/// deadline.
+fn timed_options(
+    c: &CommonTrain,
+    run: impl Fn(&tessera::train::TrainOptions) -> tessera::Result<tessera::train::TrainSummary>,
+) -> Result<tessera::train::TrainOptions> {
+    let mut o = train_options(c)?;
+    if let Some(time) = &c.time {
+        let seconds = tessera::pipeline::parse_budget(time)?;
+        let start = std::time::Instant::now();
+        o.steps = tessera::pipeline::fit_steps(&o, seconds, run)?;
+        o.deadline = Some(start + std::time::Duration::from_secs_f64(seconds));
+        eprintln!(
+            "--time {}: {} steps of {} fit (measured in {:.1}s)",
+            tessera::train::fmt_secs(seconds),
+            o.steps,
+            o.batch,
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(o)
+}
+
 fn train(t: TrainCommand) -> Result<()> {
     use tessera::train::{self as tr, DvaeRecipe, TransformerRecipe};
     let summary = match t {
@@ -899,28 +933,31 @@ fn train(t: TrainCommand) -> Result<()> {
             recon,
             decoder_only,
         } => {
-            let opts = train_options(&common)?;
-            let schedule = tessera::dvae::DvaeSchedule {
-                beta_max: beta,
-                beta_steps,
-                tau_start: 1.0,
-                tau_end,
-                tau_steps,
-                lr_start: lr,
-                lr_end,
-                lr_steps: opts.steps,
+            let recipe = |steps: usize| {
+                let schedule = tessera::dvae::DvaeSchedule {
+                    beta_max: beta,
+                    beta_steps,
+                    tau_start: 1.0,
+                    tau_end,
+                    tau_steps,
+                    lr_start: lr,
+                    lr_end,
+                    lr_steps: steps,
+                };
+                DvaeRecipe { schedule, ema, decoder_only, usage_weight, hard_from, recon, ..Default::default() }
             };
-            tr::train_dvae(
-                &opts,
-                &DvaeRecipe { schedule, ema, decoder_only, usage_weight, hard_from, recon, ..Default::default() },
-            )?
+            let opts = timed_options(&common, |o| tr::train_dvae(o, &recipe(o.steps)))?;
+            tr::train_dvae(&opts, &recipe(opts.steps))?
         }
         TrainCommand::Transformer { common, lr, warmup, ema, clip, init_from } => {
-            let opts = train_options(&common)?;
-            tr::train_transformer(&opts, &TransformerRecipe { lr, warmup, ema, clip, init_from, ..Default::default() })?
+            let recipe = TransformerRecipe { lr, warmup, ema, clip, init_from, ..Default::default() };
+            let opts = timed_options(&common, |o| tr::train_transformer(o, &recipe))?;
+            tr::train_transformer(&opts, &recipe)?
         }
         TrainCommand::Reranker { common, lr, warmup, init_from, contrasts } => {
-            tr::train_reranker(&train_options(&common)?, &tr::RerankerRecipe { lr, warmup, init_from, contrasts })?
+            let recipe = tr::RerankerRecipe { lr, warmup, init_from, contrasts };
+            let opts = timed_options(&common, |o| tr::train_reranker(o, &recipe))?;
+            tr::train_reranker(&opts, &recipe)?
         }
         TrainCommand::Shards { at, examples, per_shard, batch, out, seed, device, workers } => {
             prepare_dir(&at.dir, at.preset.as_deref())?;
@@ -964,6 +1001,7 @@ fn train(t: TrainCommand) -> Result<()> {
             recon,
             dvae_bf16,
             dvae_from,
+            init_from,
         } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
@@ -987,6 +1025,7 @@ fn train(t: TrainCommand) -> Result<()> {
             o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail, recon };
             o.dvae_bf16 = dvae_bf16;
             o.dvae_from = dvae_from;
+            o.init_from = init_from;
             let plan = tessera::pipeline::train_all(&o)?;
             println!("{}", serde_json::to_string_pretty(&plan)?);
             eprintln!("model written to {} in {}", at.dir.display(), tessera::train::fmt_secs(plan.spent_s));

@@ -64,6 +64,10 @@ pub struct AllOptions {
     /// Use this directory's trained dVAE (an imported OpenAI dVAE, say) instead of training
     /// one: the dVAE stage is skipped and its share goes to the transformer.
     pub dvae_from: Option<PathBuf>,
+    /// Continue from this model directory: its tokenizer is taken as it is (no tokenizer is
+    /// trained) and the transformer and reranker start from its weights instead of random ones
+    /// (with `--dvae-from` the same directory, a model trained further on the device at hand).
+    pub init_from: Option<PathBuf>,
 }
 
 /// The choices of the dVAE recipe a run is planned with (kept in the plan, so a resumed run
@@ -117,6 +121,7 @@ impl AllOptions {
             dvae: DvaeVariant::default(),
             dvae_bf16: false,
             dvae_from: None,
+            init_from: None,
         }
     }
 }
@@ -152,6 +157,9 @@ pub struct Plan {
     /// The dVAE recipe the run was planned with.
     #[serde(flatten)]
     pub dvae: DvaeVariant,
+    /// The model directory the tokenizer, transformer and reranker start from (`--init-from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl Plan {
@@ -163,7 +171,12 @@ impl Plan {
             "shards" => o.shard_batch,
             _ => o.eval_samples,
         };
-        let mut stages = vec![Stage { name: "tokenizer".into(), ..Default::default() }];
+        let mut stages = vec![Stage {
+            name: "tokenizer".into(),
+            done: o.init_from.is_some(),
+            result: o.init_from.as_ref().map(|d| serde_json::json!({"given": d.display().to_string()})),
+            ..Default::default()
+        }];
         // with a given dVAE, its share goes to the transformer
         let given = o.dvae_from.is_some();
         let share = |n: &str, f: f64| match n {
@@ -190,6 +203,7 @@ impl Plan {
             stages,
             spent_s: 0.0,
             dvae: o.dvae,
+            init_from: o.init_from.clone(),
         }
     }
 
@@ -236,6 +250,24 @@ pub fn parse_budget(s: &str) -> Result<f64> {
 
 /// Share of a stage's time its speed measurement may take at most.
 const CALIBRATION_SHARE: f64 = 0.3;
+
+/// Plans a single trainer's run to fill `seconds` (`train dvae|transformer|reranker --time`):
+/// a few throwaway steps measure the speed, and the steps that fit what is left become the
+/// run's length, so its schedules are those of a run of that length. Returns the steps; the
+/// caller also sets the deadline (a slower machine then stops the run early, checkpointing).
+pub fn fit_steps(
+    opts: &TrainOptions,
+    seconds: f64,
+    run: impl Fn(&TrainOptions) -> Result<train::TrainSummary>,
+) -> Result<usize> {
+    let t0 = Instant::now();
+    let mut c = opts.clone();
+    (c.steps, c.calibrate, c.resume) = (12, true, false);
+    c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * seconds));
+    let s = run(&c)?;
+    let left = seconds - t0.elapsed().as_secs_f64();
+    Ok(steps_for(left, s.steady_examples_per_s, opts.batch))
+}
 
 fn stage_opts(o: &AllOptions, progress: &StageProgress, batch: usize) -> TrainOptions {
     let mut t = TrainOptions::new(&o.dir);
@@ -305,10 +337,11 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
                 o.dir.display()
             )));
         }
-        let cfg = match &o.preset {
-            Some(p) => Config::preset(p)?,
-            None if o.dir.join(crate::model::CONFIG_FILE).exists() => crate::model::Model::load_config(&o.dir)?,
-            None => {
+        let cfg = match (&o.preset, &o.init_from) {
+            (Some(p), _) => Config::preset(p)?,
+            (None, _) if o.dir.join(crate::model::CONFIG_FILE).exists() => crate::model::Model::load_config(&o.dir)?,
+            (None, Some(from)) => crate::model::Model::load_config(from)?,
+            (None, None) => {
                 return Err(Error::Invalid(format!(
                     "{} has no config.json: give --preset to start a new model",
                     o.dir.display()
@@ -321,6 +354,9 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
                 crate::codes::init_with_dvae(&o.dir, &cfg, donor)?;
             }
             None => train::init_dir(&o.dir, &cfg)?,
+        }
+        if let Some(from) = &o.init_from {
+            take_tokenizer(from, &o.dir, &cfg)?;
         }
         let p = Plan::new(o);
         p.save(&o.dir)?;
@@ -377,6 +413,28 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
         }
     }
     Ok(plan)
+}
+
+/// Copies the tokenizer of `from` into `dir` (a model continued with `--init-from`): the
+/// transformer's text embeddings only mean something with the tokenizer they were trained on.
+fn take_tokenizer(from: &Path, dir: &Path, cfg: &Config) -> Result<()> {
+    let donor = from.join(crate::model::TOKENIZER_FILE);
+    let tok = crate::text::TextTokenizer::load(&donor)?;
+    if tok.vocab_size() != cfg.text.vocab_size {
+        return Err(Error::Invalid(format!(
+            "the tokenizer of {} has {} tokens and this model's text vocabulary {}: --init-from needs the same text shape",
+            from.display(),
+            tok.vocab_size(),
+            cfg.text.vocab_size
+        )));
+    }
+    let bytes = std::fs::read(&donor).map_err(|e| Error::io(&donor, e))?;
+    write_atomic(&dir.join(crate::model::TOKENIZER_FILE), &bytes)
+}
+
+/// The weights file of `name` in the plan's `--init-from` directory, where there is one.
+fn init_weights(plan: &Plan, name: &str) -> Option<PathBuf> {
+    plan.init_from.as_ref().map(|d| d.join(name)).filter(|p| p.exists())
 }
 
 /// Decides a stage's amount once (saved in the plan before any work), so a resumed stage keeps
@@ -453,15 +511,19 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
         "transformer" | "reranker" => {
             let t0 = Instant::now();
             let transformer = st.name == "transformer";
+            let init_transformer = init_weights(plan, crate::model::TRANSFORMER_FILE);
+            let init_reranker = init_weights(plan, crate::model::RERANKER_FILE);
             let run = |t: &TrainOptions| -> Result<train::TrainSummary> {
+                let warmup = (t.steps / 20).max(1);
                 if transformer {
-                    let recipe = TransformerRecipe { lr: 1e-3, warmup: (t.steps / 20).max(1), ..Default::default() };
-                    train::train_transformer(t, &recipe)
-                } else {
-                    train::train_reranker(
+                    let init_from = init_transformer.clone();
+                    train::train_transformer(
                         t,
-                        &train::RerankerRecipe { warmup: (t.steps / 20).max(1), ..Default::default() },
+                        &TransformerRecipe { lr: 1e-3, warmup, init_from, ..Default::default() },
                     )
+                } else {
+                    let init_from = init_reranker.clone();
+                    train::train_reranker(t, &train::RerankerRecipe { warmup, init_from, ..Default::default() })
                 }
             };
             let base = |o: &AllOptions| {
