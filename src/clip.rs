@@ -153,13 +153,51 @@ impl Reranker {
     /// The symmetric loss of embedded pairs; `extra` [B, K]: further logits on the image side
     /// only (the contrasting captions).
     fn paired_loss(&self, img: &Tensor, txt: &Tensor, extra: Option<Tensor>) -> Tensor {
+        self.paired_loss_with(img, txt, extra, None)
+    }
+
+    /// [`Self::paired_loss`] with further logits on either side: `image_extra` [B, K] (each
+    /// image against more captions), `text_extra` [B, K] (each caption against more images).
+    fn paired_loss_with(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        image_extra: Option<Tensor>,
+        text_extra: Option<Tensor>,
+    ) -> Tensor {
         let logits = img.matmul(&txt.tr()) * self.scale();
         let target = Tensor::arange(logits.size()[0], (Kind::Int64, logits.device()));
-        let image_side = match extra {
-            Some(e) => Tensor::cat(&[&logits, &e], 1),
-            None => logits.shallow_clone(),
+        let widen = |l: Tensor, e: Option<Tensor>| match e {
+            Some(e) => Tensor::cat(&[&l, &e], 1),
+            None => l,
         };
-        (image_side.cross_entropy_for_logits(&target) + logits.tr().cross_entropy_for_logits(&target)) / 2.0
+        let image_side = widen(logits.shallow_clone(), image_extra);
+        let text_side = widen(logits.tr(), text_extra);
+        (image_side.cross_entropy_for_logits(&target) + text_side.cross_entropy_for_logits(&target)) / 2.0
+    }
+
+    /// The contrastive loss with `k` contrasting pictures per caption (`contrast_images`
+    /// [B·k, 3, H, W], caption b's at rows b·k..(b+1)·k: scenes that differ from b's in one
+    /// detail the caption names; `real` [B, k]: false where a row is missing, left out): each
+    /// caption must pick its image among the batch's and its own contrasts, each image its
+    /// caption among the batch's. `k` = 0 is [`Self::loss`].
+    pub fn loss_with_image_contrasts(
+        &self,
+        images: &Tensor,
+        ids: &Tensor,
+        valid: &Tensor,
+        contrast_images: &Tensor,
+        real: &Tensor,
+    ) -> Tensor {
+        let img = self.encode_image(images);
+        let txt = self.encode_text(ids, valid);
+        let (b, k) = (img.size()[0], real.size().get(1).copied().unwrap_or(0));
+        if k == 0 {
+            return self.paired_loss(&img, &txt, None);
+        }
+        let other = self.encode_image(contrast_images).view([b, k, -1]);
+        let hard = (txt.unsqueeze(1) * other).sum_dim_intlist(-1, false, Kind::Float) * self.scale();
+        self.paired_loss_with(&img, &txt, None, Some(hard.masked_fill(&real.logical_not(), f64::NEG_INFINITY)))
     }
 
     /// The contrastive loss with `k` contrasting captions per image (`contrast_ids` [B·k, T],

@@ -16,6 +16,8 @@ use crate::world::{self, Split};
 pub struct Example {
     pub rgb: Vec<u8>,
     pub caption: String,
+    /// The scene drawn (the synthetic world only).
+    pub scene: Option<world::Scene>,
 }
 
 /// Where examples come from.
@@ -117,7 +119,7 @@ impl Source {
         match self {
             Source::World { seed, split } => {
                 let scene = world::sample(*seed, index, *split);
-                Some(Example { rgb: world::render(&scene, size), caption: scene.caption })
+                Some(Example { rgb: world::render(&scene, size), caption: scene.caption.clone(), scene: Some(scene) })
             }
             Source::Files { items, .. } => {
                 if items.is_empty() {
@@ -125,7 +127,7 @@ impl Source {
                 }
                 let (bytes, caption) = &items[(index % items.len() as u64) as usize];
                 let rgb = random_crop(bytes, size, rng)?;
-                Some(Example { rgb, caption: caption.clone() })
+                Some(Example { rgb, caption: caption.clone(), scene: None })
             }
         }
     }

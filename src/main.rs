@@ -419,6 +419,12 @@ enum TrainCommand {
         /// 0: the batch alone, as in CLIP.
         #[arg(long, default_value_t = 0)]
         contrasts: usize,
+        /// Contrasting pictures per caption: its scene with one detail the caption names
+        /// changed (a colour, a shape, the two objects' places, the count, a stack's order, a
+        /// letter, the bottom half of a transform), rendered, that the caption must score below
+        /// its own picture. Needs --data world (pictures, not --shards). 0: none.
+        #[arg(long, default_value_t = 0)]
+        contrast_images: usize,
     },
 }
 
@@ -614,8 +620,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
         tch::set_num_threads(t as i32);
     }
     let device = tessera::parse_device(&a.device)?;
+    let t_load = std::time::Instant::now();
     let mut model = load_model(&a.source, device)?;
     model.set_dtype(tessera::parse_dtype(&a.dtype, device)?)?;
+    let load_s = t_load.elapsed().as_secs_f64();
     match a.decode.as_str() {
         "auto" => {}
         "static" => model.transformer.net.set_static_decode(true),
@@ -656,9 +664,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
         true
     })?;
     eprintln!();
+    let sample_s = t0.elapsed().as_secs_f64();
     let mut samples = samples;
     let rgb: Vec<Vec<u8>> = samples.iter().map(|s| s.rgb.clone()).collect();
-    if let Some(scores) = model.rerank(&a.prompt, &rgb)? {
+    let t_rerank = std::time::Instant::now();
+    let scores = model.rerank(&a.prompt, &rgb)?;
+    let rerank_s = t_rerank.elapsed().as_secs_f64();
+    if let Some(scores) = scores {
         let mut order: Vec<usize> = (0..samples.len()).collect();
         order.sort_by(|&i, &j| scores[j].total_cmp(&scores[i]));
         for &i in &order {
@@ -670,6 +682,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         eprintln!("note: this model has no reranker; keeping every sample");
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let t_write = std::time::Instant::now();
     for s in &samples {
         let path = unused_path(&a.out, s.seed);
         let img = image::RgbImage::from_raw(s.size as u32, s.size as u32, s.rgb.clone()).context("image buffer")?;
@@ -679,6 +692,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
         println!("{}", path.display());
     }
     let how = if graphs { " (decode steps replayed as a CUDA graph)" } else { "" };
+    eprintln!(
+        "time: model load {load_s:.3}s, sampling and decoding {sample_s:.3}s, reranking {rerank_s:.3}s, writing {:.3}s",
+        t_write.elapsed().as_secs_f64()
+    );
     eprintln!("{} images in {:.1}s on {:?}{how}", samples.len(), t0.elapsed().as_secs_f64(), device);
     Ok(())
 }
@@ -954,8 +971,8 @@ fn train(t: TrainCommand) -> Result<()> {
             let opts = timed_options(&common, |o| tr::train_transformer(o, &recipe))?;
             tr::train_transformer(&opts, &recipe)?
         }
-        TrainCommand::Reranker { common, lr, warmup, init_from, contrasts } => {
-            let recipe = tr::RerankerRecipe { lr, warmup, init_from, contrasts };
+        TrainCommand::Reranker { common, lr, warmup, init_from, contrasts, contrast_images } => {
+            let recipe = tr::RerankerRecipe { lr, warmup, init_from, contrasts, contrast_images };
             let opts = timed_options(&common, |o| tr::train_reranker(o, &recipe))?;
             tr::train_reranker(&opts, &recipe)?
         }

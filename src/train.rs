@@ -230,6 +230,8 @@ pub struct Batch {
     /// `captions.len() × image_len` image tokens (empty when the batch holds pictures).
     pub tokens: Vec<u16>,
     pub captions: Vec<String>,
+    /// The scenes drawn, one per picture, when every picture comes from the synthetic world.
+    pub scenes: Vec<crate::world::Scene>,
 }
 
 /// Where a trainer's batches come from.
@@ -255,9 +257,10 @@ pub fn make_batch(feed: &Feed, batch: usize, seed: u64, step: usize) -> Option<B
                 let index =
                     if k < batch as u64 { (step * batch) as u64 + k } else { u64::MAX / 2 + (step * batch) as u64 + k };
                 let mut rng = SeedRng::new(seed ^ index.wrapping_mul(0x2545_F491_4F6C_DD1D));
-                if let Some(Example { rgb, caption }) = source.get(index, *size, &mut rng) {
+                if let Some(Example { rgb, caption, scene }) = source.get(index, *size, &mut rng) {
                     out.images.push(rgb);
                     out.captions.push(caption);
+                    out.scenes.extend(scene);
                 }
                 k += 1;
                 if k > 100 * batch as u64 {
@@ -814,17 +817,26 @@ pub struct RerankerRecipe {
     /// score below its own caption, beside the batch's other captions. 0: the batch alone, as
     /// in CLIP.
     pub contrasts: usize,
+    /// Contrasting pictures per caption ([`crate::world::contrast_scene`]: the scene with one
+    /// detail its caption names changed, rendered) that the caption must score below its own
+    /// picture, beside the batch's other pictures. Needs pictures of the synthetic world.
+    pub contrast_images: usize,
 }
 
 impl Default for RerankerRecipe {
     fn default() -> Self {
-        Self { lr: 1e-3, warmup: 200, init_from: None, contrasts: 0 }
+        Self { lr: 1e-3, warmup: 200, init_from: None, contrasts: 0, contrast_images: 0 }
     }
 }
 
 /// Trains the contrastive reranker of a model directory that has its tokenizer.
 pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<TrainSummary> {
-    let (lr, warmup, k) = (recipe.lr, recipe.warmup, recipe.contrasts);
+    let (lr, warmup, k, k_img) = (recipe.lr, recipe.warmup, recipe.contrasts, recipe.contrast_images);
+    if k > 0 && k_img > 0 {
+        return Err(Error::Invalid(
+            "contrasting captions and contrasting pictures are separate recipes: give one of them".into(),
+        ));
+    }
     let cfg = crate::model::Model::load_config(&opts.dir)?;
     let tok = TextTokenizer::load(&opts.dir.join(TOKENIZER_FILE))?;
     let source = Source::open(&opts.data)?;
@@ -873,7 +885,26 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
             .collect();
         let (ids, valid) = model.net.batch_text(&caps, opts.device);
         let rate = warmup_cosine(lr, step, warmup, opts.steps);
-        let loss = if k == 0 {
+        let loss = if k_img > 0 {
+            if batch.scenes.len() != batch.captions.len() {
+                return Err(Error::Invalid(format!(
+                    "contrasting pictures are drawn from the synthetic world's scenes: train on --data world without --shards, not {}",
+                    if opts.shards.is_some() { "token shards".to_string() } else { opts.data.clone() }
+                )));
+            }
+            // k_img contrasting scenes per caption, drawn from the step so that a resumed run
+            // draws the same
+            let mut rng = crate::sample::SeedRng::new(opts.seed ^ 0x1A_6E55 ^ (step as u64).wrapping_mul(0x9E37_79B9));
+            let pictures: Vec<Vec<u8>> = batch
+                .scenes
+                .iter()
+                .flat_map(|sc| (0..k_img).map(|_| crate::world::contrast_scene(sc, &mut rng)).collect::<Vec<_>>())
+                .map(|sc| crate::world::render(&sc, size))
+                .collect();
+            let other = from_rgb8(&pictures, size, opts.device)?;
+            let real = Tensor::ones([caps.len() as i64, k_img as i64], (Kind::Bool, opts.device));
+            model.net.loss_with_image_contrasts(&x, &ids, &valid, &other, &real)
+        } else if k == 0 {
             model.net.loss(&x, &ids, &valid)
         } else {
             // k contrasting captions per picture, drawn from the step so that a resumed run

@@ -708,6 +708,91 @@ pub fn render(scene: &Scene, size: usize) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------
 // Contrasting captions
 
+/// A scene that differs from `scene` in one detail its caption names: a colour or a shape, the
+/// relation of two objects (they trade places), the number of objects, the order or a colour of
+/// a stack, a letter of a sign, or what the bottom half of a transform shows. Its picture does
+/// not match `scene`'s caption, which makes it a hard negative for that caption when the
+/// reranker trains (`train reranker --contrast-images`). Its caption is left empty. Drawn from
+/// `rng`, so a seeded run draws the same.
+pub fn contrast_scene(scene: &Scene, rng: &mut SeedRng) -> Scene {
+    let mut below = |n: usize| (rng.next_u64() % n.max(1) as u64) as usize;
+    let mut c = Scene { caption: String::new(), ..scene.clone() };
+    let n = c.objects.len();
+    let recolour = |o: &mut Object, avoid: &[Colour], k: usize| {
+        let options: Vec<Colour> =
+            Colour::object_colours().into_iter().filter(|x| *x != o.colour && !avoid.contains(x)).collect();
+        o.colour = options[k % options.len()];
+    };
+    let reshape = |o: &mut Object, k: usize| {
+        let options: Vec<Shape> = Shape::ALL.iter().copied().filter(|x| *x != o.shape).collect();
+        o.shape = options[k % options.len()];
+    };
+    let bg = c.background;
+    match c.capability {
+        Capability::SingleObject | Capability::TwoObjectsPosition | Capability::Count if n == 0 => {}
+        Capability::SingleObject | Capability::TwoObjectsPosition => {
+            let i = below(n);
+            match below(if n == 2 { 3 } else { 2 }) {
+                0 => recolour(&mut c.objects[i], &[bg], below(64)),
+                1 => reshape(&mut c.objects[i], below(64)),
+                _ => {
+                    let (a, b) = ((c.objects[0].x, c.objects[0].y), (c.objects[1].x, c.objects[1].y));
+                    (c.objects[0].x, c.objects[0].y, c.objects[1].x, c.objects[1].y) = (b.0, b.1, a.0, a.1);
+                }
+            }
+        }
+        Capability::Count => match below(3) {
+            0 if n >= 2 => {
+                c.objects.remove(below(n));
+                c.count = Some(n - 1);
+            }
+            1 => {
+                let k = below(64);
+                c.objects.iter_mut().for_each(|o| recolour(o, &[bg], k));
+            }
+            _ => {
+                let k = below(64);
+                c.objects.iter_mut().for_each(|o| reshape(o, k));
+            }
+        },
+        Capability::Stack if n >= 2 => {
+            if below(2) == 0 {
+                // two levels trade colours
+                let i = below(n);
+                let j = (i + 1 + below(n - 1)) % n;
+                let (a, b) = (c.objects[i].colour, c.objects[j].colour);
+                (c.objects[i].colour, c.objects[j].colour) = (b, a);
+            } else {
+                let used: Vec<Colour> = c.objects.iter().map(|o| o.colour).chain([bg]).collect();
+                let i = below(n);
+                recolour(&mut c.objects[i], &used, below(64));
+            }
+        }
+        Capability::Text => {
+            if let Some(sign) = c.sign.as_mut() {
+                let letters: Vec<char> = sign.word.chars().collect();
+                if !letters.is_empty() {
+                    let i = below(letters.len());
+                    let from = (letters[i] as u32).wrapping_sub('a' as u32) as usize % 26;
+                    let other = (b'a' + ((from + 1 + below(25)) % 26) as u8) as char;
+                    sign.word = letters.iter().enumerate().map(|(j, &l)| if j == i { other } else { l }).collect();
+                }
+            }
+        }
+        Capability::Transform if n >= 2 => {
+            // one copy in the bottom half is not what the transform makes of its original
+            let i = n / 2 + below(n - n / 2);
+            if below(2) == 0 {
+                recolour(&mut c.objects[i], &[bg], below(64));
+            } else {
+                reshape(&mut c.objects[i], below(64));
+            }
+        }
+        Capability::Stack | Capability::Transform => {}
+    }
+    c
+}
+
 /// Captions that differ from `caption` in one detail a picture shows, grouped by kind of
 /// change: a colour, a shape, a size, a count, a relation (above/below, left/right), the order
 /// of two colours or of two shapes (what is on top of a stack, which object is where), a

@@ -314,4 +314,68 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
     assert!((stage("transformer").planned_s - 0.75 * 20.0).abs() < 1e-9, "{plan:?}");
     assert!(plan.stages.iter().all(|s| s.done));
     assert!(dir.join("transformer.safetensors").exists() && dir.join("shards").is_dir());
+
+    // that model continued (`--init-from` and `--dvae-from` it, no preset): its tokenizer and
+    // configuration are taken as they are, and the transformer starts where it stopped
+    let next = tmp.path().join("next");
+    let o = tessera()
+        .args(["train", "all", "--data", "world:4", "--budget", "20s", "--device", "cpu", "--threads", "1"])
+        .args(["--workers", "1", "--eval-captions", "0", "--dvae-from"])
+        .arg(&dir)
+        .arg("--init-from")
+        .arg(&dir)
+        .arg("--dir")
+        .arg(&next)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["tokenizer.json", "dvae.safetensors"] {
+        assert_eq!(std::fs::read(next.join(f)).unwrap(), std::fs::read(dir.join(f)).unwrap(), "{f}");
+    }
+    assert_eq!(tessera::Model::load_config(&next).unwrap(), tessera::Model::load_config(&dir).unwrap());
+    let plan = Plan::load(&next).unwrap();
+    assert_eq!(plan.init_from.as_deref(), Some(dir.as_path()));
+    let tokenizer = plan.stages.iter().find(|s| s.name == "tokenizer").unwrap();
+    assert_eq!(tokenizer.seconds, 0.0, "a tokenizer was trained");
+    let first_loss = |d: &Path| -> f64 {
+        let log = std::fs::read_to_string(d.join("transformer.log.jsonl")).unwrap();
+        let first = log.lines().next().expect("an empty transformer log");
+        serde_json::from_str::<serde_json::Value>(first).unwrap()["image_loss"].as_f64().unwrap()
+    };
+    let (fresh, continued) = (first_loss(&dir), first_loss(&next));
+    assert!(continued < 0.8 * fresh, "the continued transformer starts at {continued}, a fresh one at {fresh}");
+}
+
+#[test]
+fn a_trainer_given_a_time_plans_its_steps_to_fit_it() {
+    let _cpu = crate::common::heavy_cpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = crate::common::saved_tiny_model(&tmp.path().join("m"), 3);
+    let run = |extra: &[&str]| {
+        tessera()
+            .args(["train", "reranker", "--data", "world:2", "--batch", "4", "--device", "cpu", "--threads", "1"])
+            .args(["--workers", "1", "--sample-every", "0", "--log-every", "1", "--dir"])
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--time", "6s"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // "--time 6s: N steps of 4 fit (…)", then a run of at most N steps
+    let planned: u64 = err
+        .split("--time 6s: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no plan printed: {err}"));
+    let log = std::fs::read_to_string(dir.join("reranker.log.jsonl")).unwrap();
+    let last = log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).max();
+    assert!(planned >= 1 && last.is_some_and(|s| s >= 1 && s <= planned), "planned {planned}, ran to {last:?}");
+    // a time that is no time, and a time with --resume, are refused with a clear message
+    let e = run(&["--time", "0s"]);
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("cannot read the budget"));
+    let e = run(&["--time", "6s", "--resume"]);
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("--resume"));
 }

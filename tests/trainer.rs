@@ -366,8 +366,11 @@ fn a_reranker_can_start_from_another_models_weights() {
     // one step at a negligible rate from a's weights keeps them
     let mut ob = options(b.path(), 1, None, false);
     ob.batch = 8;
-    train::train_reranker(&ob, &RerankerRecipe { lr: 1e-12, warmup: 1, init_from: Some(source.clone()), contrasts: 0 })
-        .unwrap();
+    train::train_reranker(
+        &ob,
+        &RerankerRecipe { lr: 1e-12, warmup: 1, init_from: Some(source.clone()), contrasts: 0, contrast_images: 0 },
+    )
+    .unwrap();
     let (want, got) = (sorted_state(&source), sorted_state(&b.path().join("reranker.safetensors")));
     assert_eq!(want.len(), got.len());
     for ((n, x), (m, y)) in want.iter().zip(&got) {

@@ -340,3 +340,50 @@ fn the_contrast_loss_matches_a_brute_force_softmax() {
     assert_eq!(plain, loss_with(&[], 0));
     assert!(got > plain);
 }
+
+#[test]
+fn the_contrasting_picture_loss_matches_a_brute_force_softmax() {
+    let cfg = crate::common::tiny_with(None);
+    tch::manual_seed(4);
+    let r = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
+    let net = &r.net;
+    let size = cfg.dvae.image_size as i64;
+    let (b, k) = (3usize, 2usize);
+    let images = Tensor::rand([b as i64, 3, size, size], (Kind::Float, Device::Cpu));
+    let others = Tensor::rand([(b * k) as i64, 3, size, size], (Kind::Float, Device::Cpu));
+    let caption = |i: usize| vec![(i % 7) as i64 + 1, (3 * i % 5) as i64 + 2, (i % 4) as i64];
+    let (ids, valid) = net.batch_text(&(0..b).map(caption).collect::<Vec<_>>(), Device::Cpu);
+    let loss_with = |real: &[bool], k: usize| {
+        let real = Tensor::from_slice(real).view([b as i64, k as i64]);
+        let o = others.narrow(0, 0, (b * k) as i64);
+        tch::no_grad(|| net.loss_with_image_contrasts(&images, &ids, &valid, &o, &real)).double_value(&[])
+    };
+    // one score at a time: caption i against every image and its own real contrasting
+    // pictures, each image against every caption
+    let score = |pic: &Tensor, text: &[i64]| -> f64 { tch::no_grad(|| net.score(pic, text)).double_value(&[0]) };
+    let image = |i: usize| images.narrow(0, i as i64, 1);
+    let other = |j: usize| others.narrow(0, j as i64, 1);
+    let nll = |own: f64, all: &[f64]| -> f64 { all.iter().map(|s| (s - own).exp()).sum::<f64>().ln() };
+    let brute = |real: &[bool]| {
+        let (mut image_side, mut text_side) = (0.0, 0.0);
+        for i in 0..b {
+            let row: Vec<f64> = (0..b).map(|j| score(&image(i), &caption(j))).collect();
+            image_side += nll(row[i], &row);
+            let mut column: Vec<f64> = (0..b).map(|j| score(&image(j), &caption(i))).collect();
+            column.extend((0..k).filter(|&j| real[i * k + j]).map(|j| score(&other(i * k + j), &caption(i))));
+            text_side += nll(column[i], &column);
+        }
+        (image_side + text_side) / (2.0 * b as f64)
+    };
+    let all = vec![true; b * k];
+    let (got, want) = (loss_with(&all, k), brute(&all));
+    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "loss {got} vs brute force {want}");
+    let mut some = all.clone();
+    some[0] = false;
+    let (part, want_part) = (loss_with(&some, k), brute(&some));
+    assert!((part - want_part).abs() < 1e-4 * want_part.abs().max(1.0), "loss {part} vs brute force {want_part}");
+    assert!(part < got);
+    let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
+    assert_eq!(plain, loss_with(&[], 0));
+    assert!(got > plain);
+}

@@ -197,3 +197,28 @@ fn the_reranker_pair_score_counts_right_over_wrong_pairs() {
     assert_eq!(ordered_pairs(&[0.3, 0.2], &[true, true]), (0.0, 0));
     assert_eq!(ordered_pairs(&[0.3, 0.2], &[false, false]), (0.0, 0));
 }
+
+#[test]
+fn contrasting_scenes_are_drawn_and_fail_the_original_caption() {
+    // the evaluator, an independent reading of the picture, accepts the scene's own render and
+    // rejects the contrast's render for the scene's caption
+    let mut rng = tessera::sample::SeedRng::new(9);
+    for &cap in Capability::ALL {
+        let (mut own, mut contrast, mut changed) = (0, 0, 0);
+        let n = 40;
+        for seed in 0..n {
+            let scene = world::generate(cap, 500 + seed, Split::Train);
+            let other = world::contrast_scene(&scene, &mut rng);
+            changed += usize::from(other.objects != scene.objects || other.sign != scene.sign);
+            own += usize::from(score(&scene, &render(&scene, 64), 64));
+            // the evaluator reads colour and number in count scenes, not shape
+            let unread =
+                cap == Capability::Count && other.objects.first().map(|o| o.shape) != Some(scene.objects[0].shape);
+            contrast += usize::from(!unread && score(&scene, &render(&other, 64), 64));
+            assert!(other.caption.is_empty());
+        }
+        assert_eq!(changed, n as usize, "{cap:?}: a contrast equal to its scene");
+        assert!(own >= n as usize * 9 / 10, "{cap:?}: ground truth passes only {own} of {n}");
+        assert!(contrast <= n as usize / 20, "{cap:?}: {contrast} of {n} contrasts still pass the original caption");
+    }
+}
