@@ -147,18 +147,13 @@ impl Reranker {
 
     /// Symmetric contrastive loss of a batch of matching images and captions.
     pub fn loss(&self, images: &Tensor, ids: &Tensor, valid: &Tensor) -> Tensor {
-        self.paired_loss(&self.encode_image(images), &self.encode_text(ids, valid), None)
+        self.paired_loss(&self.encode_image(images), &self.encode_text(ids, valid), None, None)
     }
 
-    /// The symmetric loss of embedded pairs; `extra` [B, K]: further logits on the image side
-    /// only (the contrasting captions).
-    fn paired_loss(&self, img: &Tensor, txt: &Tensor, extra: Option<Tensor>) -> Tensor {
-        self.paired_loss_with(img, txt, extra, None)
-    }
-
-    /// [`Self::paired_loss`] with further logits on either side: `image_extra` [B, K] (each
-    /// image against more captions), `text_extra` [B, K] (each caption against more images).
-    fn paired_loss_with(
+    /// The symmetric loss of embedded pairs, with further logits [B, K] on either side:
+    /// `image_extra` (each image against more captions), `text_extra` (each caption against
+    /// more images).
+    fn paired_loss(
         &self,
         img: &Tensor,
         txt: &Tensor,
@@ -176,6 +171,33 @@ impl Reranker {
         (image_side.cross_entropy_for_logits(&target) + text_side.cross_entropy_for_logits(&target)) / 2.0
     }
 
+    /// CLIP's loss of the pairs (`images`, captions `ids`) with `k` hard negatives per pair
+    /// (`real` [B, k]: false where a row is missing, left out): `embed_others` embeds them
+    /// ([B·k, D], pair b's at rows b·k..(b+1)·k), and `for_captions` says whose they are (each
+    /// caption meets k more pictures, or each picture k more captions). `k` = 0 is
+    /// [`Self::loss`].
+    fn loss_with_hard_negatives(
+        &self,
+        images: &Tensor,
+        ids: &Tensor,
+        valid: &Tensor,
+        real: &Tensor,
+        for_captions: bool,
+        embed_others: impl FnOnce() -> Tensor,
+    ) -> Tensor {
+        let img = self.encode_image(images);
+        let txt = self.encode_text(ids, valid);
+        let (b, k) = (img.size()[0], real.size().get(1).copied().unwrap_or(0));
+        if k == 0 {
+            return self.paired_loss(&img, &txt, None, None);
+        }
+        let own = if for_captions { &txt } else { &img };
+        let other = embed_others().view([b, k, -1]);
+        let hard = (own.unsqueeze(1) * other).sum_dim_intlist(-1, false, Kind::Float) * self.scale();
+        let hard = Some(hard.masked_fill(&real.logical_not(), f64::NEG_INFINITY));
+        if for_captions { self.paired_loss(&img, &txt, None, hard) } else { self.paired_loss(&img, &txt, hard, None) }
+    }
+
     /// The contrastive loss with `k` contrasting pictures per caption (`contrast_images`
     /// [B·k, 3, H, W], caption b's at rows b·k..(b+1)·k: scenes that differ from b's in one
     /// detail the caption names; `real` [B, k]: false where a row is missing, left out): each
@@ -189,15 +211,7 @@ impl Reranker {
         contrast_images: &Tensor,
         real: &Tensor,
     ) -> Tensor {
-        let img = self.encode_image(images);
-        let txt = self.encode_text(ids, valid);
-        let (b, k) = (img.size()[0], real.size().get(1).copied().unwrap_or(0));
-        if k == 0 {
-            return self.paired_loss(&img, &txt, None);
-        }
-        let other = self.encode_image(contrast_images).view([b, k, -1]);
-        let hard = (txt.unsqueeze(1) * other).sum_dim_intlist(-1, false, Kind::Float) * self.scale();
-        self.paired_loss_with(&img, &txt, None, Some(hard.masked_fill(&real.logical_not(), f64::NEG_INFINITY)))
+        self.loss_with_hard_negatives(images, ids, valid, real, true, || self.encode_image(contrast_images))
     }
 
     /// The contrastive loss with `k` contrasting captions per image (`contrast_ids` [B·k, T],
@@ -213,15 +227,9 @@ impl Reranker {
         contrast_valid: &Tensor,
         real: &Tensor,
     ) -> Tensor {
-        let img = self.encode_image(images);
-        let txt = self.encode_text(ids, valid);
-        let (b, k) = (img.size()[0], real.size().get(1).copied().unwrap_or(0));
-        if k == 0 {
-            return self.paired_loss(&img, &txt, None);
-        }
-        let other = self.encode_text(contrast_ids, contrast_valid).view([b, k, -1]);
-        let hard = (img.unsqueeze(1) * other).sum_dim_intlist(-1, false, Kind::Float) * self.scale();
-        self.paired_loss(&img, &txt, Some(hard.masked_fill(&real.logical_not(), f64::NEG_INFINITY)))
+        self.loss_with_hard_negatives(images, ids, valid, real, false, || {
+            self.encode_text(contrast_ids, contrast_valid)
+        })
     }
 
     /// Scores of images [N, 3, H, W] against one caption: cosine similarity × temperature.
