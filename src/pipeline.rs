@@ -1,7 +1,9 @@
 //! `tessera train all`: a whole model in a time budget. Tokenizer, dVAE, token shards,
 //! transformer, reranker and the evaluation report run one after the other; each timed stage
 //! gets a fixed share of the budget, measures its own speed on a few throwaway steps, and turns
-//! its share into a number of steps (so its schedules are those of a run of that length). The
+//! its share into a number of steps (so its schedules are those of a run of that length); time
+//! the earlier stages left unused is added to the next trainer's share (dVAE, transformer,
+//! reranker). The
 //! plan and each stage's outcome are kept in `train-all.json`, written atomically after every
 //! decision, so `--resume` after a kill continues the stage that was running from its last
 //! checkpoint with the same plan.
@@ -142,6 +144,10 @@ pub struct Stage {
     pub seconds: f64,
     /// A one-line outcome (final loss, PSNR, accuracy…).
     pub result: Option<serde_json::Value>,
+    /// Seconds the earlier stages left unused, added to this trainer stage's share when its
+    /// amount was decided (a stage plans 80% of its share as work and may finish early).
+    #[serde(default)]
+    pub carried_s: f64,
 }
 
 /// `train-all.json`.
@@ -451,7 +457,13 @@ fn decide(o: &AllOptions, plan: &mut Plan, i: usize, measure: impl FnOnce() -> R
 }
 
 fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Result<serde_json::Value> {
+    if matches!(plan.stages[i].name.as_str(), "dvae" | "transformer" | "reranker") && plan.stages[i].amount.is_none() {
+        // what the run is ahead of its plan goes to the next trainer; saved with the amount
+        let earlier: f64 = plan.stages[..i].iter().map(|s| s.planned_s).sum();
+        plan.stages[i].carried_s = (earlier - p.elapsed()).max(0.0);
+    }
     let st = plan.stages[i].clone();
+    let share = st.planned_s + st.carried_s;
     let calib_steps = 12;
     match st.name.as_str() {
         "tokenizer" => {
@@ -468,9 +480,9 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let steps = decide(o, plan, i, || {
                 let mut c = base();
                 (c.steps, c.calibrate) = (calib_steps, true);
-                c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * st.planned_s));
+                c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * share));
                 let s = train::train_dvae(&c, &dvae_recipe(calib_steps, o.dvae))?;
-                let left = st.planned_s - t0.elapsed().as_secs_f64();
+                let left = share - t0.elapsed().as_secs_f64();
                 Ok((steps_for(left, s.steady_examples_per_s, st.batch), s.steady_examples_per_s))
             })?;
             let mut t = base();
@@ -538,9 +550,9 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let steps = decide(o, plan, i, || {
                 let mut c = base(o);
                 (c.steps, c.calibrate) = (calib_steps, true);
-                c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * st.planned_s));
+                c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * share));
                 let s = run(&c)?;
-                let left = st.planned_s - t0.elapsed().as_secs_f64();
+                let left = share - t0.elapsed().as_secs_f64();
                 Ok((steps_for(left, s.steady_examples_per_s, st.batch), s.steady_examples_per_s))
             })?;
             let mut t = base(o);
@@ -585,13 +597,14 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
 }
 
 /// When stage `i`, started (in this invocation) at `t0`, must stop: its share of the budget
-/// less what earlier invocations already spent in it — and no later than the run's schedule
+/// (with what earlier stages left unused, for a trainer) less what earlier invocations already
+/// spent in it — and no later than the run's schedule
 /// allows (the shares so far, with the slack spread over them, of 97% of the budget), so that
 /// time an earlier stage ran over (closing checkpoints on a loaded machine) comes out of the
 /// later stages rather than out of the budget. At least a second either way.
 fn stage_deadline(plan: &Plan, i: usize, t0: Instant, p: &StageProgress) -> Instant {
     let st = &plan.stages[i];
-    let own = t0 + Duration::from_secs_f64((0.95 * st.planned_s - st.seconds).max(0.0));
+    let own = t0 + Duration::from_secs_f64((0.95 * (st.planned_s + st.carried_s) - st.seconds).max(0.0));
     let total: f64 = plan.stages.iter().map(|s| s.planned_s).sum();
     let upto: f64 = plan.stages[..=i].iter().map(|s| s.planned_s).sum();
     let allowed_end = 0.97 * plan.budget_s * upto / total.max(1e-9);

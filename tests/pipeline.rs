@@ -342,6 +342,14 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
         let first = log.lines().next().expect("an empty transformer log");
         serde_json::from_str::<serde_json::Value>(first).unwrap()["image_loss"].as_f64().unwrap()
     };
+    // the time the earlier stages left unused went to the next trainer: the reranker's share
+    // grew by the earlier shares less the time they took (load and saves aside)
+    let plan = Plan::load(&next).unwrap();
+    let at = plan.stages.iter().position(|s| s.name == "reranker").unwrap();
+    let earlier: f64 = plan.stages[..at].iter().map(|s| s.planned_s).sum();
+    let took: f64 = plan.stages[..at].iter().map(|s| s.seconds).sum();
+    let carried = plan.stages[at].carried_s;
+    assert!(carried <= earlier && (carried - (earlier - took).max(0.0)).abs() < 1.0, "{plan:?}");
     let (fresh, continued) = (first_loss(&dir), first_loss(&next));
     assert!(continued < 0.8 * fresh, "the continued transformer starts at {continued}, a fresh one at {fresh}");
 }
