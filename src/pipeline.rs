@@ -264,16 +264,30 @@ const CALIBRATION_SHARE: f64 = 0.3;
 pub fn fit_steps(
     opts: &TrainOptions,
     seconds: f64,
-    run: impl Fn(&TrainOptions) -> Result<train::TrainSummary>,
+    run: impl FnOnce(&TrainOptions) -> Result<train::TrainSummary>,
 ) -> Result<usize> {
-    let t0 = Instant::now();
-    let mut c = opts.clone();
-    (c.steps, c.calibrate, c.resume) = (12, true, false);
-    c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * seconds));
-    let s = run(&c)?;
-    let left = seconds - t0.elapsed().as_secs_f64();
-    Ok(steps_for(left, s.steady_examples_per_s, opts.batch))
+    Ok(calibrate(opts, Instant::now(), seconds, run)?.0)
 }
+
+/// Throwaway steps to measure a trainer's speed (at most [`CALIBRATION_SHARE`] of `seconds`,
+/// counted from `t0`), then the steps of `opts.batch` that fit what is left of `seconds`, and
+/// the measured examples per second.
+fn calibrate(
+    opts: &TrainOptions,
+    t0: Instant,
+    seconds: f64,
+    run: impl FnOnce(&TrainOptions) -> Result<train::TrainSummary>,
+) -> Result<(usize, f64)> {
+    let mut c = opts.clone();
+    (c.steps, c.calibrate, c.resume) = (CALIBRATION_STEPS, true, false);
+    c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * seconds));
+    let rate = run(&c)?.steady_examples_per_s;
+    let left = seconds - t0.elapsed().as_secs_f64();
+    Ok((steps_for(left, rate, opts.batch), rate))
+}
+
+/// Throwaway steps a trainer's speed is measured on.
+const CALIBRATION_STEPS: usize = 12;
 
 fn stage_opts(o: &AllOptions, progress: &StageProgress, batch: usize) -> TrainOptions {
     let mut t = TrainOptions::new(&o.dir);
@@ -464,7 +478,6 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
     }
     let st = plan.stages[i].clone();
     let share = st.planned_s + st.carried_s;
-    let calib_steps = 12;
     match st.name.as_str() {
         "tokenizer" => {
             let tok = train::train_tokenizer(&o.dir, &o.data, 20_000)?;
@@ -478,12 +491,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                 t
             };
             let steps = decide(o, plan, i, || {
-                let mut c = base();
-                (c.steps, c.calibrate) = (calib_steps, true);
-                c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * share));
-                let s = train::train_dvae(&c, &dvae_recipe(calib_steps, o.dvae))?;
-                let left = share - t0.elapsed().as_secs_f64();
-                Ok((steps_for(left, s.steady_examples_per_s, st.batch), s.steady_examples_per_s))
+                calibrate(&base(), t0, share, |c| train::train_dvae(c, &dvae_recipe(c.steps, o.dvae)))
             })?;
             let mut t = base();
             t.steps = steps;
@@ -547,14 +555,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                 t.weights_bf16 = true;
                 t
             };
-            let steps = decide(o, plan, i, || {
-                let mut c = base(o);
-                (c.steps, c.calibrate) = (calib_steps, true);
-                c.deadline = Some(t0 + Duration::from_secs_f64(CALIBRATION_SHARE * share));
-                let s = run(&c)?;
-                let left = share - t0.elapsed().as_secs_f64();
-                Ok((steps_for(left, s.steady_examples_per_s, st.batch), s.steady_examples_per_s))
-            })?;
+            let steps = decide(o, plan, i, || calibrate(&base(o), t0, share, &run))?;
             let mut t = base(o);
             t.steps = steps;
             t.resume = true;

@@ -855,6 +855,12 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
     }
     let size = cfg.dvae.image_size;
     let feed = feed_for(opts, &cfg, &source)?;
+    if k_img > 0 && !matches!(&feed, Feed::Images { source: Source::World { .. }, .. }) {
+        return Err(Error::Invalid(format!(
+            "contrasting pictures are drawn from the synthetic world's scenes: train on --data world without --shards, not {}",
+            if opts.shards.is_some() { "token shards".to_string() } else { opts.data.clone() }
+        )));
+    }
     let skipped = skipped_count(&source, &feed);
     // from token shards the reranker sees pictures as the dVAE draws them, as it will when
     // it ranks samples
@@ -886,12 +892,6 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
         let (ids, valid) = model.net.batch_text(&caps, opts.device);
         let rate = warmup_cosine(lr, step, warmup, opts.steps);
         let loss = if k_img > 0 {
-            if batch.scenes.len() != batch.captions.len() {
-                return Err(Error::Invalid(format!(
-                    "contrasting pictures are drawn from the synthetic world's scenes: train on --data world without --shards, not {}",
-                    if opts.shards.is_some() { "token shards".to_string() } else { opts.data.clone() }
-                )));
-            }
             // k_img contrasting scenes per caption, drawn from the step so that a resumed run
             // draws the same
             let mut rng = crate::sample::SeedRng::new(opts.seed ^ 0x1A_6E55 ^ (step as u64).wrapping_mul(0x9E37_79B9));

@@ -706,7 +706,7 @@ pub fn render(scene: &Scene, size: usize) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Contrasting captions
+// Contrasts: hard negatives for the reranker
 
 /// A scene that differs from `scene` in one detail its caption names: a colour or a shape, the
 /// relation of two objects (they trade places), the number of objects, the order or a colour of

@@ -292,16 +292,54 @@ fn the_squared_error_option_is_fifty_times_the_pixel_error() {
     assert_eq!(serde_json::to_string(&Recon::Mse).unwrap(), "\"mse\"");
 }
 
+/// A tiny reranker drawn from `seed`, `n` random pictures and the captions of the brute-force
+/// loss tests.
+fn contrast_fixture(seed: i64, n: usize) -> (tessera::model::RerankerModel, Tensor) {
+    let cfg = crate::common::tiny_with(None);
+    tch::manual_seed(seed);
+    let r = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
+    let size = cfg.dvae.image_size as i64;
+    (r, Tensor::rand([n as i64, 3, size, size], (Kind::Float, Device::Cpu)))
+}
+
+fn fixture_caption(i: usize) -> Vec<i64> {
+    vec![(i % 7) as i64 + 1, (3 * i % 5) as i64 + 2, (i % 4) as i64]
+}
+
+/// −log softmax of `own` among `all`.
+fn softmax_nll(own: f64, all: &[f64]) -> f64 {
+    all.iter().map(|s| (s - own).exp()).sum::<f64>().ln()
+}
+
+/// The loss with every hard negative and with those of `dropped` left out matches the brute
+/// force; leaving some out lowers it, and with none (k = 0) it is CLIP's loss `plain`, lower
+/// still.
+fn check_hard_negative_loss(
+    (b, k): (usize, usize),
+    loss_with: impl Fn(&[bool], usize) -> f64,
+    brute: impl Fn(&[bool]) -> f64,
+    dropped: &[usize],
+    plain: f64,
+) {
+    let all = vec![true; b * k];
+    let (got, want) = (loss_with(&all, k), brute(&all));
+    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "loss {got} vs brute force {want}");
+    let mut some = all.clone();
+    for &d in dropped {
+        some[d] = false;
+    }
+    let (part, want_part) = (loss_with(&some, k), brute(&some));
+    assert!((part - want_part).abs() < 1e-4 * want_part.abs().max(1.0), "loss {part} vs brute force {want_part}");
+    assert!(part < got);
+    assert_eq!(plain, loss_with(&[], 0));
+    assert!(got > plain);
+}
+
 #[test]
 fn the_contrast_loss_matches_a_brute_force_softmax() {
-    let cfg = crate::common::tiny_with(None);
-    tch::manual_seed(3);
-    let r = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
-    let net = &r.net;
-    let size = cfg.dvae.image_size as i64;
     let (b, k) = (3usize, 2usize);
-    let images = Tensor::rand([b as i64, 3, size, size], (Kind::Float, Device::Cpu));
-    let caption = |i: usize| vec![(i % 7) as i64 + 1, (3 * i % 5) as i64 + 2, (i % 4) as i64];
+    let (r, images) = contrast_fixture(3, b);
+    let (net, caption, nll) = (&r.net, fixture_caption, softmax_nll);
     let (ids, valid) = net.batch_text(&(0..b).map(caption).collect::<Vec<_>>(), Device::Cpu);
     let (oids, ovalid) = net.batch_text(&(0..b * k).map(|j| caption(10 + j)).collect::<Vec<_>>(), Device::Cpu);
     let loss_with = |real: &[bool], k: usize| {
@@ -313,7 +351,6 @@ fn the_contrast_loss_matches_a_brute_force_softmax() {
     let score = |i: usize, text: &[i64]| -> f64 {
         tch::no_grad(|| net.score(&images.narrow(0, i as i64, 1), text)).double_value(&[0])
     };
-    let nll = |own: f64, all: &[f64]| -> f64 { all.iter().map(|s| (s - own).exp()).sum::<f64>().ln() };
     let brute = |real: &[bool]| {
         let (mut image_side, mut text_side) = (0.0, 0.0);
         for i in 0..b {
@@ -325,33 +362,17 @@ fn the_contrast_loss_matches_a_brute_force_softmax() {
         }
         (image_side + text_side) / (2.0 * b as f64)
     };
-    let all = vec![true; b * k];
-    let (got, want) = (loss_with(&all, k), brute(&all));
-    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "loss {got} vs brute force {want}");
-    // a picture with fewer contrasts: the missing ones are left out
-    let mut some = all.clone();
-    some[1] = false;
-    some[2 * k - 1] = false;
-    let (part, want_part) = (loss_with(&some, k), brute(&some));
-    assert!((part - want_part).abs() < 1e-4 * want_part.abs().max(1.0), "loss {part} vs brute force {want_part}");
-    assert!(part < got);
-    // with no contrasts it is CLIP's loss, and contrasts make it larger
+    // pictures with fewer contrasts: the missing ones are left out
     let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
-    assert_eq!(plain, loss_with(&[], 0));
-    assert!(got > plain);
+    check_hard_negative_loss((b, k), loss_with, brute, &[1, 2 * k - 1], plain);
 }
 
 #[test]
 fn the_contrasting_picture_loss_matches_a_brute_force_softmax() {
-    let cfg = crate::common::tiny_with(None);
-    tch::manual_seed(4);
-    let r = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
-    let net = &r.net;
-    let size = cfg.dvae.image_size as i64;
     let (b, k) = (3usize, 2usize);
-    let images = Tensor::rand([b as i64, 3, size, size], (Kind::Float, Device::Cpu));
-    let others = Tensor::rand([(b * k) as i64, 3, size, size], (Kind::Float, Device::Cpu));
-    let caption = |i: usize| vec![(i % 7) as i64 + 1, (3 * i % 5) as i64 + 2, (i % 4) as i64];
+    let (r, images) = contrast_fixture(4, b);
+    let (net, caption, nll) = (&r.net, fixture_caption, softmax_nll);
+    let others = Tensor::rand([(b * k) as i64, 3, images.size()[2], images.size()[3]], (Kind::Float, Device::Cpu));
     let (ids, valid) = net.batch_text(&(0..b).map(caption).collect::<Vec<_>>(), Device::Cpu);
     let loss_with = |real: &[bool], k: usize| {
         let real = Tensor::from_slice(real).view([b as i64, k as i64]);
@@ -363,7 +384,6 @@ fn the_contrasting_picture_loss_matches_a_brute_force_softmax() {
     let score = |pic: &Tensor, text: &[i64]| -> f64 { tch::no_grad(|| net.score(pic, text)).double_value(&[0]) };
     let image = |i: usize| images.narrow(0, i as i64, 1);
     let other = |j: usize| others.narrow(0, j as i64, 1);
-    let nll = |own: f64, all: &[f64]| -> f64 { all.iter().map(|s| (s - own).exp()).sum::<f64>().ln() };
     let brute = |real: &[bool]| {
         let (mut image_side, mut text_side) = (0.0, 0.0);
         for i in 0..b {
@@ -375,15 +395,6 @@ fn the_contrasting_picture_loss_matches_a_brute_force_softmax() {
         }
         (image_side + text_side) / (2.0 * b as f64)
     };
-    let all = vec![true; b * k];
-    let (got, want) = (loss_with(&all, k), brute(&all));
-    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "loss {got} vs brute force {want}");
-    let mut some = all.clone();
-    some[0] = false;
-    let (part, want_part) = (loss_with(&some, k), brute(&some));
-    assert!((part - want_part).abs() < 1e-4 * want_part.abs().max(1.0), "loss {part} vs brute force {want_part}");
-    assert!(part < got);
     let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
-    assert_eq!(plain, loss_with(&[], 0));
-    assert!(got > plain);
+    check_hard_negative_loss((b, k), loss_with, brute, &[0], plain);
 }
