@@ -555,7 +555,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                 t.weights_bf16 = true;
                 t
             };
-            let steps = decide(o, plan, i, || calibrate(&base(o), t0, share, &run))?;
+            let steps = decide(o, plan, i, || calibrate(&base(o), t0, share, run))?;
             let mut t = base(o);
             t.steps = steps;
             t.resume = true;
