@@ -305,8 +305,17 @@ fn decoder_fine_tuning_keeps_every_token_and_sharpens_hard_codes() {
     let x = tessera::model::from_rgb8(&images, size, Device::Cpu).unwrap();
     let (tokens0, mse0, encoder0) = hard_reconstruction(dir.path(), &x);
 
+    // the fine-tune gets enough steps that its gain stands clear of float differences between
+    // machines (40 steps of 4 gave 0.75× here and 0.81× on another CPU)
+    o.steps = 160;
+    o.batch = 8;
+    o.checkpoint_every = 80;
+    let decoder_only = DvaeRecipe {
+        schedule: tessera::dvae::DvaeSchedule { lr_steps: 160, ..decoder_only.schedule.clone() },
+        ..decoder_only
+    };
     let s = train::train_dvae(&o, &decoder_only).unwrap();
-    assert_eq!(s.step, 40);
+    assert_eq!(s.step, 160);
     assert!(dir.path().join("dvae-decoder.state.safetensors").exists());
     assert!(dir.path().join("dvae-decoder.log.jsonl").exists());
     let (tokens1, mse1, encoder1) = hard_reconstruction(dir.path(), &x);
