@@ -171,31 +171,36 @@ impl Reranker {
         (image_side.cross_entropy_for_logits(&target) + text_side.cross_entropy_for_logits(&target)) / 2.0
     }
 
-    /// CLIP's loss of the pairs (`images`, captions `ids`) with `k` hard negatives per pair
-    /// (`real` [B, k]: false where a row is missing, left out): `embed_others` embeds them
-    /// ([B·k, D], pair b's at rows b·k..(b+1)·k), and `for_captions` says whose they are (each
-    /// caption meets k more pictures, or each picture k more captions). `k` = 0 is
-    /// [`Self::loss`].
-    fn loss_with_hard_negatives(
+    /// Logits [B, k] of each embedded `own` row against its `k` hard negatives (`other`
+    /// [B·k, D], row b's at b·k..(b+1)·k, embedded only when k > 0); `real` [B, k] false where a row is missing, left out.
+    fn hard_logits(&self, own: &Tensor, other: impl FnOnce() -> Tensor, real: &Tensor) -> Option<Tensor> {
+        let (b, k) = (own.size()[0], real.size().get(1).copied().unwrap_or(0));
+        if k == 0 {
+            return None;
+        }
+        let hard = (own.unsqueeze(1) * other().view([b, k, -1])).sum_dim_intlist(-1, false, Kind::Float) * self.scale();
+        Some(hard.masked_fill(&real.logical_not(), f64::NEG_INFINITY))
+    }
+
+    /// CLIP's loss of the pairs (`images`, captions `ids`) with hard negatives of both kinds:
+    /// `captions` = (ids [B·k, T], valid, real [B, k]), `k` contrasting captions per image
+    /// (image b's at rows b·k..(b+1)·k; false in `real` where a picture had fewer, left out),
+    /// that each image must score below its own caption; `pictures` = (images [B·k', 3, H, W],
+    /// real [B, k']), `k'` contrasting pictures per caption that each caption must score below
+    /// its own picture. With neither (or k = k' = 0) it is [`Self::loss`].
+    pub fn loss_with_all_contrasts(
         &self,
         images: &Tensor,
         ids: &Tensor,
         valid: &Tensor,
-        real: &Tensor,
-        for_captions: bool,
-        embed_others: impl FnOnce() -> Tensor,
+        captions: Option<(&Tensor, &Tensor, &Tensor)>,
+        pictures: Option<(&Tensor, &Tensor)>,
     ) -> Tensor {
         let img = self.encode_image(images);
         let txt = self.encode_text(ids, valid);
-        let (b, k) = (img.size()[0], real.size().get(1).copied().unwrap_or(0));
-        if k == 0 {
-            return self.paired_loss(&img, &txt, None, None);
-        }
-        let own = if for_captions { &txt } else { &img };
-        let other = embed_others().view([b, k, -1]);
-        let hard = (own.unsqueeze(1) * other).sum_dim_intlist(-1, false, Kind::Float) * self.scale();
-        let hard = Some(hard.masked_fill(&real.logical_not(), f64::NEG_INFINITY));
-        if for_captions { self.paired_loss(&img, &txt, None, hard) } else { self.paired_loss(&img, &txt, hard, None) }
+        let image_extra = captions.and_then(|(c, v, real)| self.hard_logits(&img, || self.encode_text(c, v), real));
+        let text_extra = pictures.and_then(|(p, real)| self.hard_logits(&txt, || self.encode_image(p), real));
+        self.paired_loss(&img, &txt, image_extra, text_extra)
     }
 
     /// The contrastive loss with `k` contrasting pictures per caption (`contrast_images`
@@ -211,7 +216,7 @@ impl Reranker {
         contrast_images: &Tensor,
         real: &Tensor,
     ) -> Tensor {
-        self.loss_with_hard_negatives(images, ids, valid, real, true, || self.encode_image(contrast_images))
+        self.loss_with_all_contrasts(images, ids, valid, None, Some((contrast_images, real)))
     }
 
     /// The contrastive loss with `k` contrasting captions per image (`contrast_ids` [B·k, T],
@@ -227,9 +232,7 @@ impl Reranker {
         contrast_valid: &Tensor,
         real: &Tensor,
     ) -> Tensor {
-        self.loss_with_hard_negatives(images, ids, valid, real, false, || {
-            self.encode_text(contrast_ids, contrast_valid)
-        })
+        self.loss_with_all_contrasts(images, ids, valid, Some((contrast_ids, contrast_valid, real)), None)
     }
 
     /// Scores of images [N, 3, H, W] against one caption: cosine similarity × temperature.

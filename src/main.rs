@@ -422,9 +422,15 @@ enum TrainCommand {
         /// Contrasting pictures per caption: its scene with one detail the caption names
         /// changed (a colour, a shape, the two objects' places, the count, a stack's order, a
         /// letter, the bottom half of a transform), rendered, that the caption must score below
-        /// its own picture. Needs --data world (pictures, not --shards). 0: none.
+        /// its own picture. Needs --data world (pictures, not --shards). 0: none. May be given
+        /// with --contrasts.
         #[arg(long, default_value_t = 0)]
         contrast_images: usize,
+        /// Pass the pictures (and contrasting pictures) through the model's dVAE, encoded and
+        /// decoded, before the reranker sees them, as the samples it will rank are (pictures
+        /// from --shards always are).
+        #[arg(long)]
+        through_dvae: bool,
     },
 }
 
@@ -971,8 +977,8 @@ fn train(t: TrainCommand) -> Result<()> {
             let opts = timed_options(&common, |o| tr::train_transformer(o, &recipe))?;
             tr::train_transformer(&opts, &recipe)?
         }
-        TrainCommand::Reranker { common, lr, warmup, init_from, contrasts, contrast_images } => {
-            let recipe = tr::RerankerRecipe { lr, warmup, init_from, contrasts, contrast_images };
+        TrainCommand::Reranker { common, lr, warmup, init_from, contrasts, contrast_images, through_dvae } => {
+            let recipe = tr::RerankerRecipe { lr, warmup, init_from, contrasts, contrast_images, through_dvae };
             let opts = timed_options(&common, |o| tr::train_reranker(o, &recipe))?;
             tr::train_reranker(&opts, &recipe)?
         }

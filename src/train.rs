@@ -820,26 +820,32 @@ pub struct RerankerRecipe {
     /// Contrasting pictures per caption ([`crate::world::contrast_scene`]: the scene with one
     /// detail its caption names changed, rendered) that the caption must score below its own
     /// picture, beside the batch's other pictures. Needs pictures of the synthetic world.
+    /// Both kinds of contrast may be given together.
     pub contrast_images: usize,
+    /// Pass pictures (and contrasting pictures) through the model's dVAE, encoded to codes and
+    /// decoded, before the reranker sees them: the samples it will rank are dVAE decodings, so
+    /// it learns on pictures like them. Pictures from token shards are always decodings.
+    pub through_dvae: bool,
 }
 
 impl Default for RerankerRecipe {
     fn default() -> Self {
-        Self { lr: 1e-3, warmup: 200, init_from: None, contrasts: 0, contrast_images: 0 }
+        Self { lr: 1e-3, warmup: 200, init_from: None, contrasts: 0, contrast_images: 0, through_dvae: false }
     }
 }
 
 /// Trains the contrastive reranker of a model directory that has its tokenizer.
 pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<TrainSummary> {
     let (lr, warmup, k, k_img) = (recipe.lr, recipe.warmup, recipe.contrasts, recipe.contrast_images);
-    if k > 0 && k_img > 0 {
-        return Err(Error::Invalid(
-            "contrasting captions and contrasting pictures are separate recipes: give one of them".into(),
-        ));
-    }
     let cfg = crate::model::Model::load_config(&opts.dir)?;
     let tok = TextTokenizer::load(&opts.dir.join(TOKENIZER_FILE))?;
     let source = Source::open(&opts.data)?;
+    if recipe.through_dvae && !opts.dir.join(DVAE_FILE).exists() {
+        return Err(Error::Invalid(format!(
+            "--through-dvae shows the reranker pictures through the model's dVAE, and {} does not exist: train the dVAE first",
+            opts.dir.join(DVAE_FILE).display()
+        )));
+    }
     tch::manual_seed(opts.seed as i64);
     let mut model = crate::model::RerankerModel::new(&cfg, opts.device);
     let resuming = opts.resume && state_path(&opts.dir, "reranker").exists();
@@ -862,16 +868,23 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
         )));
     }
     let skipped = skipped_count(&source, &feed);
-    // from token shards the reranker sees pictures as the dVAE draws them, as it will when
-    // it ranks samples
-    let dvae = match &feed {
-        Feed::Tokens(_) => {
+    // from token shards (or with `through_dvae`) the reranker sees pictures as the dVAE draws
+    // them, as it will when it ranks samples
+    let dvae = match (&feed, recipe.through_dvae) {
+        (Feed::Tokens(_), _) | (Feed::Images { .. }, true) => {
             let mut d = DvaeModel::new(&cfg, opts.device);
             load_varstore(&mut d.vs, &opts.dir.join(DVAE_FILE))?;
             d.vs.freeze();
             Some(d)
         }
-        Feed::Images { .. } => None,
+        (Feed::Images { .. }, false) => None,
+    };
+    let round_trip = |x: Tensor| match &dvae {
+        Some(d) => tch::no_grad(|| {
+            let parts: Vec<Tensor> = x.split(16, 0).iter().map(|p| d.net.decode(&d.net.encode(p))).collect();
+            Tensor::cat(&parts, 0)
+        }),
+        None => x,
     };
     let mut run = Run::begin(opts, "reranker", feed, start)?;
     let g = cfg.grid_size() as i64;
@@ -882,7 +895,7 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
                 let t = tokens_tensor(&batch, cfg.image_len(), opts.device).view([-1, g, g]);
                 tch::no_grad(|| d.net.decode(&t))
             }
-            _ => from_rgb8(&batch.images, size, opts.device)?,
+            _ => round_trip(from_rgb8(&batch.images, size, opts.device)?),
         };
         let caps: Vec<Vec<i64>> = batch
             .captions
@@ -891,9 +904,9 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
             .collect();
         let (ids, valid) = model.net.batch_text(&caps, opts.device);
         let rate = warmup_cosine(lr, step, warmup, opts.steps);
-        let loss = if k_img > 0 {
-            // k_img contrasting scenes per caption, drawn from the step so that a resumed run
-            // draws the same
+        // k_img contrasting scenes per caption, drawn from the step so that a resumed run draws
+        // the same
+        let pictures = if k_img > 0 {
             let mut rng = crate::sample::SeedRng::new(opts.seed ^ 0x1A_6E55 ^ (step as u64).wrapping_mul(0x9E37_79B9));
             let pictures: Vec<Vec<u8>> = batch
                 .scenes
@@ -901,15 +914,15 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
                 .flat_map(|sc| (0..k_img).map(|_| crate::world::contrast_scene(sc, &mut rng)).collect::<Vec<_>>())
                 .map(|sc| crate::world::render(&sc, size))
                 .collect();
-            let other = from_rgb8(&pictures, size, opts.device)?;
-            let real = Tensor::ones([caps.len() as i64, k_img as i64], (Kind::Bool, opts.device));
-            model.net.loss_with_image_contrasts(&x, &ids, &valid, &other, &real)
-        } else if k == 0 {
-            model.net.loss(&x, &ids, &valid)
+            let other = round_trip(from_rgb8(&pictures, size, opts.device)?);
+            Some((other, Tensor::ones([caps.len() as i64, k_img as i64], (Kind::Bool, opts.device))))
         } else {
-            // k contrasting captions per picture, drawn from the step so that a resumed run
-            // draws the same; a picture with fewer has the rest masked out (its own caption
-            // stands in for them)
+            None
+        };
+        // k contrasting captions per picture, drawn from the step so that a resumed run draws
+        // the same; a picture with fewer has the rest masked out (its own caption stands in for
+        // them)
+        let captions = if k > 0 {
             let mut rng = crate::sample::SeedRng::new(opts.seed ^ 0xC0_4E57 ^ (step as u64).wrapping_mul(0x9E37_79B9));
             let (mut others, mut real) = (Vec::with_capacity(caps.len() * k), Vec::with_capacity(caps.len() * k));
             for (c, own) in batch.captions.iter().zip(&caps) {
@@ -922,9 +935,17 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
                 }
             }
             let (other_ids, other_valid) = model.net.batch_text(&others, opts.device);
-            let real = Tensor::from_slice(&real).view([-1, k as i64]).to_device(opts.device);
-            model.net.loss_with_contrasts(&x, &ids, &valid, &other_ids, &other_valid, &real)
+            Some((other_ids, other_valid, Tensor::from_slice(&real).view([-1, k as i64]).to_device(opts.device)))
+        } else {
+            None
         };
+        let loss = model.net.loss_with_all_contrasts(
+            &x,
+            &ids,
+            &valid,
+            captions.as_ref().map(|(i, v, r)| (i, v, r)),
+            pictures.as_ref().map(|(p, r)| (p, r)),
+        );
         opt.zero_grad();
         loss.backward();
         let _ = opt.clip_grad_norm(1.0);

@@ -85,37 +85,44 @@ fn stopped_then_resumed_training_equals_an_uninterrupted_run() {
     tessera(&[&r[..], &["--resume"]].concat(), b.path());
     let name = "reranker.safetensors";
     assert!(bytes(&a.path().join(name)) == bytes(&b.path().join(name)), "reranker differs after resuming");
-    // and so does one with contrasting pictures (scenes drawn and rendered per step)
-    let (c, d) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for dir in [c.path(), d.path()] {
+    // and so does one with both kinds of contrast, its pictures (and contrasting pictures,
+    // scenes drawn and rendered per step) shown through the dVAE
+    let (c, d, e) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dvae = a.path().join("dvae.safetensors");
+    for dir in [c.path(), d.path(), e.path()] {
         new_dir(dir);
     }
-    let r = ["train", "reranker", "--steps", "6", "--warmup", "2", "--contrast-images", "2"];
-    tessera(&r, c.path());
-    tessera(&[&r[..], &["--stop-after", "3"]].concat(), d.path());
-    tessera(&[&r[..], &["--resume"]].concat(), d.path());
+    let r = ["train", "reranker", "--steps", "6", "--warmup", "2", "--contrast-images", "2", "--contrasts", "3"];
+    let through = [&r[..], &["--through-dvae"]].concat();
+    // no dVAE to show the pictures through yet: a clear error
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera")).args(&through).arg("--dir").arg(c.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("train the dVAE first"), "{err}");
+    for dir in [c.path(), d.path(), e.path()] {
+        std::fs::copy(&dvae, dir.join("dvae.safetensors")).unwrap();
+    }
+    tessera(&through, c.path());
+    tessera(&[&through[..], &["--stop-after", "3"]].concat(), d.path());
+    tessera(&[&through[..], &["--resume"]].concat(), d.path());
     assert!(bytes(&c.path().join(name)) == bytes(&d.path().join(name)), "reranker (pictures) differs after resuming");
-    assert!(bytes(&c.path().join(name)) != bytes(&a.path().join(name)), "contrasting pictures changed nothing");
-    // pictures of files have no scenes to contrast, and the two kinds of contrast are one each
+    tessera(&r, e.path());
+    let (with, without) = (bytes(&c.path().join(name)), bytes(&e.path().join(name)));
+    assert!(with != without, "showing the pictures through the dVAE changed nothing");
+    assert!(without != bytes(&a.path().join(name)), "contrasting pictures changed nothing");
+    // pictures of files have no scenes to contrast
     let files = c.path().join("files");
     std::fs::create_dir_all(&files).unwrap();
     image::RgbImage::from_pixel(16, 16, image::Rgb([200, 10, 10])).save(files.join("a.png")).unwrap();
     std::fs::write(files.join("a.txt"), "a red square").unwrap();
-    let folder = files.to_string_lossy().to_string();
-    for (extra, want) in [
-        (["--data", "world:3", "--contrasts", "1"], "one of them"),
-        (["--data", &folder, "--contrasts", "0"], "--data world"),
-    ] {
-        let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["train", "reranker", "--steps", "2", "--batch", "2", "--contrast-images", "1", "--device", "cpu"])
-            .args(extra)
-            .arg("--dir")
-            .arg(c.path())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains(want), "{err}");
-    }
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["train", "reranker", "--steps", "2", "--batch", "2", "--contrast-images", "1", "--device", "cpu"])
+        .args(["--data", &files.to_string_lossy()])
+        .arg("--dir")
+        .arg(c.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--data world"), "{err}");
     // the trained directory is a complete model
     let m = tessera::Model::load(a.path(), Device::Cpu).unwrap();
     let s = m.generate("a red circle", 1, 0, None, &Default::default(), |_| true).unwrap();
@@ -408,7 +415,7 @@ fn a_reranker_can_start_from_another_models_weights() {
     ob.batch = 8;
     train::train_reranker(
         &ob,
-        &RerankerRecipe { lr: 1e-12, warmup: 1, init_from: Some(source.clone()), contrasts: 0, contrast_images: 0 },
+        &RerankerRecipe { lr: 1e-12, warmup: 1, init_from: Some(source.clone()), ..Default::default() },
     )
     .unwrap();
     let (want, got) = (sorted_state(&source), sorted_state(&b.path().join("reranker.safetensors")));

@@ -398,3 +398,52 @@ fn the_contrasting_picture_loss_matches_a_brute_force_softmax() {
     let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
     check_hard_negative_loss((b, k), loss_with, brute, &[0], plain);
 }
+
+#[test]
+fn both_kinds_of_contrast_together_match_a_brute_force_softmax() {
+    let (b, k) = (3usize, 2usize);
+    let (r, images) = contrast_fixture(5, b);
+    let (net, caption, nll) = (&r.net, fixture_caption, softmax_nll);
+    let others = Tensor::rand([(b * k) as i64, 3, images.size()[2], images.size()[3]], (Kind::Float, Device::Cpu));
+    let (ids, valid) = net.batch_text(&(0..b).map(caption).collect::<Vec<_>>(), Device::Cpu);
+    let (oids, ovalid) = net.batch_text(&(0..b * k).map(|j| caption(10 + j)).collect::<Vec<_>>(), Device::Cpu);
+    // the same mask for both kinds: pair i's j-th contrasting caption and picture are there
+    // or missing together
+    let loss_with = |real: &[bool], k: usize| {
+        let real = Tensor::from_slice(real).view([b as i64, k as i64]);
+        let (ci, cv, o) = (
+            oids.narrow(0, 0, (b * k) as i64),
+            ovalid.narrow(0, 0, (b * k) as i64),
+            others.narrow(0, 0, (b * k) as i64),
+        );
+        tch::no_grad(|| net.loss_with_all_contrasts(&images, &ids, &valid, Some((&ci, &cv, &real)), Some((&o, &real))))
+            .double_value(&[])
+    };
+    // one score at a time: image i against every caption and its own contrasting captions,
+    // caption i against every image and its own contrasting pictures
+    let score = |pic: &Tensor, text: &[i64]| -> f64 { tch::no_grad(|| net.score(pic, text)).double_value(&[0]) };
+    let image = |i: usize| images.narrow(0, i as i64, 1);
+    let other = |j: usize| others.narrow(0, j as i64, 1);
+    let brute = |real: &[bool]| {
+        let (mut image_side, mut text_side) = (0.0, 0.0);
+        for i in 0..b {
+            let mut row: Vec<f64> = (0..b).map(|j| score(&image(i), &caption(j))).collect();
+            row.extend((0..k).filter(|&j| real[i * k + j]).map(|j| score(&image(i), &caption(10 + i * k + j))));
+            image_side += nll(row[i], &row);
+            let mut column: Vec<f64> = (0..b).map(|j| score(&image(j), &caption(i))).collect();
+            column.extend((0..k).filter(|&j| real[i * k + j]).map(|j| score(&other(i * k + j), &caption(i))));
+            text_side += nll(column[i], &column);
+        }
+        (image_side + text_side) / (2.0 * b as f64)
+    };
+    let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
+    check_hard_negative_loss((b, k), loss_with, brute, &[1, 4], plain);
+    // and it is more than either kind alone
+    let all = Tensor::ones([b as i64, k as i64], (Kind::Bool, Device::Cpu));
+    let both = loss_with(&[true; 6], k);
+    let captions_only =
+        tch::no_grad(|| net.loss_with_contrasts(&images, &ids, &valid, &oids, &ovalid, &all)).double_value(&[]);
+    let pictures_only =
+        tch::no_grad(|| net.loss_with_image_contrasts(&images, &ids, &valid, &others, &all)).double_value(&[]);
+    assert!(both > captions_only && both > pictures_only, "{both} vs {captions_only} / {pictures_only}");
+}
