@@ -204,7 +204,7 @@ fn contrasting_scenes_are_drawn_and_fail_the_original_caption() {
     // rejects the contrast's render for the scene's caption
     let mut rng = tessera::sample::SeedRng::new(9);
     for &cap in Capability::ALL {
-        let (mut own, mut contrast, mut changed) = (0, 0, 0);
+        let (mut own, mut contrast, mut changed, mut fewer, mut more) = (0, 0, 0, 0, 0);
         let n = 40;
         for seed in 0..n {
             let scene = world::generate(cap, 500 + seed, Split::Train);
@@ -216,6 +216,14 @@ fn contrasting_scenes_are_drawn_and_fail_the_original_caption() {
                 cap == Capability::Count && other.objects.first().map(|o| o.shape) != Some(scene.objects[0].shape);
             contrast += usize::from(!unread && score(&scene, &render(&other, 64), 64));
             assert!(other.caption.is_empty());
+            fewer += usize::from(other.objects.len() < scene.objects.len());
+            more += usize::from(other.objects.len() > scene.objects.len());
+            assert_eq!(other.count.is_some(), scene.count.is_some());
+            assert!(other.count.is_none_or(|c| c == other.objects.len()), "{cap:?}: count {:?}", other.count);
+        }
+        // a wrong number is drawn both ways, one fewer and one more
+        if cap == Capability::Count {
+            assert!(fewer >= 4 && more >= 4, "count contrasts: {fewer} with fewer objects, {more} with more");
         }
         assert_eq!(changed, n as usize, "{cap:?}: a contrast equal to its scene");
         assert!(own >= n as usize * 9 / 10, "{cap:?}: ground truth passes only {own} of {n}");
