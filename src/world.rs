@@ -753,7 +753,7 @@ pub fn contrast_scene(scene: &Scene, rng: &mut SeedRng) -> Scene {
                     })
                     .find(|&(x, y)| c.objects.iter().all(|o| (o.x - x).hypot(o.y - y) > 2.2 * r));
                 match free {
-                    Some((x, y)) if k == 1 || n < 2 => c.objects.push(Object { x, y, ..c.objects[0].clone() }),
+                    Some((x, y)) if k == 1 || n < 2 => c.objects.push(Object { x, y, ..c.objects[0] }),
                     _ if n >= 2 => {
                         c.objects.remove(below(n));
                     }
