@@ -311,6 +311,30 @@ fn softmax_nll(own: f64, all: &[f64]) -> f64 {
     all.iter().map(|s| (s - own).exp()).sum::<f64>().ln()
 }
 
+/// CLIP's loss with hard negatives from one score at a time, the softmax written out: `pair(i,
+/// j)` scores image i against caption j; `caption_contrast(c)` scores image c / k against its
+/// contrasting caption c, `picture_contrast(c)` contrasting picture c against caption c / k
+/// (c = i·k + j), each kept where `real[c]`.
+fn brute_force_loss(
+    (b, k): (usize, usize),
+    real: &[bool],
+    pair: impl Fn(usize, usize) -> f64,
+    caption_contrast: Option<&dyn Fn(usize) -> f64>,
+    picture_contrast: Option<&dyn Fn(usize) -> f64>,
+) -> f64 {
+    let (mut image_side, mut text_side) = (0.0, 0.0);
+    for i in 0..b {
+        let kept: Vec<usize> = (i * k..(i + 1) * k).filter(|&c| real[c]).collect();
+        let mut row: Vec<f64> = (0..b).map(|j| pair(i, j)).collect();
+        row.extend(caption_contrast.iter().flat_map(|f| kept.iter().map(|&c| f(c))));
+        image_side += softmax_nll(row[i], &row);
+        let mut column: Vec<f64> = (0..b).map(|j| pair(j, i)).collect();
+        column.extend(picture_contrast.iter().flat_map(|f| kept.iter().map(|&c| f(c))));
+        text_side += softmax_nll(column[i], &column);
+    }
+    (image_side + text_side) / (2.0 * b as f64)
+}
+
 /// The loss with every hard negative and with those of `dropped` left out matches the brute
 /// force; leaving some out lowers it, and with none (k = 0) it is CLIP's loss `plain`, lower
 /// still.
@@ -339,29 +363,19 @@ fn check_hard_negative_loss(
 fn the_contrast_loss_matches_a_brute_force_softmax() {
     let (b, k) = (3usize, 2usize);
     let (r, images) = contrast_fixture(3, b);
-    let (net, caption, nll) = (&r.net, fixture_caption, softmax_nll);
+    let (net, caption) = (&r.net, fixture_caption);
     let (ids, valid) = net.batch_text(&(0..b).map(caption).collect::<Vec<_>>(), Device::Cpu);
     let (oids, ovalid) = net.batch_text(&(0..b * k).map(|j| caption(10 + j)).collect::<Vec<_>>(), Device::Cpu);
     let loss_with = |real: &[bool], k: usize| {
         let real = Tensor::from_slice(real).view([b as i64, k as i64]);
         tch::no_grad(|| net.loss_with_contrasts(&images, &ids, &valid, &oids, &ovalid, &real)).double_value(&[])
     };
-    // the same from one score at a time: image i against each caption and its real contrasts,
-    // and each caption against every image, with the softmax written out
+    // the same from one score at a time
     let score = |i: usize, text: &[i64]| -> f64 {
         tch::no_grad(|| net.score(&images.narrow(0, i as i64, 1), text)).double_value(&[0])
     };
-    let brute = |real: &[bool]| {
-        let (mut image_side, mut text_side) = (0.0, 0.0);
-        for i in 0..b {
-            let mut row: Vec<f64> = (0..b).map(|j| score(i, &caption(j))).collect();
-            row.extend((0..k).filter(|&j| real[i * k + j]).map(|j| score(i, &caption(10 + i * k + j))));
-            image_side += nll(row[i], &row);
-            let column: Vec<f64> = (0..b).map(|j| score(j, &caption(i))).collect();
-            text_side += nll(column[i], &column);
-        }
-        (image_side + text_side) / (2.0 * b as f64)
-    };
+    let contrast = |c: usize| score(c / k, &caption(10 + c));
+    let brute = |real: &[bool]| brute_force_loss((b, k), real, |i, j| score(i, &caption(j)), Some(&contrast), None);
     // pictures with fewer contrasts: the missing ones are left out
     let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
     check_hard_negative_loss((b, k), loss_with, brute, &[1, 2 * k - 1], plain);
@@ -371,7 +385,7 @@ fn the_contrast_loss_matches_a_brute_force_softmax() {
 fn the_contrasting_picture_loss_matches_a_brute_force_softmax() {
     let (b, k) = (3usize, 2usize);
     let (r, images) = contrast_fixture(4, b);
-    let (net, caption, nll) = (&r.net, fixture_caption, softmax_nll);
+    let (net, caption) = (&r.net, fixture_caption);
     let others = Tensor::rand([(b * k) as i64, 3, images.size()[2], images.size()[3]], (Kind::Float, Device::Cpu));
     let (ids, valid) = net.batch_text(&(0..b).map(caption).collect::<Vec<_>>(), Device::Cpu);
     let loss_with = |real: &[bool], k: usize| {
@@ -379,22 +393,11 @@ fn the_contrasting_picture_loss_matches_a_brute_force_softmax() {
         let o = others.narrow(0, 0, (b * k) as i64);
         tch::no_grad(|| net.loss_with_image_contrasts(&images, &ids, &valid, &o, &real)).double_value(&[])
     };
-    // one score at a time: caption i against every image and its own real contrasting
-    // pictures, each image against every caption
+    // one score at a time
     let score = |pic: &Tensor, text: &[i64]| -> f64 { tch::no_grad(|| net.score(pic, text)).double_value(&[0]) };
-    let image = |i: usize| images.narrow(0, i as i64, 1);
-    let other = |j: usize| others.narrow(0, j as i64, 1);
-    let brute = |real: &[bool]| {
-        let (mut image_side, mut text_side) = (0.0, 0.0);
-        for i in 0..b {
-            let row: Vec<f64> = (0..b).map(|j| score(&image(i), &caption(j))).collect();
-            image_side += nll(row[i], &row);
-            let mut column: Vec<f64> = (0..b).map(|j| score(&image(j), &caption(i))).collect();
-            column.extend((0..k).filter(|&j| real[i * k + j]).map(|j| score(&other(i * k + j), &caption(i))));
-            text_side += nll(column[i], &column);
-        }
-        (image_side + text_side) / (2.0 * b as f64)
-    };
+    let pair = |i: usize, j: usize| score(&images.narrow(0, i as i64, 1), &caption(j));
+    let contrast = |c: usize| score(&others.narrow(0, c as i64, 1), &caption(c / k));
+    let brute = |real: &[bool]| brute_force_loss((b, k), real, pair, None, Some(&contrast));
     let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
     check_hard_negative_loss((b, k), loss_with, brute, &[0], plain);
 }
@@ -403,7 +406,7 @@ fn the_contrasting_picture_loss_matches_a_brute_force_softmax() {
 fn both_kinds_of_contrast_together_match_a_brute_force_softmax() {
     let (b, k) = (3usize, 2usize);
     let (r, images) = contrast_fixture(5, b);
-    let (net, caption, nll) = (&r.net, fixture_caption, softmax_nll);
+    let (net, caption) = (&r.net, fixture_caption);
     let others = Tensor::rand([(b * k) as i64, 3, images.size()[2], images.size()[3]], (Kind::Float, Device::Cpu));
     let (ids, valid) = net.batch_text(&(0..b).map(caption).collect::<Vec<_>>(), Device::Cpu);
     let (oids, ovalid) = net.batch_text(&(0..b * k).map(|j| caption(10 + j)).collect::<Vec<_>>(), Device::Cpu);
@@ -422,20 +425,10 @@ fn both_kinds_of_contrast_together_match_a_brute_force_softmax() {
     // one score at a time: image i against every caption and its own contrasting captions,
     // caption i against every image and its own contrasting pictures
     let score = |pic: &Tensor, text: &[i64]| -> f64 { tch::no_grad(|| net.score(pic, text)).double_value(&[0]) };
-    let image = |i: usize| images.narrow(0, i as i64, 1);
-    let other = |j: usize| others.narrow(0, j as i64, 1);
-    let brute = |real: &[bool]| {
-        let (mut image_side, mut text_side) = (0.0, 0.0);
-        for i in 0..b {
-            let mut row: Vec<f64> = (0..b).map(|j| score(&image(i), &caption(j))).collect();
-            row.extend((0..k).filter(|&j| real[i * k + j]).map(|j| score(&image(i), &caption(10 + i * k + j))));
-            image_side += nll(row[i], &row);
-            let mut column: Vec<f64> = (0..b).map(|j| score(&image(j), &caption(i))).collect();
-            column.extend((0..k).filter(|&j| real[i * k + j]).map(|j| score(&other(i * k + j), &caption(i))));
-            text_side += nll(column[i], &column);
-        }
-        (image_side + text_side) / (2.0 * b as f64)
-    };
+    let pair = |i: usize, j: usize| score(&images.narrow(0, i as i64, 1), &caption(j));
+    let with_caption = |c: usize| score(&images.narrow(0, (c / k) as i64, 1), &caption(10 + c));
+    let with_picture = |c: usize| score(&others.narrow(0, c as i64, 1), &caption(c / k));
+    let brute = |real: &[bool]| brute_force_loss((b, k), real, pair, Some(&with_caption), Some(&with_picture));
     let plain = tch::no_grad(|| net.loss(&images, &ids, &valid)).double_value(&[]);
     check_hard_negative_loss((b, k), loss_with, brute, &[1, 4], plain);
     // and it is more than either kind alone
