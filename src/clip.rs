@@ -172,7 +172,8 @@ impl Reranker {
     }
 
     /// Logits [B, k] of each embedded `own` row against its `k` hard negatives (`other`
-    /// [B·k, D], row b's at b·k..(b+1)·k, embedded only when k > 0); `real` [B, k] false where a row is missing, left out.
+    /// [B·k, D], row b's at b·k..(b+1)·k, embedded only when k > 0); `real` [B, k] false where
+    /// a row is missing, left out.
     fn hard_logits(&self, own: &Tensor, other: impl FnOnce() -> Tensor, real: &Tensor) -> Option<Tensor> {
         let (b, k) = (own.size()[0], real.size().get(1).copied().unwrap_or(0));
         if k == 0 {

@@ -3,10 +3,9 @@
 //! gets a fixed share of the budget, measures its own speed on a few throwaway steps, and turns
 //! its share into a number of steps (so its schedules are those of a run of that length); time
 //! the earlier stages left unused is added to the next trainer's share (dVAE, transformer,
-//! reranker). The
-//! plan and each stage's outcome are kept in `train-all.json`, written atomically after every
-//! decision, so `--resume` after a kill continues the stage that was running from its last
-//! checkpoint with the same plan.
+//! reranker). The plan and each stage's outcome are kept in `train-all.json`, written
+//! atomically after every decision, so `--resume` after a kill continues the stage that was
+//! running from its last checkpoint with the same plan.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -599,10 +598,10 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
 
 /// When stage `i`, started (in this invocation) at `t0`, must stop: its share of the budget
 /// (with what earlier stages left unused, for a trainer) less what earlier invocations already
-/// spent in it — and no later than the run's schedule
-/// allows (the shares so far, with the slack spread over them, of 97% of the budget), so that
-/// time an earlier stage ran over (closing checkpoints on a loaded machine) comes out of the
-/// later stages rather than out of the budget. At least a second either way.
+/// spent in it — and no later than the run's schedule allows (the shares so far, with the slack
+/// spread over them, of 97% of the budget), so that time an earlier stage ran over (closing
+/// checkpoints on a loaded machine) comes out of the later stages rather than out of the
+/// budget. At least a second either way.
 fn stage_deadline(plan: &Plan, i: usize, t0: Instant, p: &StageProgress) -> Instant {
     let st = &plan.stages[i];
     let own = t0 + Duration::from_secs_f64((0.95 * (st.planned_s + st.carried_s) - st.seconds).max(0.0));

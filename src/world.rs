@@ -711,9 +711,9 @@ pub fn render(scene: &Scene, size: usize) -> Vec<u8> {
 /// A scene that differs from `scene` in one detail its caption names: a colour or a shape, the
 /// relation of two objects (they trade places), the number of objects (one fewer or one more),
 /// the order or a colour of a stack, a letter of a sign, or what the bottom half of a transform
-/// shows. Its picture does not match `scene`'s caption, which makes it a hard negative for that caption when the
-/// reranker trains (`train reranker --contrast-images`). Its caption is left empty. Drawn from
-/// `rng`, so a seeded run draws the same.
+/// shows. Its picture does not match `scene`'s caption, which makes it a hard negative for that
+/// caption when the reranker trains (`train reranker --contrast-images`). Its caption is left
+/// empty. Drawn from `rng`, so a seeded run draws the same.
 pub fn contrast_scene(scene: &Scene, rng: &mut SeedRng) -> Scene {
     let mut below = |n: usize| (rng.next_u64() % n.max(1) as u64) as usize;
     let mut c = Scene { caption: String::new(), ..scene.clone() };
@@ -741,38 +741,37 @@ pub fn contrast_scene(scene: &Scene, rng: &mut SeedRng) -> Scene {
                 }
             }
         }
-        Capability::Count => match below(4) {
+        Capability::Count => {
             // one fewer or one more, so that the number is wrong both ways (negatives that only
-            // ever had fewer objects would teach that more is better)
-            k @ (0 | 1) if n >= 2 || k == 1 => {
-                let r = c.objects[0].r;
-                let free = (0..64)
+            // ever had fewer objects would teach that more is better); one more needs room
+            let k = below(4);
+            let r = c.objects[0].r;
+            let free = if k == 1 || (k == 0 && n >= 2) {
+                (0..64)
                     .map(|_| {
                         let mut at = || 0.05 + r + (0.9 - 2.0 * r) * below(1024) as f32 / 1023.0;
                         (at(), at())
                     })
-                    .find(|&(x, y)| c.objects.iter().all(|o| (o.x - x).hypot(o.y - y) > 2.2 * r));
-                match free {
-                    Some((x, y)) if k == 1 || n < 2 => c.objects.push(Object { x, y, ..c.objects[0] }),
-                    _ if n >= 2 => {
-                        c.objects.remove(below(n));
-                    }
-                    _ => {
-                        let k = below(64);
-                        c.objects.iter_mut().for_each(|o| recolour(o, &[bg], k));
-                    }
+                    .find(|&(x, y)| c.objects.iter().all(|o| (o.x - x).hypot(o.y - y) > 2.2 * r))
+            } else {
+                None
+            };
+            match (k, free) {
+                (1, Some((x, y))) => c.objects.push(Object { x, y, ..c.objects[0] }),
+                (0 | 1, _) if n >= 2 => {
+                    c.objects.remove(below(n));
                 }
-                c.count = Some(c.objects.len());
+                (1 | 2, _) => {
+                    let k = below(64);
+                    c.objects.iter_mut().for_each(|o| recolour(o, &[bg], k));
+                }
+                _ => {
+                    let k = below(64);
+                    c.objects.iter_mut().for_each(|o| reshape(o, k));
+                }
             }
-            2 => {
-                let k = below(64);
-                c.objects.iter_mut().for_each(|o| recolour(o, &[bg], k));
-            }
-            _ => {
-                let k = below(64);
-                c.objects.iter_mut().for_each(|o| reshape(o, k));
-            }
-        },
+            c.count = Some(c.objects.len());
+        }
         Capability::Stack if n >= 2 => {
             if below(2) == 0 {
                 // two levels trade colours
