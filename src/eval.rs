@@ -292,11 +292,83 @@ fn matches(d: &Detected, colour: Colour, shape: Shape) -> bool {
 
 /// Whether the image shows what the scene's caption asks for.
 pub fn score(scene: &Scene, rgb: &[u8], size: usize) -> bool {
+    judge(scene, rgb, size).is_ok()
+}
+
+/// Why an image fails its scene's caption: the first check of [`judge`] it does not pass.
+/// The names are stable (they key `tessera eval`'s report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Miss {
+    /// No object at all (single objects), or a stack block of a named colour is missing.
+    NothingFound,
+    /// The object has the right shape in another colour.
+    Colour,
+    /// The object has the right colour and another shape.
+    Shape,
+    /// Neither colour nor shape is right.
+    ColourAndShape,
+    /// Two objects: one of the two named objects is not there.
+    OneMissing,
+    /// Two objects: neither named object is there.
+    BothMissing,
+    /// Two objects are there, in the wrong relation.
+    Position,
+    /// Fewer objects of the colour than the caption's number.
+    TooFew,
+    /// More objects of the colour than the caption's number.
+    TooMany,
+    /// A stack block is not a square, or is off the column.
+    Misplaced,
+    /// The blocks are there, stacked in another order.
+    Order,
+    /// No sign, or letters that are not letters.
+    Unreadable,
+    /// A sign with another word.
+    WrongWord,
+    /// A transform's object, in the top half or the bottom, is missing or wrong.
+    ObjectWrong,
+    /// The objects are there, but the bottom half is not transformed as named.
+    TransformWrong,
+}
+
+impl Miss {
+    pub fn name(self) -> &'static str {
+        match self {
+            Miss::NothingFound => "nothing found",
+            Miss::Colour => "colour",
+            Miss::Shape => "shape",
+            Miss::ColourAndShape => "colour and shape",
+            Miss::OneMissing => "one object missing",
+            Miss::BothMissing => "both objects missing",
+            Miss::Position => "position",
+            Miss::TooFew => "too few",
+            Miss::TooMany => "too many",
+            Miss::Misplaced => "block misplaced",
+            Miss::Order => "order",
+            Miss::Unreadable => "unreadable",
+            Miss::WrongWord => "wrong word",
+            Miss::ObjectWrong => "object wrong",
+            Miss::TransformWrong => "transform wrong",
+        }
+    }
+}
+
+/// Scores the image against the scene's caption: `Ok` when it shows what the caption asks
+/// for, otherwise the first thing it gets wrong.
+pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
     let found = detect(rgb, size, scene.background);
+    let pass = |ok: bool, miss: Miss| if ok { Ok(()) } else { Err(miss) };
     match scene.capability {
         Capability::SingleObject => {
             let o = &scene.objects[0];
-            found.first().is_some_and(|d| matches(d, o.colour, o.shape))
+            let d = found.first().ok_or(Miss::NothingFound)?;
+            match (d.colour == o.colour, d.shape == o.shape) {
+                (true, true) => Ok(()),
+                (false, true) => Err(Miss::Colour),
+                (true, false) => Err(Miss::Shape),
+                (false, false) => Err(Miss::ColourAndShape),
+            }
         }
         Capability::TwoObjectsPosition => {
             let (a, b) = (&scene.objects[0], &scene.objects[1]);
@@ -305,49 +377,61 @@ pub fn score(scene: &Scene, rgb: &[u8], size: usize) -> bool {
             match (da, db, scene.relation) {
                 (Some(da), Some(db), Some(rel)) => {
                     let (dx, dy) = (da.x - db.x, da.y - db.y);
-                    match rel {
+                    let ok = match rel {
                         Relation::Above => dy < 0.0 && dy.abs() > dx.abs(),
                         Relation::Below => dy > 0.0 && dy.abs() > dx.abs(),
                         Relation::LeftOf => dx < 0.0 && dx.abs() > dy.abs(),
                         Relation::RightOf => dx > 0.0 && dx.abs() > dy.abs(),
-                    }
+                    };
+                    pass(ok, Miss::Position)
                 }
-                _ => false,
+                (Some(_), Some(_), None) => Err(Miss::Position),
+                (None, None, _) => Err(Miss::BothMissing),
+                _ => Err(Miss::OneMissing),
             }
         }
         Capability::Count => {
             let o = &scene.objects[0];
             let expected = std::f32::consts::PI * o.r * o.r;
             let n = found.iter().filter(|d| d.colour == o.colour && d.area > 0.25 * expected).count();
-            Some(n) == scene.count
+            match scene.count {
+                Some(want) if n < want => Err(Miss::TooFew),
+                Some(want) if n > want => Err(Miss::TooMany),
+                Some(_) => Ok(()),
+                None => Err(Miss::TooFew),
+            }
         }
         Capability::Stack => {
             let mut ys = Vec::new();
             for o in &scene.objects {
-                let Some(d) = found.iter().find(|d| d.colour == o.colour) else { return false };
-                if d.shape != Shape::Square || (d.x - o.x).abs() > o.r {
-                    return false;
-                }
+                let d = found.iter().find(|d| d.colour == o.colour).ok_or(Miss::NothingFound)?;
+                pass(d.shape == Shape::Square && (d.x - o.x).abs() <= o.r, Miss::Misplaced)?;
                 ys.push(d.y);
             }
-            ys.windows(2).all(|w| w[0] < w[1])
+            pass(ys.windows(2).all(|w| w[0] < w[1]), Miss::Order)
         }
-        Capability::Text => scene.sign.as_ref().is_some_and(|s| {
-            read_sign(rgb, size, s.colour, s.word.chars().count()).as_deref() == Some(s.word.as_str())
-        }),
+        Capability::Text => {
+            let s = scene.sign.as_ref().ok_or(Miss::Unreadable)?;
+            let word = read_sign(rgb, size, s.colour, s.word.chars().count()).ok_or(Miss::Unreadable)?;
+            pass(word == s.word, Miss::WrongWord)
+        }
         Capability::Transform => {
-            let Some(kind) = scene.transform else { return false };
+            let kind = scene.transform.ok_or(Miss::ObjectWrong)?;
             let n = scene.objects.len() / 2;
-            scene.objects.iter().enumerate().all(|(i, o)| {
+            for (i, o) in scene.objects.iter().enumerate() {
                 let near = |d: &&Detected| (d.x - o.x).abs() < o.r && (d.y - o.y).abs() < o.r;
-                found.iter().filter(near).any(|d| {
-                    let want_flip = i >= n && kind == Transform::UpsideDown;
-                    let want_outline = i >= n && kind == Transform::Outline;
-                    // symmetric shapes read the same either way up
-                    let flip_ok = d.flipped == want_flip || symmetric_vertically(o.shape);
-                    matches(d, o.colour, o.shape) && flip_ok && d.outline == want_outline
-                })
-            })
+                let here: Vec<&Detected> =
+                    found.iter().filter(near).filter(|d| matches(d, o.colour, o.shape)).collect();
+                pass(!here.is_empty(), Miss::ObjectWrong)?;
+                let want_flip = i >= n && kind == Transform::UpsideDown;
+                let want_outline = i >= n && kind == Transform::Outline;
+                // symmetric shapes read the same either way up
+                let ok = here
+                    .iter()
+                    .any(|d| (d.flipped == want_flip || symmetric_vertically(o.shape)) && d.outline == want_outline);
+                pass(ok, Miss::TransformWrong)?;
+            }
+            Ok(())
         }
     }
 }

@@ -104,10 +104,11 @@ pub fn write_all(f: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
-struct Raw {
-    shape: Vec<usize>,
-    data: Vec<u8>,
-    dtype: Dtype,
+/// Raw bytes of one tensor, for serialising.
+pub(crate) struct Raw {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: Vec<u8>,
+    pub(crate) dtype: Dtype,
 }
 
 impl View for &Raw {

@@ -74,6 +74,11 @@ enum Command {
         device: String,
         #[arg(long, default_value = "auto")]
         dtype: String,
+        /// Keep the samples in this file and read them back next time when the transformer,
+        /// dVAE, tokenizer and settings are the same: rerankers compared on the very same
+        /// samples, with only the reranking to run.
+        #[arg(long)]
+        samples_file: Option<PathBuf>,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -587,11 +592,12 @@ fn run(cli: Cli) -> Result<()> {
             let opts = tessera::app::AppOptions { model, device, threads, data_dir };
             tessera::app::run::run(opts, a.diagnostics)
         }
-        Command::Eval { model, captions, samples, seed, out, device, dtype, sampling } => {
+        Command::Eval { model, captions, samples, seed, out, device, dtype, samples_file, sampling } => {
             let device = tessera::parse_device(&device)?;
             let mut m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
             m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
-            let opts = tessera::report::EvalOptions { captions, samples, seed, sample: sampling.options()? };
+            let opts =
+                tessera::report::EvalOptions { captions, samples, seed, sample: sampling.options()?, samples_file };
             let r = tessera::report::evaluate(&m, &opts, &out, |l| eprintln!("eval: {l}"))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             eprintln!("report written to {}", out.display());

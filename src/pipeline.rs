@@ -586,7 +586,13 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                 let n = (left.max(0.0) * PLAN_FILL / (cells * per_caption)) as usize;
                 Ok((n.clamp(1, o.eval_captions), 1.0 / per_caption))
             })?;
-            let opts = crate::report::EvalOptions { captions, samples: o.eval_samples, seed: o.seed, sample };
+            let opts = crate::report::EvalOptions {
+                captions,
+                samples: o.eval_samples,
+                seed: o.seed,
+                sample,
+                samples_file: None,
+            };
             let r = crate::report::evaluate(&model, &opts, &o.dir.join("eval"), |_| {})?;
             let top: serde_json::Map<String, serde_json::Value> =
                 r.accuracy.iter().map(|(k, a)| (k.clone(), a.rerank_top1.into())).collect();

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dvae::Dvae;
 use crate::error::{Error, Result};
-use crate::eval::score;
+use crate::eval::{judge, score};
 use crate::io::write_atomic;
 use crate::model::{Model, from_rgb8, to_rgb8};
 use crate::sample::SampleOptions;
@@ -25,6 +25,11 @@ pub struct EvalOptions {
     pub samples: usize,
     pub seed: u64,
     pub sample: SampleOptions,
+    /// Keep the samples in this file: when it holds the samples of the same captions, seed,
+    /// sampling options, device, transformer, dVAE and tokenizer, they are read back instead of
+    /// drawn (only the reranker runs again: a reranker compared on the very same samples, in a
+    /// fraction of the time); otherwise they are drawn and the file is written.
+    pub samples_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,6 +48,11 @@ pub struct Accuracy {
     pub rerank_pairs: Option<f64>,
     /// How many such pairs there were.
     pub pairs: usize,
+    /// Why the wrong samples are wrong (the evaluator's first failed check), counted over all
+    /// samples.
+    pub misses: BTreeMap<String, usize>,
+    /// The same, over the reranker's picks.
+    pub top1_misses: BTreeMap<String, usize>,
 }
 
 /// Over the pairs (right sample, wrong sample) of one caption: how many the scores order right
@@ -83,6 +93,9 @@ pub struct Report {
     /// Captions per capability and split.
     pub captions: usize,
     pub reranker: bool,
+    /// The samples were read back from `EvalOptions::samples_file`, not drawn (then
+    /// `seconds_per_image` is not measured: null).
+    pub samples_reused: bool,
 }
 
 /// Capabilities whose scenes use held-out colour–shape pairs.
@@ -191,6 +204,12 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     let mut dvae_roundtrip = BTreeMap::new();
     let mut grid_rows: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
     let (mut images, mut sampling) = (0usize, 0.0f64);
+    let fingerprint = samples_fingerprint(model, opts)?;
+    let reused = match (&opts.samples_file, opts.samples) {
+        (Some(path), 1..) => read_samples(path, &fingerprint, &mut log)?,
+        _ => None,
+    };
+    let mut drawn: Vec<(String, Vec<u8>)> = Vec::new();
     for (split, caps) in [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)] {
         for &cap in caps {
             let (mut single, mut top, mut n) = (0.0, 0.0, 0);
@@ -207,12 +226,34 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
             if opts.samples == 0 {
                 continue; // the dVAE alone
             }
+            let key = samples_key(split, cap);
+            let stored = reused.as_ref().and_then(|r| r.get(&key));
+            let mut all_rgb = Vec::new();
+            let (mut misses, mut top1_misses) = (BTreeMap::new(), BTreeMap::new());
+            let picture = size * size * 3;
             for (c, scene) in scenes.iter().enumerate() {
                 let t0 = Instant::now();
-                let samples =
-                    model.generate(&scene.caption, opts.samples, opts.seed + c as u64, None, &opts.sample, |_| true)?;
-                images += samples.len();
-                let rgb: Vec<Vec<u8>> = samples.iter().map(|s| s.rgb.clone()).collect();
+                let rgb: Vec<Vec<u8>> = match stored {
+                    Some(bytes) => {
+                        let at = c * opts.samples * picture;
+                        let mine = bytes.get(at..at + opts.samples * picture).ok_or_else(|| {
+                            Error::Invalid(format!("the samples file holds too few samples for {key}"))
+                        })?;
+                        mine.chunks(picture).map(<[u8]>::to_vec).collect()
+                    }
+                    None => {
+                        let samples = model.generate(
+                            &scene.caption,
+                            opts.samples,
+                            opts.seed + c as u64,
+                            None,
+                            &opts.sample,
+                            |_| true,
+                        )?;
+                        samples.into_iter().map(|s| s.rgb).collect()
+                    }
+                };
+                images += rgb.len();
                 let scores = model.rerank(&scene.caption, &rgb)?;
                 let best = match &scores {
                     Some(scores) => {
@@ -221,7 +262,16 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                     None => 0,
                 };
                 sampling += t0.elapsed().as_secs_f64();
-                let oks: Vec<bool> = samples.iter().map(|s| score(scene, &s.rgb, size)).collect();
+                let verdicts: Vec<_> = rgb.iter().map(|x| judge(scene, x, size)).collect();
+                for v in &verdicts {
+                    if let Err(m) = v {
+                        *misses.entry(m.name().to_string()).or_insert(0) += 1;
+                    }
+                }
+                if let Err(m) = verdicts[best] {
+                    *top1_misses.entry(m.name().to_string()).or_insert(0) += 1;
+                }
+                let oks: Vec<bool> = verdicts.iter().map(Result::is_ok).collect();
                 if let Some(scores) = &scores {
                     let (g, p) = ordered_pairs(scores, &oks);
                     ordered += g;
@@ -235,9 +285,23 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                     row.extend(rgb.iter().take(6).cloned());
                     grid_rows.push((scene.caption.clone(), row));
                 }
+                if stored.is_none() {
+                    all_rgb.extend(rgb.into_iter().flatten());
+                }
+            }
+            if stored.is_none() {
+                drawn.push((key, all_rgb));
             }
             let rerank_pairs = (pairs > 0).then(|| ordered / pairs as f64);
-            let acc = Accuracy { single: single / n as f64, rerank_top1: top / n as f64, n, rerank_pairs, pairs };
+            let acc = Accuracy {
+                single: single / n as f64,
+                rerank_top1: top / n as f64,
+                n,
+                rerank_pairs,
+                pairs,
+                misses,
+                top1_misses,
+            };
             log(&format!("{:?} {}: single {:.2}, top-1 {:.2}", split, cap.name(), acc.single, acc.rerank_top1));
             match split {
                 Split::Train => accuracy.insert(cap.name().to_string(), acc),
@@ -245,8 +309,12 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
             };
         }
     }
-    // sampling and reranking time only; none without samples (null in the JSON)
-    let seconds_per_image = if images == 0 { f64::NAN } else { sampling / images as f64 };
+    if let (Some(path), false) = (&opts.samples_file, drawn.is_empty()) {
+        write_samples(path, &fingerprint, &drawn)?;
+        log(&format!("samples kept in {} for the next evaluation of this model", path.display()));
+    }
+    // sampling and reranking time only; none without samples or with reused ones (null in the JSON)
+    let seconds_per_image = if images == 0 || reused.is_some() { f64::NAN } else { sampling / images as f64 };
     let report = Report {
         accuracy,
         held_out,
@@ -258,12 +326,135 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         samples_per_caption: opts.samples,
         captions: opts.captions,
         reranker: model.reranker.is_some(),
+        samples_reused: reused.is_some(),
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
     write_atomic(&out.join("report.json"), json.as_bytes())?;
     write_atomic(&out.join("report.md"), markdown(&report, &grid_rows).as_bytes())?;
     save_rows(&out.join("grid.png"), &grid_rows, size)?;
     Ok(report)
+}
+
+/// What the samples of an evaluation depend on: a samples file holding another fingerprint is
+/// drawn again.
+fn samples_fingerprint(model: &Model, opts: &EvalOptions) -> Result<String> {
+    let mut text = format!(
+        "captions {} samples {} seed {} options {:?} device {:?} kind {:?} size {}\n",
+        opts.captions,
+        opts.samples,
+        opts.seed,
+        opts.sample,
+        model.device,
+        model.transformer.vs.variables().values().next().map(Tensor::kind),
+        model.config.dvae.image_size
+    );
+    for (split, caps) in [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)] {
+        for &cap in caps {
+            for scene in eval_scenes(cap, opts.captions, opts.seed, split) {
+                let ids = model.encode_prompt(&scene.caption)?.ids;
+                text += &format!("{}: {:?}\n", scene.caption, ids);
+            }
+        }
+    }
+    let weights = [
+        crate::io::varstore_to_safetensors(&model.transformer.vs)?,
+        crate::io::varstore_to_safetensors(&model.dvae.vs)?,
+    ];
+    let h =
+        weights.iter().fold(crate::shards::fnv1a(text.as_bytes()), |h, w| h ^ crate::shards::fnv1a(w).rotate_left(17));
+    Ok(format!("{h:016x}"))
+}
+
+const SAMPLES_MARK: &str = "tessera-eval-samples";
+
+fn samples_key(split: Split, cap: Capability) -> String {
+    format!("{}/{}", if split == Split::Train { "seen" } else { "held_out" }, cap.name())
+}
+
+/// The samples kept in `path`, by [`samples_key`], when they were drawn with `fingerprint`;
+/// None (with the reason logged) when the file is missing, unreadable or of another model.
+/// A file that is not a samples file is refused, so it is never overwritten.
+fn read_samples(
+    path: &Path,
+    fingerprint: &str,
+    log: &mut impl FnMut(&str),
+) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            log(&format!("no samples in {} yet: drawing them", path.display()));
+            return Ok(None);
+        }
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let not_ours = || {
+        Error::Invalid(format!(
+            "{} exists and is not a samples file of `tessera eval`; name another file (it is left as it is)",
+            path.display()
+        ))
+    };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|_| not_ours())?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if !meta.contains_key(SAMPLES_MARK) {
+        return Err(not_ours());
+    }
+    if meta.get("fingerprint").map(String::as_str) != Some(fingerprint) {
+        log(&format!(
+            "{} holds samples of another transformer, dVAE, tokenizer or settings: drawing new ones (the file will be replaced)",
+            path.display()
+        ));
+        return Ok(None);
+    }
+    let st = match safetensors::SafeTensors::deserialize(&bytes) {
+        Ok(st) => st,
+        Err(e) => {
+            log(&format!("{} is damaged ({e}): drawing new samples (the file will be replaced)", path.display()));
+            return Ok(None);
+        }
+    };
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() == safetensors::Dtype::U8 {
+            out.insert(name, view.data().to_vec());
+        }
+    }
+    log(&format!("samples read back from {} (only the reranker runs)", path.display()));
+    Ok(Some(out))
+}
+
+/// Writes the samples (RGB8 bytes per [`samples_key`], captions × samples × H × W × 3) with
+/// their fingerprint, atomically.
+fn write_samples(path: &Path, fingerprint: &str, drawn: &[(String, Vec<u8>)]) -> Result<()> {
+    if path.exists() {
+        // refuses to replace a file that is not a samples file
+        let head = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let ours = safetensors::SafeTensors::read_metadata(&head)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .is_some_and(|m| m.contains_key(SAMPLES_MARK));
+        if !ours {
+            return Err(Error::Invalid(format!(
+                "{} exists and is not a samples file of `tessera eval`; name another file (it is left as it is)",
+                path.display()
+            )));
+        }
+    }
+    let raws: Vec<(String, crate::io::Raw)> = drawn
+        .iter()
+        .map(|(k, v)| {
+            (k.clone(), crate::io::Raw { shape: vec![v.len()], data: v.clone(), dtype: safetensors::Dtype::U8 })
+        })
+        .collect();
+    let meta = std::collections::HashMap::from([
+        (SAMPLES_MARK.to_string(), "1".to_string()),
+        ("fingerprint".to_string(), fingerprint.to_string()),
+    ]);
+    let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &Some(meta))
+        .map_err(|e| Error::Invalid(format!("cannot serialise samples: {e}")))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    write_atomic(path, &bytes)
 }
 
 fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
@@ -298,6 +489,24 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
         );
     }
     s += "\n\"Reranker orders right\": of the pairs of one caption's samples where one is right and the other wrong, the share the reranker scores the right one higher (50% is chance), and the number of such pairs.\n";
+    if r.samples_reused {
+        s += "\nThe samples were read back from a samples file (drawn earlier by the same transformer, dVAE and settings); only the reranker ran again.\n";
+    }
+    let tally = |m: &BTreeMap<String, usize>| {
+        let mut v: Vec<_> = m.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        v.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+    };
+    let mut why = String::new();
+    for (label, map) in [("seen", &r.accuracy), ("held out", &r.held_out)] {
+        for (k, a) in map.iter().filter(|(_, a)| !a.misses.is_empty()) {
+            why += &format!("| {k} ({label}) | {} | {} |\n", tally(&a.misses), tally(&a.top1_misses));
+        }
+    }
+    if !why.is_empty() {
+        s += "\nWhy samples miss (the evaluator's first failed check), over all samples and over the reranker's picks:\n\n| capability | all samples | top-1 |\n| --- | --- | --- |\n";
+        s += &why;
+    }
     s += if r.samples_per_caption == 0 {
         "\n`grid.png`: one row per capability: the ground-truth render and its dVAE reconstruction. Captions:\n\n"
     } else {

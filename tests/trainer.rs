@@ -249,8 +249,16 @@ fn reranker_learns_and_eval_writes_a_report() {
     let m = tessera::Model::load(dir.path(), Device::Cpu).unwrap();
     assert!(m.reranker.is_some());
     let out = dir.path().join("eval");
-    let opts = tessera::report::EvalOptions { captions: 1, samples: 2, seed: 0, sample: Default::default() };
+    let kept = dir.path().join("kept/samples.safetensors");
+    let opts = tessera::report::EvalOptions {
+        captions: 1,
+        samples: 2,
+        seed: 0,
+        sample: Default::default(),
+        samples_file: Some(kept.clone()),
+    };
     let r = tessera::report::evaluate(&m, &opts, &out, |_| {}).unwrap();
+    assert!(!r.samples_reused && kept.exists());
     assert_eq!(r.accuracy.len(), 6);
     assert_eq!(r.held_out.len(), 4);
     assert!(r.dvae_psnr_db.is_finite());
@@ -264,10 +272,66 @@ fn reranker_learns_and_eval_writes_a_report() {
     for f in ["report.json", "report.md", "grid.png"] {
         assert!(out.join(f).exists(), "{f} missing");
     }
+    // every wrong sample has a reason, and the picks' reasons are among them
+    for a in r.accuracy.values().chain(r.held_out.values()) {
+        let wrong = (2.0 * a.n as f64 * (1.0 - a.single)).round() as usize;
+        assert_eq!(a.misses.values().sum::<usize>(), wrong, "{a:?}");
+        assert_eq!(a.top1_misses.values().sum::<usize>(), a.n - (a.n as f64 * a.rerank_top1).round() as usize);
+        assert!(a.top1_misses.iter().all(|(k, n)| a.misses.get(k).is_some_and(|m| m >= n)), "{a:?}");
+    }
+    // the samples file: read back, the same report; another reranker on the same samples
+    let same = |a: &tessera::report::Report, b: &tessera::report::Report| {
+        let strip = |r: &tessera::report::Report| {
+            let mut v = serde_json::to_value(r).unwrap();
+            for k in ["seconds_per_image", "samples_reused"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        };
+        strip(a) == strip(b)
+    };
+    let again = tessera::report::evaluate(&m, &opts, &dir.path().join("eval2"), |_| {}).unwrap();
+    assert!(again.samples_reused && again.seconds_per_image.is_nan());
+    assert!(same(&r, &again), "{r:?}\n{again:?}");
+    let mut other = tessera::Model::load(dir.path(), Device::Cpu).unwrap();
+    let reranker = other.reranker.as_mut().unwrap();
+    tch::no_grad(|| {
+        for (_, mut v) in reranker.vs.variables() {
+            let _ = v.g_add_(&(v.randn_like() * 0.5));
+        }
+    });
+    let reranked = tessera::report::evaluate(&other, &opts, &dir.path().join("eval3"), |_| {}).unwrap();
+    assert!(reranked.samples_reused);
+    for (mine, theirs) in [(&r.accuracy, &reranked.accuracy), (&r.held_out, &reranked.held_out)] {
+        for (k, a) in mine {
+            let b = &theirs[k];
+            assert_eq!((a.single, &a.misses, a.pairs), (b.single, &b.misses, b.pairs), "{k}");
+        }
+    }
+    // another transformer draws again and replaces the file
+    tch::no_grad(|| {
+        for (_, mut v) in other.transformer.vs.variables() {
+            let _ = v.g_add_(&(v.randn_like() * 0.5));
+        }
+    });
+    let mut said = Vec::new();
+    let redrawn =
+        tessera::report::evaluate(&other, &opts, &dir.path().join("eval4"), |l| said.push(l.to_string())).unwrap();
+    assert!(!redrawn.samples_reused, "{said:?}");
+    assert!(said.iter().any(|l| l.contains("another transformer")), "{said:?}");
+    assert!(tessera::report::evaluate(&other, &opts, &dir.path().join("eval5"), |_| {}).unwrap().samples_reused);
+    // a file that is not a samples file is refused and left as it is
+    let weights = dir.path().join("transformer.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let not_samples = tessera::report::EvalOptions { samples_file: Some(weights.clone()), ..opts.clone() };
+    let e = tessera::report::evaluate(&m, &not_samples, &dir.path().join("eval6"), |_| {}).unwrap_err().to_string();
+    assert!(e.contains("not a samples file"), "{e}");
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
     // the dVAE alone: no sampling, the same round trips of the same scenes
     let dvae_only = dir.path().join("eval-dvae");
-    let d = tessera::report::evaluate(&m, &tessera::report::EvalOptions { samples: 0, ..opts }, &dvae_only, |_| {})
-        .unwrap();
+    let d =
+        tessera::report::evaluate(&m, &tessera::report::EvalOptions { samples: 0, ..opts.clone() }, &dvae_only, |_| {})
+            .unwrap();
     assert!(d.accuracy.is_empty() && d.held_out.is_empty());
     assert_eq!(d.dvae_roundtrip, r.dvae_roundtrip);
     assert_eq!(d.dvae_psnr_db, r.dvae_psnr_db);
@@ -357,7 +421,13 @@ fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
     // a dVAE with a transformer and reranker is a model `eval` loads
     train::train_transformer(&options(dir.path(), 1, None, false), &TransformerRecipe::default()).unwrap();
     let m = tessera::Model::load(dir.path(), Device::Cpu).unwrap();
-    let opts = tessera::report::EvalOptions { captions: 20, samples: 0, seed: 9, sample: Default::default() };
+    let opts = tessera::report::EvalOptions {
+        captions: 20,
+        samples: 0,
+        seed: 9,
+        sample: Default::default(),
+        samples_file: None,
+    };
     let r = tessera::report::evaluate(&m, &opts, &dir.path().join("eval"), |_| {}).unwrap();
     assert_eq!(check["hard_psnr_db"].as_f64().unwrap(), r.dvae_psnr_db);
     assert_eq!(check["codes_used"].as_u64().unwrap() as usize, r.dvae_codes_used);

@@ -230,3 +230,38 @@ fn contrasting_scenes_are_drawn_and_fail_the_original_caption() {
         assert!(contrast <= n as usize / 20, "{cap:?}: {contrast} of {n} contrasts still pass the original caption");
     }
 }
+
+#[test]
+fn the_evaluator_names_the_detail_a_contrasting_picture_gets_wrong() {
+    // a contrast changes one detail the caption names; the evaluator's reason for rejecting
+    // its render must be that detail, and `judge` must agree with `score` on every picture
+    use tessera::eval::{Miss, judge};
+    let mut rng = tessera::sample::SeedRng::new(11);
+    for cap in [Capability::SingleObject, Capability::TwoObjectsPosition, Capability::Count] {
+        let (mut named, mut scored) = (0, 0);
+        for seed in 0..60 {
+            let scene = world::generate(cap, 900 + seed, Split::Train);
+            let other = world::contrast_scene(&scene, &mut rng);
+            let (a, b) = (&scene.objects, &other.objects);
+            let expected = match cap {
+                Capability::SingleObject if a[0].colour != b[0].colour => Miss::Colour,
+                Capability::SingleObject => Miss::Shape,
+                // two objects trade places, or one of them changes
+                Capability::TwoObjectsPosition if a[0].x == b[1].x && a[0].y == b[1].y => Miss::Position,
+                Capability::TwoObjectsPosition => Miss::OneMissing,
+                _ if b.len() > a.len() => Miss::TooMany,
+                // fewer, or all recoloured (none of the colour left); reshaped counts are not read
+                _ if b.len() < a.len() || a[0].colour != b[0].colour => Miss::TooFew,
+                _ => continue,
+            };
+            scored += 1;
+            let picture = render(&other, 64);
+            let verdict = judge(&scene, &picture, 64);
+            assert_eq!(verdict.is_ok(), score(&scene, &picture, 64));
+            named += usize::from(verdict == Err(expected));
+            assert_eq!(judge(&scene, &render(&scene, 64), 64).is_ok(), score(&scene, &render(&scene, 64), 64));
+        }
+        assert!(scored >= 40, "{cap:?}: only {scored} contrasts of a known kind");
+        assert!(named * 10 >= scored * 9, "{cap:?}: the reason named for {named} of {scored} contrasts");
+    }
+}
