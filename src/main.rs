@@ -436,6 +436,11 @@ enum TrainCommand {
         /// from --shards always are).
         #[arg(long)]
         through_dvae: bool,
+        /// Make the contrasting pictures near misses: a changed shape is usually one of its two
+        /// look-alikes (an octagon becomes a circle or a heptagon), and some stack contrasts
+        /// move a block off the column or give it another shape.
+        #[arg(long)]
+        near_contrasts: bool,
     },
 }
 
@@ -983,8 +988,20 @@ fn train(t: TrainCommand) -> Result<()> {
             let opts = timed_options(&common, |o| tr::train_transformer(o, &recipe))?;
             tr::train_transformer(&opts, &recipe)?
         }
-        TrainCommand::Reranker { common, lr, warmup, init_from, contrasts, contrast_images, through_dvae } => {
-            let recipe = tr::RerankerRecipe { lr, warmup, init_from, contrasts, contrast_images, through_dvae };
+        TrainCommand::Reranker {
+            common,
+            lr,
+            warmup,
+            init_from,
+            contrasts,
+            contrast_images,
+            through_dvae,
+            near_contrasts,
+        } => {
+            let contrast_kind =
+                if near_contrasts { tessera::world::Contrasts::Near } else { tessera::world::Contrasts::Any };
+            let recipe =
+                tr::RerankerRecipe { lr, warmup, init_from, contrasts, contrast_images, through_dvae, contrast_kind };
             let opts = timed_options(&common, |o| tr::train_reranker(o, &recipe))?;
             tr::train_reranker(&opts, &recipe)?
         }

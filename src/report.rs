@@ -48,6 +48,9 @@ pub struct Accuracy {
     pub rerank_pairs: Option<f64>,
     /// How many such pairs there were.
     pub pairs: usize,
+    /// The share of captions with at least one right sample: the top-1 a perfect reranker
+    /// would reach on these samples.
+    pub any_right: f64,
     /// Why the wrong samples are wrong (the evaluator's first failed check), counted over all
     /// samples.
     pub misses: BTreeMap<String, usize>,
@@ -214,6 +217,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         for &cap in caps {
             let (mut single, mut top, mut n) = (0.0, 0.0, 0);
             let (mut ordered, mut pairs) = (0.0, 0usize);
+            let mut any_right = 0usize;
             // evaluation scenes use seeds the training stream does not (it draws from `sample`)
             let scenes = eval_scenes(cap, opts.captions, opts.seed, split);
             if split == Split::Train {
@@ -279,6 +283,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                 }
                 single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
                 top += oks[best] as u8 as f64;
+                any_right += usize::from(oks.contains(&true));
                 n += 1;
                 if c == 0 && split == Split::Train {
                     let mut row = vec![world::render(scene, size), rgb[best].clone()];
@@ -299,6 +304,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                 n,
                 rerank_pairs,
                 pairs,
+                any_right: any_right as f64 / n as f64,
                 misses,
                 top1_misses,
             };
@@ -467,8 +473,8 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
         s += &format!(" {:.3} s per image (sampling and reranking) on {}.", r.seconds_per_image, r.device);
     }
     s += "\n\n";
-    s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | ground truth through the dVAE | reranker orders right, seen / held out | captions |\n";
-    s += "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | ground truth through the dVAE | reranker orders right, seen / held out | any of N right, seen / held out | captions |\n";
+    s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for (k, roundtrip) in &r.dvae_roundtrip {
         let (a, h) = (r.accuracy.get(k), r.held_out.get(k));
         let f = |v: Option<f64>| v.map(|x| format!("{:.0}%", 100.0 * x)).unwrap_or_else(|| "–".into());
@@ -477,7 +483,7 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
             None => "–".into(),
         };
         s += &format!(
-            "| {k} | {} | {} | {} | {} | {} | {} / {} | {} |\n",
+            "| {k} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} |\n",
             f(a.map(|a| a.single)),
             f(a.map(|a| a.rerank_top1)),
             f(h.map(|h| h.single)),
@@ -485,10 +491,12 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
             f(Some(*roundtrip)),
             pairs(a),
             pairs(h),
+            f(a.map(|a| a.any_right)),
+            f(h.map(|h| h.any_right)),
             r.captions
         );
     }
-    s += "\n\"Reranker orders right\": of the pairs of one caption's samples where one is right and the other wrong, the share the reranker scores the right one higher (50% is chance), and the number of such pairs.\n";
+    s += "\n\"Reranker orders right\": of the pairs of one caption's samples where one is right and the other wrong, the share the reranker scores the right one higher (50% is chance), and the number of such pairs. \"Any of N right\": the captions with at least one right sample, the top-1 a perfect reranker would reach.\n";
     if r.samples_reused {
         s += "\nThe samples were read back from a samples file (drawn earlier by the same transformer, dVAE and settings); only the reranker ran again.\n";
     }

@@ -826,17 +826,33 @@ pub struct RerankerRecipe {
     /// decoded, before the reranker sees them: the samples it will rank are dVAE decodings, so
     /// it learns on pictures like them. Pictures from token shards are always decodings.
     pub through_dvae: bool,
+    /// Which changes the contrasting pictures make ([`crate::world::Contrasts`]): any, or near
+    /// misses (look-alike shapes, a stack block off its column).
+    pub contrast_kind: crate::world::Contrasts,
 }
 
 impl Default for RerankerRecipe {
     fn default() -> Self {
-        Self { lr: 1e-3, warmup: 200, init_from: None, contrasts: 0, contrast_images: 0, through_dvae: false }
+        Self {
+            lr: 1e-3,
+            warmup: 200,
+            init_from: None,
+            contrasts: 0,
+            contrast_images: 0,
+            through_dvae: false,
+            contrast_kind: crate::world::Contrasts::Any,
+        }
     }
 }
 
 /// Trains the contrastive reranker of a model directory that has its tokenizer.
 pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<TrainSummary> {
     let (lr, warmup, k, k_img) = (recipe.lr, recipe.warmup, recipe.contrasts, recipe.contrast_images);
+    if k_img == 0 && recipe.contrast_kind != crate::world::Contrasts::Any {
+        return Err(Error::Invalid(
+            "near-miss contrasts change the contrasting pictures: give --contrast-images K (K ≥ 1) too".into(),
+        ));
+    }
     let cfg = crate::model::Model::load_config(&opts.dir)?;
     let tok = TextTokenizer::load(&opts.dir.join(TOKENIZER_FILE))?;
     let source = Source::open(&opts.data)?;
@@ -912,7 +928,11 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
             let pictures: Vec<Vec<u8>> = batch
                 .scenes
                 .iter()
-                .flat_map(|sc| (0..k_img).map(|_| crate::world::contrast_scene(sc, &mut rng)).collect::<Vec<_>>())
+                .flat_map(|sc| {
+                    (0..k_img)
+                        .map(|_| crate::world::contrast_scene_as(sc, &mut rng, recipe.contrast_kind))
+                        .collect::<Vec<_>>()
+                })
                 .map(|sc| crate::world::render(&sc, size))
                 .collect();
             let other = round_trip(from_rgb8(&pictures, size, opts.device)?);

@@ -8,6 +8,8 @@
 //! for completion. Some colour–shape pairs are held out of training to measure compositional
 //! generalisation. Because the generator knows what it drew, `eval` can score what a model draws.
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
 
 use crate::sample::SeedRng;
@@ -715,6 +717,76 @@ pub fn render(scene: &Scene, size: usize) -> Vec<u8> {
 /// caption when the reranker trains (`train reranker --contrast-images`). Its caption is left
 /// empty. Drawn from `rng`, so a seeded run draws the same.
 pub fn contrast_scene(scene: &Scene, rng: &mut SeedRng) -> Scene {
+    contrast_scene_as(scene, rng, Contrasts::Any)
+}
+
+/// Which changes [`contrast_scene_as`] draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Contrasts {
+    /// Any other colour or shape ([`contrast_scene`]).
+    #[default]
+    Any,
+    /// Near misses: a changed shape is, three times in four, one of its two look-alikes
+    /// ([`look_alikes`]: an octagon becomes a circle or a heptagon, a cross a diamond), and a
+    /// third of the stacks' contrasts move a block off the column or give it a look-alike
+    /// shape: what samples that are almost right get wrong.
+    Near,
+}
+
+/// The two shapes whose outlines overlap `shape`'s most when drawn with the same area and
+/// centre (intersection over union of their masks): the shapes a blurred or small drawing of
+/// it is mistaken for.
+pub fn look_alikes(shape: Shape) -> [Shape; 2] {
+    static TABLE: OnceLock<Vec<[Shape; 2]>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        const N: usize = 96;
+        // each mask on a fine grid, scaled to one area and moved to one centre
+        let mask = |s: Shape| -> Vec<bool> {
+            let raw = |scale: f32, dx: f32, dy: f32| -> Vec<bool> {
+                (0..N * N)
+                    .map(|i| {
+                        let u = ((i % N) as f32 + 0.5) / N as f32 * 3.0 - 1.5;
+                        let v = ((i / N) as f32 + 0.5) / N as f32 * 3.0 - 1.5;
+                        inside(s, u * scale + dx, v * scale + dy)
+                    })
+                    .collect()
+            };
+            let m = raw(1.0, 0.0, 0.0);
+            let area = m.iter().filter(|&&b| b).count().max(1) as f32;
+            let (mut cx, mut cy) = (0.0f32, 0.0f32);
+            for (i, _) in m.iter().enumerate().filter(|(_, b)| **b) {
+                cx += ((i % N) as f32 + 0.5) / N as f32 * 3.0 - 1.5;
+                cy += ((i / N) as f32 + 0.5) / N as f32 * 3.0 - 1.5;
+            }
+            let scale = (area / (0.25 * (N * N) as f32)).sqrt();
+            raw(scale, cx / area, cy / area)
+        };
+        let masks: Vec<Vec<bool>> = Shape::ALL.iter().map(|&s| mask(s)).collect();
+        let iou = |a: &[bool], b: &[bool]| {
+            let both = a.iter().zip(b).filter(|(x, y)| **x && **y).count();
+            let any = a.iter().zip(b).filter(|(x, y)| **x || **y).count();
+            both as f32 / any.max(1) as f32
+        };
+        (0..Shape::ALL.len())
+            .map(|i| {
+                let mut others: Vec<(f32, Shape)> = (0..Shape::ALL.len())
+                    .filter(|&j| j != i)
+                    .map(|j| (iou(&masks[i], &masks[j]), Shape::ALL[j]))
+                    .collect();
+                others.sort_by(|a, b| b.0.total_cmp(&a.0));
+                [others[0].1, others[1].1]
+            })
+            .collect()
+    });
+    let i = Shape::ALL.iter().position(|&s| s == shape).unwrap_or(0);
+    table[i]
+}
+
+/// [`contrast_scene`], with the kind of change chosen by `mode`. `Contrasts::Any` draws
+/// exactly what [`contrast_scene`] draws.
+pub fn contrast_scene_as(scene: &Scene, rng: &mut SeedRng, mode: Contrasts) -> Scene {
+    let near = mode == Contrasts::Near;
     let mut below = |n: usize| (rng.next_u64() % n.max(1) as u64) as usize;
     let mut c = Scene { caption: String::new(), ..scene.clone() };
     let n = c.objects.len();
@@ -723,7 +795,12 @@ pub fn contrast_scene(scene: &Scene, rng: &mut SeedRng) -> Scene {
             Colour::object_colours().into_iter().filter(|x| *x != o.colour && !avoid.contains(x)).collect();
         o.colour = options[k % options.len()];
     };
+    // k < 48 of 64 picks a look-alike when `near`
     let reshape = |o: &mut Object, k: usize| {
+        if near && k < 48 {
+            o.shape = look_alikes(o.shape)[k % 2];
+            return;
+        }
         let options: Vec<Shape> = Shape::ALL.iter().copied().filter(|x| *x != o.shape).collect();
         o.shape = options[k % options.len()];
     };
@@ -771,6 +848,16 @@ pub fn contrast_scene(scene: &Scene, rng: &mut SeedRng) -> Scene {
                 }
             }
             c.count = Some(c.objects.len());
+        }
+        Capability::Stack if n >= 2 && near && below(3) == 0 => {
+            // a block off the column, or not a square
+            let i = below(n);
+            if below(2) == 0 {
+                let side = if c.objects[i].x < 0.5 { 1.0 } else { -1.0 };
+                c.objects[i].x += side * 1.6 * c.objects[i].r;
+            } else {
+                reshape(&mut c.objects[i], below(48));
+            }
         }
         Capability::Stack if n >= 2 => {
             if below(2) == 0 {

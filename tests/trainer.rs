@@ -109,6 +109,18 @@ fn stopped_then_resumed_training_equals_an_uninterrupted_run() {
     let (with, without) = (bytes(&c.path().join(name)), bytes(&e.path().join(name)));
     assert!(with != without, "showing the pictures through the dVAE changed nothing");
     assert!(without != bytes(&a.path().join(name)), "contrasting pictures changed nothing");
+    // near-miss contrasts draw other pictures; without contrasting pictures they are refused
+    let f = tempfile::tempdir().unwrap();
+    new_dir(f.path());
+    tessera(&[&r[..], &["--near-contrasts"]].concat(), f.path());
+    assert!(bytes(&f.path().join(name)) != without, "near-miss contrasts changed nothing");
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["train", "reranker", "--steps", "2", "--near-contrasts", "--device", "cpu", "--dir"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--contrast-images"), "{err}");
     // pictures of files have no scenes to contrast
     let files = c.path().join("files");
     std::fs::create_dir_all(&files).unwrap();
@@ -278,6 +290,8 @@ fn reranker_learns_and_eval_writes_a_report() {
         assert_eq!(a.misses.values().sum::<usize>(), wrong, "{a:?}");
         assert_eq!(a.top1_misses.values().sum::<usize>(), a.n - (a.n as f64 * a.rerank_top1).round() as usize);
         assert!(a.top1_misses.iter().all(|(k, n)| a.misses.get(k).is_some_and(|m| m >= n)), "{a:?}");
+        // a perfect reranker's top-1 bounds the real one's, and one sample's chance
+        assert!(a.any_right >= a.rerank_top1 && a.any_right >= a.single, "{a:?}");
     }
     // the samples file: read back, the same report; another reranker on the same samples
     let same = |a: &tessera::report::Report, b: &tessera::report::Report| {

@@ -265,3 +265,50 @@ fn the_evaluator_names_the_detail_a_contrasting_picture_gets_wrong() {
         assert!(named * 10 >= scored * 9, "{cap:?}: the reason named for {named} of {scored} contrasts");
     }
 }
+
+#[test]
+fn near_miss_contrasts_pick_look_alike_shapes_and_misplaced_blocks() {
+    use tessera::eval::{Miss, judge};
+    use tessera::world::{Contrasts, contrast_scene_as, look_alikes};
+    // look-alikes: two other shapes, the round ones for the many-sided polygons
+    for &s in Shape::ALL {
+        let l = look_alikes(s);
+        assert!(l[0] != s && l[1] != s && l[0] != l[1], "{s:?}: {l:?}");
+    }
+    assert!(look_alikes(Shape::Octagon).contains(&Shape::Circle));
+    assert!(look_alikes(Shape::Cross).contains(&Shape::Diamond));
+    assert!(look_alikes(Shape::Star).contains(&Shape::Pentagon));
+    // `Any` draws exactly what `contrast_scene` draws
+    let (mut a, mut b) = (tessera::sample::SeedRng::new(5), tessera::sample::SeedRng::new(5));
+    for &cap in Capability::ALL {
+        for seed in 0..10 {
+            let scene = world::generate(cap, 300 + seed, Split::Train);
+            assert_eq!(world::contrast_scene(&scene, &mut a), contrast_scene_as(&scene, &mut b, Contrasts::Any));
+        }
+    }
+    // `Near`: most reshapes pick a look-alike; stacks get blocks off the column or reshaped,
+    // which the evaluator rejects as misplaced
+    let mut rng = tessera::sample::SeedRng::new(13);
+    let (mut reshaped, mut alike) = (0, 0);
+    for seed in 0..200 {
+        let scene = world::generate(Capability::SingleObject, 700 + seed, Split::Train);
+        let other = contrast_scene_as(&scene, &mut rng, Contrasts::Near);
+        if other.objects[0].shape != scene.objects[0].shape {
+            reshaped += 1;
+            alike += usize::from(look_alikes(scene.objects[0].shape).contains(&other.objects[0].shape));
+        }
+    }
+    assert!(reshaped >= 60 && alike * 10 >= reshaped * 6, "{alike} look-alikes of {reshaped} reshapes");
+    let (mut moved, mut rejected) = (0, 0);
+    for seed in 0..120 {
+        let scene = world::generate(Capability::Stack, 40 + seed, Split::Train);
+        let other = contrast_scene_as(&scene, &mut rng, Contrasts::Near);
+        let geometry = other.objects.iter().zip(&scene.objects).any(|(o, s)| o.x != s.x || o.shape != s.shape);
+        if geometry {
+            moved += 1;
+            rejected += usize::from(judge(&scene, &render(&other, 64), 64) == Err(Miss::Misplaced));
+        }
+    }
+    assert!(moved >= 20, "only {moved} of 120 stack contrasts move or reshape a block");
+    assert!(rejected * 10 >= moved * 9, "{rejected} of {moved} misplaced blocks rejected as misplaced");
+}
