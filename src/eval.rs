@@ -402,13 +402,19 @@ pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
             }
         }
         Capability::Stack => {
-            let mut ys = Vec::new();
+            // where the stack stands is the caption's to leave open: its blocks must be squares
+            // on one column (centres within a block's radius of each other), in order
+            let mut blocks: Vec<&Detected> = Vec::new();
             for o in &scene.objects {
                 let d = found.iter().find(|d| d.colour == o.colour).ok_or(Miss::NothingFound)?;
-                pass(d.shape == Shape::Square && (d.x - o.x).abs() <= o.r, Miss::Misplaced)?;
-                ys.push(d.y);
+                pass(d.shape == Shape::Square, Miss::Misplaced)?;
+                blocks.push(d);
             }
-            pass(ys.windows(2).all(|w| w[0] < w[1]), Miss::Order)
+            let r = scene.objects.iter().map(|o| o.r).fold(f32::INFINITY, f32::min);
+            let (lo, hi) =
+                blocks.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), d| (lo.min(d.x), hi.max(d.x)));
+            pass(hi - lo <= r, Miss::Misplaced)?;
+            pass(blocks.windows(2).all(|w| w[0].y < w[1].y), Miss::Order)
         }
         Capability::Text => {
             let s = scene.sign.as_ref().ok_or(Miss::Unreadable)?;
@@ -416,20 +422,35 @@ pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
             pass(word == s.word, Miss::WrongWord)
         }
         Capability::Transform => {
+            // each named object in the top half (wherever the caption leaves it), and its
+            // transformed copy where the transform puts it: the same place in the bottom half,
+            // or mirrored there for upside-down
             let kind = scene.transform.ok_or(Miss::ObjectWrong)?;
             let n = scene.objects.len() / 2;
-            for (i, o) in scene.objects.iter().enumerate() {
-                let near = |d: &&Detected| (d.x - o.x).abs() < o.r && (d.y - o.y).abs() < o.r;
-                let here: Vec<&Detected> =
-                    found.iter().filter(near).filter(|d| matches(d, o.colour, o.shape)).collect();
-                pass(!here.is_empty(), Miss::ObjectWrong)?;
-                let want_flip = i >= n && kind == Transform::UpsideDown;
-                let want_outline = i >= n && kind == Transform::Outline;
-                // symmetric shapes read the same either way up
-                let ok = here
-                    .iter()
-                    .any(|d| (d.flipped == want_flip || symmetric_vertically(o.shape)) && d.outline == want_outline);
-                pass(ok, Miss::TransformWrong)?;
+            for (o, copy) in scene.objects[..n].iter().zip(&scene.objects[n..]) {
+                let upright = |d: &&Detected| {
+                    matches(d, o.colour, o.shape)
+                        && d.y < 0.5
+                        && !d.outline
+                        && (!d.flipped || symmetric_vertically(o.shape))
+                };
+                let tops: Vec<&Detected> = found.iter().filter(upright).collect();
+                pass(!tops.is_empty(), Miss::ObjectWrong)?;
+                let want_flip = kind == Transform::UpsideDown;
+                let want_outline = kind == Transform::Outline;
+                let (mut placed, mut transformed) = (false, false);
+                for t in &tops {
+                    let (x, y) = (t.x, if want_flip { 1.0 - t.y } else { t.y + 0.5 });
+                    let near = |d: &&Detected| (d.x - x).abs() < copy.r && (d.y - y).abs() < copy.r;
+                    for d in found.iter().filter(near).filter(|d| matches(d, copy.colour, copy.shape)) {
+                        placed = true;
+                        // symmetric shapes read the same either way up
+                        transformed |=
+                            (d.flipped == want_flip || symmetric_vertically(o.shape)) && d.outline == want_outline;
+                    }
+                }
+                pass(placed, Miss::ObjectWrong)?;
+                pass(transformed, Miss::TransformWrong)?;
             }
             Ok(())
         }

@@ -312,3 +312,58 @@ fn near_miss_contrasts_pick_look_alike_shapes_and_misplaced_blocks() {
     assert!(moved >= 20, "only {moved} of 120 stack contrasts move or reshape a block");
     assert!(rejected * 10 >= moved * 9, "{rejected} of {moved} misplaced blocks rejected as misplaced");
 }
+
+#[test]
+fn the_evaluator_leaves_open_what_the_caption_leaves_open() {
+    // a stack or a transform drawn somewhere else than the scene happened to put it is still
+    // what its caption asks for; a block off the column or a copy out of place is not
+    use tessera::eval::{Miss, judge};
+    let shifted = |scene: &Scene, dx: f32, which: &dyn Fn(usize) -> bool| {
+        let mut s = scene.clone();
+        for (_, o) in s.objects.iter_mut().enumerate().filter(|(i, _)| which(*i)) {
+            o.x += dx;
+        }
+        s
+    };
+    let (mut moved_ok, mut off_caught) = (0, 0);
+    for seed in 0..40 {
+        let scene = world::generate(Capability::Stack, 2_000 + seed, Split::Train);
+        let x = scene.objects[0].x;
+        // the whole stack a fifth of the picture to the side, towards the middle
+        let dx = if x < 0.5 { 0.2 } else { -0.2 };
+        moved_ok += usize::from(judge(&scene, &render(&shifted(&scene, dx, &|_| true), 64), 64).is_ok());
+        let one = shifted(&scene, dx.signum() * 1.5 * scene.objects[0].r, &|i| i == 0);
+        off_caught += usize::from(judge(&scene, &render(&one, 64), 64) == Err(Miss::Misplaced));
+    }
+    assert!(moved_ok >= 39, "stacks moved sideways: {moved_ok} of 40 accepted");
+    assert!(off_caught >= 38, "a block off the column: {off_caught} of 40 caught");
+    let (mut moved_ok, mut in_place_ok, mut out_caught, mut n) = (0, 0, 0, 0);
+    for seed in 0..60 {
+        let scene = world::generate(Capability::Transform, 3_000 + seed, Split::Train);
+        let half = scene.objects.len() / 2;
+        let (lo, hi) =
+            scene.objects.iter().fold((1.0f32, 0.0f32), |(lo, hi), o| (lo.min(o.x - o.r), hi.max(o.x + o.r)));
+        // room to move everything 4 pixels sideways (the same picture, moved), inside the picture
+        let dx = if hi + 0.0625 < 1.0 {
+            0.0625
+        } else if lo - 0.0625 > 0.0 {
+            -0.0625
+        } else {
+            continue;
+        };
+        n += 1;
+        moved_ok += usize::from(judge(&scene, &render(&shifted(&scene, dx, &|_| true), 64), 64).is_ok());
+        in_place_ok += usize::from(judge(&scene, &render(&scene, 64), 64).is_ok());
+        // one bottom copy moved away from under its original
+        let r = scene.objects[half].r;
+        let away = if scene.objects[half].x < 0.5 { 2.5 * r } else { -2.5 * r };
+        let out = shifted(&scene, away, &|i| i == half);
+        out_caught += usize::from(judge(&scene, &render(&out, 64), 64).is_err());
+    }
+    assert!(n >= 30, "only {n} transforms had room to move");
+    // moved, as many pass as in place (the evaluator reads ~90% of transforms' ground truth at
+    // 64 px: small outlines and upside-down copies are hard to read)
+    assert!(in_place_ok * 100 >= n * 85, "transforms in place: {in_place_ok} of {n} accepted");
+    assert_eq!(moved_ok, in_place_ok, "transforms moved sideways, accepted against in place ({n} scenes)");
+    assert!(out_caught * 10 >= n * 9, "a copy out of place: {out_caught} of {n} caught");
+}
