@@ -207,10 +207,15 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     let mut dvae_roundtrip = BTreeMap::new();
     let mut grid_rows: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
     let (mut images, mut sampling) = (0usize, 0.0f64);
-    let fingerprint = samples_fingerprint(model, opts)?;
-    let reused = match (&opts.samples_file, opts.samples) {
-        (Some(path), 1..) => read_samples(path, &fingerprint, &mut log)?,
+    let kept = match (&opts.samples_file, opts.samples) {
+        (Some(path), 1..) => Some((path, samples_fingerprint(model, opts)?)),
         _ => None,
+    };
+    // the bytes each (split, capability) of a complete samples file holds
+    let expected = opts.captions * opts.samples * size * size * 3;
+    let reused = match &kept {
+        Some((path, fingerprint)) => read_samples(path, fingerprint, expected, &mut log)?,
+        None => None,
     };
     let mut drawn: Vec<(String, Vec<u8>)> = Vec::new();
     for (split, caps) in [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)] {
@@ -238,12 +243,10 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
             for (c, scene) in scenes.iter().enumerate() {
                 let t0 = Instant::now();
                 let rgb: Vec<Vec<u8>> = match stored {
+                    // complete: `read_samples` checked every length
                     Some(bytes) => {
                         let at = c * opts.samples * picture;
-                        let mine = bytes.get(at..at + opts.samples * picture).ok_or_else(|| {
-                            Error::Invalid(format!("the samples file holds too few samples for {key}"))
-                        })?;
-                        mine.chunks(picture).map(<[u8]>::to_vec).collect()
+                        bytes[at..at + opts.samples * picture].chunks(picture).map(<[u8]>::to_vec).collect()
                     }
                     None => {
                         let samples = model.generate(
@@ -315,8 +318,8 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
             };
         }
     }
-    if let (Some(path), false) = (&opts.samples_file, drawn.is_empty()) {
-        write_samples(path, &fingerprint, &drawn)?;
+    if let (Some((path, fingerprint)), None) = (&kept, &reused) {
+        write_samples(path, fingerprint, &drawn)?;
         log(&format!("samples kept in {} for the next evaluation of this model", path.display()));
     }
     // sampling and reranking time only; none without samples or with reused ones (null in the JSON)
@@ -377,12 +380,22 @@ fn samples_key(split: Split, cap: Capability) -> String {
     format!("{}/{}", if split == Split::Train { "seen" } else { "held_out" }, cap.name())
 }
 
+/// The metadata of a samples file, read from its header alone (so a file cut short is still
+/// known for one); None when the bytes are not a samples file.
+fn samples_metadata(bytes: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let meta = header.get("__metadata__")?.as_object()?.clone();
+    meta.contains_key(SAMPLES_MARK).then_some(meta)
+}
+
 /// The samples kept in `path`, by [`samples_key`], when they were drawn with `fingerprint`;
 /// None (with the reason logged) when the file is missing, unreadable or of another model.
 /// A file that is not a samples file is refused, so it is never overwritten.
 fn read_samples(
     path: &Path,
     fingerprint: &str,
+    expected: usize,
     log: &mut impl FnMut(&str),
 ) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
     let bytes = match std::fs::read(path) {
@@ -399,12 +412,8 @@ fn read_samples(
             path.display()
         ))
     };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|_| not_ours())?;
-    let meta = meta.metadata().clone().unwrap_or_default();
-    if !meta.contains_key(SAMPLES_MARK) {
-        return Err(not_ours());
-    }
-    if meta.get("fingerprint").map(String::as_str) != Some(fingerprint) {
+    let meta = samples_metadata(&bytes).ok_or_else(not_ours)?;
+    if meta.get("fingerprint").and_then(|v| v.as_str()) != Some(fingerprint) {
         log(&format!(
             "{} holds samples of another transformer, dVAE, tokenizer or settings: drawing new ones (the file will be replaced)",
             path.display()
@@ -420,9 +429,19 @@ fn read_samples(
     };
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() == safetensors::Dtype::U8 {
+        if view.dtype() == safetensors::Dtype::U8 && view.data().len() == expected {
             out.insert(name, view.data().to_vec());
         }
+    }
+    let keys = [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)]
+        .into_iter()
+        .flat_map(|(split, caps)| caps.iter().map(move |&cap| samples_key(split, cap)));
+    if let Some(missing) = keys.into_iter().find(|k| !out.contains_key(k)) {
+        log(&format!(
+            "{} is incomplete ({missing} missing or cut short): drawing new samples (the file will be replaced)",
+            path.display()
+        ));
+        return Ok(None);
     }
     log(&format!("samples read back from {} (only the reranker runs)", path.display()));
     Ok(Some(out))
@@ -433,12 +452,8 @@ fn read_samples(
 fn write_samples(path: &Path, fingerprint: &str, drawn: &[(String, Vec<u8>)]) -> Result<()> {
     if path.exists() {
         // refuses to replace a file that is not a samples file
-        let head = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let ours = safetensors::SafeTensors::read_metadata(&head)
-            .ok()
-            .and_then(|(_, m)| m.metadata().clone())
-            .is_some_and(|m| m.contains_key(SAMPLES_MARK));
-        if !ours {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if samples_metadata(&bytes).is_none() {
             return Err(Error::Invalid(format!(
                 "{} exists and is not a samples file of `tessera eval`; name another file (it is left as it is)",
                 path.display()

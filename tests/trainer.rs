@@ -334,6 +334,14 @@ fn reranker_learns_and_eval_writes_a_report() {
     assert!(!redrawn.samples_reused, "{said:?}");
     assert!(said.iter().any(|l| l.contains("another transformer")), "{said:?}");
     assert!(tessera::report::evaluate(&other, &opts, &dir.path().join("eval5"), |_| {}).unwrap().samples_reused);
+    // a damaged samples file (cut short by a full disk, say) is drawn again and replaced
+    let full = std::fs::read(&kept).unwrap();
+    std::fs::write(&kept, &full[..full.len() * 9 / 10]).unwrap();
+    let mut said = Vec::new();
+    let again =
+        tessera::report::evaluate(&other, &opts, &dir.path().join("eval5"), |l| said.push(l.to_string())).unwrap();
+    assert!(!again.samples_reused && said.iter().any(|l| l.contains("damaged")), "{said:?}");
+    assert_eq!(std::fs::read(&kept).unwrap(), full);
     // a file that is not a samples file is refused and left as it is
     let weights = dir.path().join("transformer.safetensors");
     let before = std::fs::read(&weights).unwrap();
