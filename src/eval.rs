@@ -296,9 +296,8 @@ pub fn score(scene: &Scene, rgb: &[u8], size: usize) -> bool {
 }
 
 /// Why an image fails its scene's caption: the first check of [`judge`] it does not pass.
-/// The names are stable (they key `tessera eval`'s report).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// Its [`Miss::name`] keys `tessera eval`'s report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Miss {
     /// No object at all (single objects), or a stack block of a named colour is missing.
     NothingFound,

@@ -406,13 +406,12 @@ fn read_samples(
         }
         Err(e) => return Err(Error::io(path, e)),
     };
-    let not_ours = || {
+    let meta = samples_metadata(&bytes).ok_or_else(|| {
         Error::Invalid(format!(
             "{} exists and is not a samples file of `tessera eval`; name another file (it is left as it is)",
             path.display()
         ))
-    };
-    let meta = samples_metadata(&bytes).ok_or_else(not_ours)?;
+    })?;
     if meta.get("fingerprint").and_then(|v| v.as_str()) != Some(fingerprint) {
         log(&format!(
             "{} holds samples of another transformer, dVAE, tokenizer or settings: drawing new ones (the file will be replaced)",
@@ -448,18 +447,9 @@ fn read_samples(
 }
 
 /// Writes the samples (RGB8 bytes per [`samples_key`], captions × samples × H × W × 3) with
-/// their fingerprint, atomically.
+/// their fingerprint, atomically. Called only after [`read_samples`] has looked at `path`,
+/// which refuses a file that is not a samples file, so no other file is replaced.
 fn write_samples(path: &Path, fingerprint: &str, drawn: &[(String, Vec<u8>)]) -> Result<()> {
-    if path.exists() {
-        // refuses to replace a file that is not a samples file
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        if samples_metadata(&bytes).is_none() {
-            return Err(Error::Invalid(format!(
-                "{} exists and is not a samples file of `tessera eval`; name another file (it is left as it is)",
-                path.display()
-            )));
-        }
-    }
     let raws: Vec<(String, crate::io::Raw)> = drawn
         .iter()
         .map(|(k, v)| {

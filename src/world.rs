@@ -721,11 +721,9 @@ pub fn contrast_scene(scene: &Scene, rng: &mut SeedRng) -> Scene {
 }
 
 /// Which changes [`contrast_scene_as`] draws.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Contrasts {
     /// Any other colour or shape ([`contrast_scene`]).
-    #[default]
     Any,
     /// Near misses: a changed shape is, three times in four, one of its two look-alikes
     /// ([`look_alikes`]: an octagon becomes a circle or a heptagon, a cross a diamond), and a
