@@ -70,11 +70,29 @@ pub struct DvaeConfig {
     pub blocks_per_group: usize,
     /// Pixel mapping margin ε: x' = (1 − 2ε)x + ε.
     pub eps: f64,
+    /// The decoder's base width when it differs from the encoder's (`hidden`): a decoder grown
+    /// after training (`train dvae --decoder-only --decoder-hidden`) keeps the encoder, and so
+    /// every image's codes, as they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder_hidden: Option<usize>,
+    /// The decoder's residual blocks per group when they differ from the encoder's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder_blocks_per_group: Option<usize>,
 }
 
 impl Default for DvaeConfig {
     fn default() -> Self {
-        Self { image_size: 256, vocab_size: 8192, hidden: 256, n_init: 128, groups: 4, blocks_per_group: 2, eps: 0.1 }
+        Self {
+            image_size: 256,
+            vocab_size: 8192,
+            hidden: 256,
+            n_init: 128,
+            groups: 4,
+            blocks_per_group: 2,
+            eps: 0.1,
+            decoder_hidden: None,
+            decoder_blocks_per_group: None,
+        }
     }
 }
 
@@ -92,6 +110,21 @@ impl DvaeConfig {
     /// Width of group `g` (0-based): n·2^g.
     pub fn group_width(&self, g: usize) -> usize {
         self.hidden << g
+    }
+    /// The decoder's base width (the encoder's unless the decoder was grown).
+    pub fn dec_hidden(&self) -> usize {
+        self.decoder_hidden.unwrap_or(self.hidden)
+    }
+    /// The decoder's blocks per group (the encoder's unless the decoder was grown).
+    pub fn dec_blocks_per_group(&self) -> usize {
+        self.decoder_blocks_per_group.unwrap_or(self.blocks_per_group)
+    }
+    pub fn dec_total_blocks(&self) -> usize {
+        self.groups * self.dec_blocks_per_group()
+    }
+    /// Width of the decoder's group working at the resolution of encoder group `g`.
+    pub fn dec_group_width(&self, g: usize) -> usize {
+        self.dec_hidden() << g
     }
 }
 
@@ -258,6 +291,7 @@ impl Config {
                 groups: 3,
                 blocks_per_group: 1,
                 eps: 0.1,
+                ..DvaeConfig::default()
             },
             transformer: TransformerConfig {
                 d_model: 32,
@@ -285,6 +319,7 @@ impl Config {
                 groups: 3,
                 blocks_per_group: 1,
                 eps: 0.1,
+                ..DvaeConfig::default()
             },
             transformer: TransformerConfig {
                 d_model: 256,
@@ -316,6 +351,7 @@ impl Config {
                 groups: 3,
                 blocks_per_group: 2,
                 eps: 0.1,
+                ..DvaeConfig::default()
             },
             transformer: TransformerConfig {
                 d_model: 288,
@@ -361,8 +397,14 @@ impl Config {
         let bad = |m: String| Err(Error::Config(m));
         let d = &self.dvae;
         let t = &self.transformer;
-        if d.groups == 0 || d.blocks_per_group == 0 || d.hidden == 0 || d.vocab_size < 2 {
-            return bad("dvae: groups, blocks_per_group, hidden must be ≥ 1, vocab ≥ 2".into());
+        if d.groups == 0
+            || d.blocks_per_group == 0
+            || d.hidden == 0
+            || d.vocab_size < 2
+            || d.dec_hidden() == 0
+            || d.dec_blocks_per_group() == 0
+        {
+            return bad("dvae: groups, blocks_per_group, hidden (and the decoder's) must be ≥ 1, vocab ≥ 2".into());
         }
         if d.image_size == 0 || !d.image_size.is_multiple_of(d.downsample()) {
             return bad(format!(
@@ -406,10 +448,12 @@ impl Config {
         }
         // Bounds far above any model that fits a machine, so that a damaged or hostile
         // config.json is an error here, never an attempt to allocate what it asks for.
-        let limits: [(&str, usize, usize); 18] = [
+        let limits: [(&str, usize, usize); 20] = [
             ("dvae.groups", d.groups, 8),
             ("dvae.blocks_per_group", d.blocks_per_group, 64),
             ("dvae.hidden", d.hidden, 1 << 14),
+            ("dvae.decoder_blocks_per_group", d.dec_blocks_per_group(), 64),
+            ("dvae.decoder_hidden", d.dec_hidden(), 1 << 14),
             ("dvae.n_init", d.n_init, 1 << 16),
             ("dvae.vocab_size", d.vocab_size, 1 << 20),
             ("dvae.image_size", d.image_size, 4096),

@@ -163,13 +163,13 @@ struct Decoder {
 
 impl Decoder {
     fn new(vs: nn::Path, cfg: &DvaeConfig) -> Self {
-        let n_layers = cfg.total_blocks();
+        let n_layers = cfg.dec_total_blocks();
         let input = conv(&vs / "input", cfg.vocab_size, cfg.n_init, 1);
         let mut width = cfg.n_init;
         let groups = (0..cfg.groups)
             .map(|g| {
-                let w = cfg.group_width(cfg.groups - 1 - g);
-                let blocks = (0..cfg.blocks_per_group)
+                let w = cfg.dec_group_width(cfg.groups - 1 - g);
+                let blocks = (0..cfg.dec_blocks_per_group())
                     .map(|b| {
                         let n_in = if b == 0 { width } else { w };
                         ResBlock::new(&vs / "groups" / g / b, n_in, w, [1, 3, 3, 3], n_layers)
@@ -397,6 +397,91 @@ impl Dvae {
         }
         DvaeLoss { loss, nll, kl, mse, usage }
     }
+}
+
+/// The decoder's base width and blocks per group in a dVAE weight file (read from the shapes
+/// of `decoder.output.weight` and the names of group 0's blocks), or `None` when the file holds
+/// no decoder.
+pub fn decoder_dims(st: &safetensors::SafeTensors) -> Option<(usize, usize)> {
+    let hidden = *st.tensor("decoder.output.weight").ok()?.shape().get(1)?;
+    let blocks = st
+        .names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("decoder.groups.0.")?.split('.').next()?.parse::<usize>().ok())
+        .max()?
+        + 1;
+    Some((hidden, blocks))
+}
+
+/// Grows the trained decoder of `from` (configured by `from_cfg`) into the wider and/or deeper
+/// decoder of `to` (`to_cfg`, the same encoder) so that it draws the same images from the same
+/// codes, and copies the encoder unchanged. Every convolution keeps its trained weights for the
+/// trained channels, reads nothing from the new input channels there (zeros), and starts its new
+/// output channels from `to`'s fresh initialisation; new blocks start as the identity (their last
+/// convolution zero); the trained blocks' residual branches are rescaled for the new depth's
+/// gain 1/n². Training then uses the added capacity from where the trained decoder stood.
+pub fn grow_decoder(
+    from: &nn::VarStore,
+    from_cfg: &DvaeConfig,
+    to: &nn::VarStore,
+    to_cfg: &DvaeConfig,
+) -> Result<(), String> {
+    let encoder_of = |c: &DvaeConfig| (c.image_size, c.vocab_size, c.hidden, c.n_init, c.groups, c.blocks_per_group);
+    if encoder_of(from_cfg) != encoder_of(to_cfg) || from_cfg.eps != to_cfg.eps {
+        return Err("growing a decoder keeps everything else of the dVAE as it is".into());
+    }
+    let (h0, b0) = (from_cfg.dec_hidden(), from_cfg.dec_blocks_per_group());
+    let (h1, b1) = (to_cfg.dec_hidden(), to_cfg.dec_blocks_per_group());
+    if h1 < h0 || b1 < b0 {
+        return Err(format!(
+            "a decoder can grow, not shrink: it has width {h0} and {b0} blocks per group, asked for {h1} and {b1}"
+        ));
+    }
+    // the first block's identity path is a convolution exactly when its widths differ
+    let has_id = |c: &DvaeConfig| c.n_init != c.dec_group_width(c.groups - 1);
+    if has_id(from_cfg) != has_id(to_cfg) {
+        return Err(format!(
+            "decoder width {h1} would turn the first block's identity path into a different kind (n_init {})",
+            to_cfg.n_init
+        ));
+    }
+    let gain_ratio = (to_cfg.dec_total_blocks() as f64 / from_cfg.dec_total_blocks() as f64).powi(2);
+    let old = from.variables();
+    tch::no_grad(|| {
+        for (name, var) in to.variables() {
+            let mut var = var.shallow_clone();
+            let is_last_res = name.contains(".res.3.");
+            match old.get(&name) {
+                Some(t) if name.starts_with("encoder.") => {
+                    var.copy_(t);
+                }
+                Some(t) => {
+                    let (dims_old, dims_new) = (t.size(), var.size());
+                    if dims_old.len() != dims_new.len() || dims_old.iter().zip(&dims_new).any(|(a, b)| a > b) {
+                        return Err(format!("{name}: shape {dims_old:?} does not fit into {dims_new:?}"));
+                    }
+                    let scale = if is_last_res { gain_ratio } else { 1.0 };
+                    let o = dims_old[0];
+                    let mut rows = var.narrow(0, 0, o);
+                    if dims_old.len() > 1 {
+                        let i = dims_old[1];
+                        let _ = rows.narrow(1, i, dims_new[1] - i).zero_();
+                        rows = rows.narrow(1, 0, i);
+                    }
+                    rows.copy_(&(t * scale));
+                }
+                None if name.starts_with("encoder.") => return Err(format!("{name} is missing from the trained dVAE")),
+                None if is_last_res => {
+                    let _ = var.zero_();
+                }
+                None => {}
+            }
+        }
+        if let Some(name) = old.keys().find(|n| !to.variables().contains_key(*n)) {
+            return Err(format!("{name} has no place in the grown decoder"));
+        }
+        Ok(())
+    })
 }
 
 /// Cosine interpolation from `start` (step 0) to `end` (step ≥ `total`).

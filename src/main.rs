@@ -303,6 +303,15 @@ enum TrainCommand {
         /// transformer trained on them remains valid). --resume continues this run.
         #[arg(long)]
         decoder_only: bool,
+        /// With --decoder-only: first grow the decoder to this base width (its groups then have
+        /// 1, 2, 4, … times it). The grown decoder draws exactly what the trained one drew and
+        /// trains on from there; config.json records its size.
+        #[arg(long)]
+        decoder_hidden: Option<usize>,
+        /// With --decoder-only: first grow the decoder to this many residual blocks per group
+        /// (new blocks start as the identity).
+        #[arg(long)]
+        decoder_blocks: Option<usize>,
     },
     /// Train the transformer (paper recipe: AdamW(0.9, 0.96), warm-up, clipping 4, EMA).
     Transformer {
@@ -966,6 +975,8 @@ fn train(t: TrainCommand) -> Result<()> {
             hard_from,
             recon,
             decoder_only,
+            decoder_hidden,
+            decoder_blocks,
         } => {
             let recipe = |steps: usize| {
                 let schedule = tessera::dvae::DvaeSchedule {
@@ -978,7 +989,17 @@ fn train(t: TrainCommand) -> Result<()> {
                     lr_end,
                     lr_steps: steps,
                 };
-                DvaeRecipe { schedule, ema, decoder_only, usage_weight, hard_from, recon, ..Default::default() }
+                DvaeRecipe {
+                    schedule,
+                    ema,
+                    decoder_only,
+                    usage_weight,
+                    hard_from,
+                    recon,
+                    decoder_hidden,
+                    decoder_blocks,
+                    ..Default::default()
+                }
             };
             let opts = timed_options(&common, |o| tr::train_dvae(o, &recipe(o.steps)))?;
             tr::train_dvae(&opts, &recipe(opts.steps))?

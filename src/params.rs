@@ -33,11 +33,11 @@ fn res_block(n_in: u64, n_out: u64, kernels: [u64; 4]) -> u64 {
     id + dims.iter().zip(kernels).map(|(&(a, b), k)| conv(a, b, k)).sum::<u64>()
 }
 
-fn dvae_groups(cfg: &Config, first_in: u64, widths: &[u64], kernels: [u64; 4]) -> u64 {
+fn dvae_groups(blocks_per_group: usize, first_in: u64, widths: &[u64], kernels: [u64; 4]) -> u64 {
     let mut width = first_in;
     let mut total = 0;
     for &w in widths {
-        for b in 0..cfg.dvae.blocks_per_group {
+        for b in 0..blocks_per_group {
             total += res_block(if b == 0 { width } else { w }, w, kernels);
         }
         width = w;
@@ -67,11 +67,13 @@ pub fn count(cfg: &Config) -> ParamCount {
     let dv = &cfg.dvae;
     let n = dv.hidden as u64;
     let widths: Vec<u64> = (0..dv.groups).map(|i| dv.group_width(i) as u64).collect();
-    let rev: Vec<u64> = widths.iter().rev().copied().collect();
     let last = *widths.last().unwrap_or(&n);
-    let encoder = conv(3, n, 7) + dvae_groups(cfg, n, &widths, [3, 3, 3, 1]) + conv(last, vi, 1);
-    let decoder =
-        conv(vi, dv.n_init as u64, 1) + dvae_groups(cfg, dv.n_init as u64, &rev, [1, 3, 3, 3]) + conv(n, 6, 1);
+    let encoder = conv(3, n, 7) + dvae_groups(dv.blocks_per_group, n, &widths, [3, 3, 3, 1]) + conv(last, vi, 1);
+    let rev: Vec<u64> = (0..dv.groups).rev().map(|i| dv.dec_group_width(i) as u64).collect();
+    let dn = dv.dec_hidden() as u64;
+    let decoder = conv(vi, dv.n_init as u64, 1)
+        + dvae_groups(dv.dec_blocks_per_group(), dv.n_init as u64, &rev, [1, 3, 3, 3])
+        + conv(dn, 6, 1);
     let dvae = encoder + decoder;
 
     ParamCount {

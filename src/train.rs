@@ -126,6 +126,11 @@ pub struct DvaeRecipe {
     pub hard_from: Option<usize>,
     /// The reconstruction term (the paper's logit-Laplace by default).
     pub recon: crate::dvae::Recon,
+    /// With `decoder_only`: grow the decoder to this base width before fine-tuning
+    /// ([`crate::dvae::grow_decoder`]; `config.json` records it).
+    pub decoder_hidden: Option<usize>,
+    /// With `decoder_only`: grow the decoder to this many blocks per group.
+    pub decoder_blocks: Option<usize>,
 }
 
 impl Default for DvaeRecipe {
@@ -138,6 +143,8 @@ impl Default for DvaeRecipe {
             usage_weight: 0.0,
             hard_from: None,
             recon: crate::dvae::Recon::default(),
+            decoder_hidden: None,
+            decoder_blocks: None,
         }
     }
 }
@@ -596,13 +603,17 @@ fn save_grid(path: &Path, images: &[Vec<u8>], size: usize) -> Result<()> {
 
 /// Trains the dVAE of the model directory.
 pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSummary> {
-    let cfg = crate::model::Model::load_config(&opts.dir)?;
+    let mut cfg = crate::model::Model::load_config(&opts.dir)?;
     let source = Source::open(&opts.data)?;
+    let component = if recipe.decoder_only { "dvae-decoder" } else { "dvae" };
+    let grow = recipe.decoder_hidden.is_some() || recipe.decoder_blocks.is_some();
+    if grow {
+        cfg = grown_config(opts, recipe, &cfg, component)?;
+    }
     tch::manual_seed(opts.seed as i64); // the initial weights depend on the seed alone
     let mut model = DvaeModel::new(&cfg, opts.device);
     model.net.set_compute_kind(opts.compute);
     model.net.set_recon(recipe.recon);
-    let component = if recipe.decoder_only { "dvae-decoder" } else { "dvae" };
     if recipe.decoder_only {
         let trained = opts.dir.join(DVAE_FILE);
         if !trained.exists() {
@@ -611,7 +622,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
                 trained.display()
             )));
         }
-        crate::io::load_varstore(&mut model.vs, &trained)?;
+        load_or_grow_dvae(&mut model, &cfg, &trained, opts.device)?;
         crate::dvae::Dvae::freeze_encoder(&model.vs);
     }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.999, 1e-8, recipe.weight_decay);
@@ -679,6 +690,78 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         }
     }
     Ok(run.finish(opts, source.skipped()))
+}
+
+/// The configuration a decoder-only run that grows the decoder trains: the directory's with
+/// the decoder's width and depth asked for, written to `config.json` (atomically) before any
+/// weights change. Refused without `--decoder-only`, and when resuming a run of another size.
+fn grown_config(opts: &TrainOptions, recipe: &DvaeRecipe, cfg: &Config, component: &str) -> Result<Config> {
+    if !recipe.decoder_only {
+        return Err(Error::Invalid(
+            "--decoder-hidden and --decoder-blocks grow a trained decoder: they need --decoder-only".into(),
+        ));
+    }
+    let mut grown = cfg.clone();
+    let d = &mut grown.dvae;
+    let hidden = recipe.decoder_hidden.unwrap_or(d.dec_hidden());
+    let blocks = recipe.decoder_blocks.unwrap_or(d.dec_blocks_per_group());
+    if hidden < d.dec_hidden() || blocks < d.dec_blocks_per_group() {
+        return Err(Error::Invalid(format!(
+            "the decoder has width {} and {} blocks per group; it can grow, not shrink (asked for {hidden} and {blocks})",
+            d.dec_hidden(),
+            d.dec_blocks_per_group()
+        )));
+    }
+    d.decoder_hidden = (hidden != d.hidden).then_some(hidden);
+    d.decoder_blocks_per_group = (blocks != d.blocks_per_group).then_some(blocks);
+    grown.validate()?;
+    if grown == *cfg {
+        return Ok(grown);
+    }
+    if opts.resume && state_path(&opts.dir, component).exists() {
+        return Err(Error::Invalid(format!(
+            "the run being resumed trains a decoder of width {} and {} blocks per group: drop --decoder-hidden/--decoder-blocks, or start afresh",
+            cfg.dvae.dec_hidden(),
+            cfg.dvae.dec_blocks_per_group()
+        )));
+    }
+    let json =
+        serde_json::to_string_pretty(&grown).map_err(|e| Error::Invalid(format!("cannot serialise config: {e}")))?;
+    write_atomic(&opts.dir.join(CONFIG_FILE), json.as_bytes())?;
+    Ok(grown)
+}
+
+/// Loads a trained dVAE into `model`; when the file's decoder is smaller than `cfg`'s (a run that
+/// grows it, or one killed before its first checkpoint), grows it ([`crate::dvae::grow_decoder`]).
+fn load_or_grow_dvae(model: &mut DvaeModel, cfg: &Config, path: &Path, device: tch::Device) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        Error::checkpoint(path, format!("not a readable safetensors file (corrupt or truncated?): {e}"))
+    })?;
+    let d = &cfg.dvae;
+    match crate::dvae::decoder_dims(&st) {
+        Some((h, b))
+            if (h, b) != (d.dec_hidden(), d.dec_blocks_per_group())
+                && h <= d.dec_hidden()
+                && b <= d.dec_blocks_per_group() =>
+        {
+            let mut small = cfg.clone();
+            small.dvae.decoder_hidden = (h != d.hidden).then_some(h);
+            small.dvae.decoder_blocks_per_group = (b != d.blocks_per_group).then_some(b);
+            let mut trained = DvaeModel::new(&small, device);
+            crate::io::load_varstore_bytes(&mut trained.vs, &bytes, path)?;
+            crate::dvae::grow_decoder(&trained.vs, &small.dvae, &model.vs, d)
+                .map_err(|e| Error::checkpoint(path, format!("cannot grow its decoder: {e}")))?;
+            eprintln!(
+                "grew the decoder of {} from width {h}, {b} blocks per group to width {}, {} (the same images from the same codes)",
+                path.display(),
+                d.dec_hidden(),
+                d.dec_blocks_per_group()
+            );
+            Ok(())
+        }
+        _ => crate::io::load_varstore_bytes(&mut model.vs, &bytes, path),
+    }
 }
 
 /// Scenes per capability for the dVAE check logged at every checkpoint (hard-code PSNR and

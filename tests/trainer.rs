@@ -432,6 +432,120 @@ fn decoder_fine_tuning_keeps_every_token_and_sharpens_hard_codes() {
     assert!(mse1 < 0.8 * mse0, "hard-code reconstruction error {mse0} → {mse1}");
 }
 
+/// The decoder of `dir`'s dVAE as another configuration describes it, grown from the file's
+/// weights; its hard-code reconstruction of `tokens`.
+fn grown_reconstruction(
+    trained: &tessera::model::DvaeModel,
+    cfg: &Config,
+    grown_dvae: &tessera::config::DvaeConfig,
+    tokens: &tch::Tensor,
+) -> tch::Tensor {
+    let mut big = cfg.clone();
+    big.dvae = grown_dvae.clone();
+    let grown = tessera::model::DvaeModel::new(&big, Device::Cpu);
+    tessera::dvae::grow_decoder(&trained.vs, &cfg.dvae, &grown.vs, &big.dvae).unwrap();
+    let numel: i64 = grown.vs.variables().values().map(|t| t.numel() as i64).sum();
+    assert_eq!(numel as u64, tessera::params::count(&big).dvae, "parameter count of {grown_dvae:?}");
+    tch::no_grad(|| grown.net.decode(tokens))
+}
+
+#[test]
+fn a_grown_decoder_draws_what_the_trained_one_drew_and_trains_on_from_there() {
+    let _cpu = crate::common::heavy_cpu();
+    let dir = tempfile::tempdir().unwrap();
+    new_dir(dir.path());
+    let mut o = options(dir.path(), 12, None, false);
+    o.checkpoint_every = 12;
+    train::train_dvae(&o, &DvaeRecipe::default()).unwrap();
+    let cfg = tessera::Model::load_config(dir.path()).unwrap();
+    let size = cfg.dvae.image_size;
+    let source = tessera::data::Source::open("world:77").unwrap();
+    let images: Vec<Vec<u8>> =
+        (0..16).map(|i| source.get(i, size, &mut tessera::sample::SeedRng::new(i)).unwrap().rgb).collect();
+    let x = tessera::model::from_rgb8(&images, size, Device::Cpu).unwrap();
+    let (tokens0, mse0, encoder0) = hard_reconstruction(dir.path(), &x);
+    let mut trained = tessera::model::DvaeModel::new(&cfg, Device::Cpu);
+    tessera::io::load_varstore(&mut trained.vs, &dir.path().join("dvae.safetensors")).unwrap();
+    let rec0 = tch::no_grad(|| trained.net.decode(&tokens0));
+
+    // wider, deeper, both: the same pictures from the same codes (up to float summation order)
+    let h = cfg.dvae.hidden;
+    for (hidden, blocks) in [(Some(2 * h), None), (None, Some(3)), (Some(3 * h), Some(2))] {
+        let want = tessera::config::DvaeConfig {
+            decoder_hidden: hidden,
+            decoder_blocks_per_group: blocks,
+            ..cfg.dvae.clone()
+        };
+        let rec = grown_reconstruction(&trained, &cfg, &want, &tokens0);
+        let diff = crate::common::max_abs_diff(&rec, &rec0);
+        assert!(diff < 1e-5, "{hidden:?} {blocks:?}: grown decoder differs by {diff}");
+    }
+    // a decoder cannot shrink, nor grow into one whose first identity path changes kind
+    let smaller = tessera::config::DvaeConfig { decoder_hidden: Some(h / 2), ..cfg.dvae.clone() };
+    let mut small_cfg = cfg.clone();
+    small_cfg.dvae = smaller.clone();
+    let small = tessera::model::DvaeModel::new(&small_cfg, Device::Cpu);
+    let err = tessera::dvae::grow_decoder(&trained.vs, &cfg.dvae, &small.vs, &smaller).unwrap_err();
+    assert!(err.contains("not shrink"), "{err}");
+
+    // through the trainer: config.json records the size, every token stays, training goes on
+    let grow = DvaeRecipe {
+        decoder_only: true,
+        decoder_hidden: Some(2 * h),
+        decoder_blocks: Some(2),
+        schedule: tessera::dvae::DvaeSchedule { lr_start: 1e-3, lr_end: 1e-4, lr_steps: 40, ..Default::default() },
+        ..Default::default()
+    };
+    let err = train::train_dvae(&o, &DvaeRecipe { decoder_only: false, ..grow.clone() }).unwrap_err().to_string();
+    assert!(err.contains("need --decoder-only"), "{err}");
+    let err =
+        train::train_dvae(&o, &DvaeRecipe { decoder_hidden: Some(h / 2), ..grow.clone() }).unwrap_err().to_string();
+    assert!(err.contains("not shrink"), "{err}");
+    assert_eq!(tessera::Model::load_config(dir.path()).unwrap(), cfg, "a refused run changed config.json");
+
+    // a run killed after writing config.json and before its first checkpoint is the state
+    // another directory starts from: the next run, without the flags, grows the file's decoder
+    let killed = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "dvae.safetensors"] {
+        std::fs::copy(dir.path().join(f), killed.path().join(f)).unwrap();
+    }
+    o.steps = 40;
+    o.checkpoint_every = 20;
+    o.batch = 8;
+    let s = train::train_dvae(&o, &grow).unwrap();
+    assert_eq!(s.step, 40);
+    let grown_cfg = tessera::Model::load_config(dir.path()).unwrap();
+    assert_eq!(grown_cfg.dvae.decoder_hidden, Some(2 * h));
+    assert_eq!(grown_cfg.dvae.decoder_blocks_per_group, Some(2));
+    let (tokens1, mse1, encoder1) = hard_reconstruction(dir.path(), &x);
+    assert!(tokens0.equal(&tokens1), "growing the decoder changed image tokens");
+    for ((n, a), (_, b)) in encoder0.iter().zip(&encoder1) {
+        assert!(a.equal(b), "encoder tensor {n} changed");
+    }
+    assert!(mse1 < 0.9 * mse0, "hard-code reconstruction error {mse0} → {mse1}");
+
+    let json = serde_json::to_string_pretty(&grown_cfg).unwrap();
+    std::fs::write(killed.path().join("config.json"), json).unwrap();
+    let mut k = options(killed.path(), 40, None, false);
+    (k.checkpoint_every, k.batch) = (20, 8);
+    train::train_dvae(&k, &DvaeRecipe { decoder_hidden: None, decoder_blocks: None, ..grow.clone() }).unwrap();
+    // (equal up to threads' summation order: the same seeds, data and steps)
+    let (a, b) =
+        (sorted_state(&killed.path().join("dvae.safetensors")), sorted_state(&dir.path().join("dvae.safetensors")));
+    assert_eq!(a.len(), b.len());
+    for ((n, a), (_, b)) in a.iter().zip(&b) {
+        let d = crate::common::max_abs_diff(a, b);
+        assert!(d < 1e-4, "{n}: growing on the next run differs from growing at once by {d}");
+    }
+    // resuming with another size is refused; with the same, or no flags, it goes on
+    o.resume = true;
+    let err = train::train_dvae(&o, &DvaeRecipe { decoder_blocks: Some(3), ..grow.clone() }).unwrap_err().to_string();
+    assert!(err.contains("run being resumed"), "{err}");
+    o.steps = 44;
+    train::train_dvae(&o, &grow).unwrap();
+    assert_eq!(tessera::Model::load_config(dir.path()).unwrap(), grown_cfg);
+}
+
 #[test]
 fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
     let dir = tempfile::tempdir().unwrap();
