@@ -140,8 +140,8 @@ pub enum Mask {
 /// Keys and values of every layer for a batch, preallocated to the whole stream.
 #[derive(Debug)]
 pub struct KvCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
+    /// Per layer, keys and values together, [2, B, H, L, D]: a step writes both with one copy.
+    kv: Vec<Tensor>,
     len: usize,
 }
 
@@ -155,9 +155,8 @@ impl KvCache {
         kind: Kind,
         device: Device,
     ) -> Self {
-        let shape = [batch as i64, heads as i64, max_len as i64, head_dim as i64];
-        let mk = || (0..layers).map(|_| Tensor::zeros(shape, (kind, device))).collect();
-        Self { keys: mk(), values: mk(), len: 0 }
+        let shape = [2, batch as i64, heads as i64, max_len as i64, head_dim as i64];
+        Self { kv: (0..layers).map(|_| Tensor::zeros(shape, (kind, device))).collect(), len: 0 }
     }
 
     /// Number of positions already stored.
@@ -247,24 +246,25 @@ impl Attention {
     ) -> Tensor {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
         let qkv = dense(&self.qkv, x, compute).view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let q = qkv.get(0);
         let (k, v) = match cache {
             Some((c, layer)) => {
                 let end = (start as i64) + n;
+                // keys and values, [2, B, H, n, D], written with one copy
+                let new_kv = qkv.narrow(0, 1, 2);
+                let kv = &mut c.kv[layer];
                 if let CacheUse::WholeAt(pos) = keys {
-                    let _ = c.keys[layer].index_copy_(2, pos, &k);
-                    let _ = c.values[layer].index_copy_(2, pos, &v);
+                    let _ = kv.index_copy_(3, pos, &new_kv);
                 } else {
-                    c.keys[layer].narrow(2, start as i64, n).copy_(&k);
-                    c.values[layer].narrow(2, start as i64, n).copy_(&v);
+                    kv.narrow(3, start as i64, n).copy_(&new_kv);
                 }
                 if let CacheUse::Written = keys {
-                    (c.keys[layer].narrow(2, 0, end), c.values[layer].narrow(2, 0, end))
+                    (kv.get(0).narrow(2, 0, end), kv.get(1).narrow(2, 0, end))
                 } else {
-                    (c.keys[layer].shallow_clone(), c.values[layer].shallow_clone())
+                    (kv.get(0), kv.get(1))
                 }
             }
-            None => (k, v),
+            None => (qkv.get(1), qkv.get(2)),
         };
         let p = if train { self.dropout } else { 0.0 };
         let (m, causal) = match mask {

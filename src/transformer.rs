@@ -9,7 +9,7 @@
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{Attention, CacheUse, KvCache, MaskSet, StreamShape, dense};
+use crate::attention::{Attention, CacheUse, KvCache, Mask, MaskSet, StreamShape, dense};
 use crate::config::{AttentionKind, Config};
 
 #[derive(Debug)]
@@ -209,14 +209,24 @@ impl Transformer {
             None if self.static_decode && n == 1 && cache.is_some() => CacheUse::Whole,
             None => CacheUse::Written,
         };
+        // one mask per attention kind, shared by the layers of that kind (a decode step selects
+        // each row once, not once per layer)
+        let mut masks: Vec<(AttentionKind, Mask)> = Vec::with_capacity(3);
         for (i, blk) in self.blocks.iter().enumerate() {
-            let mask = match keys {
-                CacheUse::WholeAt(pos) => self.masks.static_row_at(blk.kind, pos),
-                CacheUse::Whole => self.masks.static_row(blk.kind, start),
-                CacheUse::Written => self.masks.window(blk.kind, start, n),
+            let m = match masks.iter().position(|(k, _)| *k == blk.kind) {
+                Some(m) => m,
+                None => {
+                    let mask = match keys {
+                        CacheUse::WholeAt(pos) => self.masks.static_row_at(blk.kind, pos),
+                        CacheUse::Whole => self.masks.static_row(blk.kind, start),
+                        CacheUse::Written => self.masks.window(blk.kind, start, n),
+                    };
+                    masks.push((blk.kind, mask));
+                    masks.len() - 1
+                }
             };
             let c = cache.as_deref_mut().map(|c| (c, i));
-            let h = blk.attn.forward(&blk.ln1.forward(&x), &mask, c, start, train, self.compute, keys);
+            let h = blk.attn.forward(&blk.ln1.forward(&x), &masks[m].1, c, start, train, self.compute, keys);
             x = x + h;
             let h = dense(&blk.fc1, &blk.ln2.forward(&x), self.compute).gelu("none");
             let h = dense(&blk.fc2, &h, self.compute);
