@@ -605,15 +605,16 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
 /// When stage `i`, started (in this invocation) at `t0`, must stop: its share of the budget
 /// (with what earlier stages left unused, for a trainer) less what earlier invocations already
 /// spent in it — and no later than the run's schedule allows (the shares so far, with the slack
-/// spread over them, of 97% of the budget), so that time an earlier stage ran over (closing
-/// checkpoints on a loaded machine) comes out of the later stages rather than out of the
-/// budget. At least a second either way.
+/// spread over them, of the budget less a reserve of 3% and at least 2 s), so that time an
+/// earlier stage ran over (closing checkpoints on a loaded machine) comes out of the later
+/// stages rather than out of the budget. At least a second either way.
 fn stage_deadline(plan: &Plan, i: usize, t0: Instant, p: &StageProgress) -> Instant {
     let st = &plan.stages[i];
     let own = t0 + Duration::from_secs_f64((0.95 * (st.planned_s + st.carried_s) - st.seconds).max(0.0));
     let total: f64 = plan.stages.iter().map(|s| s.planned_s).sum();
     let upto: f64 = plan.stages[..=i].iter().map(|s| s.planned_s).sum();
-    let allowed_end = 0.97 * plan.budget_s * upto / total.max(1e-9);
+    let usable = plan.budget_s - (0.03 * plan.budget_s).max(2.0);
+    let allowed_end = usable * upto / total.max(1e-9);
     let by_run = Instant::now() + Duration::from_secs_f64((allowed_end - p.elapsed()).max(0.0));
     own.min(by_run).max(t0 + Duration::from_secs(1))
 }
