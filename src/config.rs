@@ -122,6 +122,15 @@ impl DvaeConfig {
     pub fn dec_total_blocks(&self) -> usize {
         self.groups * self.dec_blocks_per_group()
     }
+    /// This dVAE with a decoder of base width `hidden` and `blocks` per group (the fields stay
+    /// unset where they equal the encoder's, so an ungrown config reads as before).
+    pub fn with_decoder(&self, hidden: usize, blocks: usize) -> Self {
+        Self {
+            decoder_hidden: (hidden != self.hidden).then_some(hidden),
+            decoder_blocks_per_group: (blocks != self.blocks_per_group).then_some(blocks),
+            ..self.clone()
+        }
+    }
     /// Width of the decoder's group working at the resolution of encoder group `g`.
     pub fn dec_group_width(&self, g: usize) -> usize {
         self.dec_hidden() << g

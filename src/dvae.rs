@@ -446,12 +446,12 @@ pub fn grow_decoder(
         ));
     }
     let gain_ratio = (to_cfg.dec_total_blocks() as f64 / from_cfg.dec_total_blocks() as f64).powi(2);
-    let old = from.variables();
+    let (old, new) = (from.variables(), to.variables());
     tch::no_grad(|| {
-        for (name, var) in to.variables() {
+        for (name, var) in &new {
             let mut var = var.shallow_clone();
             let is_last_res = name.contains(".res.3.");
-            match old.get(&name) {
+            match old.get(name) {
                 Some(t) if name.starts_with("encoder.") => {
                     var.copy_(t);
                 }
@@ -477,7 +477,7 @@ pub fn grow_decoder(
                 None => {}
             }
         }
-        if let Some(name) = old.keys().find(|n| !to.variables().contains_key(*n)) {
+        if let Some(name) = old.keys().find(|n| !new.contains_key(*n)) {
             return Err(format!("{name} has no place in the grown decoder"));
         }
         Ok(())

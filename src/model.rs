@@ -199,9 +199,7 @@ impl Model {
     /// Writes the model directory (each file atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let json = serde_json::to_string_pretty(&self.config)
-            .map_err(|e| Error::Invalid(format!("cannot serialise config: {e}")))?;
-        write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
+        Self::save_config(dir, &self.config)?;
         self.tokenizer.save(&dir.join(TOKENIZER_FILE))?;
         save_varstore(&self.dvae.vs, &dir.join(DVAE_FILE))?;
         save_varstore(&self.transformer.vs, &dir.join(TRANSFORMER_FILE))?;
@@ -209,6 +207,13 @@ impl Model {
             save_varstore(&r.vs, &dir.join(RERANKER_FILE))?;
         }
         Ok(())
+    }
+
+    /// Writes `config.json` of a model directory (atomically).
+    pub fn save_config(dir: &Path, config: &Config) -> Result<()> {
+        let json = serde_json::to_string_pretty(config)
+            .map_err(|e| Error::Invalid(format!("cannot serialise config: {e}")))?;
+        write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
     }
 
     /// Reads and validates `config.json` of a model directory.

@@ -207,8 +207,7 @@ pub fn init_dir(dir: &Path, cfg: &Config) -> Result<()> {
         }
         return Ok(());
     }
-    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(&path, json.as_bytes())
+    crate::model::Model::save_config(dir, cfg)
 }
 
 /// Trains the BPE tokenizer on `n` captions of the data and saves `tokenizer.json`.
@@ -712,8 +711,7 @@ fn grown_config(opts: &TrainOptions, recipe: &DvaeRecipe, cfg: &Config, componen
             d.dec_blocks_per_group()
         )));
     }
-    d.decoder_hidden = (hidden != d.hidden).then_some(hidden);
-    d.decoder_blocks_per_group = (blocks != d.blocks_per_group).then_some(blocks);
+    *d = d.with_decoder(hidden, blocks);
     grown.validate()?;
     if grown == *cfg {
         return Ok(grown);
@@ -725,9 +723,7 @@ fn grown_config(opts: &TrainOptions, recipe: &DvaeRecipe, cfg: &Config, componen
             cfg.dvae.dec_blocks_per_group()
         )));
     }
-    let json =
-        serde_json::to_string_pretty(&grown).map_err(|e| Error::Invalid(format!("cannot serialise config: {e}")))?;
-    write_atomic(&opts.dir.join(CONFIG_FILE), json.as_bytes())?;
+    crate::model::Model::save_config(&opts.dir, &grown)?;
     Ok(grown)
 }
 
@@ -735,19 +731,17 @@ fn grown_config(opts: &TrainOptions, recipe: &DvaeRecipe, cfg: &Config, componen
 /// grows it, or one killed before its first checkpoint), grows it ([`crate::dvae::grow_decoder`]).
 fn load_or_grow_dvae(model: &mut DvaeModel, cfg: &Config, path: &Path, device: tch::Device) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        Error::checkpoint(path, format!("not a readable safetensors file (corrupt or truncated?): {e}"))
-    })?;
+    // an unreadable file is named by the plain load below
+    let dims = safetensors::SafeTensors::deserialize(&bytes).ok().and_then(|st| crate::dvae::decoder_dims(&st));
     let d = &cfg.dvae;
-    match crate::dvae::decoder_dims(&st) {
+    match dims {
         Some((h, b))
             if (h, b) != (d.dec_hidden(), d.dec_blocks_per_group())
                 && h <= d.dec_hidden()
                 && b <= d.dec_blocks_per_group() =>
         {
             let mut small = cfg.clone();
-            small.dvae.decoder_hidden = (h != d.hidden).then_some(h);
-            small.dvae.decoder_blocks_per_group = (b != d.blocks_per_group).then_some(b);
+            small.dvae = d.with_decoder(h, b);
             let mut trained = DvaeModel::new(&small, device);
             crate::io::load_varstore_bytes(&mut trained.vs, &bytes, path)?;
             crate::dvae::grow_decoder(&trained.vs, &small.dvae, &model.vs, d)
