@@ -61,6 +61,16 @@ pub fn build_mask(kind: AttentionKind, s: StreamShape, device: Device) -> Tensor
     causal.logical_and(&key_is_text.logical_or(&image_part))
 }
 
+/// A static-shape decode step attends over the whole cache, whose length is the stream's
+/// rounded up to a multiple of this: the fused attention kernels want the mask's last dimension
+/// aligned to it and otherwise copy the mask into a padded one at every call.
+pub const KEY_ALIGN: usize = 16;
+
+/// The cache length of a stream of `seq_len` positions for static-shape decode steps.
+pub fn padded_len(seq_len: usize) -> usize {
+    seq_len.div_ceil(KEY_ALIGN) * KEY_ALIGN
+}
+
 /// Masks for every kind a model uses, built once for a stream shape and device.
 #[derive(Debug)]
 pub struct MaskSet {
@@ -69,6 +79,13 @@ pub struct MaskSet {
     masks: HashMap<AttentionKind, Tensor>,
     /// Plain causal attention as an explicit mask, for static-shape decode steps.
     causal: Tensor,
+    /// Per kind and dtype (f32, bf16), the mask of static-shape decode steps as the additive
+    /// bias the fused kernels take ([L, padded_len(L)]: 0 where a query may attend, −∞
+    /// elsewhere and on the padding keys): a step hands a row of it over as it is, with no
+    /// conversion from boolean and no padding inside the attention call. Empty when
+    /// `TESSERA_STATIC_MASKS=bool` asks for boolean rows over an unpadded cache (to measure
+    /// the difference).
+    additive: Vec<(AttentionKind, Kind, Tensor)>,
 }
 
 impl MaskSet {
@@ -79,7 +96,34 @@ impl MaskSet {
                 masks.entry(k).or_insert_with(|| build_mask(k, shape, device));
             }
         }
-        Self { shape, device, masks, causal: build_mask(AttentionKind::Full, shape, device) }
+        let mut set =
+            Self { shape, device, masks, causal: build_mask(AttentionKind::Full, shape, device), additive: Vec::new() };
+        if std::env::var("TESSERA_STATIC_MASKS").is_ok_and(|v| v == "bool") {
+            return set;
+        }
+        let (l, lp) = (shape.seq_len() as i64, padded_len(shape.seq_len()) as i64);
+        let mut kinds_used: Vec<AttentionKind> = kinds.to_vec();
+        kinds_used.dedup();
+        for kind in kinds_used {
+            if set.additive.iter().any(|(k, _, _)| *k == kind) {
+                continue;
+            }
+            let allowed = set.with_mask(kind, |m| {
+                Tensor::cat(&[m.shallow_clone(), Tensor::zeros([l, lp - l], (Kind::Bool, device))], 1)
+            });
+            for dtype in [Kind::Float, Kind::BFloat16] {
+                let bias =
+                    Tensor::zeros([l, lp], (dtype, device)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+                set.additive.push((kind, dtype, bias));
+            }
+        }
+        set
+    }
+
+    /// The cache length static-shape decode steps read: the stream's, padded to [`KEY_ALIGN`]
+    /// (unpadded with `TESSERA_STATIC_MASKS=bool`).
+    pub fn cache_len(&self) -> usize {
+        if self.additive.is_empty() { self.shape.seq_len() } else { padded_len(self.shape.seq_len()) }
     }
 
     /// The whole `[L, L]` mask of `kind` handed to `f` (plain causal attention for `Full`).
@@ -91,18 +135,36 @@ impl MaskSet {
         }
     }
 
-    /// The mask of a static-shape decode step: query `pos` over every key of the stream
-    /// (`[1, L]`). Keys past `pos` are masked, so the cache positions not yet written are never
-    /// read, and every step has the same shapes whatever `pos` is.
-    pub fn static_row(&self, kind: AttentionKind, pos: usize) -> Mask {
-        self.with_mask(kind, |m| Mask::Explicit(m.narrow(0, pos as i64, 1)))
+    /// The mask of a static-shape decode step: query `pos` over every key of the cache
+    /// (`[1, cache_len]`), for attention computed in `dtype`. Keys past `pos` are masked, so the
+    /// cache positions not yet written (and the padding) are never read, and every step has the
+    /// same shapes whatever `pos` is. An additive bias in `dtype` when one was built for it,
+    /// else boolean.
+    pub fn static_row(&self, kind: AttentionKind, pos: usize, dtype: Kind) -> Mask {
+        self.with_static_table(kind, dtype, |m| Mask::Explicit(m.narrow(0, pos as i64, 1)))
     }
 
     /// [`MaskSet::static_row`] at the stream position held by `pos` (an Int64 tensor [1] on the
     /// device): the same row, chosen on the device, so a captured CUDA graph replays it for
     /// whatever position the tensor holds then.
-    pub fn static_row_at(&self, kind: AttentionKind, pos: &Tensor) -> Mask {
-        self.with_mask(kind, |m| Mask::Explicit(m.index_select(0, pos)))
+    pub fn static_row_at(&self, kind: AttentionKind, pos: &Tensor, dtype: Kind) -> Mask {
+        self.with_static_table(kind, dtype, |m| Mask::Explicit(m.index_select(0, pos)))
+    }
+
+    /// The [L, cache_len] table static rows are taken from: the additive bias of (`kind`,
+    /// `dtype`), or the boolean mask padded with hidden keys when there is none.
+    fn with_static_table<R>(&self, kind: AttentionKind, dtype: Kind, f: impl FnOnce(&Tensor) -> R) -> R {
+        if let Some((_, _, bias)) = self.additive.iter().find(|(k, d, _)| *k == kind && *d == dtype) {
+            return f(bias);
+        }
+        let (l, lc) = (self.shape.seq_len() as i64, self.cache_len() as i64);
+        self.with_mask(kind, |m| {
+            if lc == l {
+                f(m)
+            } else {
+                f(&Tensor::cat(&[m.shallow_clone(), Tensor::zeros([l, lc - l], (Kind::Bool, self.device))], 1))
+            }
+        })
     }
 
     /// The mask for queries `start..start+n` over keys `0..start+n`. Full attention is plain
@@ -133,7 +195,8 @@ pub enum Mask {
     None,
     /// Queries and keys are the same positions from 0: plain causal attention.
     Causal,
-    /// A boolean mask [queries, keys], `true` = may attend.
+    /// A mask [queries, keys]: boolean (`true` = may attend) or an additive bias in the
+    /// attention's dtype (0 = may attend, −∞ = may not).
     Explicit(Tensor),
 }
 

@@ -298,6 +298,11 @@ enum TrainCommand {
         /// (squared error, σ = 0.1: weighs edges and small shapes more).
         #[arg(long, default_value = "laplace")]
         recon: tessera::dvae::Recon,
+        /// Weigh the reconstruction term of edge pixels (where a 3×3 neighbourhood is not flat)
+        /// 1 + W times a flat pixel's, the weights scaled to a mean of 1: small shapes, corners
+        /// and letters count more than backgrounds. 0 = every pixel alike (the paper's).
+        #[arg(long, default_value_t = 0.0)]
+        edge_weight: f64,
         /// Fine-tune only the decoder of the directory's trained dVAE on the encoder's hard
         /// codes (the encoder, and so every image's tokens, stay exactly as they are: a
         /// transformer trained on them remains valid). --resume continues this run.
@@ -974,6 +979,7 @@ fn train(t: TrainCommand) -> Result<()> {
             usage_weight,
             hard_from,
             recon,
+            edge_weight,
             decoder_only,
             decoder_hidden,
             decoder_blocks,
@@ -996,6 +1002,7 @@ fn train(t: TrainCommand) -> Result<()> {
                     usage_weight,
                     hard_from,
                     recon,
+                    edge_weight,
                     decoder_hidden,
                     decoder_blocks,
                     ..Default::default()

@@ -217,8 +217,8 @@ impl Transformer {
                 Some(m) => m,
                 None => {
                     let mask = match keys {
-                        CacheUse::WholeAt(pos) => self.masks.static_row_at(blk.kind, pos),
-                        CacheUse::Whole => self.masks.static_row(blk.kind, start),
+                        CacheUse::WholeAt(pos) => self.masks.static_row_at(blk.kind, pos, self.cache_kind()),
+                        CacheUse::Whole => self.masks.static_row(blk.kind, start, self.cache_kind()),
                         CacheUse::Written => self.masks.window(blk.kind, start, n),
                     };
                     masks.push((blk.kind, mask));
@@ -272,16 +272,23 @@ impl Transformer {
         TransformerLoss { loss: &text_loss * w + &image_loss * (1.0 - w), text: text_loss, image: image_loss }
     }
 
-    /// A cache for `batch` rows in the weights' dtype.
+    /// The dtype of the cache and of the attention in sampling: the compute precision, or the
+    /// weights'.
+    fn cache_kind(&self) -> Kind {
+        self.compute.unwrap_or(self.text_head.ws.kind())
+    }
+
+    /// A cache for `batch` rows in the weights' dtype, as long as static-shape steps read
+    /// ([`MaskSet::cache_len`]: the stream padded to an aligned length).
     pub fn new_cache(&self, batch: usize) -> KvCache {
         let t = &self.cfg.transformer;
         KvCache::new(
             self.blocks.len(),
             batch,
             t.n_heads,
-            self.cfg.seq_len(),
+            self.masks.cache_len(),
             t.head_dim,
-            self.compute.unwrap_or(self.text_head.ws.kind()),
+            self.cache_kind(),
             self.device(),
         )
     }

@@ -99,3 +99,45 @@ fn paper_layer_rule() {
     assert_eq!(kinds[63], Conv);
     assert_eq!(kinds.iter().filter(|k| **k == Column).count(), 16);
 }
+
+#[test]
+fn static_decode_rows_are_the_brute_force_rows_over_an_aligned_cache() {
+    use tessera::attention::{KEY_ALIGN, Mask, MaskSet, padded_len};
+    assert_eq!((padded_len(24), padded_len(32), padded_len(33), padded_len(1)), (32, 32, 48, 16));
+    let kinds = [AttentionKind::Full, AttentionKind::Row, AttentionKind::Column, AttentionKind::Conv];
+    for s in
+        [StreamShape { text_len: 5, grid: 6, conv_kernel: 5 }, StreamShape { text_len: 7, grid: 3, conv_kernel: 3 }]
+    {
+        let set = MaskSet::new(&kinds, s, Device::Cpu);
+        let (l, lc) = (s.seq_len(), set.cache_len());
+        assert!(lc >= l && lc < l + KEY_ALIGN && lc % KEY_ALIGN == 0, "cache of {lc} for a stream of {l}");
+        for kind in kinds {
+            let slow = brute_force(kind, s);
+            // f32 and bf16 get an additive bias (0 / −∞), any other dtype a boolean row
+            for dtype in [Kind::Float, Kind::BFloat16, Kind::Half] {
+                for (q, slow_row) in slow.iter().enumerate() {
+                    let by_host = set.static_row(kind, q, dtype);
+                    let pos = tch::Tensor::from_slice(&[q as i64]);
+                    let by_device = set.static_row_at(kind, &pos, dtype);
+                    for row in [by_host, by_device] {
+                        let Mask::Explicit(row) = row else { panic!("{kind:?}: a static row is an explicit mask") };
+                        assert_eq!(row.size(), [1, lc as i64], "{kind:?} {dtype:?} query {q}");
+                        let allowed: Vec<bool> = if dtype == Kind::Half {
+                            assert_eq!(row.kind(), Kind::Bool);
+                            Vec::<bool>::try_from(row.flatten(0, -1)).unwrap()
+                        } else {
+                            assert_eq!(row.kind(), dtype);
+                            let v = Vec::<f32>::try_from(row.to_kind(Kind::Float).flatten(0, -1)).unwrap();
+                            assert!(v.iter().all(|&x| x == 0.0 || x == f32::NEG_INFINITY), "{kind:?}: bias {v:?}");
+                            v.iter().map(|&x| x == 0.0).collect()
+                        };
+                        for (k, &a) in allowed.iter().enumerate() {
+                            let want = k < l && slow_row[k];
+                            assert_eq!(a, want, "{kind:?} {dtype:?} {s:?}: query {q}, key {k}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

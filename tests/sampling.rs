@@ -210,6 +210,21 @@ fn bf16_sampling_tracks_f32() {
     let scale = f32_logits.abs().max().double_value(&[]);
     let d = max_abs_diff(&f32_logits, &bf16_logits);
     assert!(d < 0.05 * scale.max(1.0), "bf16 logits differ by {d} (scale {scale})");
+    // in bf16, static-shape steps (an additive bf16 bias over the aligned cache) track growing
+    // ones (boolean windows over the keys written so far) step by step
+    let steps = |m: &mut tessera::Model, whole: bool| {
+        m.transformer.net.set_static_decode(whole);
+        let net = &m.transformer.net;
+        let mut cache = net.new_cache(2);
+        let mut out = vec![tch::no_grad(|| net.prefill(&mut cache, &text, None))];
+        for j in 0..6 {
+            out.push(tch::no_grad(|| net.decode_step(&mut cache, &image.select(1, j), j as usize)));
+        }
+        Tensor::stack(&out, 0).to_kind(Kind::Float)
+    };
+    let (growing, whole) = (steps(&mut model, false), steps(&mut model, true));
+    let d = max_abs_diff(&growing, &whole);
+    assert!(d < 0.02 * scale.max(1.0), "bf16 static steps differ from growing ones by {d} (scale {scale})");
     let s = model.generate("a red circle", 2, 3, None, &SampleOptions::default(), |_| true).unwrap();
     assert_eq!(s.len(), 2);
     assert!(model.set_dtype(Kind::Int64).is_err());

@@ -292,6 +292,64 @@ fn the_squared_error_option_is_fifty_times_the_pixel_error() {
     assert_eq!(serde_json::to_string(&Recon::Mse).unwrap(), "\"mse\"");
 }
 
+#[test]
+fn edge_weights_mark_what_a_pixel_scan_marks_and_weigh_the_decoder_loss() {
+    use tessera::dvae::{EDGE_SPAN, Recon, edge_weights};
+    let x = pictures();
+    let (b, c, h, w) = x.size4().unwrap();
+    let px = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
+    let at = |i: i64, ch: i64, y: i64, xx: i64| px[(((i * c + ch) * h + y) * w + xx) as usize] as f64;
+    // every pixel whose 3×3 neighbourhood (inside the picture) spans more than EDGE_SPAN in
+    // some channel, by a plain scan
+    let mut edge = vec![false; (b * h * w) as usize];
+    for i in 0..b {
+        for y in 0..h {
+            for xx in 0..w {
+                edge[((i * h + y) * w + xx) as usize] = (0..c).any(|ch| {
+                    let mut vals = Vec::new();
+                    for ny in (y - 1).max(0)..=(y + 1).min(h - 1) {
+                        for nx in (xx - 1).max(0)..=(xx + 1).min(w - 1) {
+                            vals.push(at(i, ch, ny, nx));
+                        }
+                    }
+                    let (lo, hi) = vals.iter().fold((f64::MAX, f64::MIN), |(l, u), &v| (l.min(v), u.max(v)));
+                    hi - lo > EDGE_SPAN
+                });
+            }
+        }
+    }
+    let n_edge = edge.iter().filter(|&&e| e).count();
+    assert!(n_edge > 0 && n_edge < edge.len() / 2, "{n_edge} edge pixels of {}", edge.len());
+    let wt = 9.0;
+    let raw: Vec<f64> = edge.iter().map(|&e| if e { 1.0 + wt } else { 1.0 }).collect();
+    let mean = raw.iter().sum::<f64>() / raw.len() as f64;
+    let got = Vec::<f32>::try_from(edge_weights(&x, wt).flatten(0, -1)).unwrap();
+    assert_eq!(got.len(), raw.len(), "one weight per pixel, shared by the channels");
+    for (k, (g, r)) in got.iter().zip(&raw).enumerate() {
+        assert!((*g as f64 - r / mean).abs() < 1e-5, "pixel {k}: weight {g} vs {}", r / mean);
+    }
+
+    // the decoder's squared-error term under those weights, against decoding by hand
+    let mut model = tiny_model(None, 1);
+    model.dvae.net.set_recon(Recon::Mse);
+    let plain = model.dvae.net.decoder_loss(&x).nll.double_value(&[]);
+    model.dvae.net.set_edge_weight(wt);
+    let weighted = model.dvae.net.decoder_loss(&x).nll.double_value(&[]);
+    let net = &model.dvae.net;
+    let sq = tch::no_grad(|| (net.decode(&net.encode(&x)) - &x).square().sum_dim_intlist(1, false, Kind::Float));
+    let sq = Vec::<f32>::try_from(sq.flatten(0, -1)).unwrap();
+    let by_hand = sq.iter().zip(&raw).map(|(e, r)| *e as f64 * r / mean).sum::<f64>() / (b * c * h * w) as f64;
+    // unclamped in the term, clamped in the decoded picture (an untrained decoder overshoots
+    // in a few places), as in the unweighted test
+    assert!(
+        weighted / 50.0 >= by_hand - 1e-7 && weighted / 50.0 <= 1.02 * by_hand,
+        "weighted term {weighted} vs 50 × {by_hand}"
+    );
+    assert!((weighted - plain).abs() > 1e-3 * plain, "the weights changed nothing: {weighted} vs {plain}");
+    model.dvae.net.set_edge_weight(0.0);
+    assert_eq!(model.dvae.net.decoder_loss(&x).nll.double_value(&[]), plain, "weight 0 is the plain term");
+}
+
 /// A tiny reranker drawn from `seed`, `n` random pictures and the captions of the brute-force
 /// loss tests.
 fn contrast_fixture(seed: i64, n: usize) -> (tessera::model::RerankerModel, Tensor) {
