@@ -46,10 +46,19 @@ pub enum Recon {
     /// errors most.
     #[serde(rename = "mse")]
     Mse,
+    /// Absolute error of the mean, as a Laplace likelihood of fixed scale [`L1_SCALE`] (pixels
+    /// in [0, 1]): where the codes leave a pixel uncertain (an edge a fraction of a pixel one
+    /// way or the other) its best guess is the median, a sharp edge, where squared error's is
+    /// the mean, a blurred one.
+    #[serde(rename = "l1")]
+    L1,
 }
 
 /// σ of [`Recon::Mse`]: the squared error counts 1 / (2σ²) = 50 per pixel value.
 pub const MSE_SIGMA: f64 = 0.1;
+
+/// Scale of [`Recon::L1`]: the absolute error counts 1 / b = 10 per pixel value.
+pub const L1_SCALE: f64 = 0.1;
 
 /// A pixel is on an edge for [`edge_weights`] when some channel of its 3×3 neighbourhood (the
 /// picture's border excluded) spans more than this (pixels in [0, 1]).
@@ -75,7 +84,8 @@ impl std::str::FromStr for Recon {
         match s {
             "laplace" | "logit-laplace" => Ok(Recon::LogitLaplace),
             "mse" => Ok(Recon::Mse),
-            other => Err(format!("unknown reconstruction loss {other:?} (laplace or mse)")),
+            "l1" => Ok(Recon::L1),
+            other => Err(format!("unknown reconstruction loss {other:?} (laplace, mse or l1)")),
         }
     }
 }
@@ -85,6 +95,7 @@ impl std::fmt::Display for Recon {
         f.write_str(match self {
             Recon::LogitLaplace => "laplace",
             Recon::Mse => "mse",
+            Recon::L1 => "l1",
         })
     }
 }
@@ -328,19 +339,23 @@ impl Dvae {
     }
 
     /// The reconstruction term of `x` (mapped pixels) under decoder statistics `stats`
-    /// [B, 6, H, W], mean per pixel value (the logit-Laplace negative log-likelihood, or the
-    /// fixed-σ Gaussian one of [`Recon::Mse`]; under [`edge_weights`] when an edge weight is
-    /// set), and the squared error of the mean.
+    /// [B, 6, H, W], mean per pixel value (the logit-Laplace negative log-likelihood, the
+    /// fixed-σ Gaussian one of [`Recon::Mse`] or the fixed-scale Laplace one of [`Recon::L1`];
+    /// under [`edge_weights`] when an edge weight is set), and the squared error of the mean.
     fn reconstruction(&self, images: &Tensor, x: &Tensor, stats: &Tensor) -> (Tensor, Tensor) {
         let mu = stats.narrow(1, 0, 3);
-        if self.recon == Recon::Mse {
+        if self.recon != Recon::LogitLaplace {
             // the error in [0, 1] pixels, unclamped (a clamped mean would stop learning where
             // it overshoots)
             let err = (mu.sigmoid() - x) / (1.0 - 2.0 * self.cfg.eps);
-            let sq = self.pixel_mean(err.square(), images);
             let recon = self.unmap_pixels(&mu.sigmoid());
             let mse = (recon.detach() - images).square().mean(Kind::Float);
-            return (sq / (2.0 * MSE_SIGMA * MSE_SIGMA), mse);
+            let term = if self.recon == Recon::L1 {
+                self.pixel_mean(err.abs(), images) / L1_SCALE
+            } else {
+                self.pixel_mean(err.square(), images) / (2.0 * MSE_SIGMA * MSE_SIGMA)
+            };
+            return (term, mse);
         }
         let ln_b = stats.narrow(1, 3, 3);
         let logit_x = (x / (-x + 1.0)).log();

@@ -294,8 +294,9 @@ enum TrainCommand {
         /// inference) with straight-through gradients to the encoder (default: never).
         #[arg(long)]
         hard_from: Option<usize>,
-        /// Reconstruction term: `laplace` (the paper's logit-Laplace likelihood) or `mse`
-        /// (squared error, σ = 0.1: weighs edges and small shapes more).
+        /// Reconstruction term: `laplace` (the paper's logit-Laplace likelihood), `mse`
+        /// (squared error, σ = 0.1: weighs edges and small shapes more) or `l1` (absolute error,
+        /// scale 0.1: an uncertain edge is drawn sharp, at its likeliest place, not blurred).
         #[arg(long, default_value = "laplace")]
         recon: tessera::dvae::Recon,
         /// Weigh the reconstruction term of edge pixels (where a 3×3 neighbourhood is not flat)
@@ -403,7 +404,7 @@ enum TrainCommand {
         /// estimator (0 = the paper's relaxation throughout; see `train dvae --hard-from`).
         #[arg(long, default_value_t = 0.0)]
         hard_tail: f64,
-        /// The dVAE's reconstruction term: `laplace` (the paper's) or `mse` (see `train dvae`).
+        /// The dVAE's reconstruction term: `laplace` (the paper's), `mse` or `l1` (see `train dvae`).
         #[arg(long, default_value = "laplace")]
         recon: tessera::dvae::Recon,
         /// Train the dVAE's convolutions in bf16 (f32 master weights, logits and losses).

@@ -293,6 +293,30 @@ fn the_squared_error_option_is_fifty_times_the_pixel_error() {
 }
 
 #[test]
+fn the_absolute_error_option_is_ten_times_the_mean_absolute_error() {
+    use tessera::dvae::Recon;
+    let mut model = tiny_model(None, 1);
+    let x = pictures();
+    model.dvae.net.set_recon(Recon::Mse);
+    let squared = model.dvae.net.decoder_loss(&x).nll.double_value(&[]);
+    model.dvae.net.set_recon(Recon::L1);
+    let net = &model.dvae.net;
+    let l = net.decoder_loss(&x);
+    let term = l.nll.double_value(&[]);
+    let by_hand = tch::no_grad(|| (net.decode(&net.encode(&x)) - &x).abs().mean(Kind::Float).double_value(&[]));
+    // unclamped in the term, clamped in the decoded picture, as for squared error
+    assert!(
+        term / 10.0 >= by_hand - 1e-7 && term / 10.0 <= 1.02 * by_hand,
+        "absolute-error term {term} vs 10 × {by_hand}"
+    );
+    assert!((l.loss.double_value(&[]) - term).abs() < 1e-6, "the decoder's loss is the reconstruction term");
+    assert!((term - squared).abs() > 1e-3, "the same number as squared error: {term}");
+    assert_eq!("l1".parse::<Recon>(), Ok(Recon::L1));
+    assert_eq!(Recon::L1.to_string(), "l1");
+    assert_eq!(serde_json::to_string(&Recon::L1).unwrap(), "\"l1\"");
+}
+
+#[test]
 fn edge_weights_mark_what_a_pixel_scan_marks_and_weigh_the_decoder_loss() {
     use tessera::dvae::{EDGE_SPAN, Recon, edge_weights};
     let x = pictures();
