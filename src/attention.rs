@@ -102,9 +102,7 @@ impl MaskSet {
             return set;
         }
         let (l, lp) = (shape.seq_len() as i64, padded_len(shape.seq_len()) as i64);
-        let mut kinds_used: Vec<AttentionKind> = kinds.to_vec();
-        kinds_used.dedup();
-        for kind in kinds_used {
+        for &kind in kinds {
             if set.additive.iter().any(|(k, _, _)| *k == kind) {
                 continue;
             }

@@ -46,37 +46,10 @@ pub enum Recon {
     /// errors most.
     #[serde(rename = "mse")]
     Mse,
-    /// Absolute error of the mean, as a Laplace likelihood of fixed scale [`L1_SCALE`] (pixels
-    /// in [0, 1]): where the codes leave a pixel uncertain (an edge a fraction of a pixel one
-    /// way or the other) its best guess is the median, a sharp edge, where squared error's is
-    /// the mean, a blurred one.
-    #[serde(rename = "l1")]
-    L1,
 }
 
 /// σ of [`Recon::Mse`]: the squared error counts 1 / (2σ²) = 50 per pixel value.
 pub const MSE_SIGMA: f64 = 0.1;
-
-/// Scale of [`Recon::L1`]: the absolute error counts 1 / b = 10 per pixel value.
-pub const L1_SCALE: f64 = 0.1;
-
-/// A pixel is on an edge for [`edge_weights`] when some channel of its 3×3 neighbourhood (the
-/// picture's border excluded) spans more than this (pixels in [0, 1]).
-pub const EDGE_SPAN: f64 = 0.02;
-
-/// Per-pixel weights [B, 1, H, W] of the reconstruction term for pictures [B, C, H, W] in
-/// [0, 1]: `1 + edge_weight` on edge pixels (see [`EDGE_SPAN`]), 1 elsewhere, scaled so that
-/// their mean over the batch is 1 (the loss keeps its scale; only where it looks changes). A
-/// small shape is mostly edge, so a corner the decoder rounds off counts `1 + edge_weight`
-/// times as much as an error on a flat background.
-pub fn edge_weights(images: &Tensor, edge_weight: f64) -> Tensor {
-    let images = images.detach().to_kind(Kind::Float);
-    let pool = |t: &Tensor| t.max_pool2d([3, 3], [1, 1], [1, 1], [1, 1], false);
-    let span = pool(&images) + pool(&-&images);
-    let edge = span.amax([1i64].as_slice(), true).gt(EDGE_SPAN).to_kind(Kind::Float);
-    let w = edge * edge_weight + 1.0;
-    &w / w.mean(Kind::Float)
-}
 
 impl std::str::FromStr for Recon {
     type Err = String;
@@ -84,8 +57,7 @@ impl std::str::FromStr for Recon {
         match s {
             "laplace" | "logit-laplace" => Ok(Recon::LogitLaplace),
             "mse" => Ok(Recon::Mse),
-            "l1" => Ok(Recon::L1),
-            other => Err(format!("unknown reconstruction loss {other:?} (laplace, mse or l1)")),
+            other => Err(format!("unknown reconstruction loss {other:?} (laplace or mse)")),
         }
     }
 }
@@ -95,7 +67,6 @@ impl std::fmt::Display for Recon {
         f.write_str(match self {
             Recon::LogitLaplace => "laplace",
             Recon::Mse => "mse",
-            Recon::L1 => "l1",
         })
     }
 }
@@ -265,7 +236,6 @@ pub struct Dvae {
     cfg: DvaeConfig,
     compute: Option<Kind>,
     recon: Recon,
-    edge_weight: f64,
 }
 
 impl Dvae {
@@ -276,28 +246,12 @@ impl Dvae {
             cfg: cfg.clone(),
             compute: None,
             recon: Recon::default(),
-            edge_weight: 0.0,
         }
     }
 
     /// Chooses the reconstruction term of the training losses (the paper's by default).
     pub fn set_recon(&mut self, recon: Recon) {
         self.recon = recon;
-    }
-
-    /// Weighs the reconstruction term of edge pixels `1 + w` times a flat pixel's
-    /// ([`edge_weights`]); 0 (the default, the paper's objective) weighs every pixel alike.
-    pub fn set_edge_weight(&mut self, w: f64) {
-        self.edge_weight = w;
-    }
-
-    /// The mean of a per-pixel term [B, C, H, W], under the edge weights of `images` when set.
-    fn pixel_mean(&self, per_pixel: Tensor, images: &Tensor) -> Tensor {
-        if self.edge_weight == 0.0 {
-            per_pixel.mean(Kind::Float)
-        } else {
-            (per_pixel * edge_weights(images, self.edge_weight)).mean(Kind::Float)
-        }
     }
 
     /// Runs the convolutions in `kind` (bf16: mixed-precision training with f32 master
@@ -339,31 +293,24 @@ impl Dvae {
     }
 
     /// The reconstruction term of `x` (mapped pixels) under decoder statistics `stats`
-    /// [B, 6, H, W], mean per pixel value (the logit-Laplace negative log-likelihood, the
-    /// fixed-σ Gaussian one of [`Recon::Mse`] or the fixed-scale Laplace one of [`Recon::L1`];
-    /// under [`edge_weights`] when an edge weight is set), and the squared error of the mean.
+    /// [B, 6, H, W], mean per pixel value (the logit-Laplace negative log-likelihood, or the
+    /// fixed-σ Gaussian one of [`Recon::Mse`]), and the squared error of the mean.
     fn reconstruction(&self, images: &Tensor, x: &Tensor, stats: &Tensor) -> (Tensor, Tensor) {
         let mu = stats.narrow(1, 0, 3);
-        if self.recon != Recon::LogitLaplace {
+        if self.recon == Recon::Mse {
             // the error in [0, 1] pixels, unclamped (a clamped mean would stop learning where
             // it overshoots)
             let err = (mu.sigmoid() - x) / (1.0 - 2.0 * self.cfg.eps);
+            let sq = err.square().mean(Kind::Float);
             let recon = self.unmap_pixels(&mu.sigmoid());
             let mse = (recon.detach() - images).square().mean(Kind::Float);
-            let term = if self.recon == Recon::L1 {
-                self.pixel_mean(err.abs(), images) / L1_SCALE
-            } else {
-                self.pixel_mean(err.square(), images) / (2.0 * MSE_SIGMA * MSE_SIGMA)
-            };
-            return (term, mse);
+            return (sq / (2.0 * MSE_SIGMA * MSE_SIGMA), mse);
         }
         let ln_b = stats.narrow(1, 3, 3);
         let logit_x = (x / (-x + 1.0)).log();
         // −ln f(x | μ, b) = |logit x − μ| / b + ln(2b) + ln(x(1 − x))
-        let nll = self.pixel_mean(
-            (&logit_x - &mu).abs() * (-&ln_b).exp() + &ln_b + std::f64::consts::LN_2 + (x * (-x + 1.0)).log(),
-            images,
-        );
+        let nll = ((&logit_x - &mu).abs() * (-&ln_b).exp() + &ln_b + std::f64::consts::LN_2 + (x * (-x + 1.0)).log())
+            .mean(Kind::Float);
         let recon = self.unmap_pixels(&mu.sigmoid());
         let mse = (recon.detach() - images).square().mean(Kind::Float);
         (nll, mse)

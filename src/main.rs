@@ -294,16 +294,10 @@ enum TrainCommand {
         /// inference) with straight-through gradients to the encoder (default: never).
         #[arg(long)]
         hard_from: Option<usize>,
-        /// Reconstruction term: `laplace` (the paper's logit-Laplace likelihood), `mse`
-        /// (squared error, σ = 0.1: weighs edges and small shapes more) or `l1` (absolute error,
-        /// scale 0.1: an uncertain edge is drawn sharp, at its likeliest place, not blurred).
+        /// Reconstruction term: `laplace` (the paper's logit-Laplace likelihood) or `mse`
+        /// (squared error, σ = 0.1: weighs edges and small shapes more).
         #[arg(long, default_value = "laplace")]
         recon: tessera::dvae::Recon,
-        /// Weigh the reconstruction term of edge pixels (where a 3×3 neighbourhood is not flat)
-        /// 1 + W times a flat pixel's, the weights scaled to a mean of 1: small shapes, corners
-        /// and letters count more than backgrounds. 0 = every pixel alike (the paper's).
-        #[arg(long, default_value_t = 0.0)]
-        edge_weight: f64,
         /// Fine-tune only the decoder of the directory's trained dVAE on the encoder's hard
         /// codes (the encoder, and so every image's tokens, stay exactly as they are: a
         /// transformer trained on them remains valid). --resume continues this run.
@@ -404,7 +398,7 @@ enum TrainCommand {
         /// estimator (0 = the paper's relaxation throughout; see `train dvae --hard-from`).
         #[arg(long, default_value_t = 0.0)]
         hard_tail: f64,
-        /// The dVAE's reconstruction term: `laplace` (the paper's), `mse` or `l1` (see `train dvae`).
+        /// The dVAE's reconstruction term: `laplace` (the paper's) or `mse` (see `train dvae`).
         #[arg(long, default_value = "laplace")]
         recon: tessera::dvae::Recon,
         /// Train the dVAE's convolutions in bf16 (f32 master weights, logits and losses).
@@ -980,7 +974,6 @@ fn train(t: TrainCommand) -> Result<()> {
             usage_weight,
             hard_from,
             recon,
-            edge_weight,
             decoder_only,
             decoder_hidden,
             decoder_blocks,
@@ -1003,7 +996,6 @@ fn train(t: TrainCommand) -> Result<()> {
                     usage_weight,
                     hard_from,
                     recon,
-                    edge_weight,
                     decoder_hidden,
                     decoder_blocks,
                     ..Default::default()

@@ -126,9 +126,6 @@ pub struct DvaeRecipe {
     pub hard_from: Option<usize>,
     /// The reconstruction term (the paper's logit-Laplace by default).
     pub recon: crate::dvae::Recon,
-    /// Edge pixels' reconstruction term weighs `1 + edge_weight` times a flat pixel's
-    /// ([`crate::dvae::edge_weights`]); 0 is the paper's objective.
-    pub edge_weight: f64,
     /// With `decoder_only`: grow the decoder to this base width before fine-tuning
     /// ([`crate::dvae::grow_decoder`]; `config.json` records it).
     pub decoder_hidden: Option<usize>,
@@ -146,7 +143,6 @@ impl Default for DvaeRecipe {
             usage_weight: 0.0,
             hard_from: None,
             recon: crate::dvae::Recon::default(),
-            edge_weight: 0.0,
             decoder_hidden: None,
             decoder_blocks: None,
         }
@@ -606,9 +602,6 @@ fn save_grid(path: &Path, images: &[Vec<u8>], size: usize) -> Result<()> {
 
 /// Trains the dVAE of the model directory.
 pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSummary> {
-    if !(recipe.edge_weight >= 0.0 && recipe.edge_weight.is_finite()) {
-        return Err(Error::Invalid(format!("--edge-weight must be 0 or more, not {}", recipe.edge_weight)));
-    }
     let mut cfg = crate::model::Model::load_config(&opts.dir)?;
     let source = Source::open(&opts.data)?;
     let component = if recipe.decoder_only { "dvae-decoder" } else { "dvae" };
@@ -620,7 +613,6 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
     let mut model = DvaeModel::new(&cfg, opts.device);
     model.net.set_compute_kind(opts.compute);
     model.net.set_recon(recipe.recon);
-    model.net.set_edge_weight(recipe.edge_weight);
     if recipe.decoder_only {
         let trained = opts.dir.join(DVAE_FILE);
         if !trained.exists() {
