@@ -88,6 +88,9 @@ pub struct Report {
     /// after a dVAE round trip (encode, decode) — the most any transformer could reach
     /// through this dVAE.
     pub dvae_roundtrip: BTreeMap<String, f64>,
+    /// The single-object round trips by what the caption asks for (`background black`,
+    /// `size small`, `shape octagon`, …): (passed, scenes). Where the dVAE loses things.
+    pub dvae_single_object: BTreeMap<String, (usize, usize)>,
     /// Distinct codes the encoder uses on 512 held-out images.
     pub dvae_codes_used: usize,
     pub seconds_per_image: f64,
@@ -128,7 +131,7 @@ fn psnr_scenes(n: usize, seed: u64) -> Vec<world::Scene> {
 
 /// The scenes of capability `cap` that the evaluation scores (`captions` of them), drawn from
 /// seeds the training stream does not use.
-fn eval_scenes(cap: Capability, captions: usize, seed: u64, split: Split) -> Vec<world::Scene> {
+pub fn eval_scenes(cap: Capability, captions: usize, seed: u64, split: Split) -> Vec<world::Scene> {
     (0..captions).map(|c| world::generate(cap, seed.wrapping_add(1_000_003 * (c as u64 + 1)), split)).collect()
 }
 
@@ -159,16 +162,36 @@ pub fn dvae_codes_used(dvae: &Dvae, device: Device, n: usize, seed: u64) -> Resu
 
 /// How many of `scenes`' ground-truth renders the evaluator still accepts after a dVAE round
 /// trip; also the first scene's render and its reconstruction, for the grid.
-fn roundtrip_accuracy(dvae: &Dvae, device: Device, scenes: &[world::Scene]) -> Result<(f64, Vec<Vec<u8>>)> {
+fn roundtrip_accuracy(dvae: &Dvae, device: Device, scenes: &[world::Scene]) -> Result<(f64, Vec<Vec<u8>>, Vec<bool>)> {
     let size = dvae.config().image_size;
     let (x, rec) = round_trip(dvae, device, scenes)?;
     let rec = to_rgb8(&rec)?;
-    let ok = scenes.iter().zip(&rec).filter(|(s, r)| score(s, r, size)).count();
+    let passed: Vec<bool> = scenes.iter().zip(&rec).map(|(s, r)| score(s, r, size)).collect();
+    let ok = passed.iter().filter(|&&p| p).count();
     let first = match rec.into_iter().next() {
         Some(r) => vec![to_rgb8(&x.narrow(0, 0, 1))?.remove(0), r],
         None => Vec::new(),
     };
-    Ok((ok as f64 / scenes.len().max(1) as f64, first))
+    Ok((ok as f64 / scenes.len().max(1) as f64, first, passed))
+}
+
+/// Round trips of single-object scenes counted by what their captions ask for: keys
+/// `background NAME`, `size NAME` and `shape NAME`, values (passed, scenes).
+fn single_object_breakdown(scenes: &[world::Scene], passed: &[bool]) -> BTreeMap<String, (usize, usize)> {
+    let mut by = BTreeMap::new();
+    for (scene, &ok) in scenes.iter().zip(passed) {
+        let Some(o) = scene.objects.first() else { continue };
+        for key in [
+            format!("background {}", scene.background.name()),
+            format!("size {}", o.size.name()),
+            format!("shape {}", o.shape.name()),
+        ] {
+            let e: &mut (usize, usize) = by.entry(key).or_default();
+            e.0 += ok as usize;
+            e.1 += 1;
+        }
+    }
+    by
 }
 
 /// What a dVAE keeps, measured the one way both `tessera eval` and the dVAE trainer's log use.
@@ -188,7 +211,7 @@ pub struct DvaeCheck {
 pub fn dvae_check(dvae: &Dvae, device: Device, captions: usize, seed: u64) -> Result<DvaeCheck> {
     let mut roundtrip = BTreeMap::new();
     for &cap in Capability::ALL {
-        let (acc, _) = roundtrip_accuracy(dvae, device, &eval_scenes(cap, captions, seed, Split::Train))?;
+        let (acc, _, _) = roundtrip_accuracy(dvae, device, &eval_scenes(cap, captions, seed, Split::Train))?;
         roundtrip.insert(cap.name().to_string(), acc);
     }
     Ok(DvaeCheck {
@@ -205,6 +228,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     let mut accuracy = BTreeMap::new();
     let mut held_out = BTreeMap::new();
     let mut dvae_roundtrip = BTreeMap::new();
+    let mut dvae_single_object = BTreeMap::new();
     let mut grid_rows: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
     let (mut images, mut sampling) = (0usize, 0.0f64);
     let kept = match (&opts.samples_file, opts.samples) {
@@ -226,8 +250,11 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
             // evaluation scenes use seeds the training stream does not (it draws from `sample`)
             let scenes = eval_scenes(cap, opts.captions, opts.seed, split);
             if split == Split::Train {
-                let (acc, row) = roundtrip_accuracy(&model.dvae.net, model.device, &scenes)?;
+                let (acc, row, passed) = roundtrip_accuracy(&model.dvae.net, model.device, &scenes)?;
                 dvae_roundtrip.insert(cap.name().to_string(), acc);
+                if cap == Capability::SingleObject {
+                    dvae_single_object = single_object_breakdown(&scenes, &passed);
+                }
                 if opts.samples == 0 && !scenes.is_empty() {
                     grid_rows.push((scenes[0].caption.clone(), row));
                 }
@@ -329,6 +356,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         held_out,
         dvae_psnr_db: dvae_psnr(&model.dvae.net, model.device, 64, opts.seed)?,
         dvae_roundtrip,
+        dvae_single_object,
         dvae_codes_used: dvae_codes_used(&model.dvae.net, model.device, 512, opts.seed)?,
         seconds_per_image,
         device: format!("{:?}", model.device).to_lowercase(),
@@ -504,6 +532,20 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
     s += "\n\"Reranker orders right\": of the pairs of one caption's samples where one is right and the other wrong, the share the reranker scores the right one higher (50% is chance), and the number of such pairs. \"Any of N right\": the captions with at least one right sample, the top-1 a perfect reranker would reach.\n";
     if r.samples_reused {
         s += "\nThe samples were read back from a samples file (drawn earlier by the same transformer, dVAE and settings); only the reranker ran again.\n";
+    }
+    if !r.dvae_single_object.is_empty() {
+        s += "\nSingle objects' ground truth through the dVAE, by what the caption asks for (passed of scenes):\n\n";
+        for group in ["background", "size", "shape"] {
+            let parts: Vec<String> = r
+                .dvae_single_object
+                .iter()
+                .filter_map(|(k, &(ok, n))| {
+                    let name = k.strip_prefix(group)?.trim_start();
+                    Some(format!("{name} {:.0}% ({ok} of {n})", 100.0 * ok as f64 / n.max(1) as f64))
+                })
+                .collect();
+            s += &format!("- {group}: {}\n", parts.join(", "));
+        }
     }
     let tally = |m: &BTreeMap<String, usize>| {
         let mut v: Vec<_> = m.iter().collect();

@@ -582,6 +582,33 @@ fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
     for (cap, v) in &r.dvae_roundtrip {
         assert_eq!(check["roundtrip"][cap].as_f64().unwrap(), *v, "{cap}");
     }
+    // single objects by what the caption asks for, against round trips scored one at a time here
+    use tessera::world::{Capability, Split};
+    let size = m.config.dvae.image_size;
+    let scenes = tessera::report::eval_scenes(Capability::SingleObject, 20, 9, Split::Train);
+    let mut want = std::collections::BTreeMap::<String, (usize, usize)>::new();
+    for s in &scenes {
+        let x = tessera::model::from_rgb8(&[tessera::world::render(s, size)], size, Device::Cpu).unwrap();
+        let back = tch::no_grad(|| m.dvae.net.decode(&m.dvae.net.encode(&x)));
+        let ok = tessera::eval::score(s, &tessera::model::to_rgb8(&back).unwrap()[0], size) as usize;
+        let o = &s.objects[0];
+        for key in [
+            format!("background {}", s.background.name()),
+            format!("size {}", o.size.name()),
+            format!("shape {}", o.shape.name()),
+        ] {
+            let e = want.entry(key).or_default();
+            e.0 += ok;
+            e.1 += 1;
+        }
+    }
+    assert_eq!(r.dvae_single_object, want);
+    for group in ["background ", "size ", "shape "] {
+        let (ok, n) =
+            want.iter().filter(|(k, _)| k.starts_with(group)).fold((0, 0), |(a, b), (_, &(ok, n))| (a + ok, b + n));
+        assert_eq!(n, 20, "{group}: every scene once");
+        assert_eq!(ok as f64 / 20.0, r.dvae_roundtrip["single_object"], "{group}: the passes of the round trip");
+    }
 }
 
 #[test]
