@@ -106,9 +106,7 @@ impl MaskSet {
             if set.additive.iter().any(|(k, _, _)| *k == kind) {
                 continue;
             }
-            let allowed = set.with_mask(kind, |m| {
-                Tensor::cat(&[m.shallow_clone(), Tensor::zeros([l, lp - l], (Kind::Bool, device))], 1)
-            });
+            let allowed = set.with_mask(kind, |m| hide_padding(m, lp as usize));
             for dtype in [Kind::Float, Kind::BFloat16] {
                 let bias =
                     Tensor::zeros([l, lp], (dtype, device)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
@@ -155,14 +153,8 @@ impl MaskSet {
         if let Some((_, _, bias)) = self.additive.iter().find(|(k, d, _)| *k == kind && *d == dtype) {
             return f(bias);
         }
-        let (l, lc) = (self.shape.seq_len() as i64, self.cache_len() as i64);
-        self.with_mask(kind, |m| {
-            if lc == l {
-                f(m)
-            } else {
-                f(&Tensor::cat(&[m.shallow_clone(), Tensor::zeros([l, lc - l], (Kind::Bool, self.device))], 1))
-            }
-        })
+        let lc = self.cache_len();
+        self.with_mask(kind, |m| if lc == self.shape.seq_len() { f(m) } else { f(&hide_padding(m, lc)) })
     }
 
     /// The mask for queries `start..start+n` over keys `0..start+n`. Full attention is plain
@@ -178,6 +170,12 @@ impl MaskSet {
             }),
         }
     }
+}
+
+/// A boolean mask [L, L] widened to `keys` columns, the new ones (cache padding) hidden.
+fn hide_padding(m: &Tensor, keys: usize) -> Tensor {
+    let (l, k) = (m.size()[0], m.size()[1]);
+    Tensor::cat(&[m.shallow_clone(), Tensor::zeros([l, keys as i64 - k], (Kind::Bool, m.device()))], 1)
 }
 
 fn causal_window(start: usize, n: usize, device: Device) -> Tensor {
