@@ -15,7 +15,7 @@ out=${OUT:?}
 bin=${BIN:-gpu/tessera}
 dev=${DEV:-cuda}
 D=assets/models/default
-TA=${TA:-300} TB=${TB:-300} TC=${TC:-85} TD=${TD:-45}
+TA=${TA:-300} TB=${TB:-300} TC=${TC:-75} TD=${TD:-40}
 BA=${BA:-4m} BB=${BB:-4m10s}
 GROW=${GROW:---decoder-blocks 2 --decoder-hidden 96}
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
