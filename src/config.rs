@@ -210,6 +210,15 @@ pub struct Config {
     pub dvae: DvaeConfig,
     pub transformer: TransformerConfig,
     pub reranker: crate::clip::RerankerConfig,
+    /// How this model's images are drawn unless told otherwise (`generate`, `eval` and the
+    /// app start from it): chosen by evaluating the trained model; absent, plain sampling
+    /// (temperature 1, no filtering, no guidance).
+    #[serde(skip_serializing_if = "is_plain_sampling")]
+    pub sampling: crate::sample::SampleOptions,
+}
+
+fn is_plain_sampling(s: &crate::sample::SampleOptions) -> bool {
+    *s == crate::sample::SampleOptions::default()
 }
 
 impl Default for Config {
@@ -233,6 +242,7 @@ impl Config {
             dvae: DvaeConfig::default(),
             transformer: TransformerConfig::default(),
             reranker: Default::default(),
+            sampling: Default::default(),
         }
     }
 
@@ -251,6 +261,7 @@ impl Config {
                 ..TransformerConfig::default()
             },
             reranker: Default::default(),
+            sampling: Default::default(),
         }
     }
 
@@ -268,6 +279,7 @@ impl Config {
                 ..TransformerConfig::default()
             },
             reranker: Default::default(),
+            sampling: Default::default(),
         }
     }
 
@@ -311,6 +323,7 @@ impl Config {
                 ..TransformerConfig::default()
             },
             reranker: Default::default(),
+            sampling: Default::default(),
         }
     }
 
@@ -340,6 +353,7 @@ impl Config {
                 ..TransformerConfig::default()
             },
             reranker: Default::default(),
+            sampling: Default::default(),
         }
     }
 
@@ -372,6 +386,7 @@ impl Config {
                 ..TransformerConfig::default()
             },
             reranker: Default::default(),
+            sampling: Default::default(),
         }
     }
 
@@ -445,6 +460,7 @@ impl Config {
         if !(0.0..=1.0).contains(&t.cond_drop_prob) || !(0.0..1.0).contains(&t.dropout) {
             return bad("transformer: cond_drop_prob must lie in [0, 1] and dropout in [0, 1)".into());
         }
+        self.sampling.validate().map_err(|e| Error::Config(format!("sampling: {e}")))?;
         let r = &self.reranker;
         if r.embed_dim == 0 || r.text_width == 0 || r.image_width == 0 || r.text_heads == 0 {
             return bad("reranker: embed_dim, text_width, text_heads and image_width must be ≥ 1".into());

@@ -84,29 +84,32 @@ enum Command {
     },
 }
 
-/// Sampling flags shared by `generate` and `eval`.
+/// Sampling flags shared by `generate` and `eval`; each one left out takes the model's own
+/// setting (`sampling` in its config.json; plain sampling where it has none).
 #[derive(Args)]
 struct SamplingArgs {
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
-    /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f64,
-    /// Classifier-free guidance scale (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    guidance: f64,
+    /// Softmax temperature (0 = the most likely token) [default: the model's, else 1]
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Keep only the k most likely tokens (0 = off) [default: the model's, else 0]
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold (1 = off) [default: the model's, else 1]
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Classifier-free guidance scale (1 = off) [default: the model's, else 1]
+    #[arg(long)]
+    guidance: Option<f64>,
 }
 
 impl SamplingArgs {
-    fn options(&self) -> Result<SampleOptions> {
+    /// The flags given, over the model's own settings `model`.
+    fn options(&self, model: &SampleOptions) -> Result<SampleOptions> {
         let o = SampleOptions {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            guidance: self.guidance,
+            temperature: self.temperature.unwrap_or(model.temperature),
+            top_k: self.top_k.unwrap_or(model.top_k),
+            top_p: self.top_p.unwrap_or(model.top_p),
+            guidance: self.guidance.unwrap_or(model.guidance),
         };
         o.validate()?;
         Ok(o)
@@ -610,8 +613,8 @@ fn run(cli: Cli) -> Result<()> {
             let device = tessera::parse_device(&device)?;
             let mut m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
             m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
-            let opts =
-                tessera::report::EvalOptions { captions, samples, seed, sample: sampling.options()?, samples_file };
+            let sample = sampling.options(&m.config.sampling)?;
+            let opts = tessera::report::EvalOptions { captions, samples, seed, sample, samples_file };
             let r = tessera::report::evaluate(&m, &opts, &out, |l| eprintln!("eval: {l}"))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             eprintln!("report written to {}", out.display());
@@ -674,7 +677,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             .map(|d| d.as_nanos() as u64 % 1_000_000_007)
             .unwrap_or(0)
     });
-    let opts = a.sampling.options()?;
+    let opts = a.sampling.options(&model.config.sampling)?;
     let t0 = std::time::Instant::now();
     let mut last_pct = usize::MAX;
     let mut graphs = false;

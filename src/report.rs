@@ -96,6 +96,8 @@ pub struct Report {
     pub seconds_per_image: f64,
     pub device: String,
     pub samples_per_caption: usize,
+    /// How the samples were drawn.
+    pub sampling: crate::sample::SampleOptions,
     /// Captions per capability and split.
     pub captions: usize,
     pub reranker: bool,
@@ -361,6 +363,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         seconds_per_image,
         device: format!("{:?}", model.device).to_lowercase(),
         samples_per_caption: opts.samples,
+        sampling: opts.sample.clone(),
         captions: opts.captions,
         reranker: model.reranker.is_some(),
         samples_reused: reused.is_some(),
@@ -504,6 +507,13 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
     );
     if r.seconds_per_image.is_finite() {
         s += &format!(" {:.3} s per image (sampling and reranking) on {}.", r.seconds_per_image, r.device);
+    }
+    if r.samples_per_caption > 0 {
+        let o = &r.sampling;
+        s += &format!(
+            " Sampling: temperature {}, top-k {}, top-p {}, guidance {}.",
+            o.temperature, o.top_k, o.top_p, o.guidance
+        );
     }
     s += "\n\n";
     s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | ground truth through the dVAE | reranker orders right, seen / held out | any of N right, seen / held out | captions |\n";

@@ -660,3 +660,37 @@ fn a_gallery_of_ten_thousand_autosaved_samples_restores_and_scrolls() {
     );
     assert!(restore < Duration::from_secs(20), "restoring took {restore:?}");
 }
+
+#[test]
+fn a_loaded_models_sampling_settings_replace_untouched_ones_only() {
+    use tessera::SampleOptions;
+    use tessera::app::Settings;
+    let warm = SampleOptions { temperature: 0.8, ..Default::default() };
+    let guided = SampleOptions { temperature: 0.9, top_k: 40, top_p: 1.0, guidance: 2.0 };
+    // untouched settings (fresh, or persisted before models had settings) take the model's
+    let mut s = Settings::default();
+    assert!(s.adopt_model_sampling(&warm));
+    assert_eq!(s.sample_options(), warm);
+    // and the next model's, as long as the user has not changed them since
+    assert!(s.adopt_model_sampling(&guided));
+    assert_eq!(s.sample_options(), guided);
+    // a setting the user changed stays, for this model and the next
+    s.temperature = 1.3;
+    assert!(!s.adopt_model_sampling(&warm));
+    assert_eq!(s.sample_options(), SampleOptions { temperature: 1.3, ..guided.clone() });
+    // through the app: a model whose config.json asks for temperature 0.5
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_dir(tmp.path());
+    let mut cfg = tessera::Model::load_config(&dir).unwrap();
+    cfg.sampling.temperature = 0.5;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let h = ready_app(ModelSource::Dir(dir.clone()), Some(tmp.path().join("data")));
+    assert_eq!(h.state().settings.temperature, 0.5);
+    assert_eq!(h.state().model.as_ref().map(|m| m.sampling.temperature), Some(0.5));
+    // one the user set before keeps it
+    let mut persisted = Persisted::default();
+    persisted.settings.temperature = 1.3;
+    let mut h = harness(TesseraApp::new(options(ModelSource::Dir(dir), Some(tmp.path().join("data2"))), persisted));
+    step_until(&mut h, "the model", |a| a.model.is_some() || a.errors().next().is_some());
+    assert_eq!(h.state().settings.temperature, 1.3);
+}

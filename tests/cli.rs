@@ -95,3 +95,59 @@ fn info_reports_parameter_counts_as_json() {
     assert!(v["params"]["total"].as_u64().unwrap() > v["params"]["transformer"].as_u64().unwrap());
     assert_eq!(v["layer_attention"][63], "conv");
 }
+
+#[test]
+fn a_models_own_sampling_settings_apply_unless_a_flag_is_given() {
+    // a tiny model whose config.json says "draw the most likely token" (temperature 0)
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    let mut cfg = tessera::Config::tiny();
+    cfg.sampling.temperature = 0.0;
+    let mut m = tessera::Model::random_init(&cfg, tch::Device::Cpu, 3).unwrap();
+    m.reranker = Some(tessera::model::RerankerModel::new(&cfg, tch::Device::Cpu));
+    m.save(&model).unwrap();
+    let text = std::fs::read_to_string(model.join("config.json")).unwrap();
+    assert!(text.contains("\"sampling\""), "config.json records the model's sampling: {text}");
+    assert_eq!(tessera::Model::load_config(&model).unwrap().sampling.temperature, 0.0);
+    let run = |extra: &[&str], out: &str| {
+        let out = dir.path().join(out);
+        let o = tessera()
+            .args(["generate", "--prompt", "a red circle", "-n", "2", "--keep", "2", "--seed", "5", "--device", "cpu"])
+            .args(extra)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        [5, 6].map(|s| std::fs::read(out.join(format!("sample-{s}.png"))).unwrap())
+    };
+    // greedy: two seeds, one picture; told otherwise on the command line, they differ
+    let [a, b] = run(&[], "own");
+    assert_eq!(a, b, "the model's temperature 0 was not used");
+    let [c, d] = run(&["--temperature", "1"], "flag");
+    assert_ne!(c, d, "--temperature 1 did not override the model's setting");
+    // eval reports the settings it drew with
+    let o = tessera()
+        .args(["eval", "--captions", "1", "--samples", "2", "--device", "cpu", "--top-k", "3", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(dir.path().join("eval"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("eval/report.json")).unwrap()).unwrap();
+    assert_eq!(report["sampling"]["temperature"], 0.0);
+    assert_eq!(report["sampling"]["top_k"], 3);
+    // plain sampling is not written, and a bad setting in config.json is refused on load
+    let plain = dir.path().join("plain");
+    tessera::Model::random_init(&tessera::Config::tiny(), tch::Device::Cpu, 3).unwrap().save(&plain).unwrap();
+    assert!(!std::fs::read_to_string(plain.join("config.json")).unwrap().contains("sampling"));
+    let bad = text.replace("\"temperature\": 0.0", "\"temperature\": -1.0");
+    assert_ne!(bad, text);
+    std::fs::write(model.join("config.json"), bad).unwrap();
+    let err = tessera::Model::load(&model, tch::Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("sampling") && err.contains("temperature"), "{err}");
+}

@@ -46,6 +46,9 @@ pub struct Settings {
     pub show_all: bool,
     pub thumb: f32,
     pub export_dir: Option<PathBuf>,
+    /// The model's own sampling settings that temperature, top-k, top-p and guidance were last
+    /// set from (see [`Settings::adopt_model_sampling`]).
+    pub model_sampling: SampleOptions,
 }
 
 impl Default for Settings {
@@ -67,7 +70,28 @@ impl Default for Settings {
             show_all: false,
             thumb: 128.0,
             export_dir: None,
+            model_sampling: SampleOptions::default(),
         }
+    }
+}
+
+impl Settings {
+    /// The sampling settings of the next job.
+    pub fn sample_options(&self) -> SampleOptions {
+        SampleOptions { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, guidance: self.guidance }
+    }
+
+    /// Takes a loaded model's own sampling settings (its config's `sampling`) where temperature,
+    /// top-k, top-p and guidance still hold the ones last taken from a model (or the plain
+    /// defaults): settings the user changed stay as they are. Returns whether it took them.
+    pub fn adopt_model_sampling(&mut self, model: &SampleOptions) -> bool {
+        if self.sample_options() != self.model_sampling {
+            return false;
+        }
+        (self.temperature, self.top_k, self.top_p, self.guidance) =
+            (model.temperature, model.top_k, model.top_p, model.guidance);
+        self.model_sampling = model.clone();
+        true
     }
 }
 
@@ -357,6 +381,7 @@ impl TesseraApp {
                     self.canvas = Some(Canvas::new(info.image_size, info.grid));
                 }
                 self.notify(Level::Info, format!("model {} ready on {}", info.name, info.device));
+                self.settings.adopt_model_sampling(&info.sampling);
                 self.model = Some(info);
             }
             Event::ModelFailed(e) => {
@@ -517,7 +542,7 @@ impl TesseraApp {
             return None;
         }
         let s = self.settings.clone();
-        let opts = SampleOptions { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p, guidance: s.guidance };
+        let opts = s.sample_options();
         if let Err(e) = opts.validate() {
             self.notify(Level::Error, e.to_string());
             return None;

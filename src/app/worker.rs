@@ -92,6 +92,8 @@ pub struct ModelInfo {
     pub params: usize,
     /// For counting prompt tokens in the UI (no tensors inside).
     pub tokenizer: Arc<TextTokenizer>,
+    /// The model's own sampling settings (its config's `sampling`).
+    pub sampling: crate::sample::SampleOptions,
 }
 
 /// A finished sample.
@@ -331,6 +333,7 @@ impl WorkerState {
                     has_reranker: model.reranker.is_some(),
                     params: crate::params::count(&model.config).total as usize,
                     tokenizer: Arc::new(model.tokenizer.clone()),
+                    sampling: model.config.sampling.clone(),
                 };
                 self.model = Some((model, info.clone()));
                 self.emit(Event::ModelReady(info));
