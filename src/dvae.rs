@@ -281,9 +281,12 @@ impl Dvae {
         self.encoder.forward_c(&self.map_pixels(images), self.compute)
     }
 
-    /// Image tokens [B, G, G] (argmax of the encoder logits, no noise).
+    /// Image tokens [B, G, G] (argmax of the encoder logits, no noise), computed in the
+    /// weights' dtype whatever the compute kind: the codes are discrete choices and many are
+    /// near ties (with bf16 convolutions, 12% of the default model's codes change), so every
+    /// path — sampling, token shards, the decoder's fine-tune — gets the very same ones.
     pub fn encode(&self, images: &Tensor) -> Tensor {
-        self.encoder_logits(images).argmax(1, false)
+        self.encoder.forward_c(&self.map_pixels(images), None).argmax(1, false)
     }
 
     /// Images [B, 3, H, W] in [0, 1] from tokens [B, G, G].
@@ -322,7 +325,7 @@ impl Dvae {
     /// than from the relaxed mixtures of training. `kl` is zero.
     pub fn decoder_loss(&self, images: &Tensor) -> DvaeLoss {
         let x = self.map_pixels(images);
-        let codes = tch::no_grad(|| self.encoder.forward_c(&x, self.compute).argmax(1, false));
+        let codes = tch::no_grad(|| self.encode(images));
         let stats = self.decoder.forward_codes(&codes, self.compute);
         let (nll, mse) = self.reconstruction(images, &x, &stats);
         let zero = Tensor::zeros([], (Kind::Float, images.device()));

@@ -53,6 +53,37 @@ pub fn parse_device(name: &str) -> Result<tch::Device> {
     }
 }
 
+/// Whether `device` computes bf16 matrix products and convolutions natively: a CUDA device,
+/// or an x86-64 CPU with AVX-512 BF16 instructions (on this project's 2-core machine bf16
+/// runs the dVAE's training 2.9× and the S transformer's 1.6× as fast as f32).
+pub fn native_bf16(device: tch::Device) -> bool {
+    match device {
+        tch::Device::Cpu => cpu_has_bf16(),
+        _ => true,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_bf16() -> bool {
+    false
+}
+
+/// Picks the training compute dtype from a name: `f32`, `bf16` (bf16 matrix products and
+/// convolutions with f32 master weights, losses and hard codes), or `auto`: bf16 where the
+/// device computes it natively ([`native_bf16`]), f32 elsewhere.
+pub fn parse_train_dtype(name: &str, device: tch::Device) -> Result<tch::Kind> {
+    match name {
+        "auto" if native_bf16(device) => Ok(tch::Kind::BFloat16),
+        "auto" => Ok(tch::Kind::Float),
+        other => parse_dtype(other, device),
+    }
+}
+
 /// Picks the sampling dtype from a name: `f32`, `bf16`, or `auto` (f32 everywhere for now: on
 /// CUDA, bf16 sampling pays ~60 ms per step in planning its fused attention for every new key
 /// length, while f32 does not, so f32 is the faster choice until decoding uses static shapes).

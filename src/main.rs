@@ -231,8 +231,9 @@ struct CommonTrain {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// f32, or bf16 matrix products with f32 master weights.
-    #[arg(long, default_value = "f32")]
+    /// f32, bf16 (bf16 matrix products and convolutions, f32 master weights), or auto: bf16
+    /// on CUDA and on CPUs with AVX-512 BF16, f32 elsewhere.
+    #[arg(long, default_value = "auto")]
     dtype: String,
     /// libtorch CPU threads (default: all cores).
     #[arg(long)]
@@ -404,9 +405,11 @@ enum TrainCommand {
         /// The dVAE's reconstruction term: `laplace` (the paper's) or `mse` (see `train dvae`).
         #[arg(long, default_value = "laplace")]
         recon: tessera::dvae::Recon,
-        /// Train the dVAE's convolutions in bf16 (f32 master weights, logits and losses).
-        #[arg(long)]
-        dvae_bf16: bool,
+        /// Compute dtype of the dVAE and transformer stages: f32, bf16 (bf16 matrix products
+        /// and convolutions, f32 master weights, losses and hard codes), or auto: bf16 on CUDA
+        /// and on CPUs with AVX-512 BF16, f32 elsewhere.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
         /// Use the trained dVAE of this directory (an imported OpenAI dVAE, say) instead of
         /// training one; its share of the budget goes to the transformer.
         #[arg(long, conflicts_with = "resume")]
@@ -908,7 +911,7 @@ fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
     }
     prepare_dir(&c.at.dir, c.at.preset.as_deref())?;
     let device = tessera::parse_device(&c.device)?;
-    let compute = match tessera::parse_dtype(&c.dtype, device)? {
+    let compute = match tessera::parse_train_dtype(&c.dtype, device)? {
         tch::Kind::Float => None,
         k => Some(k),
     };
@@ -1069,7 +1072,7 @@ fn train(t: TrainCommand) -> Result<()> {
             beta,
             hard_tail,
             recon,
-            dvae_bf16,
+            dtype,
             dvae_from,
             init_from,
         } => {
@@ -1093,7 +1096,10 @@ fn train(t: TrainCommand) -> Result<()> {
                 bail!("--hard-tail must lie in [0, 1], --beta and --usage-weight must be ≥ 0");
             }
             o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail, recon };
-            o.dvae_bf16 = dvae_bf16;
+            o.compute = match tessera::parse_train_dtype(&dtype, device)? {
+                tch::Kind::Float => None,
+                k => Some(k),
+            };
             o.dvae_from = dvae_from;
             o.init_from = init_from;
             let plan = tessera::pipeline::train_all(&o)?;

@@ -60,8 +60,11 @@ pub struct AllOptions {
     pub quiet: bool,
     /// The dVAE recipe's choices.
     pub dvae: DvaeVariant,
-    /// Train the dVAE's convolutions in bf16 (f32 master weights and losses).
-    pub dvae_bf16: bool,
+    /// Compute dtype of the dVAE's and the transformer's training (`Some(BFloat16)`: bf16
+    /// matrix products and convolutions with f32 master weights, losses and hard codes);
+    /// `None`: f32. [`AllOptions::new`] picks bf16 where the device computes it natively
+    /// ([`crate::native_bf16`]). The reranker trains in f32.
+    pub compute: Option<tch::Kind>,
     /// Use this directory's trained dVAE (an imported OpenAI dVAE, say) instead of training
     /// one: the dVAE stage is skipped and its share goes to the transformer.
     pub dvae_from: Option<PathBuf>,
@@ -120,10 +123,19 @@ impl AllOptions {
             eval_samples: 16,
             quiet: false,
             dvae: DvaeVariant::default(),
-            dvae_bf16: false,
+            compute: crate::native_bf16(device).then_some(tch::Kind::BFloat16),
             dvae_from: None,
             init_from: None,
         }
+    }
+}
+
+/// How a stage's result names its compute dtype.
+fn dtype_name(compute: Option<tch::Kind>) -> &'static str {
+    match compute {
+        Some(tch::Kind::BFloat16) => "bf16",
+        None | Some(tch::Kind::Float) => "f32",
+        Some(_) => "other",
     }
 }
 
@@ -486,7 +498,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let t0 = Instant::now();
             let base = || {
                 let mut t = stage_opts(o, p, st.batch);
-                t.compute = o.dvae_bf16.then_some(tch::Kind::BFloat16);
+                t.compute = o.compute;
                 t
             };
             let steps = decide(o, plan, i, || {
@@ -504,6 +516,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let check = last_dvae_check(&o.dir);
             Ok(serde_json::json!({
                 "steps": s.step, "loss": s.last_loss, "images_per_s": s.examples_per_s, "data_wait": s.data_wait,
+                "dtype": dtype_name(t.compute),
                 "hard_psnr_db": check.as_ref().and_then(|c| c.get("hard_psnr_db").cloned()),
                 "roundtrip": check.as_ref().and_then(|c| c.get("roundtrip").cloned()),
             }))
@@ -548,8 +561,8 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let base = |o: &AllOptions| {
                 let mut t = stage_opts(o, p, st.batch);
                 t.shards = Some(train::default_shard_dir(&o.dir));
-                if transformer && o.device.is_cuda() {
-                    t.compute = Some(tch::Kind::BFloat16);
+                if transformer {
+                    t.compute = o.compute;
                 }
                 t.weights_bf16 = true;
                 t
@@ -563,7 +576,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let s = run(&t)?;
             Ok(serde_json::json!({
                 "steps": s.step, "loss": s.last_loss, "examples_per_s": s.examples_per_s, "data_wait": s.data_wait,
-                "skipped_shards": s.skipped_files,
+                "skipped_shards": s.skipped_files, "dtype": dtype_name(t.compute),
             }))
         }
         "eval" => {

@@ -436,6 +436,23 @@ fn decoder_fine_tuning_keeps_every_token_and_sharpens_hard_codes() {
     assert!(mse1 < 0.8 * mse0, "hard-code reconstruction error {mse0} → {mse1}");
 }
 
+#[test]
+fn training_dtype_auto_is_bf16_where_the_cpu_computes_it_natively() {
+    // three runs from the same start, in processes of their own: auto's weights are bf16's on a
+    // CPU with bf16 instructions and f32's elsewhere, and the two differ (so the test tells)
+    let trained = |dtype: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        new_dir(dir.path());
+        tessera(&["train", "dvae", "--steps", "3", "--dtype", dtype], dir.path());
+        bytes(&dir.path().join("dvae.safetensors"))
+    };
+    let (auto, f32, bf16) = (trained("auto"), trained("f32"), trained("bf16"));
+    assert_ne!(f32, bf16, "bf16 training gave f32's weights");
+    let native = tessera::native_bf16(tch::Device::Cpu);
+    assert!(auto == if native { bf16 } else { f32 }, "auto did not pick {} here", if native { "bf16" } else { "f32" });
+    assert!(tessera::parse_train_dtype("f16", tch::Device::Cpu).is_err());
+}
+
 /// The decoder of `dir`'s dVAE as another configuration describes it, grown from the file's
 /// weights; its hard-code reconstruction of `tokens`.
 fn grown_reconstruction(
