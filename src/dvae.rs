@@ -276,7 +276,8 @@ impl Dvae {
         ((x - e) / (1.0 - 2.0 * e)).clamp(0.0, 1.0)
     }
 
-    /// Codebook logits [B, V, G, G] for images [B, 3, H, W] in [0, 1].
+    /// Codebook logits [B, V, G, G] for images [B, 3, H, W] in [0, 1], in the compute kind's
+    /// precision (for the relaxation in training; hard codes come from [`Dvae::encode`]).
     pub fn encoder_logits(&self, images: &Tensor) -> Tensor {
         self.encoder.forward_c(&self.map_pixels(images), self.compute)
     }

@@ -152,10 +152,20 @@ pub fn tensors_to_safetensors_as(
     metadata: Option<std::collections::HashMap<String, String>>,
     kind: Kind,
 ) -> Result<Vec<u8>> {
+    tensors_to_safetensors_each(tensors, metadata, |_| kind)
+}
+
+/// Serialises named tensors into safetensors bytes, each stored in the dtype `kind_of` gives
+/// its name (bf16, or f32 for any other).
+pub fn tensors_to_safetensors_each(
+    tensors: &[(String, Tensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+    kind_of: impl Fn(&str) -> Kind,
+) -> Result<Vec<u8>> {
     let mut raws = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let shape = t.size().iter().map(|&d| d as usize).collect();
-        let raw = match kind {
+        let raw = match kind_of(name) {
             Kind::BFloat16 => Raw { shape, data: tensor_bf16_bytes(t)?, dtype: Dtype::BF16 },
             _ => Raw { shape, data: tensor_f32_bytes(t)?, dtype: Dtype::F32 },
         };

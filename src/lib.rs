@@ -53,13 +53,15 @@ pub fn parse_device(name: &str) -> Result<tch::Device> {
     }
 }
 
-/// Whether `device` computes bf16 matrix products and convolutions natively: a CUDA device,
-/// or an x86-64 CPU with AVX-512 BF16 instructions (on this project's 2-core machine bf16
-/// runs the dVAE's training 2.9× and the S transformer's 1.6× as fast as f32).
+/// Whether `device` computes bf16 matrix products and convolutions natively: a CUDA device
+/// (taken to be Ampere or newer; on older ones give `--dtype f32`), or an x86-64 CPU with
+/// AVX-512 BF16 instructions (README, "Measured figures": on this project's 2-core machine
+/// bf16 trains the dVAE about twice as fast as f32 and the S transformer about 1.5×).
 pub fn native_bf16(device: tch::Device) -> bool {
     match device {
         tch::Device::Cpu => cpu_has_bf16(),
-        _ => true,
+        tch::Device::Cuda(_) => true,
+        _ => false,
     }
 }
 

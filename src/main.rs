@@ -232,7 +232,7 @@ struct CommonTrain {
     #[arg(long, default_value = "auto")]
     device: String,
     /// f32, bf16 (bf16 matrix products and convolutions, f32 master weights), or auto: bf16
-    /// on CUDA and on CPUs with AVX-512 BF16, f32 elsewhere.
+    /// on CUDA and on CPUs with AVX-512 BF16, f32 elsewhere. The reranker trains in f32.
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// libtorch CPU threads (default: all cores).
@@ -905,16 +905,23 @@ fn prepare_dir(dir: &Path, preset: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// The training compute dtype `--dtype` names (`None`: f32), said on stderr when `auto` chose it.
+fn train_compute(name: &str, device: tch::Device) -> Result<Option<tch::Kind>> {
+    let kind = tessera::parse_train_dtype(name, device)?;
+    if name == "auto" {
+        let why = if kind == tch::Kind::BFloat16 { "the device computes it natively" } else { "no native bf16 here" };
+        eprintln!("training in {} (--dtype auto: {why})", if kind == tch::Kind::BFloat16 { "bf16" } else { "f32" });
+    }
+    Ok((kind != tch::Kind::Float).then_some(kind))
+}
+
 fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
     if let Some(t) = c.threads {
         tch::set_num_threads(t as i32);
     }
     prepare_dir(&c.at.dir, c.at.preset.as_deref())?;
     let device = tessera::parse_device(&c.device)?;
-    let compute = match tessera::parse_train_dtype(&c.dtype, device)? {
-        tch::Kind::Float => None,
-        k => Some(k),
-    };
+    let compute = train_compute(&c.dtype, device)?;
     if c.steps == 0 || c.batch == 0 || c.checkpoint_every == 0 || c.log_every == 0 {
         bail!("--steps, --batch, --checkpoint-every and --log-every must be at least 1");
     }
@@ -1096,10 +1103,7 @@ fn train(t: TrainCommand) -> Result<()> {
                 bail!("--hard-tail must lie in [0, 1], --beta and --usage-weight must be ≥ 0");
             }
             o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail, recon };
-            o.compute = match tessera::parse_train_dtype(&dtype, device)? {
-                tch::Kind::Float => None,
-                k => Some(k),
-            };
+            o.compute = train_compute(&dtype, device)?;
             o.dvae_from = dvae_from;
             o.init_from = init_from;
             let plan = tessera::pipeline::train_all(&o)?;

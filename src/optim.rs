@@ -217,6 +217,12 @@ impl Ema {
         Self { names, params, shadow, decay, fused }
     }
 
+    /// Whether the parameter `name` is frozen (takes no gradient, so its average is the
+    /// parameter itself, bit for bit).
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.names.iter().position(|n| n == name).is_some_and(|i| !self.params[i].requires_grad())
+    }
+
     /// The decay used after `step` updates (0-based): `decay`, warmed up as
     /// (1 + step) / (10 + step) so that a short run's average is not dominated by the random
     /// initial weights (with 0.999 and no warm-up, 37% of the average after 1,000 steps would

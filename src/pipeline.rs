@@ -177,6 +177,10 @@ pub struct Plan {
     /// The model directory the tokenizer, transformer and reranker start from (`--init-from`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
+    /// The dVAE's and transformer's compute dtype, `bf16` or `f32` (absent from plans written
+    /// before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
 }
 
 impl Plan {
@@ -221,6 +225,7 @@ impl Plan {
             spent_s: 0.0,
             dvae: o.dvae,
             init_from: o.init_from.clone(),
+            dtype: Some(dtype_name(o.compute).into()),
         }
     }
 
@@ -349,6 +354,12 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
                 d.usage_weight,
                 d.hard_tail,
                 d.recon
+            )));
+        }
+        if let Some(d) = p.dtype.as_deref().filter(|&d| d != dtype_name(o.compute)) {
+            return Err(Error::Invalid(format!(
+                "the run in {} was planned with --dtype {d}: resume it with the same dtype",
+                o.dir.display()
             )));
         }
         if (p.budget_s - o.budget_s).abs() > 1e-6 {

@@ -38,7 +38,9 @@ pub struct TrainOptions {
     pub log_every: usize,
     pub seed: u64,
     pub device: Device,
-    /// Matrix-product precision for the transformer (bf16 = mixed precision).
+    /// Compute precision of the transformer's matrix products and the dVAE's convolutions
+    /// (bf16 = mixed precision: f32 master weights, losses and hard codes); `None` = f32. The
+    /// reranker trains in f32 whatever it is.
     pub compute: Option<Kind>,
     pub resume: bool,
     /// Stop after this many steps of this invocation (tests use it to simulate a kill).
@@ -772,9 +774,12 @@ fn checkpoint(opts: &TrainOptions, component: &str, step: usize, vs: &VarStore, 
 }
 
 /// Writes the averaged weights as `<name>.safetensors`, the file a model directory loads.
+/// With `weights_bf16`, the trained tensors are stored in bf16 and frozen ones (the encoder of
+/// a decoder-only fine-tune) in f32 as loaded: rounding the encoder would change its near-tie
+/// codes, the very tokens a transformer was trained on.
 fn write_weights(opts: &TrainOptions, name: &str, ema: &Ema) -> Result<()> {
-    let kind = if opts.weights_bf16 { Kind::BFloat16 } else { Kind::Float };
-    let weights = crate::io::tensors_to_safetensors_as(&ema.tensors(), None, kind)?;
+    let kind = |n: &str| if opts.weights_bf16 && !ema.is_frozen(n) { Kind::BFloat16 } else { Kind::Float };
+    let weights = crate::io::tensors_to_safetensors_each(&ema.tensors(), None, kind)?;
     write_atomic(&opts.dir.join(format!("{name}.safetensors")), &weights)
 }
 

@@ -234,6 +234,15 @@ fn train_all_resumes_after_a_kill_in_every_stage_and_leaves_a_working_model() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("same recipe") && err.contains("--hard-tail 0"), "{err}");
+    // and with another compute dtype than the one it was planned with
+    let other = if plan.dtype.as_deref() == Some("bf16") { "f32" } else { "bf16" };
+    let o = tessera()
+        .args(["train", "all", "--budget", BUDGET, "--dtype", other, "--resume", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("same dtype"), "{err}");
     // generate loads what it left
     let out = tmp.path().join("out");
     let o = tessera()

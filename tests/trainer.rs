@@ -419,6 +419,9 @@ fn decoder_fine_tuning_keeps_every_token_and_sharpens_hard_codes() {
     o.steps = 160;
     o.batch = 8;
     o.checkpoint_every = 80;
+    // stored in bf16: the trained decoder is, the frozen encoder stays f32 as loaded
+    o.weights_bf16 = true;
+    let f32_size = bytes(&dir.path().join("dvae.safetensors")).len();
     let decoder_only = DvaeRecipe {
         schedule: tessera::dvae::DvaeSchedule { lr_steps: 160, ..decoder_only.schedule.clone() },
         ..decoder_only
@@ -434,22 +437,29 @@ fn decoder_fine_tuning_keeps_every_token_and_sharpens_hard_codes() {
         assert!(a.equal(b), "encoder tensor {n} changed");
     }
     assert!(mse1 < 0.8 * mse0, "hard-code reconstruction error {mse0} → {mse1}");
+    let size = bytes(&dir.path().join("dvae.safetensors")).len();
+    assert!(size < f32_size * 4 / 5, "the decoder was not stored in bf16 ({f32_size} → {size} bytes)");
 }
 
 #[test]
 fn training_dtype_auto_is_bf16_where_the_cpu_computes_it_natively() {
     // three runs from the same start, in processes of their own: auto's weights are bf16's on a
     // CPU with bf16 instructions and f32's elsewhere, and the two differ (so the test tells)
+    let _cpu = crate::common::heavy_cpu();
     let trained = |dtype: &str| {
         let dir = tempfile::tempdir().unwrap();
         new_dir(dir.path());
         tessera(&["train", "dvae", "--steps", "3", "--dtype", dtype], dir.path());
         bytes(&dir.path().join("dvae.safetensors"))
     };
-    let (auto, f32, bf16) = (trained("auto"), trained("f32"), trained("bf16"));
-    assert_ne!(f32, bf16, "bf16 training gave f32's weights");
+    let (auto, single, half) = (trained("auto"), trained("f32"), trained("bf16"));
+    assert!(single != half, "bf16 training gave f32's weights");
     let native = tessera::native_bf16(tch::Device::Cpu);
-    assert!(auto == if native { bf16 } else { f32 }, "auto did not pick {} here", if native { "bf16" } else { "f32" });
+    assert!(
+        auto == if native { half } else { single },
+        "auto did not pick {} here",
+        if native { "bf16" } else { "f32" }
+    );
     assert!(tessera::parse_train_dtype("f16", tch::Device::Cpu).is_err());
 }
 

@@ -133,8 +133,12 @@ fn dvae_mixed_precision_matches_f32_and_trains() {
     let (nll_bf, kl_bf, codes_bf) = losses(&model.dvae.net);
     assert!((nll - nll_bf).abs() < 0.02 * nll.abs().max(0.1), "nll f32 {nll} vs mixed {nll_bf}");
     assert!((kl - kl_bf).abs() < 0.05 * kl.abs().max(0.01), "kl f32 {kl} vs mixed {kl_bf}");
-    // the codes are chosen in the weights' dtype whatever the compute kind
+    // the codes are chosen in the weights' dtype whatever the compute kind; the bf16 logits
+    // stay close enough that their own argmax mostly agrees
     assert!(codes.equal(&codes_bf), "bf16 convolutions changed the hard codes");
+    let argmax_bf = tch::no_grad(|| model.dvae.net.encoder_logits(&x)).argmax(1, false);
+    let same = codes.eq_tensor(&argmax_bf).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    assert!(same > 0.9, "only {same} of the bf16 logits' argmax agree with the codes");
     let net = &model.dvae.net;
     let mut opt = nn::Adam::default().build(&model.dvae.vs, 3e-3).unwrap();
     for _ in 0..200 {
