@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device call (≤ 8 min) for the next session that has a GPU, issue 9 then issue 10:
-# (A) the committed dVAE's decoder grown (deeper and wider: `--decoder-blocks`, `--decoder-hidden`)
+# (A) the committed dVAE's decoder grown (deeper and wider: `--decoder-blocks`, `--decoder-hidden`;
+#     training's --dtype is now auto, so bf16 on the GPU: pass EXTRA_A="--dtype f32" to compare)
 #     and fine-tuned on its encoder's hard codes — tokens unchanged, so the committed transformer
 #     stays valid — then round trips scored (`eval --samples 0`);
 # (B) at the same time the transformer and reranker trained further on those same codes
@@ -17,7 +18,8 @@ dev=${DEV:-cuda}
 D=assets/models/default
 TA=${TA:-300} TB=${TB:-300} TC=${TC:-75} TD=${TD:-40}
 BA=${BA:-4m} BB=${BB:-4m10s}
-GROW=${GROW:---decoder-blocks 2 --decoder-hidden 96}
+# the committed decoder is width 96 with 2 blocks per group (eleventh session): grow it wider
+GROW=${GROW:---decoder-blocks 2 --decoder-hidden 128}
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date; } >/tmp/info.txt 2>&1
