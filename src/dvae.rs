@@ -287,7 +287,12 @@ impl Dvae {
     /// near ties (with bf16 convolutions, 12% of the default model's codes change), so every
     /// path — sampling, token shards, the decoder's fine-tune — gets the very same ones.
     pub fn encode(&self, images: &Tensor) -> Tensor {
-        self.encoder.forward_c(&self.map_pixels(images), None).argmax(1, false)
+        self.hard_codes(&self.map_pixels(images))
+    }
+
+    /// [`Dvae::encode`] of pixels already mapped by [`Dvae::map_pixels`].
+    fn hard_codes(&self, x: &Tensor) -> Tensor {
+        self.encoder.forward_c(x, None).argmax(1, false)
     }
 
     /// Images [B, 3, H, W] in [0, 1] from tokens [B, G, G].
@@ -326,7 +331,7 @@ impl Dvae {
     /// than from the relaxed mixtures of training. `kl` is zero.
     pub fn decoder_loss(&self, images: &Tensor) -> DvaeLoss {
         let x = self.map_pixels(images);
-        let codes = tch::no_grad(|| self.encode(images));
+        let codes = tch::no_grad(|| self.hard_codes(&x));
         let stats = self.decoder.forward_codes(&codes, self.compute);
         let (nll, mse) = self.reconstruction(images, &x, &stats);
         let zero = Tensor::zeros([], (Kind::Float, images.device()));

@@ -75,6 +75,15 @@ fn cpu_has_bf16() -> bool {
     false
 }
 
+/// How logs, plans and messages name a training compute dtype (`None`: f32).
+pub fn compute_name(compute: Option<tch::Kind>) -> &'static str {
+    match compute {
+        Some(tch::Kind::BFloat16) => "bf16",
+        None | Some(tch::Kind::Float) => "f32",
+        Some(_) => "other",
+    }
+}
+
 /// Picks the training compute dtype from a name: `f32`, `bf16` (bf16 matrix products and
 /// convolutions with f32 master weights, losses and hard codes), or `auto`: bf16 where the
 /// device computes it natively ([`native_bf16`]), f32 elsewhere.

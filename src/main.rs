@@ -908,11 +908,12 @@ fn prepare_dir(dir: &Path, preset: Option<&str>) -> Result<()> {
 /// The training compute dtype `--dtype` names (`None`: f32), said on stderr when `auto` chose it.
 fn train_compute(name: &str, device: tch::Device) -> Result<Option<tch::Kind>> {
     let kind = tessera::parse_train_dtype(name, device)?;
+    let compute = (kind != tch::Kind::Float).then_some(kind);
     if name == "auto" {
-        let why = if kind == tch::Kind::BFloat16 { "the device computes it natively" } else { "no native bf16 here" };
-        eprintln!("training in {} (--dtype auto: {why})", if kind == tch::Kind::BFloat16 { "bf16" } else { "f32" });
+        let why = if compute.is_some() { "the device computes it natively" } else { "no native bf16 here" };
+        eprintln!("training in {} (--dtype auto: {why})", tessera::compute_name(compute));
     }
-    Ok((kind != tch::Kind::Float).then_some(kind))
+    Ok(compute)
 }
 
 fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {

@@ -130,15 +130,6 @@ impl AllOptions {
     }
 }
 
-/// How a stage's result names its compute dtype.
-fn dtype_name(compute: Option<tch::Kind>) -> &'static str {
-    match compute {
-        Some(tch::Kind::BFloat16) => "bf16",
-        None | Some(tch::Kind::Float) => "f32",
-        Some(_) => "other",
-    }
-}
-
 /// One stage of the plan.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stage {
@@ -225,7 +216,7 @@ impl Plan {
             spent_s: 0.0,
             dvae: o.dvae,
             init_from: o.init_from.clone(),
-            dtype: Some(dtype_name(o.compute).into()),
+            dtype: Some(crate::compute_name(o.compute).into()),
         }
     }
 
@@ -356,7 +347,7 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
                 d.recon
             )));
         }
-        if let Some(d) = p.dtype.as_deref().filter(|&d| d != dtype_name(o.compute)) {
+        if let Some(d) = p.dtype.as_deref().filter(|&d| d != crate::compute_name(o.compute)) {
             return Err(Error::Invalid(format!(
                 "the run in {} was planned with --dtype {d}: resume it with the same dtype",
                 o.dir.display()
@@ -527,7 +518,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let check = last_dvae_check(&o.dir);
             Ok(serde_json::json!({
                 "steps": s.step, "loss": s.last_loss, "images_per_s": s.examples_per_s, "data_wait": s.data_wait,
-                "dtype": dtype_name(t.compute),
+                "dtype": crate::compute_name(t.compute),
                 "hard_psnr_db": check.as_ref().and_then(|c| c.get("hard_psnr_db").cloned()),
                 "roundtrip": check.as_ref().and_then(|c| c.get("roundtrip").cloned()),
             }))
@@ -587,7 +578,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let s = run(&t)?;
             Ok(serde_json::json!({
                 "steps": s.step, "loss": s.last_loss, "examples_per_s": s.examples_per_s, "data_wait": s.data_wait,
-                "skipped_shards": s.skipped_files, "dtype": dtype_name(t.compute),
+                "skipped_shards": s.skipped_files, "dtype": crate::compute_name(t.compute),
             }))
         }
         "eval" => {
