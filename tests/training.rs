@@ -180,6 +180,42 @@ fn the_decoder_fine_tune_in_bf16_trains_on_the_codes_sampling_gives() {
 }
 
 #[test]
+fn a_batch_encodes_and_decodes_on_the_cpu_as_each_picture_alone() {
+    // on the CPU, encode and decode take a batch a few pictures at a time; a batch of 11 (two
+    // full passes and a short one) must give every picture, in order, what it gives alone
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/default");
+    let m = tessera::Model::load(&dir, Device::Cpu).expect("the default model");
+    let cfg = &m.config.dvae;
+    let n = 11i64;
+    let per_pass = tessera::dvae::pictures_per_pass(cfg.dec_group_width(0), cfg.image_size) as i64;
+    assert!((2..n / 2).contains(&per_pass), "{per_pass} pictures per pass: the batch would not be split");
+    let pictures: Vec<Vec<u8>> = (0..n as u64)
+        .map(|k| {
+            let cap = tessera::world::Capability::ALL[k as usize % tessera::world::Capability::ALL.len()];
+            tessera::world::render(
+                &tessera::world::generate(cap, 31_013 * k + 7, tessera::world::Split::Train),
+                cfg.image_size,
+            )
+        })
+        .collect();
+    let x = tessera::model::from_rgb8(&pictures, cfg.image_size, Device::Cpu).unwrap();
+    let net = &m.dvae.net;
+    let codes = tch::no_grad(|| net.encode(&x));
+    let images = tch::no_grad(|| net.decode(&codes));
+    assert_eq!(images.size(), [n, 3, cfg.image_size as i64, cfg.image_size as i64]);
+    for i in 0..n {
+        let alone = tch::no_grad(|| net.encode(&x.narrow(0, i, 1)));
+        assert!(alone.equal(&codes.narrow(0, i, 1)), "picture {i}'s codes differ in the batch");
+        let drawn = tch::no_grad(|| net.decode(&alone));
+        let diff = (drawn - images.narrow(0, i, 1)).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "picture {i} decodes {diff} apart in the batch");
+    }
+    // and the pictures differ from one another, so a mix-up of the order would show
+    let first = images.narrow(0, 0, 1);
+    assert!((images.narrow(0, 1, 1) - first).abs().max().double_value(&[]) > 0.1);
+}
+
+#[test]
 fn ema_of_a_short_run_forgets_the_initialisation() {
     // A parameter that jumps from its initial value to 1 and stays there: after 1,000 updates
     // at decay 0.999 the average must be (almost) 1, not 63% of the way there.
