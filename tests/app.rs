@@ -694,3 +694,29 @@ fn a_loaded_models_sampling_settings_replace_untouched_ones_only() {
     step_until(&mut h, "the model", |a| a.model.is_some() || a.errors().next().is_some());
     assert_eq!(h.state().settings.temperature, 1.3);
 }
+
+#[test]
+fn live_previews_take_at_most_a_quarter_of_the_workers_time() {
+    use tessera::app::worker::PreviewPacer;
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    // every 2 rows; the first preview as soon as two rows are known
+    let mut p = PreviewPacer::new(2, 0);
+    assert!(!p.due(1, t0));
+    assert!(p.due(2, t0));
+    // it took 100 ms: the next waits for 2 more rows and 3 × 100 ms after it ended
+    p.record(2, ms(0), ms(100));
+    assert!(!p.due(3, ms(1_000)), "due before two more rows");
+    assert!(!p.due(4, ms(399)), "due 299 ms after a preview that cost 100 ms");
+    assert!(p.due(4, ms(400)));
+    assert!(p.due(9, ms(400)));
+    // a cheap preview lets the next come as soon as the rows are there
+    p.record(9, ms(400), ms(401));
+    assert!(p.due(11, ms(404)));
+    // a prefix of 6 rows: the first preview once 2 rows are sampled below it
+    let p = PreviewPacer::new(2, 6);
+    assert!(!p.due(7, t0));
+    assert!(p.due(8, t0));
+    // previews off
+    assert!(!PreviewPacer::new(0, 0).due(16, ms(10_000)));
+}

@@ -9,7 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tch::{Device, Kind, Tensor};
@@ -102,6 +102,43 @@ pub struct Finished {
     pub seed: u64,
     pub rgb: Vec<u8>,
     pub score: Option<f32>,
+}
+
+/// When a job's next live preview is due. A preview decodes every picture of the chunk, which
+/// on a CPU costs as much as tens of sampling steps (the default model: ~175 ms for 4 pictures
+/// on one thread, against 6–10 ms a step), so previews come every `every` rows of tokens but,
+/// after the first, only once the time since the last one is at least [`PreviewPacer::SPACING`]
+/// times what it cost: drawing previews takes at most a quarter of the worker's time, however
+/// slow the decoder is against the sampler.
+#[derive(Debug, Clone)]
+pub struct PreviewPacer {
+    every: usize,
+    rows: usize,
+    last: Option<(Instant, Duration)>,
+}
+
+impl PreviewPacer {
+    /// The wait after a preview, in multiples of its cost.
+    pub const SPACING: u32 = 3;
+
+    /// Previews every `every` rows (0: never), the first once `every` rows past `start_rows`
+    /// (the rows a prefix already gives).
+    pub fn new(every: usize, start_rows: usize) -> Self {
+        Self { every, rows: start_rows, last: None }
+    }
+
+    /// Whether a preview of `rows` known rows is due at `now`.
+    pub fn due(&self, rows: usize, now: Instant) -> bool {
+        self.every > 0
+            && rows >= self.rows + self.every
+            && self.last.is_none_or(|(end, cost)| now.saturating_duration_since(end) >= cost * Self::SPACING)
+    }
+
+    /// A preview of `rows` rows was drawn from `began` to `ended`.
+    pub fn record(&mut self, rows: usize, began: Instant, ended: Instant) {
+        self.rows = rows;
+        self.last = Some((ended, ended.saturating_duration_since(began)));
+    }
 }
 
 #[derive(Debug)]
@@ -436,7 +473,7 @@ impl WorkerState {
         let seeds = crate::sample::batch_seeds(seed, m);
         let mut sampler = model.sampler(&job.prompt, m, seed, c.prefix, &job.opts)?;
         let mut last_progress: Option<Instant> = None;
-        let mut previewed_rows = kept / g;
+        let mut pacer = PreviewPacer::new(job.preview_rows, kept / g);
         if self.poll(job.id) {
             return Ok(true);
         }
@@ -454,8 +491,8 @@ impl WorkerState {
             }
             let known = sampler.progress().done;
             let rows = known / g;
-            if job.preview_rows > 0 && !sampler.is_done() && rows >= previewed_rows + job.preview_rows {
-                previewed_rows = rows;
+            if !sampler.is_done() && pacer.due(rows, Instant::now()) {
+                let began = Instant::now();
                 let mut images = model.decode(sampler.tokens())?;
                 for img in &mut images {
                     grey_unknown(img, size, g, known);
@@ -463,6 +500,7 @@ impl WorkerState {
                         composite_prefix(img, &p.rgb, size, g, kept);
                     }
                 }
+                pacer.record(rows, began, Instant::now());
                 self.emit(Event::Preview { id: job.id, seeds: seeds.clone(), images, rows });
             }
         }
