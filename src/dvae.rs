@@ -34,10 +34,11 @@ fn conv_c(c: &nn::Conv2D, x: &Tensor, compute: Option<Kind>) -> Tensor {
 
 /// How many bytes the widest activation of one pass of [`Dvae::encode`] or [`Dvae::decode`]
 /// may take on the CPU. Convolutions over a whole batch at once stream every activation
-/// through memory; a few pictures at a time keep them in the caches. On this project's 2-core
-/// CPU the default model's decoder (1.5 MiB per picture at full resolution) draws 16 pictures
-/// 1.8× and 64 pictures 2.6× as fast four at a time as in one pass, and the encoder 64
-/// pictures 1.6× (README, "Measured figures"); one picture at a time is slower again.
+/// through memory; a few pictures at a time keep them in the caches. On a 2-core AMD EPYC of
+/// this project (without AVX-512) the default model's decoder (1.5 MiB per picture at full
+/// resolution) draws 16 pictures 1.8× and 64 pictures 2.6× as fast four at a time as in one
+/// pass, and the encoder 64 pictures 1.6× (README, "Measured figures"); one picture at a time
+/// is slower again.
 pub const CPU_PASS_BYTES: usize = 6 << 20;
 
 /// Runs `f` over the batch `x` in passes of at most `per_pass` rows on the CPU (whole on a
