@@ -491,8 +491,8 @@ impl WorkerState {
             }
             let known = sampler.progress().done;
             let rows = known / g;
-            if !sampler.is_done() && pacer.due(rows, Instant::now()) {
-                let began = Instant::now();
+            let began = Instant::now();
+            if !sampler.is_done() && pacer.due(rows, began) {
                 let mut images = model.decode(sampler.tokens())?;
                 for img in &mut images {
                     grey_unknown(img, size, g, known);
