@@ -23,8 +23,10 @@ pub struct Example {
 /// Where examples come from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// The synthetic world: example i is scene (seed, i).
-    World { seed: u64, split: Split },
+    /// The synthetic world: example i is scene (seed, i). `even_backgrounds` (spec
+    /// `world-balanced`) draws single objects' backgrounds evenly instead of white three times
+    /// in four: pictures for a dVAE, which never reads the captions.
+    World { seed: u64, split: Split, even_backgrounds: bool },
     /// Captioned image files loaded into memory (folder pairs or tar shards).
     Files { items: Vec<(Vec<u8>, String)>, skipped: usize },
 }
@@ -36,20 +38,24 @@ pub struct Skipped {
 }
 
 impl Source {
-    /// Parses a data spec: `world`, `world:SEED`, `world-held-out:SEED`, a folder, or a `.tar`
-    /// file or folder of `.tar` shards.
+    /// Parses a data spec: `world`, `world:SEED`, `world-held-out:SEED`, `world-balanced:SEED`,
+    /// a folder, or a `.tar` file or folder of `.tar` shards.
     pub fn open(spec: &str) -> Result<Self> {
         if let Some(rest) = spec.strip_prefix("world") {
             let (split, rest) = match rest.strip_prefix("-held-out") {
                 Some(r) => (Split::HeldOut, r),
                 None => (Split::Train, rest),
             };
+            let (even_backgrounds, rest) = match rest.strip_prefix("-balanced") {
+                Some(r) => (true, r),
+                None => (false, rest),
+            };
             let seed = match rest.strip_prefix(':') {
                 Some(s) => s.parse().map_err(|_| Error::Invalid(format!("bad world seed in {spec:?}")))?,
                 None if rest.is_empty() => 0,
                 None => return Err(Error::Invalid(format!("unknown data spec {spec:?}"))),
             };
-            return Ok(Source::World { seed, split });
+            return Ok(Source::World { seed, split, even_backgrounds });
         }
         let path = Path::new(spec);
         if !path.exists() {
@@ -117,8 +123,8 @@ impl Source {
     /// `rng` drives the random crop of real images.
     pub fn get(&self, index: u64, size: usize, rng: &mut SeedRng) -> Option<Example> {
         match self {
-            Source::World { seed, split } => {
-                let scene = world::sample(*seed, index, *split);
+            Source::World { seed, split, even_backgrounds } => {
+                let scene = world::sample_with(*seed, index, *split, *even_backgrounds);
                 Some(Example { rgb: world::render(&scene, size), caption: scene.caption.clone(), scene: Some(scene) })
             }
             Source::Files { items, .. } => {

@@ -263,6 +263,7 @@ pub struct Dvae {
     cfg: DvaeConfig,
     compute: Option<Kind>,
     recon: Recon,
+    argmax_codes: bool,
 }
 
 impl Dvae {
@@ -273,7 +274,17 @@ impl Dvae {
             cfg: cfg.clone(),
             compute: None,
             recon: Recon::default(),
+            argmax_codes: false,
         }
+    }
+
+    /// With `true`, the straight-through losses (`hard`) give the decoder the one-hot of the
+    /// encoder's own argmax code, exactly the code [`Dvae::encode`] gives at inference, with no
+    /// Gumbel noise (gradients through the softmax of the logits at temperature τ); with
+    /// `false` (the default) the one-hot of a Gumbel sample. For training further a dVAE whose
+    /// decoder was fine-tuned on its argmax codes.
+    pub fn set_argmax_codes(&mut self, on: bool) {
+        self.argmax_codes = on;
     }
 
     /// Chooses the reconstruction term of the training losses (the paper's by default).
@@ -414,13 +425,26 @@ impl Dvae {
     ) -> DvaeLoss {
         let x = self.map_pixels(images);
         let logits = self.encoder.forward_c(&x, self.compute);
-        let u = uniform.map_or_else(|| logits.rand_like(), |u| u.shallow_clone()).clamp(1e-10, 1.0 - 1e-7);
-        let gumbel = -(-u.log()).log();
-        let mut z = ((&logits + gumbel) / tau).softmax(1, Kind::Float);
-        if hard {
-            let one_hot = z.zeros_like().scatter_value(1, &z.argmax(1, true), 1.0);
-            z = &one_hot - z.detach() + &z;
-        }
+        let z = if hard && self.argmax_codes {
+            // the codes of `encode` (chosen in the weights' dtype), without noise
+            let codes = match self.compute {
+                None => logits.argmax(1, true),
+                Some(_) => tch::no_grad(|| self.hard_codes(&x)).unsqueeze(1),
+            };
+            let soft = (&logits / tau).softmax(1, Kind::Float);
+            let one_hot = soft.zeros_like().scatter_value(1, &codes, 1.0);
+            &one_hot - soft.detach() + &soft
+        } else {
+            let u = uniform.map_or_else(|| logits.rand_like(), |u| u.shallow_clone()).clamp(1e-10, 1.0 - 1e-7);
+            let gumbel = -(-u.log()).log();
+            let z = ((&logits + gumbel) / tau).softmax(1, Kind::Float);
+            if hard {
+                let one_hot = z.zeros_like().scatter_value(1, &z.argmax(1, true), 1.0);
+                &one_hot - z.detach() + &z
+            } else {
+                z
+            }
+        };
         let stats = self.decoder.body(conv_c(&self.decoder.input, &z, self.compute), self.compute);
         let (nll, mse) = self.reconstruction(images, &x, &stats);
         let log_q = logits.log_softmax(1, Kind::Float);

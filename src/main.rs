@@ -206,7 +206,8 @@ struct ModelData {
     /// Configuration for a new directory: tiny, S, P, dalle_12b or default.
     #[arg(long)]
     preset: Option<String>,
-    /// world, world:SEED, a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
+    /// world, world:SEED, world-balanced[:SEED] (single objects' four backgrounds equally
+    /// often, for a dVAE), a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
     #[arg(long, default_value = "world")]
     data: String,
 }
@@ -316,6 +317,17 @@ enum TrainCommand {
         /// (new blocks start as the identity).
         #[arg(long)]
         decoder_blocks: Option<usize>,
+        /// Start every weight (encoder, codebook, decoder) from this trained dvae.safetensors of
+        /// the directory's shapes instead of random ones, e.g. to train a model's whole dVAE
+        /// further on a fresh schedule; its codes then change, so retrain the transformer on them.
+        /// Ignored when --resume continues a run.
+        #[arg(long, conflicts_with = "decoder_only")]
+        init_from: Option<PathBuf>,
+        /// With --hard-from: the decoder is given the one-hot of the encoder's argmax code,
+        /// exactly as at inference, instead of a Gumbel sample's (for training further a dVAE
+        /// whose decoder was fine-tuned on its argmax codes).
+        #[arg(long, requires = "hard_from")]
+        argmax_codes: bool,
     },
     /// Train the transformer (paper recipe: AdamW(0.9, 0.96), warm-up, clipping 4, EMA).
     Transformer {
@@ -991,6 +1003,8 @@ fn train(t: TrainCommand) -> Result<()> {
             decoder_only,
             decoder_hidden,
             decoder_blocks,
+            init_from,
+            argmax_codes,
         } => {
             let recipe = |steps: usize| {
                 let schedule = tessera::dvae::DvaeSchedule {
@@ -1012,6 +1026,8 @@ fn train(t: TrainCommand) -> Result<()> {
                     recon,
                     decoder_hidden,
                     decoder_blocks,
+                    init_from: init_from.clone(),
+                    argmax_codes,
                     ..Default::default()
                 }
             };

@@ -465,9 +465,28 @@ fn take_tokenizer(from: &Path, dir: &Path, cfg: &Config) -> Result<()> {
     write_atomic(&dir.join(crate::model::TOKENIZER_FILE), &bytes)
 }
 
-/// The weights file of `name` in the plan's `--init-from` directory, where there is one.
-fn init_weights(plan: &Plan, name: &str) -> Option<PathBuf> {
-    plan.init_from.as_ref().map(|d| d.join(name)).filter(|p| p.exists())
+/// The weights file of `name` in the plan's `--init-from` directory, where there is one and its
+/// component has this model's shapes, and what the run starts it from (`None`: not asked to).
+fn init_weights(plan: &Plan, name: &str, cfg: &Config) -> Result<(Option<PathBuf>, Option<String>)> {
+    let Some(dir) = &plan.init_from else { return Ok((None, None)) };
+    let path = dir.join(name);
+    if !path.exists() {
+        return Ok((None, Some(format!("{} does not exist: trained from scratch", path.display()))));
+    }
+    let from = crate::model::Model::load_config(dir)?;
+    let text = (from.text.vocab_size, from.text.text_len) == (cfg.text.vocab_size, cfg.text.text_len);
+    let fits = if name == crate::model::TRANSFORMER_FILE {
+        text && from.transformer == cfg.transformer
+            && (from.dvae.vocab_size, from.grid_size()) == (cfg.dvae.vocab_size, cfg.grid_size())
+    } else {
+        text && from.reranker == cfg.reranker && from.dvae.image_size == cfg.dvae.image_size
+    };
+    let shown = path.display().to_string();
+    Ok(if fits {
+        (Some(path), Some(shown))
+    } else {
+        (None, Some(format!("{shown} has other shapes: trained from scratch")))
+    })
 }
 
 /// Decides a stage's amount once (saved in the plan before any work), so a resumed stage keeps
@@ -545,18 +564,22 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
         "transformer" | "reranker" => {
             let t0 = Instant::now();
             let transformer = st.name == "transformer";
-            let init_transformer = init_weights(plan, crate::model::TRANSFORMER_FILE);
-            let init_reranker = init_weights(plan, crate::model::RERANKER_FILE);
+            let cfg = crate::model::Model::load_config(&o.dir)?;
+            let file = if transformer { crate::model::TRANSFORMER_FILE } else { crate::model::RERANKER_FILE };
+            // a component of other shapes (another preset) starts afresh, and the run says so
+            let (init_from, init) = init_weights(plan, file, &cfg)?;
+            if let (None, Some(why), false) = (&init_from, &init, o.quiet) {
+                eprintln!("\rtrain all: {why}");
+            }
             let run = |t: &TrainOptions| -> Result<train::TrainSummary> {
                 let warmup = (t.steps / 20).max(1);
+                let init_from = init_from.clone();
                 if transformer {
-                    let init_from = init_transformer.clone();
                     train::train_transformer(
                         t,
                         &TransformerRecipe { lr: 1e-3, warmup, init_from, ..Default::default() },
                     )
                 } else {
-                    let init_from = init_reranker.clone();
                     train::train_reranker(t, &train::RerankerRecipe { warmup, init_from, ..Default::default() })
                 }
             };
@@ -578,7 +601,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let s = run(&t)?;
             Ok(serde_json::json!({
                 "steps": s.step, "loss": s.last_loss, "examples_per_s": s.examples_per_s, "data_wait": s.data_wait,
-                "skipped_shards": s.skipped_files, "dtype": crate::compute_name(t.compute),
+                "skipped_shards": s.skipped_files, "dtype": crate::compute_name(t.compute), "init": init,
             }))
         }
         "eval" => {

@@ -133,6 +133,12 @@ pub struct DvaeRecipe {
     pub decoder_hidden: Option<usize>,
     /// With `decoder_only`: grow the decoder to this many blocks per group.
     pub decoder_blocks: Option<usize>,
+    /// Start every weight from this trained dVAE (the directory's shapes) instead of random
+    /// ones; ignored when resuming. Not with `decoder_only`, which starts from the directory's.
+    pub init_from: Option<PathBuf>,
+    /// With `hard_from`: straight-through from the encoder's argmax codes, as at inference,
+    /// instead of Gumbel samples ([`crate::dvae::Dvae::set_argmax_codes`]).
+    pub argmax_codes: bool,
 }
 
 impl Default for DvaeRecipe {
@@ -147,6 +153,8 @@ impl Default for DvaeRecipe {
             recon: crate::dvae::Recon::default(),
             decoder_hidden: None,
             decoder_blocks: None,
+            init_from: None,
+            argmax_codes: false,
         }
     }
 }
@@ -615,6 +623,7 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
     let mut model = DvaeModel::new(&cfg, opts.device);
     model.net.set_compute_kind(opts.compute);
     model.net.set_recon(recipe.recon);
+    model.net.set_argmax_codes(recipe.argmax_codes);
     if recipe.decoder_only {
         let trained = opts.dir.join(DVAE_FILE);
         if !trained.exists() {
@@ -626,10 +635,21 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         load_or_grow_dvae(&mut model, &cfg, &trained, opts.device)?;
         crate::dvae::Dvae::freeze_encoder(&model.vs);
     }
+    let resuming = opts.resume && state_path(&opts.dir, component).exists();
+    match (&recipe.init_from, resuming) {
+        (Some(_), _) if recipe.decoder_only => {
+            return Err(Error::Invalid(
+                "--init-from and --decoder-only: the decoder fine-tune starts from the directory's dVAE".into(),
+            ));
+        }
+        // before the average is made, so that it starts from these weights too
+        (Some(from), false) => load_or_grow_dvae(&mut model, &cfg, from, opts.device)?,
+        _ => {}
+    }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.999, 1e-8, recipe.weight_decay);
     let mut ema = Ema::new(&model.vs, recipe.ema);
     let mut start = 0;
-    if opts.resume && state_path(&opts.dir, component).exists() {
+    if resuming {
         start = load_state(&opts.dir, component, &model.vs, &mut opt, &mut ema)?;
     }
     let size = cfg.dvae.image_size;

@@ -186,6 +186,7 @@ pub const NUMBER_WORDS: &[&str] = &["zero", "one", "two", "three", "four", "five
 struct Gen {
     rng: SeedRng,
     split: Split,
+    even_backgrounds: bool,
 }
 
 impl Gen {
@@ -223,6 +224,9 @@ impl Gen {
     }
 
     fn background(&mut self) -> Colour {
+        if self.even_backgrounds {
+            return self.pick(&[Colour::White, Colour::Black, Colour::Gray, Colour::Yellow]);
+        }
         if self.chance(0.75) { Colour::White } else { self.pick(&[Colour::Black, Colour::Gray, Colour::Yellow]) }
     }
 }
@@ -250,7 +254,14 @@ fn background_phrase(bg: Colour) -> String {
 
 /// Draws a scene for `capability` from `seed`.
 pub fn generate(capability: Capability, seed: u64, split: Split) -> Scene {
-    let mut g = Gen { rng: SeedRng::new(seed ^ 0x7E55_E4A0_0000_0000 ^ (capability.index() as u64) << 48), split };
+    generate_with(capability, seed, split, false)
+}
+
+/// [`generate`], where `even_backgrounds` draws the backgrounds that vary (single objects')
+/// from white, black, grey and yellow equally often instead of white three times in four.
+pub fn generate_with(capability: Capability, seed: u64, split: Split, even_backgrounds: bool) -> Scene {
+    let rng = SeedRng::new(seed ^ 0x7E55_E4A0_0000_0000 ^ (capability.index() as u64) << 48);
+    let mut g = Gen { rng, split, even_backgrounds };
     let held = split == Split::HeldOut;
     match capability {
         Capability::SingleObject => single(&mut g, held),
@@ -275,6 +286,12 @@ pub const MIX: &[(Capability, f64)] = &[
 /// Sample `index` of the world with base seed `seed`: a capability drawn by [`MIX`], then a
 /// scene. The same (seed, index) always gives the same scene.
 pub fn sample(seed: u64, index: u64, split: Split) -> Scene {
+    sample_with(seed, index, split, false)
+}
+
+/// [`sample`] with [`generate_with`]'s choice of backgrounds (the same capability mix; other
+/// scenes than `sample`'s).
+pub fn sample_with(seed: u64, index: u64, split: Split, even_backgrounds: bool) -> Scene {
     let mut rng = SeedRng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(index));
     let u = rng.next_f64();
     let mut acc = 0.0;
@@ -286,7 +303,7 @@ pub fn sample(seed: u64, index: u64, split: Split) -> Scene {
             break;
         }
     }
-    generate(cap, rng.next_u64(), split)
+    generate_with(cap, rng.next_u64(), split, even_backgrounds)
 }
 
 fn single(g: &mut Gen, held: bool) -> Scene {

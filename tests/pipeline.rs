@@ -363,6 +363,46 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
     assert!(continued < 0.8 * fresh, "the continued transformer starts at {continued}, a fresh one at {fresh}");
 }
 
+/// `--init-from` a model of other shapes (another preset): the components whose shapes match
+/// start from its weights, the others from scratch, and the run says which.
+#[test]
+fn train_all_starts_a_component_of_other_shapes_afresh_and_says_so() {
+    let _cpu = crate::common::heavy_cpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let donor = tmp.path().join("donor");
+    let mut cfg = Config::tiny();
+    cfg.transformer.n_layers += 1;
+    tessera::Model::random_init(&cfg, Device::Cpu, 5).unwrap().save(&donor).unwrap();
+    train::train_reranker(&options(&donor, 1), &RerankerRecipe::default()).unwrap();
+    let dir = tmp.path().join("model");
+    let o = tessera()
+        .args(["train", "all", "--preset", "tiny", "--data", "world:3", "--budget", "20s", "--device", "cpu"])
+        .args(["--threads", "1", "--workers", "1", "--eval-captions", "0", "--dvae-from"])
+        .arg(&donor)
+        .arg("--init-from")
+        .arg(&donor)
+        .arg("--dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let transformer = donor.join("transformer.safetensors").display().to_string();
+    assert!(stderr.contains(&format!("{transformer} has other shapes: trained from scratch")), "{stderr}");
+    assert_eq!(tessera::Model::load_config(&dir).unwrap().transformer, Config::tiny().transformer);
+    let plan = Plan::load(&dir).unwrap();
+    let init = |n: &str| {
+        let stage = plan.stages.iter().find(|s| s.name == n).unwrap();
+        stage.result.as_ref().and_then(|r| r["init"].as_str()).unwrap_or_default().to_string()
+    };
+    assert_eq!(init("transformer"), format!("{transformer} has other shapes: trained from scratch"));
+    assert_eq!(init("reranker"), donor.join("reranker.safetensors").display().to_string());
+    assert_eq!(
+        std::fs::read(dir.join("tokenizer.json")).unwrap(),
+        std::fs::read(donor.join("tokenizer.json")).unwrap()
+    );
+}
+
 #[test]
 fn a_trainer_given_a_time_plans_its_steps_to_fit_it() {
     let _cpu = crate::common::heavy_cpu();

@@ -709,3 +709,43 @@ fn a_reranker_can_start_from_another_models_weights() {
         .to_string();
     assert!(e.contains("dvae.safetensors"), "{e}");
 }
+
+#[test]
+fn a_whole_dvae_can_start_from_another_models_weights() {
+    let _cpu = crate::common::heavy_cpu();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [a.path(), b.path()] {
+        new_dir(d);
+    }
+    let mut trained = DvaeRecipe::default();
+    trained.schedule.lr_start = 3e-3;
+    train::train_dvae(&options(a.path(), 4, None, false), &trained).unwrap();
+    let source = a.path().join("dvae.safetensors");
+    // one step at a negligible rate from a's weights keeps every one of them, the encoder's
+    // and codebook's as well as the decoder's
+    let mut tiny = DvaeRecipe { init_from: Some(source.clone()), ..Default::default() };
+    (tiny.schedule.lr_start, tiny.schedule.lr_end) = (1e-12, 1e-12);
+    train::train_dvae(&options(b.path(), 1, None, false), &tiny).unwrap();
+    let (want, got) = (sorted_state(&source), sorted_state(&b.path().join("dvae.safetensors")));
+    assert_eq!(want.len(), got.len());
+    assert!(want.iter().any(|(n, _)| n.starts_with("enc")) && want.iter().any(|(n, _)| n.starts_with("dec")));
+    for ((n, x), (m, y)) in want.iter().zip(&got) {
+        assert_eq!(n, m);
+        let d = (x - y).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{n} moved by {d} from the weights it started from");
+    }
+    // without it the same step starts from a random initialisation
+    let fresh = DvaeRecipe { init_from: None, ..tiny.clone() };
+    train::train_dvae(&options(b.path(), 1, None, false), &fresh).unwrap();
+    let other = sorted_state(&b.path().join("dvae.safetensors"));
+    assert!(want.iter().zip(&other).any(|((_, x), (_, y))| (x - y).abs().max().double_value(&[]) > 1e-3));
+    // a file of another shape is refused, naming it; with --decoder-only it is refused outright
+    let wrong = a.path().join("reranker.safetensors");
+    train::train_reranker(&options(a.path(), 1, None, false), &RerankerRecipe::default()).unwrap();
+    let bad = DvaeRecipe { init_from: Some(wrong), ..Default::default() };
+    let e = train::train_dvae(&options(b.path(), 1, None, false), &bad).unwrap_err().to_string();
+    assert!(e.contains("reranker.safetensors"), "{e}");
+    let both = DvaeRecipe { decoder_only: true, ..tiny };
+    let e = train::train_dvae(&options(b.path(), 1, None, false), &both).unwrap_err().to_string();
+    assert!(e.contains("--init-from and --decoder-only"), "{e}");
+}

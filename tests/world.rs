@@ -367,3 +367,48 @@ fn the_evaluator_leaves_open_what_the_caption_leaves_open() {
     assert_eq!(moved_ok, in_place_ok, "transforms moved sideways, accepted against in place ({n} scenes)");
     assert!(out_caught * 10 >= n * 9, "a copy out of place: {out_caught} of {n} caught");
 }
+
+/// `world-balanced` gives a dVAE the non-white backgrounds as often as white ones; `world` keeps
+/// white three times in four. Both keep the capability mix and the held-out pairs out.
+#[test]
+fn balanced_world_data_draws_backgrounds_evenly() {
+    use tessera::data::Source;
+    use tessera::sample::SeedRng;
+    let backgrounds = |spec: &str| {
+        let source = Source::open(spec).unwrap();
+        let mut rng = SeedRng::new(0);
+        let (mut counts, mut single, mut captions) = ([0usize; 4], 0, 0);
+        for i in 0..1500 {
+            let ex = source.get(i, 16, &mut rng).expect("the world always draws");
+            let scene = ex.scene.expect("a world example carries its scene");
+            for o in &scene.objects {
+                assert!(!is_held_out(o.colour, o.shape), "{spec}: held-out pair in training: {}", scene.caption);
+            }
+            if scene.capability != Capability::SingleObject {
+                assert_eq!(scene.background, Colour::White, "{spec}: {}", scene.caption);
+                continue;
+            }
+            single += 1;
+            let k = [Colour::White, Colour::Black, Colour::Gray, Colour::Yellow]
+                .iter()
+                .position(|&c| c == scene.background)
+                .expect("one of the four backgrounds");
+            counts[k] += 1;
+            captions +=
+                (k > 0 && scene.caption.contains(&format!("on a {} background", scene.background.name()))) as usize;
+        }
+        assert_eq!(captions, single - counts[0], "{spec}: every non-white background is named in its caption");
+        (counts.map(|c| c as f64 / single as f64), single as f64 / 1500.0)
+    };
+    let (usual, usual_single) = backgrounds("world:3");
+    let (even, even_single) = backgrounds("world-balanced:3");
+    assert!((0.68..0.82).contains(&usual[0]), "white in `world`: {usual:?}");
+    for (k, share) in even.iter().enumerate() {
+        assert!((0.19..0.31).contains(share), "background {k} in `world-balanced`: {even:?}");
+    }
+    for share in [usual_single, even_single] {
+        assert!((0.26..0.34).contains(&share), "single objects' share of the mix: {share}");
+    }
+    assert!(Source::open("world-held-out-balanced:5").is_ok());
+    assert!(Source::open("world-balancedx").is_err());
+}

@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# After call.sh: compares what came back with the committed default model and, with --adopt,
-# composes it into assets/models/default (A's config and dVAE, B's transformer and reranker,
-# the logs under names of their own). Run from the repository root:
+# After call.sh: compares the model that came back (A: a whole `gpu-default` model) with the
+# committed default model and, with --adopt, makes it the default model (config, tokenizer and
+# weights; its logs, plan and reports under names of their own). Run from the repository root:
 #   assets/experiments/next-gpu/adopt.sh FILES_DIR [--adopt]
-# FILES_DIR holds A.tgz, B.tgz, logs.tgz and check.json as the call left them. Without --adopt
-# nothing in the repository changes. After adopting: `tessera eval --model
-# assets/models/default --captions 50 --samples 16 --out assets/models/default/eval` and
-# `--captions 100 --samples 0 --out …/eval-dvae`, then the README's table and screenshot.
+# FILES_DIR holds A.tgz, logs.tgz and check.json as the call left them. Without --adopt nothing
+# in the repository changes. Adopt only a model that scores better where it counts (top-1 of
+# the issue's capabilities, held-out pairs included). After adopting: the model's `sampling`
+# settings (the committed model's temperature 0.8 was chosen by evaluation: re-check it), then
+# `tessera eval --model assets/models/default --captions 50 --samples 16 --out …/eval` and
+# `--captions 100 --samples 0 --out …/eval-dvae` if the call's did not finish, the README's
+# table and screenshot, TRAINING.md.
 set -euo pipefail
 files=${1:?usage: adopt.sh FILES_DIR [--adopt]}
 adopt=${2:-}
 D=assets/models/default
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-for t in A B logs; do
+for t in A logs; do
   [ -f "$files/$t.tgz" ] || { echo "adopt.sh: $files/$t.tgz is missing" >&2; exit 1; }
   tar xzf "$files/$t.tgz" -C "$work"
 done
 python3 - "$work" "$D" <<'PY'
-import json, os, sys
+import json, sys
 work, committed = sys.argv[1], sys.argv[2]
 def load(path):
     try:
@@ -35,32 +38,33 @@ if new_dvae and old_dvae:
     if by:
         print("  A's single objects:", ", ".join(f"{k} {ok}/{n}" for k, (ok, n) in sorted(by.items())))
 else:
-    print("  (no report from A)")
-for name, path in [("B (its transformer and reranker, the committed dVAE)", f"{work}/B/eval/report.json"),
-                   ("C (A's dVAE, B's transformer and reranker)", f"{work}/C/eval/report.json"),
-                   ("committed", f"{committed}/eval/report.json")]:
+    print("  (no round-trip report from A)")
+for name, path in [("A", f"{work}/A/eval/report.json"), ("committed", f"{committed}/eval/report.json")]:
     r = load(path)
     if not r:
         print(f"{name}: no report")
         continue
-    row = ", ".join(f"{cap} {100 * a['rerank_top1']:.0f}%" for cap, a in sorted(r["accuracy"].items()))
-    print(f"{name}, top-1 seen ({r['captions']} captions): {row}")
-train_all = load(f"{work}/B/train-all.json")
-if train_all:
-    print("B's plan:", json.dumps(train_all)[:400])
+    for split in ["accuracy", "held_out"]:
+        row = ", ".join(f"{cap} {100 * a['rerank_top1']:.0f}%" for cap, a in sorted(r.get(split, {}).items()))
+        print(f"{name}, top-1 {split} ({r['captions']} captions): {row}")
+plan = load(f"{work}/A/train-all.json")
+if plan:
+    for s in plan.get("stages", []):
+        print(f"  stage {s['name']}: {s.get('seconds', 0):.0f}s of {s.get('planned_s', 0):.0f}s planned, {json.dumps(s.get('result'))[:300]}")
 PY
-[ "$adopt" = "--adopt" ] || { echo "(compare only: pass --adopt to compose the model into $D)"; exit 0; }
-for f in A/config.json A/dvae.safetensors B/transformer.safetensors B/reranker.safetensors; do
-  [ -s "$work/$f" ] || { echo "adopt.sh: $f did not come back; nothing adopted" >&2; exit 1; }
+[ "$adopt" = "--adopt" ] || { echo "(compare only: pass --adopt to make A the default model in $D)"; exit 0; }
+for f in config.json tokenizer.json dvae.safetensors transformer.safetensors reranker.safetensors; do
+  [ -s "$work/A/$f" ] || { echo "adopt.sh: A/$f did not come back; nothing adopted" >&2; exit 1; }
 done
 n=3
-while [ -e "$D/logs/dvae-decoder-gpu$n.log.jsonl" ]; do n=$((n + 1)); done
-cp "$work/A/config.json" "$work/A/dvae.safetensors" "$D/"
-cp "$work/B/transformer.safetensors" "$work/B/reranker.safetensors" "$D/"
-cp "$work/A/dvae-decoder.log.jsonl" "$D/logs/dvae-decoder-gpu$n.log.jsonl"
-for f in transformer reranker; do
-  [ -f "$work/B/$f.log.jsonl" ] && cp "$work/B/$f.log.jsonl" "$D/logs/$f-gpu$n.log.jsonl"
+while [ -e "$D/logs/train-all-gpu$n.json" ]; do n=$((n + 1)); done
+cp "$work"/A/{config.json,tokenizer.json,dvae.safetensors,transformer.safetensors,reranker.safetensors} "$D/"
+for f in dvae transformer reranker; do
+  [ -f "$work/A/$f.log.jsonl" ] && cp "$work/A/$f.log.jsonl" "$D/logs/$f-gpu$n.log.jsonl"
 done
-[ -f "$work/B/train-all.json" ] && cp "$work/B/train-all.json" "$D/logs/train-all-gpu$n.json"
+cp "$work/A/train-all.json" "$D/logs/train-all-gpu$n.json"
+for r in eval eval-dvae; do
+  [ -f "$work/A/$r/report.json" ] && rm -rf "${D:?}/$r" && cp -r "$work/A/$r" "$D/$r"
+done
 ls -la "$D" "$D/logs"
-echo "adopted as GPU run $n: now evaluate, then update README and TRAINING.md"
+echo "adopted as GPU run $n: now check the sampling settings, the README and TRAINING.md"
