@@ -52,6 +52,19 @@ fn sorted_state(path: &Path) -> Vec<(String, tch::Tensor)> {
     t
 }
 
+/// Asserts that the weights in `got` are those of `source`, tensor by tensor (within 1e-6);
+/// returns `source`'s.
+fn assert_kept(source: &Path, got: &Path) -> Vec<(String, tch::Tensor)> {
+    let (want, got) = (sorted_state(source), sorted_state(got));
+    assert_eq!(want.len(), got.len());
+    for ((n, x), (m, y)) in want.iter().zip(&got) {
+        assert_eq!(n, m);
+        let d = (x - y).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{n} moved by {d} from the weights it started from");
+    }
+    want
+}
+
 #[test]
 fn stopped_then_resumed_training_equals_an_uninterrupted_run() {
     let _cpu = crate::common::heavy_cpu();
@@ -652,13 +665,7 @@ fn a_transformer_can_start_from_another_models_weights() {
     let source = a.path().join("transformer.safetensors");
     let tiny = TransformerRecipe { lr: 1e-12, warmup: 1, init_from: Some(source.clone()), ..Default::default() };
     train::train_transformer(&options(b.path(), 1, None, false), &tiny).unwrap();
-    let (want, got) = (sorted_state(&source), sorted_state(&b.path().join("transformer.safetensors")));
-    assert_eq!(want.len(), got.len());
-    for ((n, x), (m, y)) in want.iter().zip(&got) {
-        assert_eq!(n, m);
-        let d = (x - y).abs().max().double_value(&[]);
-        assert!(d < 1e-6, "{n} moved by {d} from the weights it started from");
-    }
+    let want = assert_kept(&source, &b.path().join("transformer.safetensors"));
     // without --init-from the same step starts from a random initialisation
     let fresh = TransformerRecipe { init_from: None, ..tiny };
     train::train_transformer(&options(c.path(), 1, None, false), &fresh).unwrap();
@@ -690,13 +697,7 @@ fn a_reranker_can_start_from_another_models_weights() {
         &RerankerRecipe { lr: 1e-12, warmup: 1, init_from: Some(source.clone()), ..Default::default() },
     )
     .unwrap();
-    let (want, got) = (sorted_state(&source), sorted_state(&b.path().join("reranker.safetensors")));
-    assert_eq!(want.len(), got.len());
-    for ((n, x), (m, y)) in want.iter().zip(&got) {
-        assert_eq!(n, m);
-        let d = (x - y).abs().max().double_value(&[]);
-        assert!(d < 1e-6, "{n} moved by {d} from the weights it started from");
-    }
+    let want = assert_kept(&source, &b.path().join("reranker.safetensors"));
     // without it the same step starts from a random initialisation
     train::train_reranker(&ob, &RerankerRecipe { lr: 1e-12, warmup: 1, ..Default::default() }).unwrap();
     let other = sorted_state(&b.path().join("reranker.safetensors"));
@@ -726,14 +727,8 @@ fn a_whole_dvae_can_start_from_another_models_weights() {
     let mut tiny = DvaeRecipe { init_from: Some(source.clone()), ..Default::default() };
     (tiny.schedule.lr_start, tiny.schedule.lr_end) = (1e-12, 1e-12);
     train::train_dvae(&options(b.path(), 1, None, false), &tiny).unwrap();
-    let (want, got) = (sorted_state(&source), sorted_state(&b.path().join("dvae.safetensors")));
-    assert_eq!(want.len(), got.len());
+    let want = assert_kept(&source, &b.path().join("dvae.safetensors"));
     assert!(want.iter().any(|(n, _)| n.starts_with("enc")) && want.iter().any(|(n, _)| n.starts_with("dec")));
-    for ((n, x), (m, y)) in want.iter().zip(&got) {
-        assert_eq!(n, m);
-        let d = (x - y).abs().max().double_value(&[]);
-        assert!(d < 1e-6, "{n} moved by {d} from the weights it started from");
-    }
     // without it the same step starts from a random initialisation
     let fresh = DvaeRecipe { init_from: None, ..tiny.clone() };
     train::train_dvae(&options(b.path(), 1, None, false), &fresh).unwrap();

@@ -235,6 +235,15 @@ fn ema_of_a_short_run_forgets_the_initialisation() {
     assert_eq!(ema.decay_at(1_000_000), 0.999);
 }
 
+/// The summed magnitude of the gradients on the dVAE encoder's parameters.
+fn encoder_gradient(model: &tessera::Model) -> f64 {
+    let vars = model.dvae.vs.variables();
+    vars.iter()
+        .filter(|(n, _)| n.starts_with("encoder."))
+        .map(|(_, t)| t.grad().abs().sum(Kind::Double).double_value(&[]))
+        .sum()
+}
+
 /// Squared error of decoding, by hand, the codes that Gumbel noise from uniforms `u` samples.
 fn sampled_code_error(net: &tessera::dvae::Dvae, x: &Tensor, u: &Tensor) -> f64 {
     tch::no_grad(|| {
@@ -264,15 +273,7 @@ fn straight_through_from_argmax_codes_decodes_what_inference_decodes() {
     // a Gumbel sample's codes decode otherwise, so the check above tells the two apart
     assert!((sampled - by_hand).abs() > 1e-6, "the sampled codes decode as the argmax ones ({sampled})");
     l.loss.backward();
-    let enc_grad: f64 = model
-        .dvae
-        .vs
-        .variables()
-        .iter()
-        .filter(|(n, _)| n.starts_with("encoder."))
-        .map(|(_, t)| t.grad().abs().sum(Kind::Double).double_value(&[]))
-        .sum();
-    assert!(enc_grad > 0.0, "no gradient reached the encoder");
+    assert!(encoder_gradient(&model) > 0.0, "no gradient reached the encoder");
 }
 
 #[test]
@@ -291,15 +292,7 @@ fn straight_through_decodes_the_sampled_one_hot_and_trains_the_encoder() {
     assert!((soft - by_hand).abs() > 1e-6, "relaxed mse {soft} equals the hard one");
     // gradients reach the encoder through the relaxed sample
     l.loss.backward();
-    let enc_grad: f64 = model
-        .dvae
-        .vs
-        .variables()
-        .iter()
-        .filter(|(n, _)| n.starts_with("encoder."))
-        .map(|(_, t)| t.grad().abs().sum(Kind::Double).double_value(&[]))
-        .sum();
-    assert!(enc_grad > 0.0, "no gradient reached the encoder");
+    assert!(encoder_gradient(&model) > 0.0, "no gradient reached the encoder");
 }
 
 #[test]

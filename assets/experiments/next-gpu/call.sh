@@ -12,7 +12,9 @@
 # (C) the speed check (`tools/gpu-check`) on the committed model, cut at TC seconds (it also
 #     times the static decode steps' additive masks against boolean rows).
 # Run from the repository root with the slim build in gpu/tessera:
-#   OUT=... assets/experiments/next-gpu/call.sh        (DEV=cpu and short budgets to dry-run)
+#   OUT=... assets/experiments/next-gpu/call.sh
+# To dry-run on a CPU: DEV=cpu, short budgets and PRESET=default (the preset's shapes are the
+# committed model's, so it trains in seconds there; gpu-default's dVAE takes minutes a step).
 # Then `assets/experiments/next-gpu/adopt.sh FILES_DIR` compares A with the committed model.
 set -u
 out=${OUT:?}
@@ -26,7 +28,7 @@ t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date; } >/tmp/info.txt 2>&1
 rm -rf /tmp/A
 nvidia-smi dmon -s u -c 30 -d 10 >/tmp/util.txt 2>&1 &
-timeout $TA "$bin" train all --dir /tmp/A --preset gpu-default --init-from $D --budget "$BA" --device "$dev" \
+timeout $TA "$bin" train all --dir /tmp/A --preset ${PRESET:-gpu-default} --init-from $D --budget "$BA" --device "$dev" \
   --recon mse --beta 1.65 --usage-weight 1 --hard-tail 0.3 --workers ${WA:-15} --eval-captions 0 ${EXTRA_A:-} \
   >/tmp/A.log 2>&1
 echo "A train exit $? at $(( $(date +%s) - t0 ))s" >>/tmp/info.txt
