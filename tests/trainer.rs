@@ -28,6 +28,13 @@ fn new_dir(dir: &Path) {
     train::train_tokenizer(dir, "world", 500).unwrap();
 }
 
+/// A new temporary directory holding a tiny model's config and tokenizer.
+fn tiny_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    new_dir(d.path());
+    d
+}
+
 fn bytes(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
@@ -68,10 +75,7 @@ fn assert_kept(source: &Path, got: &Path) -> Vec<(String, tch::Tensor)> {
 #[test]
 fn stopped_then_resumed_training_equals_an_uninterrupted_run() {
     let _cpu = crate::common::heavy_cpu();
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for d in [a.path(), b.path()] {
-        new_dir(d);
-    }
+    let (a, b) = (tiny_dir(), tiny_dir());
     tessera(&["train", "dvae", "--steps", "9"], a.path());
     tessera(&["train", "dvae", "--steps", "9", "--stop-after", "6"], b.path());
     tessera(&["train", "dvae", "--steps", "9", "--resume"], b.path());
@@ -173,10 +177,7 @@ fn train_cmd(dir: &Path, steps: usize, resume: bool) -> Command {
 #[test]
 fn training_resumes_exactly_after_kill_9() {
     let _cpu = crate::common::heavy_cpu();
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for d in [a.path(), b.path()] {
-        new_dir(d);
-    }
+    let (a, b) = (tiny_dir(), tiny_dir());
     let steps = 40;
     assert!(train_cmd(a.path(), steps, false).output().unwrap().status.success());
     // start the same run, kill it hard once it has checkpointed, then resume it
@@ -681,10 +682,7 @@ fn a_transformer_can_start_from_another_models_weights() {
 #[test]
 fn a_reranker_can_start_from_another_models_weights() {
     let _cpu = crate::common::heavy_cpu();
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for d in [a.path(), b.path()] {
-        new_dir(d);
-    }
+    let (a, b) = (tiny_dir(), tiny_dir());
     let mut o = options(a.path(), 4, None, false);
     o.batch = 8;
     train::train_reranker(&o, &RerankerRecipe { lr: 3e-3, warmup: 1, ..Default::default() }).unwrap();
@@ -714,10 +712,7 @@ fn a_reranker_can_start_from_another_models_weights() {
 #[test]
 fn a_whole_dvae_can_start_from_another_models_weights() {
     let _cpu = crate::common::heavy_cpu();
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for d in [a.path(), b.path()] {
-        new_dir(d);
-    }
+    let (a, b) = (tiny_dir(), tiny_dir());
     let mut trained = DvaeRecipe::default();
     trained.schedule.lr_start = 3e-3;
     train::train_dvae(&options(a.path(), 4, None, false), &trained).unwrap();
