@@ -612,6 +612,11 @@ fn save_grid(path: &Path, images: &[Vec<u8>], size: usize) -> Result<()> {
 
 /// Trains the dVAE of the model directory.
 pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSummary> {
+    if recipe.init_from.is_some() && recipe.decoder_only {
+        return Err(Error::Invalid(
+            "--init-from and --decoder-only: the decoder fine-tune starts from the directory's dVAE".into(),
+        ));
+    }
     let mut cfg = crate::model::Model::load_config(&opts.dir)?;
     let source = Source::open(&opts.data)?;
     let component = if recipe.decoder_only { "dvae-decoder" } else { "dvae" };
@@ -636,15 +641,9 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
         crate::dvae::Dvae::freeze_encoder(&model.vs);
     }
     let resuming = opts.resume && state_path(&opts.dir, component).exists();
-    match (&recipe.init_from, resuming) {
-        (Some(_), _) if recipe.decoder_only => {
-            return Err(Error::Invalid(
-                "--init-from and --decoder-only: the decoder fine-tune starts from the directory's dVAE".into(),
-            ));
-        }
+    if let (Some(from), false) = (&recipe.init_from, resuming) {
         // before the average is made, so that it starts from these weights too
-        (Some(from), false) => load_or_grow_dvae(&mut model, &cfg, from, opts.device)?,
-        _ => {}
+        load_or_grow_dvae(&mut model, &cfg, from, opts.device)?;
     }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.999, 1e-8, recipe.weight_decay);
     let mut ema = Ema::new(&model.vs, recipe.ema);

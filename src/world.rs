@@ -183,6 +183,9 @@ const WORDS: &[&str] = &[
 /// Numbers as words, for counts.
 pub const NUMBER_WORDS: &[&str] = &["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"];
 
+/// The backgrounds a single object may stand on, white first (the only one of other scenes).
+pub const BACKGROUNDS: [Colour; 4] = [Colour::White, Colour::Black, Colour::Gray, Colour::Yellow];
+
 struct Gen {
     rng: SeedRng,
     split: Split,
@@ -225,9 +228,9 @@ impl Gen {
 
     fn background(&mut self) -> Colour {
         if self.even_backgrounds {
-            return self.pick(&[Colour::White, Colour::Black, Colour::Gray, Colour::Yellow]);
+            return self.pick(&BACKGROUNDS);
         }
-        if self.chance(0.75) { Colour::White } else { self.pick(&[Colour::Black, Colour::Gray, Colour::Yellow]) }
+        if self.chance(0.75) { Colour::White } else { self.pick(&BACKGROUNDS[1..]) }
     }
 }
 

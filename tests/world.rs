@@ -389,10 +389,8 @@ fn balanced_world_data_draws_backgrounds_evenly() {
                 continue;
             }
             single += 1;
-            let k = [Colour::White, Colour::Black, Colour::Gray, Colour::Yellow]
-                .iter()
-                .position(|&c| c == scene.background)
-                .expect("one of the four backgrounds");
+            let k =
+                world::BACKGROUNDS.iter().position(|&c| c == scene.background).expect("one of the four backgrounds");
             counts[k] += 1;
             captions +=
                 (k > 0 && scene.caption.contains(&format!("on a {} background", scene.background.name()))) as usize;
