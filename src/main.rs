@@ -45,7 +45,8 @@ enum Command {
         /// The new model directory.
         #[arg(long)]
         dir: PathBuf,
-        /// Preset for the transformer, text and reranker: tiny, S, P, L, default…
+        /// Preset for the transformer, text and reranker: tiny, S, P, L, dalle_12b, default or
+        /// gpu-default.
         #[arg(long)]
         preset: String,
         /// Directory whose config.json and dvae.safetensors give the dVAE.
@@ -74,6 +75,9 @@ enum Command {
         device: String,
         #[arg(long, default_value = "auto")]
         dtype: String,
+        /// libtorch CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
         /// Keep the samples in this file and read them back next time when the transformer,
         /// dVAE, tokenizer and settings are the same: rerankers compared on the very same
         /// samples, with only the reranking to run.
@@ -203,7 +207,7 @@ struct ModelData {
     /// Model directory (created with --preset when new).
     #[arg(long)]
     dir: PathBuf,
-    /// Configuration for a new directory: tiny, S, P, dalle_12b or default.
+    /// Configuration for a new directory: tiny, S, P, L, dalle_12b, default or gpu-default.
     #[arg(long)]
     preset: Option<String>,
     /// world, world:SEED, world-balanced[:SEED] (single objects' four backgrounds equally
@@ -477,7 +481,8 @@ struct ModelSource {
     /// default model.
     #[arg(long, conflicts_with = "random_init")]
     model: Option<PathBuf>,
-    /// Use a randomly initialised preset instead of a trained model (tiny, S, P, dalle_12b).
+    /// Use a randomly initialised preset instead of a trained model (tiny, S, P, L, dalle_12b,
+    /// default or gpu-default).
     #[arg(long, value_name = "PRESET")]
     random_init: Option<String>,
 }
@@ -528,6 +533,7 @@ struct GenerateArgs {
 struct InfoArgs {
     #[arg(long, conflicts_with = "preset")]
     model: Option<PathBuf>,
+    /// A preset: tiny, S, P, L, dalle_12b, default or gpu-default.
     #[arg(long)]
     preset: Option<String>,
     /// Machine-readable output.
@@ -624,7 +630,10 @@ fn run(cli: Cli) -> Result<()> {
             let opts = tessera::app::AppOptions { model, device, threads, data_dir };
             tessera::app::run::run(opts, a.diagnostics)
         }
-        Command::Eval { model, captions, samples, seed, out, device, dtype, samples_file, sampling } => {
+        Command::Eval { model, captions, samples, seed, out, device, dtype, threads, samples_file, sampling } => {
+            if let Some(t) = threads {
+                tch::set_num_threads(t as i32);
+            }
             let device = tessera::parse_device(&device)?;
             let mut m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
             m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;

@@ -693,6 +693,18 @@ fn a_loaded_models_sampling_settings_replace_untouched_ones_only() {
     let mut h = harness(TesseraApp::new(options(ModelSource::Dir(dir), Some(tmp.path().join("data2"))), persisted));
     step_until(&mut h, "the model", |a| a.model.is_some() || a.errors().next().is_some());
     assert_eq!(h.state().settings.temperature, 1.3);
+    // "Model's settings" puts them back to the model's own, and the next model's are taken
+    use egui_kittest::kittest::NodeT;
+    let disabled = |h: &Harness<'static, TesseraApp>| h.get_by_label("Model's settings").accesskit_node().is_disabled();
+    h.state_mut().settings.guidance = 3.0;
+    h.run();
+    assert!(!disabled(&h));
+    h.get_by_label("Model's settings").click();
+    h.run();
+    let model = SampleOptions { temperature: 0.5, ..Default::default() };
+    assert_eq!(h.state().settings.sample_options(), model);
+    assert!(disabled(&h), "the button stays enabled with the model's own settings");
+    assert!(h.state_mut().settings.adopt_model_sampling(&warm));
 }
 
 #[test]

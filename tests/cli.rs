@@ -96,6 +96,27 @@ fn info_reports_parameter_counts_as_json() {
     assert_eq!(v["layer_attention"][63], "conv");
 }
 
+/// Every preset the library knows is named wherever a command takes one, so a user reading
+/// `--help` learns of all of them (the lists are written by hand and drifted once).
+#[test]
+fn every_command_that_takes_a_preset_names_all_of_them_in_its_help() {
+    for cmd in
+        [&["train", "dvae"][..], &["train", "all"], &["train", "transformer"], &["init"], &["generate"], &["info"]]
+    {
+        let o = tessera().args(cmd).arg("--help").output().unwrap();
+        assert!(o.status.success(), "{cmd:?}");
+        let help = String::from_utf8_lossy(&o.stdout);
+        let flag = |l: &str| ["--preset", "--random-init"].iter().any(|f| l.trim_start().starts_with(f));
+        let line = help.lines().position(flag);
+        let line = line.unwrap_or_else(|| panic!("{cmd:?} --help names no preset flag"));
+        let text: String = help.lines().skip(line).take(4).collect::<Vec<_>>().join(" ");
+        for p in tessera::config::PRESETS {
+            let named = text.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-')).any(|w| w == *p);
+            assert!(named, "{cmd:?} --help does not name preset {p}: {text}");
+        }
+    }
+}
+
 #[test]
 fn a_models_own_sampling_settings_apply_unless_a_flag_is_given() {
     // a tiny model whose config.json says "draw the most likely token" (temperature 0)

@@ -93,6 +93,14 @@ impl Settings {
         self.model_sampling = model.clone();
         true
     }
+
+    /// Puts temperature, top-k, top-p and guidance back to a model's own settings (the
+    /// "Model's settings" button); the next model loaded then brings its own again.
+    pub fn reset_to_model_sampling(&mut self, model: &SampleOptions) {
+        (self.temperature, self.top_k, self.top_p, self.guidance) =
+            (model.temperature, model.top_k, model.top_p, model.guidance);
+        self.model_sampling = model.clone();
+    }
 }
 
 /// Gallery order.

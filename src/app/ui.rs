@@ -314,13 +314,33 @@ impl TesseraApp {
                 .on_hover_text("samples drawn together; a cancel keeps finished batches");
             ui.end_row();
         });
-        if ui
-            .button("512, keep best 32")
-            .on_hover_text("The paper's workflow: draw 512 samples, keep the 32 the reranker likes best")
-            .clicked()
-        {
-            (s.n, s.keep, s.chunk) = (512, 32, 64);
-        }
+        let model_sampling = self.model.as_ref().map(|m| m.sampling.clone());
+        ui.horizontal(|ui| {
+            if ui
+                .button("512, keep best 32")
+                .on_hover_text("The paper's workflow: draw 512 samples, keep the 32 the reranker likes best")
+                .clicked()
+            {
+                (s.n, s.keep, s.chunk) = (512, 32, 64);
+            }
+            let differs = model_sampling.as_ref().is_some_and(|m| *m != s.sample_options());
+            let (hover, disabled_hover) = match &model_sampling {
+                Some(m) => (
+                    format!(
+                        "Back to the loaded model's own sampling: temperature {}, top-k {}, top-p {}, guidance {}",
+                        m.temperature, m.top_k, m.top_p, m.guidance
+                    ),
+                    "Temperature, top-k, top-p and guidance are the loaded model's own",
+                ),
+                None => (String::new(), "No model loaded"),
+            };
+            let button = ui.add_enabled(differs, egui::Button::new("Model's settings"));
+            if button.on_hover_text(hover).on_disabled_hover_text(disabled_hover).clicked()
+                && let Some(m) = &model_sampling
+            {
+                s.reset_to_model_sampling(m);
+            }
+        });
         ui.checkbox(&mut self.settings.use_canvas, "Complete the canvas");
         ui.separator();
         ui.heading("Queue");
