@@ -10,6 +10,14 @@ use tessera::bench::{self, BenchOptions};
 use tessera::model::Model;
 use tessera::{Config, SampleOptions, params};
 
+/// The presets `--preset` and `--random-init` take, as their help names them (one list for
+/// every command; `tests/cli.rs` checks it against `tessera::config::PRESETS`).
+macro_rules! presets {
+    () => {
+        "tiny, S, P, L, dalle_12b, default or gpu-default"
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "tessera",
@@ -45,9 +53,7 @@ enum Command {
         /// The new model directory.
         #[arg(long)]
         dir: PathBuf,
-        /// Preset for the transformer, text and reranker: tiny, S, P, L, dalle_12b, default or
-        /// gpu-default.
-        #[arg(long)]
+        #[arg(long, help = concat!("Preset for the transformer, text and reranker: ", presets!()))]
         preset: String,
         /// Directory whose config.json and dvae.safetensors give the dVAE.
         #[arg(long)]
@@ -207,8 +213,7 @@ struct ModelData {
     /// Model directory (created with --preset when new).
     #[arg(long)]
     dir: PathBuf,
-    /// Configuration for a new directory: tiny, S, P, L, dalle_12b, default or gpu-default.
-    #[arg(long)]
+    #[arg(long, help = concat!("Configuration for a new directory: ", presets!()))]
     preset: Option<String>,
     /// world, world:SEED, world-balanced[:SEED] (single objects' four backgrounds equally
     /// often, for a dVAE), a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
@@ -481,9 +486,7 @@ struct ModelSource {
     /// default model.
     #[arg(long, conflicts_with = "random_init")]
     model: Option<PathBuf>,
-    /// Use a randomly initialised preset instead of a trained model (tiny, S, P, L, dalle_12b,
-    /// default or gpu-default).
-    #[arg(long, value_name = "PRESET")]
+    #[arg(long, value_name = "PRESET", help = concat!("Use a randomly initialised preset instead of a trained model: ", presets!()))]
     random_init: Option<String>,
 }
 
@@ -533,8 +536,7 @@ struct GenerateArgs {
 struct InfoArgs {
     #[arg(long, conflicts_with = "preset")]
     model: Option<PathBuf>,
-    /// A preset: tiny, S, P, L, dalle_12b, default or gpu-default.
-    #[arg(long)]
+    #[arg(long, help = concat!("A preset: ", presets!()))]
     preset: Option<String>,
     /// Machine-readable output.
     #[arg(long)]

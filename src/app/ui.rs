@@ -324,18 +324,21 @@ impl TesseraApp {
                 (s.n, s.keep, s.chunk) = (512, 32, 64);
             }
             let differs = model_sampling.as_ref().is_some_and(|m| *m != s.sample_options());
-            let (hover, disabled_hover) = match &model_sampling {
-                Some(m) => (
-                    format!(
-                        "Back to the loaded model's own sampling: temperature {}, top-k {}, top-p {}, guidance {}",
-                        m.temperature, m.top_k, m.top_p, m.guidance
-                    ),
-                    "Temperature, top-k, top-p and guidance are the loaded model's own",
-                ),
-                None => (String::new(), "No model loaded"),
+            let disabled_hover = match &model_sampling {
+                Some(_) => "Temperature, top-k, top-p and guidance are the loaded model's own",
+                None => "No model loaded",
             };
             let button = ui.add_enabled(differs, egui::Button::new("Model's settings"));
-            if button.on_hover_text(hover).on_disabled_hover_text(disabled_hover).clicked()
+            // the values are formatted only while the pointer is on the button
+            let button = button.on_hover_ui(|ui| {
+                if let Some(m) = &model_sampling {
+                    ui.label(format!(
+                        "Back to the loaded model's own sampling: temperature {}, top-k {}, top-p {}, guidance {}",
+                        m.temperature, m.top_k, m.top_p, m.guidance
+                    ));
+                }
+            });
+            if button.on_disabled_hover_text(disabled_hover).clicked()
                 && let Some(m) = &model_sampling
             {
                 s.reset_to_model_sampling(m);
