@@ -278,6 +278,11 @@ impl Dvae {
         }
     }
 
+    /// The shapes this dVAE was built with.
+    pub fn cfg(&self) -> &DvaeConfig {
+        &self.cfg
+    }
+
     /// With `true`, the straight-through losses (`hard`) give the decoder the one-hot of the
     /// encoder's own argmax code, exactly the code [`Dvae::encode`] gives at inference, with no
     /// Gumbel noise (gradients through the softmax of the logits at temperature τ); with

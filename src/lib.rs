@@ -19,6 +19,7 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod pipeline;
+pub mod remap;
 pub mod report;
 pub mod sample;
 pub mod shards;

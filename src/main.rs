@@ -354,6 +354,12 @@ enum TrainCommand {
         /// to retrain a model's transformer for a new dVAE. Ignored when --resume continues a run.
         #[arg(long)]
         init_from: Option<PathBuf>,
+        /// The model directory whose dVAE made the codes the --init-from transformer learnt:
+        /// its image tokens are carried over to this directory's codes (by encoding 2,048
+        /// pictures with both dVAEs) before training, so a new dVAE's transformer starts near
+        /// the old one. Needs --init-from, one codebook size and one grid.
+        #[arg(long)]
+        codes_from: Option<PathBuf>,
     },
     /// Encode a training set with the directory's dVAE once into token shards
     /// (DIR/shards/shard-NNNNN.tok), for `--shards` training of the transformer and reranker.
@@ -1045,8 +1051,8 @@ fn train(t: TrainCommand) -> Result<()> {
             let opts = timed_options(&common, |o| tr::train_dvae(o, &recipe(o.steps)))?;
             tr::train_dvae(&opts, &recipe(opts.steps))?
         }
-        TrainCommand::Transformer { common, lr, warmup, ema, clip, init_from } => {
-            let recipe = TransformerRecipe { lr, warmup, ema, clip, init_from, ..Default::default() };
+        TrainCommand::Transformer { common, lr, warmup, ema, clip, init_from, codes_from } => {
+            let recipe = TransformerRecipe { lr, warmup, ema, clip, init_from, codes_from, ..Default::default() };
             let opts = timed_options(&common, |o| tr::train_transformer(o, &recipe))?;
             tr::train_transformer(&opts, &recipe)?
         }

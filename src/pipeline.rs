@@ -493,6 +493,18 @@ fn init_weights(plan: &Plan, name: &str, cfg: &Config) -> Result<(Option<PathBuf
     })
 }
 
+/// Whether the dVAE of `dir` makes other codes than the one `from` has, where `from`'s can be
+/// carried over (a dVAE file of the same picture size): the transformer `from` trained learnt
+/// the codes of its own dVAE.
+fn codes_changed(from: &Path, dir: &Path, cfg: &Config) -> Result<bool> {
+    let (old, new) = (from.join(crate::model::DVAE_FILE), dir.join(crate::model::DVAE_FILE));
+    if !old.exists() || crate::model::Model::load_config(from)?.dvae.image_size != cfg.dvae.image_size {
+        return Ok(false);
+    }
+    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io(p, e));
+    Ok(read(&old)? != read(&new)?)
+}
+
 /// Decides a stage's amount once (saved in the plan before any work), so a resumed stage keeps
 /// the schedules it started with.
 fn decide(o: &AllOptions, plan: &mut Plan, i: usize, measure: impl FnOnce() -> Result<(usize, f64)>) -> Result<usize> {
@@ -575,13 +587,18 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             if let (None, Some(why), false) = (&init_from, &init, o.quiet) {
                 eprintln!("\rtrain all: {why}");
             }
+            // a transformer continued on a retrained dVAE starts from its old codes carried over
+            let codes_from = match (&plan.init_from, &init_from) {
+                (Some(dir), Some(_)) if transformer => codes_changed(dir, &o.dir, &cfg)?.then(|| dir.clone()),
+                _ => None,
+            };
             let run = |t: &TrainOptions| -> Result<train::TrainSummary> {
                 let warmup = (t.steps / 20).max(1);
-                let init_from = init_from.clone();
+                let (init_from, codes_from) = (init_from.clone(), codes_from.clone());
                 if transformer {
                     train::train_transformer(
                         t,
-                        &TransformerRecipe { lr: 1e-3, warmup, init_from, ..Default::default() },
+                        &TransformerRecipe { lr: 1e-3, warmup, init_from, codes_from, ..Default::default() },
                     )
                 } else {
                     train::train_reranker(t, &train::RerankerRecipe { warmup, init_from, ..Default::default() })

@@ -171,11 +171,23 @@ pub struct TransformerRecipe {
     /// initialisation, e.g. to retrain a model's transformer on a new dVAE: what it learnt of
     /// captions, layout and counting carries over, the image tokens' meanings are relearnt.
     pub init_from: Option<PathBuf>,
+    /// The model directory whose dVAE made the codes the `init_from` transformer was trained
+    /// on, when it is not this directory's: the image tokens' embedding and head are carried
+    /// over to this directory's codes ([`crate::remap`]) before training starts.
+    pub codes_from: Option<PathBuf>,
 }
 
 impl Default for TransformerRecipe {
     fn default() -> Self {
-        Self { lr: 4.5e-4, warmup: 5_000, ema: 0.99, clip: 4.0, weight_decay: 4.5e-2, init_from: None }
+        Self {
+            lr: 4.5e-4,
+            warmup: 5_000,
+            ema: 0.99,
+            clip: 4.0,
+            weight_decay: 4.5e-2,
+            init_from: None,
+            codes_from: None,
+        }
     }
 }
 
@@ -807,6 +819,11 @@ fn write_weights(opts: &TrainOptions, name: &str, ema: &Ema) -> Result<()> {
 
 /// Trains the transformer of a model directory that already has its tokenizer and dVAE.
 pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Result<TrainSummary> {
+    if recipe.codes_from.is_some() && recipe.init_from.is_none() {
+        return Err(Error::Invalid(
+            "--codes-from names the dVAE an --init-from transformer learnt; give --init-from too".into(),
+        ));
+    }
     let cfg = crate::model::Model::load_config(&opts.dir)?;
     let tok = TextTokenizer::load(&opts.dir.join(TOKENIZER_FILE))?.with_dropout(cfg.text.bpe_dropout)?;
     let mut dvae = DvaeModel::new(&cfg, opts.device);
@@ -820,6 +837,12 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
     if let (Some(from), false) = (&recipe.init_from, resuming) {
         // before the average is made, so that it starts from these weights too
         load_varstore(&mut model.vs, from)?;
+        if let Some(old_dir) = &recipe.codes_from {
+            let found = carry_codes_over(opts, &cfg, &source, &model, old_dir, &dvae)?;
+            if !opts.quiet {
+                eprintln!("carried the image codes of {} over to this dVAE's: {found}", old_dir.display());
+            }
+        }
     }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.96, 1e-8, recipe.weight_decay);
     let mut ema = Ema::new(&model.vs, recipe.ema);
@@ -871,6 +894,43 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
         }
     }
     Ok(run.finish(opts, skipped))
+}
+
+/// [`crate::remap::remap_image_codes`] of `model` from the dVAE of `old_dir` to `dvae`, on
+/// [`crate::remap::REMAP_PICTURES`] pictures of the training data (a fixed set, drawn from
+/// the run's seed, so a run started again starts the same).
+fn carry_codes_over(
+    opts: &TrainOptions,
+    cfg: &Config,
+    source: &Source,
+    model: &TransformerModel,
+    old_dir: &Path,
+    dvae: &DvaeModel,
+) -> Result<crate::remap::CodeRemap> {
+    let old_cfg = crate::model::Model::load_config(old_dir)?;
+    if old_cfg.dvae.image_size != cfg.dvae.image_size || old_cfg.grid_size() != cfg.grid_size() {
+        return Err(Error::Invalid(format!(
+            "the dVAE of {} reads {} px pictures into a {}×{} grid, this one {} px into {}×{}: --codes-from needs the same picture and grid sizes",
+            old_dir.display(),
+            old_cfg.dvae.image_size,
+            old_cfg.grid_size(),
+            old_cfg.grid_size(),
+            cfg.dvae.image_size,
+            cfg.grid_size(),
+            cfg.grid_size()
+        )));
+    }
+    let path = old_dir.join(DVAE_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let old = DvaeModel::from_bytes(&old_cfg, opts.device, &bytes, &path)?;
+    let size = cfg.dvae.image_size;
+    let mut rng = SeedRng::new(opts.seed ^ 0xC0DE_5EED);
+    let pictures: Vec<Vec<u8>> = (0..crate::remap::REMAP_PICTURES as u64 * 2)
+        .filter_map(|i| source.get(i, size, &mut rng).map(|e| e.rgb))
+        .take(crate::remap::REMAP_PICTURES)
+        .collect();
+    let images = from_rgb8(&pictures, size, opts.device)?;
+    crate::remap::remap_image_codes(model, &old, dvae, &images)
 }
 
 fn sample_grid(

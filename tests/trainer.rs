@@ -739,3 +739,117 @@ fn a_whole_dvae_can_start_from_another_models_weights() {
     let e = train::train_dvae(&options(b.path(), 1, None, false), &both).unwrap_err().to_string();
     assert!(e.contains("--init-from and --decoder-only"), "{e}");
 }
+
+/// The transformer tensors that carry the image codes: embedding rows, head rows, head biases.
+fn image_code_tensors(path: &Path) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
+    let t = sorted_state(path);
+    let get = |name: &str| t.iter().find(|(n, _)| n == name).map(|(_, x)| x.shallow_clone()).unwrap();
+    (get("image_emb.weight"), get("image_head.weight"), get("image_head.bias"))
+}
+
+#[test]
+fn a_transformer_carried_over_to_a_dvae_with_renamed_codes_predicts_what_it_did() {
+    let _cpu = crate::common::heavy_cpu();
+    let (a, b, c) = (tiny_dir(), tiny_dir(), tiny_dir());
+    train::train_dvae(&options(a.path(), 2, None, false), &DvaeRecipe::default()).unwrap();
+    let recipe = TransformerRecipe { lr: 3e-3, warmup: 1, ..Default::default() };
+    train::train_transformer(&options(a.path(), 4, None, false), &recipe).unwrap();
+    let cfg = tessera::Model::load_config(a.path()).unwrap();
+    let v = cfg.dvae.vocab_size as i64;
+    // b's and c's dVAE is a's with its codes renamed: new code k is a's code perm[k]
+    let perm = tch::Tensor::from_slice(&(0..v).map(|k| (k * 7 + 3) % v).collect::<Vec<i64>>());
+    let old_dvae = a.path().join("dvae.safetensors");
+    let mut renamed = tessera::model::DvaeModel::new(&cfg, Device::Cpu);
+    tessera::io::load_varstore(&mut renamed.vs, &old_dvae).unwrap();
+    let vars = renamed.vs.variables();
+    tch::no_grad(|| {
+        for (name, dim) in [("encoder.output.weight", 0), ("encoder.output.bias", 0), ("decoder.input.weight", 1)] {
+            let mut x = vars[name].shallow_clone();
+            let permuted = x.index_select(dim, &perm);
+            x.copy_(&permuted);
+        }
+    });
+    for d in [b.path(), c.path()] {
+        tessera::io::save_varstore(&renamed.vs, &d.join("dvae.safetensors")).unwrap();
+    }
+    // one step at a negligible rate from a's transformer, carried over (b) or not (c)
+    let source = a.path().join("transformer.safetensors");
+    let tiny = TransformerRecipe { lr: 1e-12, warmup: 1, init_from: Some(source.clone()), ..Default::default() };
+    let carried = TransformerRecipe { codes_from: Some(a.path().to_path_buf()), ..tiny.clone() };
+    train::train_transformer(&options(b.path(), 1, None, false), &carried).unwrap();
+    train::train_transformer(&options(c.path(), 1, None, false), &tiny).unwrap();
+
+    let images = world_pictures(cfg.dvae.image_size);
+    let (old_codes, _, _) = hard_reconstruction(a.path(), &images);
+    let (new_codes, _, _) = hard_reconstruction(b.path(), &images);
+    assert!(perm.index_select(0, &new_codes.flatten(0, -1)).equal(&old_codes.flatten(0, -1)), "the codes are renamed");
+    let load = |d: &Path| {
+        let mut t = tessera::model::TransformerModel::new(&cfg, Device::Cpu);
+        tessera::io::load_varstore(&mut t.vs, &d.join("transformer.safetensors")).unwrap();
+        t
+    };
+    let (ta, tb, tc) = (load(a.path()), load(b.path()), load(c.path()));
+    let tok = tessera::text::TextTokenizer::load(&a.path().join("tokenizer.json")).unwrap();
+    let caps: Vec<Vec<i64>> =
+        (0..16).map(|i| tok.encode(&format!("a red circle {i}"), cfg.text.text_len).unwrap().ids).collect();
+    let logits = |t: &tessera::model::TransformerModel, codes: &tch::Tensor| {
+        tch::no_grad(|| t.net.forward(&t.net.pad_text(&caps), &codes.flatten(1, -1), false).1)
+    };
+    let (la, lb, lc) = (logits(&ta, &old_codes), logits(&tb, &new_codes), logits(&tc, &new_codes));
+    // the codes the carry-over met keep a's bias (their split is whole); the others fall below
+    let (_, _, bias_a) = image_code_tensors(&source);
+    let (_, _, bias_b) = image_code_tensors(&b.path().join("transformer.safetensors"));
+    let kept = (bias_a.index_select(0, &perm) - &bias_b).abs().lt(1e-5);
+    let met: Vec<i64> = (0..v).filter(|&k| kept.int64_value(&[k]) == 1).collect();
+    let unmet_max = (0..v).filter(|k| !met.contains(k)).map(|k| bias_b.double_value(&[k])).fold(f64::MIN, f64::max);
+    let met_min = met.iter().map(|&k| bias_b.double_value(&[k])).fold(f64::MAX, f64::min);
+    assert!(unmet_max < met_min, "codes never met ({unmet_max}) fall below every code met ({met_min})");
+    let in_pictures: Vec<i64> =
+        Vec::<i64>::try_from(new_codes.flatten(0, -1).unique_dim(0, true, false, false).0).unwrap();
+    assert!(
+        in_pictures.iter().all(|k| met.contains(k)),
+        "every code of these pictures was met: {in_pictures:?} / {met:?}"
+    );
+    // at those codes, b on the renamed codes gives a's logits on a's codes; c does not
+    let cols = tch::Tensor::from_slice(&in_pictures);
+    let want = la.index_select(2, &perm.index_select(0, &cols));
+    let d_b = (lb.index_select(2, &cols) - &want).abs().max().double_value(&[]);
+    let d_c = (lc.index_select(2, &cols) - &want).abs().max().double_value(&[]);
+    assert!(d_b < 1e-4, "carried over: the logits move by {d_b}");
+    assert!(d_c > 1e-2, "not carried over, the logits should differ (by {d_c})");
+    // --codes-from alone is refused before any work
+    let lone = TransformerRecipe { init_from: None, ..carried };
+    let e = train::train_transformer(&options(c.path(), 1, None, false), &lone).unwrap_err().to_string();
+    assert!(e.contains("--init-from"), "{e}");
+}
+
+#[test]
+fn a_split_code_shares_its_old_logit_and_merged_codes_average_theirs() {
+    use tch::{Kind, Tensor};
+    // old code 0 became new codes 0 and 1 (1 : 3), old 1 is new 2, old 2 and 3 merged into
+    // new 3 (evenly), and new 4 was never met
+    let counts = Tensor::from_slice(&[1., 0., 0., 0., 3., 0., 0., 0., 0., 5., 0., 0., 0., 0., 2., 2., 0., 0., 0., 0.])
+        .view([5, 4]);
+    tch::manual_seed(3);
+    let f = (Kind::Double, Device::Cpu);
+    let (emb, w, b) = (Tensor::randn([4, 6], f), Tensor::randn([4, 6], f), Tensor::randn([4], f));
+    let (e2, w2, b2) = tessera::remap::carried_rows(&counts, &emb, &w, &b);
+    let h = Tensor::randn([6, 8], f); // eight hidden states
+    let (old, new) = (w.matmul(&h) + b.unsqueeze(1), w2.matmul(&h) + b2.unsqueeze(1));
+    let row = |t: &Tensor, i: i64| t.get(i);
+    let close = |x: Tensor, y: Tensor, what: &str| {
+        let d = (x - y).abs().max().double_value(&[]);
+        assert!(d < 1e-9, "{what}: off by {d}");
+    };
+    close(row(&new, 0), row(&old, 0) + 0.25f64.ln(), "split, a quarter");
+    close(row(&new, 1), row(&old, 0) + 0.75f64.ln(), "split, three quarters");
+    close(row(&new, 2), row(&old, 1), "renamed");
+    close(row(&new, 3), (row(&old, 2) + row(&old, 3)) / 2.0, "merged");
+    close(row(&e2, 0), row(&emb, 0), "a split code's embedding");
+    close(row(&e2, 1), row(&emb, 0), "a split code's embedding");
+    close(row(&e2, 2), row(&emb, 1), "a renamed code's embedding");
+    close(row(&e2, 3), (row(&emb, 2) + row(&emb, 3)) / 2.0, "a merged code's embedding");
+    close(row(&e2, 4), e2.narrow(0, 0, 4).mean_dim(0, false, Kind::Double), "a code never met: the mean");
+    let met_min = b2.narrow(0, 0, 4).min().double_value(&[]);
+    assert!(b2.double_value(&[4]) <= met_min - 10.0, "a code never met falls below the others");
+}
