@@ -338,6 +338,8 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let carry_message = "carried the image codes of";
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(carry_message), "the same dVAE: nothing to carry over");
     for f in ["tokenizer.json", "dvae.safetensors"] {
         assert_eq!(std::fs::read(next.join(f)).unwrap(), std::fs::read(dir.join(f)).unwrap(), "{f}");
     }
@@ -361,6 +363,25 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
     assert!(carried <= earlier && (carried - (earlier - took).max(0.0)).abs() < 1.0, "{plan:?}");
     let (fresh, continued) = (first_loss(&dir), first_loss(&next));
     assert!(continued < 0.8 * fresh, "the continued transformer starts at {continued}, a fresh one at {fresh}");
+
+    // continued with its dVAE trained again (no --dvae-from): other codes, so the transformer
+    // is carried over to them before it trains
+    let third = tmp.path().join("third");
+    let o = tessera()
+        .args(["train", "all", "--data", "world:4", "--budget", "20s", "--device", "cpu", "--threads", "1"])
+        .args(["--workers", "1", "--eval-captions", "0", "--init-from"])
+        .arg(&dir)
+        .arg("--dir")
+        .arg(&third)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_ne!(
+        std::fs::read(third.join("dvae.safetensors")).unwrap(),
+        std::fs::read(dir.join("dvae.safetensors")).unwrap()
+    );
+    assert!(err.contains(carry_message), "a new dVAE's codes were not carried over: {err}");
 }
 
 /// `--init-from` a model of other shapes (another preset): the components whose shapes match
