@@ -20,8 +20,8 @@ use tch::{Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::model::{DvaeModel, TransformerModel};
 
-/// Pictures encoded by both dVAEs when training does not say otherwise: 2,048 pictures of a
-/// 16×16 grid are half a million cells, a thousand for each of 512 codes.
+/// Pictures encoded by both dVAEs: 2,048 pictures of a 16×16 grid are half a million cells, a
+/// thousand for each of 512 codes.
 pub const REMAP_PICTURES: usize = 2048;
 
 /// What a remapping found.
@@ -90,28 +90,27 @@ pub fn carried_rows(counts: &Tensor, emb: &Tensor, head_w: &Tensor, head_b: &Ten
     (new_emb, new_w, new_b)
 }
 
-/// Rewrites `transformer`'s image embedding and image head, trained on `old`'s codes, for
-/// `new`'s codes, from `images` ([B, 3, H, W] in [0, 1]) encoded by both.
-pub fn remap_image_codes(
-    transformer: &TransformerModel,
-    old: &DvaeModel,
-    new: &DvaeModel,
-    images: &Tensor,
-) -> Result<CodeRemap> {
+/// The co-occurrence counts of `new`'s codes against `old`'s on `images` ([B, 3, H, W] in
+/// [0, 1]); counts of several batches add up.
+pub fn count_codes(old: &DvaeModel, new: &DvaeModel, images: &Tensor) -> Result<Tensor> {
+    let (old_codes, new_codes) = tch::no_grad(|| (old.net.encode(images), new.net.encode(images)));
+    cooccurrence(&new_codes, &old_codes, new.net.cfg().vocab_size as i64, old.net.cfg().vocab_size as i64)
+}
+
+/// Rewrites `transformer`'s image embedding and image head, trained on the old dVAE's codes,
+/// for the new one's, from their co-occurrence `counts` [V_new, V_old] ([`count_codes`]).
+pub fn remap_image_codes(transformer: &TransformerModel, counts: &Tensor) -> Result<CodeRemap> {
     let vars = transformer.vs.variables();
     let var =
         |name: &str| vars.get(name).ok_or_else(|| Error::Invalid(format!("the transformer has no tensor {name}")));
     let (emb, head_w, head_b) = (var("image_emb.weight")?, var("image_head.weight")?, var("image_head.bias")?);
     let vocab = emb.size()[0];
-    let (old_codes, new_codes) = tch::no_grad(|| (old.net.encode(images), new.net.encode(images)));
-    let old_vocab = old.net.cfg().vocab_size as i64;
-    let new_vocab = new.net.cfg().vocab_size as i64;
+    let (new_vocab, old_vocab) = (counts.size()[0], counts.size()[1]);
     if old_vocab != vocab || new_vocab != vocab {
         return Err(Error::Invalid(format!(
             "the transformer has {vocab} image tokens, the old dVAE {old_vocab} codes and the new one {new_vocab}: carrying codes over needs one codebook size"
         )));
     }
-    let counts = cooccurrence(&new_codes, &old_codes, new_vocab, old_vocab)?;
     let cells = counts.sum(Kind::Double).double_value(&[]);
     let seen = counts.sum_dim_intlist(1, false, Kind::Double).gt(0.0).sum(Kind::Int64).int64_value(&[]);
     if seen == 0 {

@@ -929,8 +929,17 @@ fn carry_codes_over(
         .filter_map(|i| source.get(i, size, &mut rng).map(|e| e.rgb))
         .take(crate::remap::REMAP_PICTURES)
         .collect();
-    let images = from_rgb8(&pictures, size, opts.device)?;
-    crate::remap::remap_image_codes(model, &old, dvae, &images)
+    // a few pictures at a time, so that large pictures never sit in memory all at once
+    let mut counts: Option<Tensor> = None;
+    for chunk in pictures.chunks(64) {
+        let c = crate::remap::count_codes(&old, dvae, &from_rgb8(chunk, size, opts.device)?)?;
+        counts = Some(match counts {
+            Some(sum) => sum + c,
+            None => c,
+        });
+    }
+    let counts = counts.ok_or_else(|| Error::Invalid("no pictures to carry the codes over with".into()))?;
+    crate::remap::remap_image_codes(model, &counts)
 }
 
 fn sample_grid(

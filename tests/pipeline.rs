@@ -296,6 +296,21 @@ fn mutated_truncated_or_lying_shards_are_errors_never_panics() {
     }
 }
 
+/// `train all` for 20 s into `dir`, continuing `from` (`--init-from`), with its dVAE as it is
+/// (`--dvae-from`) or trained again.
+fn continue_all(from: &Path, dir: &Path, same_dvae: bool) -> std::process::Output {
+    let mut c = tessera();
+    c.args(["train", "all", "--data", "world:4", "--budget", "20s", "--device", "cpu", "--threads", "1"])
+        .args(["--workers", "1", "--eval-captions", "0", "--init-from"])
+        .arg(from)
+        .arg("--dir")
+        .arg(dir);
+    if same_dvae {
+        c.arg("--dvae-from").arg(from);
+    }
+    c.output().unwrap()
+}
+
 #[test]
 fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_transformer() {
     let _cpu = crate::common::heavy_cpu();
@@ -327,16 +342,7 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
     // that model continued (`--init-from` and `--dvae-from` it, no preset): its tokenizer and
     // configuration are taken as they are, and the transformer starts where it stopped
     let next = tmp.path().join("next");
-    let o = tessera()
-        .args(["train", "all", "--data", "world:4", "--budget", "20s", "--device", "cpu", "--threads", "1"])
-        .args(["--workers", "1", "--eval-captions", "0", "--dvae-from"])
-        .arg(&dir)
-        .arg("--init-from")
-        .arg(&dir)
-        .arg("--dir")
-        .arg(&next)
-        .output()
-        .unwrap();
+    let o = continue_all(&dir, &next, true);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let carry_message = "carried the image codes of";
     assert!(!String::from_utf8_lossy(&o.stderr).contains(carry_message), "the same dVAE: nothing to carry over");
@@ -367,14 +373,7 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
     // continued with its dVAE trained again (no --dvae-from): other codes, so the transformer
     // is carried over to them before it trains
     let third = tmp.path().join("third");
-    let o = tessera()
-        .args(["train", "all", "--data", "world:4", "--budget", "20s", "--device", "cpu", "--threads", "1"])
-        .args(["--workers", "1", "--eval-captions", "0", "--init-from"])
-        .arg(&dir)
-        .arg("--dir")
-        .arg(&third)
-        .output()
-        .unwrap();
+    let o = continue_all(&dir, &third, false);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert_ne!(
