@@ -397,6 +397,17 @@ impl Dvae {
         }
     }
 
+    /// Stops gradients to the encoder's convolutions before its codebook logits: only the
+    /// logit layer (which code each cell's features choose) and the decoder train, the
+    /// features stay as loaded (for training a split codebook, [`split_codebook`]).
+    pub fn freeze_encoder_trunk(vs: &nn::VarStore) {
+        for (name, t) in vs.variables() {
+            if name.starts_with("encoder.") && !name.starts_with("encoder.output.") {
+                let _ = t.set_requires_grad(false);
+            }
+        }
+    }
+
     /// One training step's losses with Gumbel-softmax temperature `tau` and KL weight `beta`
     /// (the paper's objective).
     pub fn loss(&self, images: &Tensor, tau: f64, beta: f64) -> DvaeLoss {
@@ -553,6 +564,90 @@ pub fn grow_decoder(
         }
         Ok(())
     })
+}
+
+/// The codebook size of a dVAE weight file (the rows of `encoder.output.bias`), or `None` when
+/// the file holds no encoder.
+pub fn codebook_size(st: &safetensors::SafeTensors) -> Option<usize> {
+    st.tensor("encoder.output.bias").ok()?.shape().first().copied()
+}
+
+/// Relative size of the perturbation that tells a split code's copies apart
+/// ([`split_codebook`]): small beside the logits' gaps between different old codes, so that
+/// the old code chosen almost never changes.
+pub const SPLIT_NOISE: f64 = 1e-2;
+
+/// Splits each code of the trained dVAE `from` (codebook `from_cfg.vocab_size` = V) into
+/// K = `to_cfg.vocab_size` / V codes of `to` (everything else of the same shapes), as the
+/// splitting step of vector quantisers' codebook growth does: new code `c + V·k` (k < K) is
+/// old code `c`. Every tensor is copied; the encoder's logit row and bias of old code `c` go
+/// to all its copies, each copy after the first perturbed by Gaussian noise of
+/// [`SPLIT_NOISE`] × the rows' RMS (drawn from `seed`), so that the features choosing `c` are
+/// cut among its copies by random hyperplanes; the decoder's input column of `c` goes to all
+/// its copies. So the grown dVAE draws the old images from the old pictures (whichever copy is
+/// chosen, the decoder sees the old code), and training teaches the copies to keep what one
+/// code could not: which copy, a detail of the cell. A transformer trained on the old codes
+/// carries over exactly to the new ones at the start ([`crate::remap`]: each new code meets
+/// one old code).
+pub fn split_codebook(
+    from: &nn::VarStore,
+    from_cfg: &DvaeConfig,
+    to: &nn::VarStore,
+    to_cfg: &DvaeConfig,
+    seed: u64,
+) -> Result<(), String> {
+    let (v0, v1) = (from_cfg.vocab_size, to_cfg.vocab_size);
+    if (DvaeConfig { vocab_size: v1, ..from_cfg.clone() }) != *to_cfg {
+        return Err("splitting the codebook keeps every other shape of the dVAE as it is".into());
+    }
+    if v0 == 0 || v1 <= v0 || v1 % v0 != 0 {
+        return Err(format!("a codebook of {v0} codes splits into a whole multiple of it, not {v1}"));
+    }
+    let k = (v1 / v0) as i64;
+    let (old, new) = (from.variables(), to.variables());
+    if let Some(name) = old.keys().find(|n| !new.contains_key(*n)) {
+        return Err(format!("{name} has no place in the split dVAE"));
+    }
+    tch::no_grad(|| {
+        for (name, var) in &new {
+            let t = old.get(name).ok_or_else(|| format!("{name} is missing from the trained dVAE"))?;
+            let value = match name.as_str() {
+                "encoder.output.weight" | "encoder.output.bias" => {
+                    let times: Vec<i64> = std::iter::once(k).chain(std::iter::repeat_n(1, t.dim() - 1)).collect();
+                    let copies = t.repeat(times);
+                    if name.ends_with("weight") {
+                        let rms = t.to_kind(Kind::Double).square().mean(Kind::Double).sqrt().double_value(&[]);
+                        // the first copy is the old code exactly; the noise comes from the
+                        // seed's own stream (torch's global generator is left as it was)
+                        let first = t.numel();
+                        let mut rng = crate::sample::SeedRng::new(seed);
+                        let noise: Vec<f32> = (0..copies.numel())
+                            .map(|i| if i < first { 0.0 } else { (SPLIT_NOISE * rms * gaussian(&mut rng)) as f32 })
+                            .collect();
+                        let noise = Tensor::from_slice(&noise).view(copies.size().as_slice()).to_device(t.device());
+                        copies + noise.to_kind(t.kind())
+                    } else {
+                        copies
+                    }
+                }
+                "decoder.input.weight" => t.repeat([1, k, 1, 1]),
+                _ => t.shallow_clone(),
+            };
+            if value.size() != var.size() {
+                return Err(format!("{name}: shape {:?} does not fit into {:?}", value.size(), var.size()));
+            }
+            let mut var = var.shallow_clone();
+            var.copy_(&value);
+        }
+        Ok(())
+    })
+}
+
+/// A standard normal draw from `rng` (Box–Muller).
+fn gaussian(rng: &mut crate::sample::SeedRng) -> f64 {
+    let u = 1.0 - rng.next_f64(); // in (0, 1]
+    let v = rng.next_f64();
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
 }
 
 /// Cosine interpolation from `start` (step 0) to `end` (step ≥ `total`).

@@ -337,6 +337,17 @@ enum TrainCommand {
         /// whose decoder was fine-tuned on its argmax codes).
         #[arg(long, requires = "hard_from")]
         argmax_codes: bool,
+        /// With --init-from: first split each of its codes into several (N / its codebook size
+        /// copies, told apart by a small perturbation of their logits), so that the dVAE draws
+        /// what it drew and training can use the new codes for what one code lost; a
+        /// transformer of the old codes carries over (`train transformer --codes-from`).
+        /// config.json records N.
+        #[arg(long, value_name = "N", requires = "init_from")]
+        codebook: Option<usize>,
+        /// With --init-from: train only the encoder's codebook logits and the decoder; the
+        /// encoder's convolutions keep the --init-from weights.
+        #[arg(long, requires = "init_from")]
+        freeze_trunk: bool,
     },
     /// Train the transformer (paper recipe: AdamW(0.9, 0.96), warm-up, clipping 4, EMA).
     Transformer {
@@ -357,7 +368,8 @@ enum TrainCommand {
         /// The model directory whose dVAE made the codes the --init-from transformer learnt:
         /// its image tokens are carried over to this directory's codes (by encoding 2,048
         /// pictures with both dVAEs) before training, so a new dVAE's transformer starts near
-        /// the old one. Needs --init-from, one codebook size and one grid.
+        /// the old one; the codebooks may differ in size (a split one: `train dvae --codebook`).
+        /// Needs --init-from and the same picture and grid sizes.
         #[arg(long)]
         codes_from: Option<PathBuf>,
     },
@@ -429,6 +441,11 @@ enum TrainCommand {
         /// estimator (0 = the paper's relaxation throughout; see `train dvae --hard-from`).
         #[arg(long, default_value_t = 0.0)]
         hard_tail: f64,
+        /// With --hard-tail: the straight-through steps give the decoder the encoder's argmax
+        /// codes, as sampling does (see `train dvae --argmax-codes`); `--hard-tail 1
+        /// --argmax-codes` trains on them from the first step.
+        #[arg(long)]
+        argmax_codes: bool,
         /// The dVAE's reconstruction term: `laplace` (the paper's) or `mse` (see `train dvae`).
         #[arg(long, default_value = "laplace")]
         recon: tessera::dvae::Recon,
@@ -1022,6 +1039,8 @@ fn train(t: TrainCommand) -> Result<()> {
             decoder_blocks,
             init_from,
             argmax_codes,
+            codebook,
+            freeze_trunk,
         } => {
             let recipe = |steps: usize| {
                 let schedule = tessera::dvae::DvaeSchedule {
@@ -1045,6 +1064,8 @@ fn train(t: TrainCommand) -> Result<()> {
                     decoder_blocks,
                     init_from: init_from.clone(),
                     argmax_codes,
+                    codebook,
+                    freeze_trunk,
                     ..Default::default()
                 }
             };
@@ -1112,6 +1133,7 @@ fn train(t: TrainCommand) -> Result<()> {
             usage_weight,
             beta,
             hard_tail,
+            argmax_codes,
             recon,
             dtype,
             dvae_from,
@@ -1136,7 +1158,10 @@ fn train(t: TrainCommand) -> Result<()> {
             if !(0.0..=1.0).contains(&hard_tail) || beta < 0.0 || usage_weight < 0.0 {
                 bail!("--hard-tail must lie in [0, 1], --beta and --usage-weight must be ≥ 0");
             }
-            o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail, recon };
+            if argmax_codes && hard_tail == 0.0 {
+                bail!("--argmax-codes changes the straight-through steps: give --hard-tail too (1 = every step)");
+            }
+            o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail, recon, argmax_codes };
             o.compute = train_compute(&dtype, device)?;
             o.dvae_from = dvae_from;
             o.init_from = init_from;

@@ -90,6 +90,12 @@ pub struct DvaeVariant {
     /// The reconstruction term (the paper's logit-Laplace unless told).
     #[serde(default)]
     pub recon: crate::dvae::Recon,
+    /// With `hard_tail`: the straight-through steps give the decoder the encoder's argmax
+    /// codes, as sampling does ([`crate::dvae::Dvae::set_argmax_codes`]). With `hard_tail` 1
+    /// this is the fourteenth session's recipe (`TRAINING.md`): argmax codes from the first
+    /// step, the softmax the gradient flows through at τ 1.
+    #[serde(default)]
+    pub argmax_codes: bool,
 }
 
 fn paper_beta() -> f64 {
@@ -98,7 +104,13 @@ fn paper_beta() -> f64 {
 
 impl Default for DvaeVariant {
     fn default() -> Self {
-        Self { beta: paper_beta(), usage_weight: 0.0, hard_tail: 0.0, recon: crate::dvae::Recon::default() }
+        Self {
+            beta: paper_beta(),
+            usage_weight: 0.0,
+            hard_tail: 0.0,
+            recon: crate::dvae::Recon::default(),
+            argmax_codes: false,
+        }
     }
 }
 
@@ -343,12 +355,13 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
         if p.dvae != o.dvae {
             let d = p.dvae;
             return Err(Error::Invalid(format!(
-                "the run in {} was planned with --beta {} --usage-weight {} --hard-tail {} --recon {}: resume it with the same recipe",
+                "the run in {} was planned with --beta {} --usage-weight {} --hard-tail {} --recon {}{}: resume it with the same recipe",
                 o.dir.display(),
                 d.beta,
                 d.usage_weight,
                 d.hard_tail,
-                d.recon
+                d.recon,
+                if d.argmax_codes { " --argmax-codes" } else { "" }
             )));
         }
         if let Some(d) = p.dtype.as_deref().filter(|&d| d != crate::compute_name(o.compute)) {
@@ -480,8 +493,11 @@ fn init_weights(plan: &Plan, name: &str, cfg: &Config) -> Result<(Option<PathBuf
     let from = crate::model::Model::load_config(dir)?;
     let text = (from.text.vocab_size, from.text.text_len) == (cfg.text.vocab_size, cfg.text.text_len);
     let fits = if name == crate::model::TRANSFORMER_FILE {
-        text && from.transformer == cfg.transformer
-            && (from.dvae.vocab_size, from.grid_size()) == (cfg.dvae.vocab_size, cfg.grid_size())
+        // a transformer of another codebook size is carried over to this dVAE's codes
+        // (`train transformer --codes-from`), which needs the dVAE it learnt them from
+        let codes = from.dvae.vocab_size == cfg.dvae.vocab_size
+            || (from.dvae.image_size == cfg.dvae.image_size && dir.join(crate::model::DVAE_FILE).exists());
+        text && from.transformer == cfg.transformer && from.grid_size() == cfg.grid_size() && codes
     } else {
         text && from.reranker == cfg.reranker && from.dvae.image_size == cfg.dvae.image_size
     };
@@ -685,7 +701,7 @@ fn stage_deadline(plan: &Plan, i: usize, t0: Instant, p: &StageProgress) -> Inst
 /// encoders trained at very different temperatures), and the variant's options: β, the
 /// codebook-usage term and a straight-through tail.
 pub fn dvae_recipe(steps: usize, v: DvaeVariant) -> DvaeRecipe {
-    let schedule = crate::dvae::DvaeSchedule {
+    let mut schedule = crate::dvae::DvaeSchedule {
         beta_max: v.beta,
         beta_steps: (steps / 10).max(1),
         tau_start: 1.0,
@@ -697,7 +713,20 @@ pub fn dvae_recipe(steps: usize, v: DvaeVariant) -> DvaeRecipe {
     };
     let ema = (1.0 - 20.0 / steps.max(1) as f64).clamp(0.9, 0.999);
     let hard_from = (v.hard_tail > 0.0).then(|| ((1.0 - v.hard_tail.min(1.0)) * steps as f64).round() as usize);
-    DvaeRecipe { schedule, ema, usage_weight: v.usage_weight, hard_from, recon: v.recon, ..Default::default() }
+    let argmax_codes = v.argmax_codes && hard_from.is_some();
+    if argmax_codes && hard_from == Some(0) {
+        // no step samples Gumbel codes: τ only sharpens the softmax the gradient flows through
+        schedule.tau_end = 1.0;
+    }
+    DvaeRecipe {
+        schedule,
+        ema,
+        usage_weight: v.usage_weight,
+        hard_from,
+        recon: v.recon,
+        argmax_codes,
+        ..Default::default()
+    }
 }
 
 /// The last hard-code check the dVAE trainer logged.

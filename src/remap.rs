@@ -11,7 +11,9 @@
 //!   stands for, split among the new codes that share that old code.
 //!
 //! A new code that never appears in the pictures keeps the mean embedding and a bias below
-//! every other code's. When the two dVAEs agree up to a renaming of their codes, the
+//! every other code's. The two codebooks may differ in size (a split codebook,
+//! [`crate::dvae::split_codebook`]: each new code meets one old code, and the transformer's
+//! predictions of the old codes carry over exactly). When the two dVAEs agree up to a renaming of their codes, the
 //! transformer's predictions are carried over exactly (tested); when they differ, training
 //! starts from far nearer than a transformer that sees every code as new.
 
@@ -97,18 +99,25 @@ pub fn count_codes(old: &DvaeModel, new: &DvaeModel, images: &Tensor) -> Result<
     cooccurrence(&new_codes, &old_codes, new.net.cfg().vocab_size as i64, old.net.cfg().vocab_size as i64)
 }
 
-/// Rewrites `transformer`'s image embedding and image head, trained on the old dVAE's codes,
-/// for the new one's, from their co-occurrence `counts` [V_new, V_old] ([`count_codes`]).
-pub fn remap_image_codes(transformer: &TransformerModel, counts: &Tensor) -> Result<CodeRemap> {
-    let vars = transformer.vs.variables();
-    let var =
-        |name: &str| vars.get(name).ok_or_else(|| Error::Invalid(format!("the transformer has no tensor {name}")));
-    let (emb, head_w, head_b) = (var("image_emb.weight")?, var("image_head.weight")?, var("image_head.bias")?);
-    let vocab = emb.size()[0];
+/// Gives `to` the weights of `from`, a transformer trained on the old dVAE's codes, with its
+/// image embedding and image head rewritten for the new dVAE's codes from their co-occurrence
+/// `counts` [V_new, V_old] ([`count_codes`]). `to` has `from`'s shapes except for its image
+/// vocabulary, V_new; the two may be one model (the same codebook size).
+pub fn remap_image_codes(from: &TransformerModel, to: &TransformerModel, counts: &Tensor) -> Result<CodeRemap> {
+    const IMAGE_ROWS: [&str; 3] = ["image_emb.weight", "image_head.weight", "image_head.bias"];
+    let (old_vars, new_vars) = (from.vs.variables(), to.vs.variables());
+    let get = |vars: &std::collections::HashMap<String, Tensor>, name: &str| {
+        vars.get(name)
+            .map(Tensor::shallow_clone)
+            .ok_or_else(|| Error::Invalid(format!("the transformer has no tensor {name}")))
+    };
+    let (emb, head_w, head_b) =
+        (get(&old_vars, IMAGE_ROWS[0])?, get(&old_vars, IMAGE_ROWS[1])?, get(&old_vars, IMAGE_ROWS[2])?);
+    let (vocab, to_vocab) = (emb.size()[0], get(&new_vars, IMAGE_ROWS[0])?.size()[0]);
     let (new_vocab, old_vocab) = (counts.size()[0], counts.size()[1]);
-    if old_vocab != vocab || new_vocab != vocab {
+    if old_vocab != vocab || new_vocab != to_vocab {
         return Err(Error::Invalid(format!(
-            "the transformer has {vocab} image tokens, the old dVAE {old_vocab} codes and the new one {new_vocab}: carrying codes over needs one codebook size"
+            "the transformer has {vocab} image tokens and is carried over to {to_vocab}, but the old dVAE has {old_vocab} codes and the new one {new_vocab}"
         )));
     }
     let cells = counts.sum(Kind::Double).double_value(&[]);
@@ -118,11 +127,25 @@ pub fn remap_image_codes(transformer: &TransformerModel, counts: &Tensor) -> Res
     }
     let agreement = counts.amax([1].as_slice(), false).sum(Kind::Double).double_value(&[]) / cells;
     tch::no_grad(|| {
-        let (new_emb, new_w, new_b) = carried_rows(&counts.to_device(emb.device()), emb, head_w, head_b);
-        for (var, value) in [(emb, new_emb), (head_w, new_w), (head_b, new_b)] {
+        let (new_emb, new_w, new_b) = carried_rows(&counts.to_device(emb.device()), &emb, &head_w, &head_b);
+        let carried: std::collections::HashMap<&str, Tensor> =
+            IMAGE_ROWS.into_iter().zip([new_emb, new_w, new_b]).collect();
+        for (name, var) in &new_vars {
+            let value = match carried.get(name.as_str()) {
+                Some(v) => v.shallow_clone(),
+                None => get(&old_vars, name)?,
+            };
+            if value.size() != var.size() {
+                return Err(Error::Invalid(format!(
+                    "{name}: the carried transformer's {:?} does not fit into {:?}",
+                    value.size(),
+                    var.size()
+                )));
+            }
             let mut v = var.shallow_clone();
             v.copy_(&value.to_kind(var.kind()));
         }
-    });
-    Ok(CodeRemap { cells: cells as usize, seen: seen as usize, vocab: vocab as usize, agreement })
+        Ok(())
+    })?;
+    Ok(CodeRemap { cells: cells as usize, seen: seen as usize, vocab: to_vocab as usize, agreement })
 }

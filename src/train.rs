@@ -139,6 +139,12 @@ pub struct DvaeRecipe {
     /// With `hard_from`: straight-through from the encoder's argmax codes, as at inference,
     /// instead of Gumbel samples ([`crate::dvae::Dvae::set_argmax_codes`]).
     pub argmax_codes: bool,
+    /// With `init_from`: split each of its codes into this many / its codebook size codes
+    /// before training ([`crate::dvae::split_codebook`]; `config.json` records the new size).
+    pub codebook: Option<usize>,
+    /// Train only the encoder's codebook logits and the decoder; the encoder's convolutions
+    /// before them keep the `init_from` weights ([`crate::dvae::Dvae::freeze_encoder_trunk`]).
+    pub freeze_trunk: bool,
 }
 
 impl Default for DvaeRecipe {
@@ -155,6 +161,8 @@ impl Default for DvaeRecipe {
             decoder_blocks: None,
             init_from: None,
             argmax_codes: false,
+            codebook: None,
+            freeze_trunk: false,
         }
     }
 }
@@ -629,12 +637,20 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
             "--init-from and --decoder-only: the decoder fine-tune starts from the directory's dVAE".into(),
         ));
     }
+    if (recipe.codebook.is_some() || recipe.freeze_trunk) && recipe.init_from.is_none() {
+        return Err(Error::Invalid(
+            "--codebook and --freeze-trunk start from a trained dVAE's codes and features: give --init-from".into(),
+        ));
+    }
     let mut cfg = crate::model::Model::load_config(&opts.dir)?;
     let source = Source::open(&opts.data)?;
     let component = if recipe.decoder_only { "dvae-decoder" } else { "dvae" };
     let grow = recipe.decoder_hidden.is_some() || recipe.decoder_blocks.is_some();
     if grow {
         cfg = grown_config(opts, recipe, &cfg, component)?;
+    }
+    if let Some(n) = recipe.codebook {
+        cfg = split_config(opts, &cfg, n)?;
     }
     tch::manual_seed(opts.seed as i64); // the initial weights depend on the seed alone
     let mut model = DvaeModel::new(&cfg, opts.device);
@@ -649,13 +665,17 @@ pub fn train_dvae(opts: &TrainOptions, recipe: &DvaeRecipe) -> Result<TrainSumma
                 trained.display()
             )));
         }
-        load_or_grow_dvae(&mut model, &cfg, &trained, opts.device)?;
+        load_or_grow_dvae(&mut model, &cfg, &trained, opts)?;
         crate::dvae::Dvae::freeze_encoder(&model.vs);
     }
     let resuming = opts.resume && state_path(&opts.dir, component).exists();
     if let (Some(from), false) = (&recipe.init_from, resuming) {
         // before the average is made, so that it starts from these weights too
-        load_or_grow_dvae(&mut model, &cfg, from, opts.device)?;
+        load_or_grow_dvae(&mut model, &cfg, from, opts)?;
+    }
+    if recipe.freeze_trunk {
+        // before the optimizer is made, as in a resumed run
+        crate::dvae::Dvae::freeze_encoder_trunk(&model.vs);
     }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.999, 1e-8, recipe.weight_decay);
     let mut ema = Ema::new(&model.vs, recipe.ema);
@@ -760,13 +780,55 @@ fn grown_config(opts: &TrainOptions, recipe: &DvaeRecipe, cfg: &Config, componen
     Ok(grown)
 }
 
+/// The configuration a run that splits the codebook trains (`--codebook n`): the directory's
+/// with `n` codes, written to `config.json` (atomically) before any weights change. Refused when
+/// resuming a run of another codebook size.
+fn split_config(opts: &TrainOptions, cfg: &Config, n: usize) -> Result<Config> {
+    let mut split = cfg.clone();
+    split.dvae.vocab_size = n;
+    split.validate()?;
+    if split == *cfg {
+        return Ok(split);
+    }
+    if opts.resume && state_path(&opts.dir, "dvae").exists() {
+        return Err(Error::Invalid(format!(
+            "the run being resumed trains a codebook of {} codes: drop --codebook, or start afresh",
+            cfg.dvae.vocab_size
+        )));
+    }
+    crate::model::Model::save_config(&opts.dir, &split)?;
+    Ok(split)
+}
+
 /// Loads a trained dVAE into `model`; when the file's decoder is smaller than `cfg`'s (a run that
-/// grows it, or one killed before its first checkpoint), grows it ([`crate::dvae::grow_decoder`]).
-fn load_or_grow_dvae(model: &mut DvaeModel, cfg: &Config, path: &Path, device: tch::Device) -> Result<()> {
+/// grows it, or one killed before its first checkpoint), grows it ([`crate::dvae::grow_decoder`]);
+/// when its codebook is smaller by a whole factor (a run that splits it), splits it
+/// ([`crate::dvae::split_codebook`], noise drawn from the run's seed).
+fn load_or_grow_dvae(model: &mut DvaeModel, cfg: &Config, path: &Path, opts: &TrainOptions) -> Result<()> {
+    let device = opts.device;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     // an unreadable file is named by the plain load below
-    let dims = safetensors::SafeTensors::deserialize(&bytes).ok().and_then(|st| crate::dvae::decoder_dims(&st));
+    let st = safetensors::SafeTensors::deserialize(&bytes).ok();
+    let codes = st.as_ref().and_then(crate::dvae::codebook_size);
     let d = &cfg.dvae;
+    if let Some(v) = codes.filter(|&v| v > 0 && v < d.vocab_size) {
+        let mut small = cfg.clone();
+        small.dvae.vocab_size = v;
+        let mut trained = DvaeModel::new(&small, device);
+        crate::io::load_varstore_bytes(&mut trained.vs, &bytes, path)?;
+        crate::dvae::split_codebook(&trained.vs, &small.dvae, &model.vs, d, opts.seed)
+            .map_err(|e| Error::checkpoint(path, format!("cannot split its codebook: {e}")))?;
+        if !opts.quiet {
+            eprintln!(
+                "split each of the {v} codes of {} into {} ({} codes; the same images from the same pictures)",
+                path.display(),
+                d.vocab_size / v,
+                d.vocab_size
+            );
+        }
+        return Ok(());
+    }
+    let dims = st.as_ref().and_then(crate::dvae::decoder_dims);
     match dims {
         Some((h, b))
             if (h, b) != (d.dec_hidden(), d.dec_blocks_per_group())
@@ -836,12 +898,14 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
     let resuming = opts.resume && state_path(&opts.dir, "transformer").exists();
     if let (Some(from), false) = (&recipe.init_from, resuming) {
         // before the average is made, so that it starts from these weights too
-        load_varstore(&mut model.vs, from)?;
-        if let Some(old_dir) = &recipe.codes_from {
-            let found = carry_codes_over(opts, &cfg, &source, &model, old_dir, &dvae)?;
-            if !opts.quiet {
-                eprintln!("carried the image codes of {} over to this dVAE's: {found}", old_dir.display());
+        match &recipe.codes_from {
+            Some(old_dir) => {
+                let found = carry_codes_over(opts, &cfg, &source, &model, from, old_dir, &dvae)?;
+                if !opts.quiet {
+                    eprintln!("carried the image codes of {} over to this dVAE's: {found}", old_dir.display());
+                }
             }
+            None => load_varstore(&mut model.vs, from)?,
         }
     }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.96, 1e-8, recipe.weight_decay);
@@ -896,14 +960,17 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
     Ok(run.finish(opts, skipped))
 }
 
-/// [`crate::remap::remap_image_codes`] of `model` from the dVAE of `old_dir` to `dvae`, on
-/// [`crate::remap::REMAP_PICTURES`] pictures of the training data (a fixed set, drawn from
-/// the run's seed, so a run started again starts the same).
+/// Loads the transformer `from` (trained on the codes of the dVAE of `old_dir`, whose codebook
+/// may be of another size) into `model` carried over to `dvae`'s codes
+/// ([`crate::remap::remap_image_codes`]), counted on [`crate::remap::REMAP_PICTURES`] pictures
+/// of the training data (a fixed set, drawn from the run's seed, so a run started again starts
+/// the same).
 fn carry_codes_over(
     opts: &TrainOptions,
     cfg: &Config,
     source: &Source,
     model: &TransformerModel,
+    from: &Path,
     old_dir: &Path,
     dvae: &DvaeModel,
 ) -> Result<crate::remap::CodeRemap> {
@@ -939,7 +1006,11 @@ fn carry_codes_over(
         });
     }
     let counts = counts.ok_or_else(|| Error::Invalid("no pictures to carry the codes over with".into()))?;
-    crate::remap::remap_image_codes(model, &counts)
+    let mut old_shape = cfg.clone();
+    old_shape.dvae.vocab_size = old_cfg.dvae.vocab_size;
+    let mut trained = TransformerModel::new(&old_shape, opts.device);
+    load_varstore(&mut trained.vs, from)?;
+    crate::remap::remap_image_codes(&trained, model, &counts)
 }
 
 fn sample_grid(

@@ -181,6 +181,50 @@ fn train_all_refuses_a_budget_too_small_before_any_work() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read the budget"));
 }
 
+/// `train all --hard-tail 1 --argmax-codes`: the dVAE trains straight-through on its argmax
+/// codes from the first step, τ held at 1 (the fourteenth session's recipe); `--argmax-codes`
+/// without a straight-through share is refused before any work.
+#[test]
+fn train_all_can_train_the_dvae_on_argmax_codes_from_the_first_step() {
+    use tessera::pipeline::{DvaeVariant, dvae_recipe};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    tiny_dir(&dir);
+    let steps = 6;
+    let mut o = options(&dir, steps);
+    o.log_every = 1;
+    let v = DvaeVariant { hard_tail: 1.0, argmax_codes: true, ..Default::default() };
+    let recipe = dvae_recipe(steps, v);
+    assert_eq!((recipe.hard_from, recipe.argmax_codes), (Some(0), true));
+    train::train_dvae(&o, &recipe).unwrap();
+    let log = std::fs::read_to_string(dir.join("dvae.log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("tau").is_some())
+        .collect();
+    assert_eq!(lines.len(), steps, "{log}");
+    for l in &lines {
+        assert_eq!(l["straight_through"].as_bool(), Some(true), "{l}");
+        assert_eq!(l["tau"].as_f64(), Some(1.0), "{l}");
+    }
+    // a tail of straight-through steps keeps the relaxation's τ schedule before it
+    let tail = dvae_recipe(100, DvaeVariant { hard_tail: 0.3, argmax_codes: true, ..Default::default() });
+    assert_eq!((tail.hard_from, tail.argmax_codes), (Some(70), true));
+    assert!(tail.schedule.tau_end < 1.0);
+    assert!(!dvae_recipe(100, DvaeVariant::default()).argmax_codes);
+
+    let fresh = tmp.path().join("refused");
+    let o = tessera()
+        .args(["train", "all", "--preset", "tiny", "--budget", "30s", "--device", "cpu", "--argmax-codes", "--dir"])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("give --hard-tail"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!fresh.exists(), "a refused run wrote {}", fresh.display());
+}
+
 #[test]
 fn train_all_resumes_after_a_kill_in_every_stage_and_leaves_a_working_model() {
     let _cpu = crate::common::heavy_cpu();
@@ -296,19 +340,25 @@ fn mutated_truncated_or_lying_shards_are_errors_never_panics() {
     }
 }
 
-/// `train all` for 20 s into `dir`, continuing `from` (`--init-from`), with its dVAE as it is
-/// (`--dvae-from`) or trained again.
-fn continue_all(from: &Path, dir: &Path, same_dvae: bool) -> std::process::Output {
+/// `train all` for 20 s into `dir`, continuing `from` (`--init-from`), around the dVAE of
+/// `dvae_from` (`--dvae-from`), or with one trained again.
+fn continue_all(from: &Path, dir: &Path, dvae_from: Option<&Path>) -> std::process::Output {
     let mut c = tessera();
     c.args(["train", "all", "--data", "world:4", "--budget", "20s", "--device", "cpu", "--threads", "1"])
         .args(["--workers", "1", "--eval-captions", "0", "--init-from"])
         .arg(from)
         .arg("--dir")
         .arg(dir);
-    if same_dvae {
-        c.arg("--dvae-from").arg(from);
+    if let Some(d) = dvae_from {
+        c.arg("--dvae-from").arg(d);
     }
     c.output().unwrap()
+}
+
+/// What `train all` started stage `name` from (its result's `init`; empty when none).
+fn stage_init(plan: &Plan, name: &str) -> String {
+    let stage = plan.stages.iter().find(|s| s.name == name).unwrap();
+    stage.result.as_ref().and_then(|r| r["init"].as_str()).unwrap_or_default().to_string()
 }
 
 #[test]
@@ -342,7 +392,7 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
     // that model continued (`--init-from` and `--dvae-from` it, no preset): its tokenizer and
     // configuration are taken as they are, and the transformer starts where it stopped
     let next = tmp.path().join("next");
-    let o = continue_all(&dir, &next, true);
+    let o = continue_all(&dir, &next, Some(&dir));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let carry_message = "carried the image codes of";
     assert!(!String::from_utf8_lossy(&o.stderr).contains(carry_message), "the same dVAE: nothing to carry over");
@@ -373,7 +423,7 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
     // continued with its dVAE trained again (no --dvae-from): other codes, so the transformer
     // is carried over to them before it trains
     let third = tmp.path().join("third");
-    let o = continue_all(&dir, &third, false);
+    let o = continue_all(&dir, &third, None);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert_ne!(
@@ -381,6 +431,29 @@ fn train_all_around_a_given_dvae_skips_its_stage_and_gives_its_share_to_the_tran
         std::fs::read(dir.join("dvae.safetensors")).unwrap()
     );
     assert!(err.contains(carry_message), "a new dVAE's codes were not carried over: {err}");
+}
+
+/// `--init-from` a model whose dVAE has fewer codes than the given one (a split codebook,
+/// `train dvae --codebook`): its transformer is carried over to the new codes, not dropped.
+#[test]
+fn train_all_carries_a_transformer_over_to_a_larger_codebook() {
+    let _cpu = crate::common::heavy_cpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let (donor, split) = (tmp.path().join("donor"), tmp.path().join("split"));
+    let small = Config::tiny();
+    tessera::Model::random_init(&small, Device::Cpu, 5).unwrap().save(&donor).unwrap();
+    let mut large = small.clone();
+    large.dvae.vocab_size *= 2;
+    tessera::Model::random_init(&large, Device::Cpu, 6).unwrap().save(&split).unwrap();
+    let dir = tmp.path().join("model");
+    let o = continue_all(&donor, &dir, Some(&split));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("carried the image codes of"), "{stderr}");
+    let plan = Plan::load(&dir).unwrap();
+    assert_eq!(stage_init(&plan, "transformer"), donor.join("transformer.safetensors").display().to_string());
+    let model = tessera::Model::load(&dir, Device::Cpu).unwrap();
+    assert_eq!(model.config.dvae.vocab_size, large.dvae.vocab_size);
 }
 
 /// `--init-from` a model of other shapes (another preset): the components whose shapes match
@@ -411,10 +484,7 @@ fn train_all_starts_a_component_of_other_shapes_afresh_and_says_so() {
     assert!(stderr.contains(&format!("{transformer} has other shapes: trained from scratch")), "{stderr}");
     assert_eq!(tessera::Model::load_config(&dir).unwrap().transformer, Config::tiny().transformer);
     let plan = Plan::load(&dir).unwrap();
-    let init = |n: &str| {
-        let stage = plan.stages.iter().find(|s| s.name == n).unwrap();
-        stage.result.as_ref().and_then(|r| r["init"].as_str()).unwrap_or_default().to_string()
-    };
+    let init = |n: &str| stage_init(&plan, n);
     assert_eq!(init("transformer"), format!("{transformer} has other shapes: trained from scratch"));
     assert_eq!(init("reranker"), donor.join("reranker.safetensors").display().to_string());
     assert_eq!(

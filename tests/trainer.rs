@@ -709,13 +709,19 @@ fn a_reranker_can_start_from_another_models_weights() {
     assert!(e.contains("dvae.safetensors"), "{e}");
 }
 
+/// Four steps of a tiny dVAE in `dir`, at a rate that moves its weights well away from their
+/// initial values.
+fn train_a_little_dvae(dir: &std::path::Path) {
+    let mut trained = DvaeRecipe::default();
+    trained.schedule.lr_start = 3e-3;
+    train::train_dvae(&options(dir, 4, None, false), &trained).unwrap();
+}
+
 #[test]
 fn a_whole_dvae_can_start_from_another_models_weights() {
     let _cpu = crate::common::heavy_cpu();
     let (a, b) = (tiny_dir(), tiny_dir());
-    let mut trained = DvaeRecipe::default();
-    trained.schedule.lr_start = 3e-3;
-    train::train_dvae(&options(a.path(), 4, None, false), &trained).unwrap();
+    train_a_little_dvae(a.path());
     let source = a.path().join("dvae.safetensors");
     // one step at a negligible rate from a's weights keeps every one of them, the encoder's
     // and codebook's as well as the decoder's
@@ -852,4 +858,86 @@ fn a_split_code_shares_its_old_logit_and_merged_codes_average_theirs() {
     close(row(&e2, 4), e2.narrow(0, 0, 4).mean_dim(0, false, Kind::Double), "a code never met: the mean");
     let met_min = b2.narrow(0, 0, 4).min().double_value(&[]);
     assert!(b2.double_value(&[4]) <= met_min - 10.0, "a code never met falls below the others");
+}
+
+#[test]
+fn a_split_codebook_draws_what_it_drew_and_its_transformer_carries_over() {
+    use tch::{Kind, Tensor};
+    let _cpu = crate::common::heavy_cpu();
+    let (a, b) = (tiny_dir(), tiny_dir());
+    train_a_little_dvae(a.path());
+    let recipe = TransformerRecipe { lr: 3e-3, warmup: 1, ..Default::default() };
+    train::train_transformer(&options(a.path(), 4, None, false), &recipe).unwrap();
+    let cfg = tessera::Model::load_config(a.path()).unwrap();
+    let v = cfg.dvae.vocab_size as i64;
+    // one step at a negligible rate from a's dVAE, each code split in three
+    let source = a.path().join("dvae.safetensors");
+    let mut split =
+        DvaeRecipe { init_from: Some(source.clone()), codebook: Some(3 * v as usize), ..Default::default() };
+    (split.schedule.lr_start, split.schedule.lr_end) = (1e-12, 1e-12);
+    train::train_dvae(&options(b.path(), 1, None, false), &split).unwrap();
+    let cfg_b = tessera::Model::load_config(b.path()).unwrap();
+    assert_eq!(cfg_b.dvae.vocab_size, 3 * v as usize, "config.json records the new codebook");
+
+    let images = world_pictures(cfg.dvae.image_size);
+    let (old_codes, old_mse, _) = hard_reconstruction(a.path(), &images);
+    let (new_codes, new_mse, _) = hard_reconstruction(b.path(), &images);
+    let same = new_codes.remainder(v).eq_tensor(&old_codes).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    assert!(same > 0.97, "a new code is its old code's copy in {same} of the cells");
+    let copies = new_codes.ge(v).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    assert!(copies > 0.2, "the copies after the first are chosen too ({copies} of the cells)");
+    assert!((new_mse - old_mse).abs() < 0.1 * old_mse, "about the same pictures: {old_mse} and {new_mse}");
+    // every copy of a code draws what the code drew
+    let load_dvae = |d: &Path, c: &tessera::Config| {
+        let mut m = tessera::model::DvaeModel::new(c, Device::Cpu);
+        tessera::io::load_varstore(&mut m.vs, &d.join("dvae.safetensors")).unwrap();
+        m
+    };
+    let (da, db) = (load_dvae(a.path(), &cfg), load_dvae(b.path(), &cfg_b));
+    tch::manual_seed(5);
+    let any_copy = &old_codes + Tensor::randint(3, old_codes.size(), (Kind::Int64, Device::Cpu)) * v;
+    let d = tch::no_grad(|| (db.net.decode(&any_copy) - da.net.decode(&old_codes)).abs().max().double_value(&[]));
+    assert!(d < 1e-4, "a copy draws its code's picture (off by {d})");
+
+    // a's transformer carried over: given copies of a's codes, the new codes' probabilities,
+    // summed over each old code's copies, are a's probabilities of the old codes
+    let from = a.path().join("transformer.safetensors");
+    let tiny = TransformerRecipe { lr: 1e-12, warmup: 1, init_from: Some(from.clone()), ..Default::default() };
+    let carried = TransformerRecipe { codes_from: Some(a.path().to_path_buf()), ..tiny.clone() };
+    train::train_transformer(&options(b.path(), 1, None, false), &carried).unwrap();
+    let load = |d: &Path, c: &tessera::Config| {
+        let mut t = tessera::model::TransformerModel::new(c, Device::Cpu);
+        tessera::io::load_varstore(&mut t.vs, &d.join("transformer.safetensors")).unwrap();
+        t
+    };
+    let (ta, tb) = (load(a.path(), &cfg), load(b.path(), &cfg_b));
+    let tok = tessera::text::TextTokenizer::load(&a.path().join("tokenizer.json")).unwrap();
+    let caps: Vec<Vec<i64>> =
+        (0..16).map(|i| tok.encode(&format!("a red circle {i}"), cfg.text.text_len).unwrap().ids).collect();
+    let probs = |t: &tessera::model::TransformerModel, codes: &Tensor| {
+        tch::no_grad(|| t.net.forward(&t.net.pad_text(&caps), &codes.flatten(1, -1), false).1.softmax(-1, Kind::Float))
+    };
+    let pa = probs(&ta, &old_codes);
+    let pb = probs(&tb, &any_copy);
+    let (n, i, _) = pb.size3().unwrap();
+    let pb_old = pb.view([n, i, 3, v]).sum_dim_intlist(2, false, Kind::Float);
+    let diff = (&pb_old - &pa).abs();
+    let (max, mean) = (diff.max().double_value(&[]), diff.mean(Kind::Float).double_value(&[]));
+    // not exactly: the perturbation that tells copies apart moves a few near-tie cells of the
+    // counted pictures to another old code, whose copies then mix two old codes' rows
+    assert!(
+        mean < 0.01 && max < 0.25,
+        "carried over, the old codes' probabilities move by {mean} on average, {max} at most"
+    );
+    // without the carry-over the transformer of the old codebook does not fit
+    let e = train::train_transformer(&options(b.path(), 1, None, false), &tiny).unwrap_err().to_string();
+    assert!(e.contains("transformer.safetensors"), "{e}");
+    // --codebook needs --init-from, and a whole multiple of the codebook
+    let lone = DvaeRecipe { init_from: None, ..split.clone() };
+    let e = train::train_dvae(&options(b.path(), 1, None, false), &lone).unwrap_err().to_string();
+    assert!(e.contains("--init-from"), "{e}");
+    let c = tiny_dir();
+    let odd = DvaeRecipe { codebook: Some(3 * v as usize + 1), ..split };
+    let e = train::train_dvae(&options(c.path(), 1, None, false), &odd).unwrap_err().to_string();
+    assert!(e.contains("whole multiple"), "{e}");
 }
