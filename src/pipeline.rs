@@ -610,7 +610,11 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             };
             let run = |t: &TrainOptions| -> Result<train::TrainSummary> {
                 let warmup = (t.steps / 20).max(1);
-                let (init_from, codes_from) = (init_from.clone(), codes_from.clone());
+                // the throwaway steps that measure the speed start from random weights: loading
+                // and carrying codes over (pictures encoded by both dVAEs) is done once, for the
+                // run that counts
+                let (init_from, codes_from) =
+                    if t.calibrate { (None, None) } else { (init_from.clone(), codes_from.clone()) };
                 if transformer {
                     train::train_transformer(
                         t,
