@@ -403,6 +403,53 @@ impl Config {
         }
     }
 
+    /// This configuration with `KEY=VALUE` settings applied, e.g. `dvae.vocab_size=2048`: a key
+    /// is a dotted path of `config.json`, a value is JSON (a bare word is taken as a string).
+    /// A key the configuration does not have, a value of the wrong type, or a result that does
+    /// not validate is an error naming the setting.
+    pub fn with_settings(&self, settings: &[String]) -> Result<Self> {
+        use serde_json::Value;
+        let bad = |s: &str, why: String| Error::Config(format!("--set {s}: {why}"));
+        let mut root = serde_json::to_value(self).map_err(|e| Error::Config(e.to_string()))?;
+        let mut wanted = Vec::new();
+        for s in settings {
+            let Some((key, raw)) = s.split_once('=') else {
+                return Err(bad(s, "expected KEY=VALUE, e.g. dvae.vocab_size=2048".into()));
+            };
+            let value: Value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+            let path: Vec<&str> = key.trim().split('.').collect();
+            let (last, parents) = path.split_last().ok_or_else(|| bad(s, "empty key".into()))?;
+            let mut node = &mut root;
+            for p in parents {
+                node = node.get_mut(*p).filter(|n| n.is_object()).ok_or_else(|| bad(s, format!("no section {p:?}")))?;
+            }
+            let Some(obj) = node.as_object_mut() else { return Err(bad(s, "not a section".into())) };
+            obj.insert(last.to_string(), value.clone());
+            serde_json::from_value::<Config>(root.clone()).map_err(|e| bad(s, e.to_string()))?;
+            wanted.push((s, path, value));
+        }
+        let cfg: Config = serde_json::from_value(root).map_err(|e| Error::Config(format!("--set: {e}")))?;
+        // a key the configuration does not know is dropped by the round trip: say so
+        let back = serde_json::to_value(&cfg).map_err(|e| Error::Config(e.to_string()))?;
+        for (s, path, value) in wanted {
+            let got = path.iter().try_fold(&back, |n, p| n.get(*p));
+            let same = match (got, &value) {
+                // f32 fields come back rounded
+                (Some(Value::Number(a)), Value::Number(b)) => match (a.as_f64(), b.as_f64()) {
+                    (Some(a), Some(b)) => (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    _ => false,
+                },
+                (Some(g), v) => g == v,
+                (None, _) => false,
+            };
+            if !same {
+                return Err(bad(s, "no such setting (see `tessera info --preset NAME --json`)".into()));
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Grid side of the image tokens.
     pub fn grid_size(&self) -> usize {
         self.dvae.grid_size()

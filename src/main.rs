@@ -215,6 +215,10 @@ struct ModelData {
     dir: PathBuf,
     #[arg(long, help = concat!("Configuration for a new directory: ", presets!()))]
     preset: Option<String>,
+    /// With --preset: change one setting of it, as a dotted key of config.json
+    /// (`--set dvae.vocab_size=2048`); repeat for several.
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "preset")]
+    settings: Vec<String>,
     /// world, world:SEED, world-balanced[:SEED] (single objects' four backgrounds equally
     /// often, for a dVAE), a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
     #[arg(long, default_value = "world")]
@@ -561,6 +565,9 @@ struct InfoArgs {
     model: Option<PathBuf>,
     #[arg(long, help = concat!("A preset: ", presets!()))]
     preset: Option<String>,
+    /// With --preset: change one of its settings (`--set dvae.vocab_size=2048`); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "preset")]
+    settings: Vec<String>,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -781,7 +788,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn info(a: InfoArgs) -> Result<()> {
     let cfg = match (&a.model, &a.preset) {
         (Some(dir), _) => Model::load_config(dir)?,
-        (None, Some(p)) => Config::preset(p)?,
+        (None, Some(p)) => Config::preset(p)?.with_settings(&a.settings)?,
         (None, None) => bail!("give --model DIR or --preset NAME"),
     };
     let count = params::count(&cfg);
@@ -942,9 +949,10 @@ fn dvae_command(c: DvaeCommand) -> Result<()> {
     Ok(())
 }
 
-fn prepare_dir(dir: &Path, preset: Option<&str>) -> Result<()> {
-    match preset {
-        Some(p) => tessera::train::init_dir(dir, &Config::preset(p)?)?,
+fn prepare_dir(at: &ModelData) -> Result<()> {
+    let dir = &at.dir;
+    match at.preset.as_deref() {
+        Some(p) => tessera::train::init_dir(dir, &Config::preset(p)?.with_settings(&at.settings)?)?,
         None if dir.join(tessera::model::CONFIG_FILE).exists() => {}
         None => bail!("{} has no config.json: give --preset to start a new model", dir.display()),
     }
@@ -966,7 +974,7 @@ fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
     if let Some(t) = c.threads {
         tch::set_num_threads(t as i32);
     }
-    prepare_dir(&c.at.dir, c.at.preset.as_deref())?;
+    prepare_dir(&c.at)?;
     let device = tessera::parse_device(&c.device)?;
     let compute = train_compute(&c.dtype, device)?;
     if c.steps == 0 || c.batch == 0 || c.checkpoint_every == 0 || c.log_every == 0 {
@@ -1017,7 +1025,7 @@ fn train(t: TrainCommand) -> Result<()> {
     use tessera::train::{self as tr, DvaeRecipe, TransformerRecipe};
     let summary = match t {
         TrainCommand::Tokenizer { at, captions } => {
-            prepare_dir(&at.dir, at.preset.as_deref())?;
+            prepare_dir(&at)?;
             let tok = tr::train_tokenizer(&at.dir, &at.data, captions)?;
             eprintln!("tokenizer with {} tokens written to {}", tok.vocab_size(), at.dir.display());
             return Ok(());
@@ -1095,7 +1103,7 @@ fn train(t: TrainCommand) -> Result<()> {
             tr::train_reranker(&opts, &recipe)?
         }
         TrainCommand::Shards { at, examples, per_shard, batch, out, seed, device, workers } => {
-            prepare_dir(&at.dir, at.preset.as_deref())?;
+            prepare_dir(&at)?;
             if examples == 0 || per_shard == 0 || batch == 0 {
                 bail!("--examples, --per-shard and --batch must be at least 1");
             }
@@ -1146,6 +1154,7 @@ fn train(t: TrainCommand) -> Result<()> {
             let budget = tessera::pipeline::parse_budget(&budget)?;
             let mut o = tessera::pipeline::AllOptions::new(&at.dir, budget, device);
             o.preset = at.preset.clone();
+            o.settings = at.settings.clone();
             o.data = at.data.clone();
             o.seed = seed;
             o.resume = resume;

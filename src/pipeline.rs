@@ -42,6 +42,8 @@ pub struct AllOptions {
     pub dir: PathBuf,
     /// Configuration of a new directory.
     pub preset: Option<String>,
+    /// `KEY=VALUE` changes to the preset ([`Config::with_settings`]).
+    pub settings: Vec<String>,
     pub data: String,
     pub budget_s: f64,
     pub device: Device,
@@ -121,6 +123,7 @@ impl AllOptions {
         Self {
             dir: dir.to_path_buf(),
             preset: None,
+            settings: Vec::new(),
             data: "world".into(),
             budget_s,
             device,
@@ -388,7 +391,7 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
             )));
         }
         let cfg = match (&o.preset, &o.init_from) {
-            (Some(p), _) => Config::preset(p)?,
+            (Some(p), _) => Config::preset(p)?.with_settings(&o.settings)?,
             (None, _) if o.dir.join(crate::model::CONFIG_FILE).exists() => crate::model::Model::load_config(&o.dir)?,
             (None, Some(from)) => crate::model::Model::load_config(from)?,
             (None, None) => {

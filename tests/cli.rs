@@ -172,3 +172,30 @@ fn a_models_own_sampling_settings_apply_unless_a_flag_is_given() {
     let err = tessera::Model::load(&model, tch::Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("sampling") && err.contains("temperature"), "{err}");
 }
+
+#[test]
+fn set_changes_a_preset_for_a_new_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let info = tessera().args(["info", "--preset", "tiny", "--set", "dvae.vocab_size=64", "--json"]).output().unwrap();
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["config"]["dvae"]["vocab_size"], 64);
+    let m = dir.path().join("m");
+    let o = tessera()
+        .args(["train", "dvae", "--preset", "tiny", "--set", "dvae.vocab_size=64", "--steps", "2", "--batch", "2"])
+        .args(["--device", "cpu", "--sample-every", "0", "--workers", "1", "--dir"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = tessera::model::Model::load_config(&m).unwrap();
+    assert_eq!(cfg.dvae.vocab_size, 64);
+    let st = tch::Tensor::read_safetensors(m.join("dvae.safetensors")).unwrap();
+    let logits = st.iter().filter(|(_, t)| t.size().contains(&64)).count();
+    assert!(logits > 0, "no weight has the 64 codes");
+    // a misspelt key, or --set without a preset, is an error before any work
+    let o = tessera().args(["info", "--preset", "tiny", "--set", "dvae.vocab=64"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("dvae.vocab=64"));
+    let o = tessera().args(["train", "dvae", "--set", "dvae.vocab_size=64", "--dir"]).arg(&m).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--preset"));
+}

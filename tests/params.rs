@@ -41,3 +41,27 @@ fn paper_preset_has_twelve_billion_parameters() {
     let rel = (c.transformer as f64 - 12e9).abs() / 12e9;
     assert!(rel < 0.05, "transformer has {} parameters", c.transformer);
 }
+
+#[test]
+fn settings_change_a_preset_and_reject_what_it_does_not_have() {
+    let base = Config::preset("default").unwrap();
+    let cfg = base
+        .with_settings(&["dvae.vocab_size=2048".into(), "name=wide".into(), "text.bpe_dropout=0.05".into()])
+        .unwrap();
+    assert_eq!(cfg.dvae.vocab_size, 2048);
+    assert_eq!(cfg.name, "wide");
+    assert!((cfg.text.bpe_dropout - 0.05).abs() < 1e-7);
+    // everything else is the preset's
+    let mut back = cfg.clone();
+    back.dvae.vocab_size = base.dvae.vocab_size;
+    back.name = base.name.clone();
+    back.text.bpe_dropout = base.text.bpe_dropout;
+    assert_eq!(back, base);
+    // the larger codebook is in the weights the formula counts
+    assert!(params::count(&cfg).dvae > params::count(&base).dvae);
+    for bad in ["dvae.vocab_sise=2048", "dvae.vocab_size", "dvae.vocab_size=many", "nosuch.x=1", "dvae.image_size=65"] {
+        let e = base.with_settings(&[bad.to_string()]).unwrap_err().to_string();
+        let key = bad.split('=').next().unwrap_or(bad);
+        assert!(e.contains(key) || e.contains("image_size 65"), "{bad}: {e}");
+    }
+}
