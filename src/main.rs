@@ -667,7 +667,14 @@ fn run(cli: Cli) -> Result<()> {
                 tch::set_num_threads(t as i32);
             }
             let device = tessera::parse_device(&device)?;
-            let mut m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
+            let dvae_alone = samples == 0 && !model.join(tessera::model::TRANSFORMER_FILE).exists();
+            let mut m = if dvae_alone {
+                eprintln!("eval: {} has no transformer: scoring its dVAE alone", model.display());
+                Model::load_dvae_only(&model, device)
+            } else {
+                Model::load(&model, device)
+            }
+            .with_context(|| format!("loading model {}", model.display()))?;
             m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
             let sample = sampling.options(&m.config.sampling)?;
             let opts = tessera::report::EvalOptions { captions, samples, seed, sample, samples_file };

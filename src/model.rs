@@ -245,6 +245,17 @@ impl Model {
         })
     }
 
+    /// A directory's dVAE in a model whose other parts are random and which has no reranker:
+    /// what `eval --samples 0` needs to score a dVAE that a trainer wrote on its own.
+    pub fn load_dvae_only(dir: &Path, device: Device) -> Result<Self> {
+        let config = Self::load_config(dir)?;
+        let path = dir.join(DVAE_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let mut m = Self::random_init(&config, device, 0)?;
+        m.dvae = DvaeModel::from_bytes(&config, device, &bytes, &path)?;
+        Ok(m)
+    }
+
     /// Whether this binary carries an embedded default model (`assets/models/default` at
     /// build time).
     pub fn has_embedded_default() -> bool {

@@ -193,6 +193,23 @@ fn set_changes_a_preset_for_a_new_model() {
     let st = tch::Tensor::read_safetensors(m.join("dvae.safetensors")).unwrap();
     let logits = st.iter().filter(|(_, t)| t.size().contains(&64)).count();
     assert!(logits > 0, "no weight has the 64 codes");
+    // the trainer's directory holds a dVAE alone: eval scores its round trips, and refuses samples
+    let eval = |samples: &str| {
+        tessera()
+            .args(["eval", "--captions", "2", "--device", "cpu", "--samples", samples, "--model"])
+            .arg(&m)
+            .arg("--out")
+            .arg(dir.path().join(format!("eval{samples}")))
+            .output()
+            .unwrap()
+    };
+    let o = eval("0");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["dvae_psnr_db"].as_f64().is_some_and(|p| p > 0.0), "{r}");
+    assert_eq!(r["dvae_roundtrip"].as_object().map(|c| c.len()), Some(6), "{r}");
+    let o = eval("1");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("missing file"));
     // a misspelt key, or --set without a preset, is an error before any work
     let o = tessera().args(["info", "--preset", "tiny", "--set", "dvae.vocab=64"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("dvae.vocab=64"));
