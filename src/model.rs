@@ -246,9 +246,13 @@ impl Model {
     }
 
     /// A directory's dVAE in a model whose other parts are random and which has no reranker:
-    /// what `eval --samples 0` needs to score a dVAE that a trainer wrote on its own.
+    /// what `eval --samples 0` needs to score a dVAE that a trainer wrote on its own. The
+    /// transformer is never run, so it is a one-layer stand-in of width 8 (and `config` says
+    /// so) whatever the directory's size: a paper-sized configuration allocates no 12B weights.
     pub fn load_dvae_only(dir: &Path, device: Device) -> Result<Self> {
-        let config = Self::load_config(dir)?;
+        let mut config = Self::load_config(dir)?;
+        config.transformer =
+            crate::config::TransformerConfig { d_model: 8, n_layers: 1, n_heads: 1, head_dim: 8, ..config.transformer };
         let path = dir.join(DVAE_FILE);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let mut m = Self::random_init(&config, device, 0)?;
