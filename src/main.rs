@@ -612,10 +612,35 @@ fn main() {
     if std::env::var("TESSERA_CUDNN").is_ok_and(|v| v == "0") {
         tch::Cuda::set_user_enabled_cudnn(false);
     }
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    quiet_on_closed_pipe(&cli.command);
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// A command-line run whose reader goes away (`tessera info | head`) ends as other Unix tools
+/// do, by SIGPIPE's default action, instead of panicking on the failed print (Rust ignores
+/// SIGPIPE, so every write would report a broken pipe). The app keeps Rust's handling: its
+/// windowing sockets report a closed peer as an error, not a signal.
+fn quiet_on_closed_pipe(command: &Command) {
+    #[cfg(feature = "app")]
+    let app = matches!(command, Command::App(_));
+    #[cfg(not(feature = "app"))]
+    let app = {
+        let _ = command;
+        false
+    };
+    #[cfg(unix)]
+    if !app {
+        // SAFETY: restores a signal's default disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = app;
 }
 
 fn run(cli: Cli) -> Result<()> {

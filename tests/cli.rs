@@ -216,3 +216,27 @@ fn set_changes_a_preset_for_a_new_model() {
     let o = tessera().args(["train", "dvae", "--set", "dvae.vocab_size=64", "--dir"]).arg(&m).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--preset"));
 }
+
+/// A reader that stops early (`tessera info | head -1`) ends the run quietly, as with other
+/// Unix tools: no panic message about a broken pipe.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = tessera()
+        .args(["info", "--preset", "dalle_12b"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // read nothing: the first write that does not fit the pipe's buffer meets a closed pipe
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    // killed by SIGPIPE (or done before it wrote, if everything fitted before the close)
+    use std::os::unix::process::ExitStatusExt;
+    assert!(status.success() || status.signal() == Some(13), "{status:?}");
+}
