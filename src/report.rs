@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dvae::Dvae;
 use crate::error::{Error, Result};
-use crate::eval::{judge, score};
+use crate::eval::{Miss, judge};
 use crate::io::write_atomic;
 use crate::model::{Model, from_rgb8, to_rgb8};
 use crate::sample::SampleOptions;
@@ -91,6 +91,9 @@ pub struct Report {
     /// The single-object round trips by what the caption asks for (`background black`,
     /// `size small`, `shape octagon`, …): (passed, scenes). Where the dVAE loses things.
     pub dvae_single_object: BTreeMap<String, (usize, usize)>,
+    /// Per capability: why round trips fail (the evaluator's first failed check, counted), so
+    /// a report says what a dVAE loses, not only how often.
+    pub dvae_roundtrip_misses: BTreeMap<String, BTreeMap<String, usize>>,
     /// Distinct codes the encoder uses on 512 held-out images.
     pub dvae_codes_used: usize,
     pub seconds_per_image: f64,
@@ -164,17 +167,31 @@ pub fn dvae_codes_used(dvae: &Dvae, device: Device, n: usize, seed: u64) -> Resu
 
 /// How many of `scenes`' ground-truth renders the evaluator still accepts after a dVAE round
 /// trip; also the first scene's render and its reconstruction, for the grid.
-fn roundtrip_accuracy(dvae: &Dvae, device: Device, scenes: &[world::Scene]) -> Result<(f64, Vec<Vec<u8>>, Vec<bool>)> {
+/// Also each scene's verdict (`Err` with why it fails).
+fn roundtrip_accuracy(dvae: &Dvae, device: Device, scenes: &[world::Scene]) -> Result<RoundTrips> {
     let size = dvae.config().image_size;
     let (x, rec) = round_trip(dvae, device, scenes)?;
     let rec = to_rgb8(&rec)?;
-    let passed: Vec<bool> = scenes.iter().zip(&rec).map(|(s, r)| score(s, r, size)).collect();
-    let ok = passed.iter().filter(|&&p| p).count();
+    let verdicts: Vec<std::result::Result<(), Miss>> =
+        scenes.iter().zip(&rec).map(|(s, r)| judge(s, r, size)).collect();
+    let ok = verdicts.iter().filter(|v| v.is_ok()).count();
     let first = match rec.into_iter().next() {
         Some(r) => vec![to_rgb8(&x.narrow(0, 0, 1))?.remove(0), r],
         None => Vec::new(),
     };
-    Ok((ok as f64 / scenes.len().max(1) as f64, first, passed))
+    Ok((ok as f64 / scenes.len().max(1) as f64, first, verdicts))
+}
+
+/// A round trip's accuracy, the first scene's render and reconstruction, and every verdict.
+type RoundTrips = (f64, Vec<Vec<u8>>, Vec<std::result::Result<(), Miss>>);
+
+/// How often each reason of [`Miss`] is the first failed check.
+fn tally_misses(verdicts: &[std::result::Result<(), Miss>]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for m in verdicts.iter().filter_map(|v| v.err()) {
+        *out.entry(m.name().to_string()).or_insert(0) += 1;
+    }
+    out
 }
 
 /// Round trips of single-object scenes counted by what their captions ask for: keys
@@ -231,6 +248,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     let mut held_out = BTreeMap::new();
     let mut dvae_roundtrip = BTreeMap::new();
     let mut dvae_single_object = BTreeMap::new();
+    let mut dvae_roundtrip_misses = BTreeMap::new();
     let mut grid_rows: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
     let (mut images, mut sampling) = (0usize, 0.0f64);
     let kept = match (&opts.samples_file, opts.samples) {
@@ -252,8 +270,10 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
             // evaluation scenes use seeds the training stream does not (it draws from `sample`)
             let scenes = eval_scenes(cap, opts.captions, opts.seed, split);
             if split == Split::Train {
-                let (acc, row, passed) = roundtrip_accuracy(&model.dvae.net, model.device, &scenes)?;
+                let (acc, row, verdicts) = roundtrip_accuracy(&model.dvae.net, model.device, &scenes)?;
                 dvae_roundtrip.insert(cap.name().to_string(), acc);
+                dvae_roundtrip_misses.insert(cap.name().to_string(), tally_misses(&verdicts));
+                let passed: Vec<bool> = verdicts.iter().map(|v| v.is_ok()).collect();
                 if cap == Capability::SingleObject {
                     dvae_single_object = single_object_breakdown(&scenes, &passed);
                 }
@@ -358,6 +378,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         held_out,
         dvae_psnr_db: dvae_psnr(&model.dvae.net, model.device, 64, opts.seed)?,
         dvae_roundtrip,
+        dvae_roundtrip_misses,
         dvae_single_object,
         dvae_codes_used: dvae_codes_used(&model.dvae.net, model.device, 512, opts.seed)?,
         seconds_per_image,
@@ -562,6 +583,15 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
         v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         v.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
     };
+    if r.dvae_roundtrip_misses.values().any(|m| !m.is_empty()) {
+        s += &format!(
+            "\nWhy ground truth fails its round trip through the dVAE (the evaluator's first failed check, of {} scenes per capability):\n\n",
+            r.captions
+        );
+        for (k, m) in r.dvae_roundtrip_misses.iter().filter(|(_, m)| !m.is_empty()) {
+            s += &format!("- {k}: {}\n", tally(m));
+        }
+    }
     let mut why = String::new();
     for (label, map) in [("seen", &r.accuracy), ("held out", &r.held_out)] {
         for (k, a) in map.iter().filter(|(_, a)| !a.misses.is_empty()) {

@@ -628,10 +628,15 @@ fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
     let size = m.config.dvae.image_size;
     let scenes = tessera::report::eval_scenes(Capability::SingleObject, 20, 9, Split::Train);
     let mut want = std::collections::BTreeMap::<String, (usize, usize)>::new();
+    let mut why = std::collections::BTreeMap::<String, usize>::new();
     for s in &scenes {
         let x = tessera::model::from_rgb8(&[tessera::world::render(s, size)], size, Device::Cpu).unwrap();
         let back = tch::no_grad(|| m.dvae.net.decode(&m.dvae.net.encode(&x)));
-        let ok = tessera::eval::score(s, &tessera::model::to_rgb8(&back).unwrap()[0], size) as usize;
+        let verdict = tessera::eval::judge(s, &tessera::model::to_rgb8(&back).unwrap()[0], size);
+        if let Err(miss) = verdict {
+            *why.entry(miss.name().to_string()).or_default() += 1;
+        }
+        let ok = verdict.is_ok() as usize;
         let o = &s.objects[0];
         for key in [
             format!("background {}", s.background.name()),
@@ -644,6 +649,12 @@ fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
         }
     }
     assert_eq!(r.dvae_single_object, want);
+    // why they fail, counted the same way; and every capability's misses add up to its failures
+    assert_eq!(r.dvae_roundtrip_misses["single_object"], why);
+    for (cap, acc) in &r.dvae_roundtrip {
+        let failed: usize = r.dvae_roundtrip_misses[cap].values().sum();
+        assert_eq!(failed, 20 - (acc * 20.0).round() as usize, "{cap}");
+    }
     for group in ["background ", "size ", "shape "] {
         let (ok, n) =
             want.iter().filter(|(k, _)| k.starts_with(group)).fold((0, 0), |(a, b), (_, &(ok, n))| (a + ok, b + n));
