@@ -23,10 +23,9 @@ pub struct Example {
 /// Where examples come from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// The synthetic world: example i is scene (seed, i). `even_backgrounds` (spec
-    /// `world-balanced`) draws single objects' backgrounds evenly instead of white three times
-    /// in four: pictures for a dVAE, which never reads the captions.
-    World { seed: u64, split: Split, even_backgrounds: bool },
+    /// The synthetic world: example i is scene (seed, i). `pictures` (spec `world-balanced`,
+    /// `world-dense`) changes what is drawn for a dVAE, which never reads the captions.
+    World { seed: u64, split: Split, pictures: world::Pictures },
     /// Captioned image files loaded into memory (folder pairs or tar shards).
     Files { items: Vec<(Vec<u8>, String)>, skipped: usize },
 }
@@ -39,23 +38,26 @@ pub struct Skipped {
 
 impl Source {
     /// Parses a data spec: `world`, `world:SEED`, `world-held-out:SEED`, `world-balanced:SEED`,
-    /// a folder, or a `.tar` file or folder of `.tar` shards.
+    /// `world-dense:SEED`, a folder, or a `.tar` file or folder of `.tar` shards.
     pub fn open(spec: &str) -> Result<Self> {
         if let Some(rest) = spec.strip_prefix("world") {
             let (split, rest) = match rest.strip_prefix("-held-out") {
                 Some(r) => (Split::HeldOut, r),
                 None => (Split::Train, rest),
             };
-            let (even_backgrounds, rest) = match rest.strip_prefix("-balanced") {
-                Some(r) => (true, r),
-                None => (false, rest),
+            let (pictures, rest) = if let Some(r) = rest.strip_prefix("-balanced") {
+                (world::Pictures::EvenBackgrounds, r)
+            } else if let Some(r) = rest.strip_prefix("-dense") {
+                (world::Pictures::Dense, r)
+            } else {
+                (world::Pictures::Usual, rest)
             };
             let seed = match rest.strip_prefix(':') {
                 Some(s) => s.parse().map_err(|_| Error::Invalid(format!("bad world seed in {spec:?}")))?,
                 None if rest.is_empty() => 0,
                 None => return Err(Error::Invalid(format!("unknown data spec {spec:?}"))),
             };
-            return Ok(Source::World { seed, split, even_backgrounds });
+            return Ok(Source::World { seed, split, pictures });
         }
         let path = Path::new(spec);
         if !path.exists() {
@@ -104,6 +106,17 @@ impl Source {
         Ok(Source::Files { items, skipped })
     }
 
+    /// Refuses a source whose pictures are for a dVAE alone (`world-dense`: its crowds' captions
+    /// ask for nothing a transformer or reranker should learn to draw), naming `stage`.
+    pub fn for_captions(self, stage: &str) -> Result<Self> {
+        match self {
+            Source::World { pictures: world::Pictures::Dense, .. } => Err(Error::Invalid(format!(
+                "world-dense draws pictures for a dVAE; train the {stage} on world or world-balanced"
+            ))),
+            s => Ok(s),
+        }
+    }
+
     pub fn skipped(&self) -> usize {
         match self {
             Source::World { .. } => 0,
@@ -123,8 +136,8 @@ impl Source {
     /// `rng` drives the random crop of real images.
     pub fn get(&self, index: u64, size: usize, rng: &mut SeedRng) -> Option<Example> {
         match self {
-            Source::World { seed, split, even_backgrounds } => {
-                let scene = world::sample_with(*seed, index, *split, *even_backgrounds);
+            Source::World { seed, split, pictures } => {
+                let scene = world::sample_with(*seed, index, *split, *pictures);
                 Some(Example { rgb: world::render(&scene, size), caption: scene.caption.clone(), scene: Some(scene) })
             }
             Source::Files { items, .. } => {

@@ -220,7 +220,8 @@ struct ModelData {
     #[arg(long = "set", value_name = "KEY=VALUE", requires = "preset")]
     settings: Vec<String>,
     /// world, world:SEED, world-balanced[:SEED] (single objects' four backgrounds equally
-    /// often, for a dVAE), a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
+    /// often, for a dVAE), world-dense[:SEED] (half the pictures crowds of objects on any
+    /// background; dVAE only), a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
     #[arg(long, default_value = "world")]
     data: String,
 }

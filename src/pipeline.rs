@@ -335,6 +335,11 @@ fn steps_for(seconds: f64, rate: f64, batch: usize) -> usize {
 
 /// Runs (or continues) a whole training run; returns the final plan.
 pub fn train_all(o: &AllOptions) -> Result<Plan> {
+    // one data spec feeds every stage: one that suits the dVAE alone is refused before any work
+    // (only the world's specs are opened here: a folder would be read twice)
+    if o.data.starts_with("world") {
+        crate::data::Source::open(&o.data)?.for_captions("whole model")?;
+    }
     if o.budget_s.is_nan() || o.budget_s < MIN_BUDGET_S {
         let split: Vec<String> = SPLIT.iter().map(|(n, f)| format!("{n} {:.0}%", 100.0 * f)).collect();
         return Err(Error::Invalid(format!(

@@ -243,7 +243,7 @@ pub fn init_dir(dir: &Path, cfg: &Config) -> Result<()> {
 /// Trains the BPE tokenizer on `n` captions of the data and saves `tokenizer.json`.
 pub fn train_tokenizer(dir: &Path, data: &str, n: usize) -> Result<TextTokenizer> {
     let cfg = crate::model::Model::load_config(dir)?;
-    let source = Source::open(data)?;
+    let source = Source::open(data)?.for_captions("tokenizer")?;
     let mut rng = SeedRng::new(0);
     let captions: Vec<String> = (0..n as u64).filter_map(|i| source.get(i, 8, &mut rng).map(|e| e.caption)).collect();
     if captions.is_empty() {
@@ -891,7 +891,7 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
     let mut dvae = DvaeModel::new(&cfg, opts.device);
     load_varstore(&mut dvae.vs, &opts.dir.join(DVAE_FILE))?;
     dvae.vs.freeze();
-    let source = Source::open(&opts.data)?;
+    let source = Source::open(&opts.data)?.for_captions("transformer")?;
     tch::manual_seed(opts.seed as i64);
     let mut model = TransformerModel::new(&cfg, opts.device);
     model.net.set_compute_kind(opts.compute);
@@ -1096,7 +1096,7 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
     }
     let cfg = crate::model::Model::load_config(&opts.dir)?;
     let tok = TextTokenizer::load(&opts.dir.join(TOKENIZER_FILE))?;
-    let source = Source::open(&opts.data)?;
+    let source = Source::open(&opts.data)?.for_captions("reranker")?;
     if recipe.through_dvae && !opts.dir.join(DVAE_FILE).exists() {
         return Err(Error::Invalid(format!(
             "--through-dvae shows the reranker pictures through the model's dVAE, and {} does not exist: train the dVAE first",
@@ -1322,7 +1322,7 @@ pub fn encode_shards(opts: &TrainOptions, examples: usize, per_shard: usize) -> 
             std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
         }
     }
-    let source = Source::open(&opts.data)?;
+    let source = Source::open(&opts.data)?.for_captions("transformer (its token shards)")?;
     let size = cfg.dvae.image_size;
     let first_step = first_shard * steps_per_shard;
     let feed = Feed::Images { source, size };

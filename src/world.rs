@@ -289,13 +289,32 @@ pub const MIX: &[(Capability, f64)] = &[
 /// Sample `index` of the world with base seed `seed`: a capability drawn by [`MIX`], then a
 /// scene. The same (seed, index) always gives the same scene.
 pub fn sample(seed: u64, index: u64, split: Split) -> Scene {
-    sample_with(seed, index, split, false)
+    sample_with(seed, index, split, Pictures::Usual)
 }
 
-/// [`sample`] with [`generate_with`]'s choice of backgrounds (the same capability mix; other
-/// scenes than `sample`'s).
-pub fn sample_with(seed: u64, index: u64, split: Split, even_backgrounds: bool) -> Scene {
+/// What a world data source draws: its captioned scenes as they are, with single objects'
+/// backgrounds drawn evenly, or half of its pictures crowds of objects (pictures for a dVAE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pictures {
+    /// [`sample`]'s scenes (spec `world`).
+    #[default]
+    Usual,
+    /// Single objects' four backgrounds equally often (spec `world-balanced`): [`generate_with`].
+    EvenBackgrounds,
+    /// Half the pictures [`crowd`]s, half `EvenBackgrounds` scenes (spec `world-dense`): every
+    /// shape's edges and corners, in every size, flipped and outlined, against every background,
+    /// several times per picture. For a dVAE only: a crowd's caption lists what it holds and asks
+    /// for nothing the evaluator scores.
+    Dense,
+}
+
+/// [`sample`] with [`Pictures`]' choice of scenes (the same capability mix; `Usual` gives
+/// exactly `sample`'s scenes).
+pub fn sample_with(seed: u64, index: u64, split: Split, pictures: Pictures) -> Scene {
     let mut rng = SeedRng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(index));
+    if pictures == Pictures::Dense && rng.next_f64() < 0.5 {
+        return crowd(rng.next_u64(), split);
+    }
     let u = rng.next_f64();
     let mut acc = 0.0;
     let mut cap = Capability::SingleObject;
@@ -306,7 +325,58 @@ pub fn sample_with(seed: u64, index: u64, split: Split, even_backgrounds: bool) 
             break;
         }
     }
-    generate_with(cap, rng.next_u64(), split, even_backgrounds)
+    generate_with(cap, rng.next_u64(), split, pictures != Pictures::Usual)
+}
+
+/// A picture for a dVAE: three to eight objects of the split's colour–shape pairs, each of its
+/// own radius between the world's smallest (a count's 0.085) and largest (0.21), a quarter
+/// upside-down and a sixth outlined (crosses never, as in transforms), apart from each other,
+/// on any of the four backgrounds. Its capability is `Count` with no number asked: nothing
+/// scores it.
+pub fn crowd(seed: u64, split: Split) -> Scene {
+    let mut g = Gen { rng: SeedRng::new(seed ^ 0xC20_4D00), split, even_backgrounds: true };
+    let background = g.pick(&BACKGROUNDS);
+    let n = 3 + g.below(6);
+    let cols = (n as f32).sqrt().ceil();
+    // the largest radius that keeps neighbours on the scatter grid apart
+    let r_max = (0.9 / cols / 2.0).min(Size::Large.radius());
+    let radii: Vec<f32> = (0..n).map(|_| g.uniform(0.085, r_max.max(0.085))).collect();
+    let widest = radii.iter().copied().fold(0.0, f32::max);
+    let places = scatter(&mut g, n, widest, (0.05, 0.05, 0.95, 0.95));
+    let mut objects = Vec::new();
+    for (&(x, y), &r) in places.iter().zip(&radii) {
+        let (colour, shape) = g.pair(background, false);
+        let size = *Size::ALL
+            .iter()
+            .min_by(|a, b| (a.radius() - r).abs().total_cmp(&(b.radius() - r).abs()))
+            .unwrap_or(&Size::Small);
+        let flipped = g.chance(0.25);
+        let outline = shape != Shape::Cross && g.chance(1.0 / 6.0);
+        objects.push(Object { shape, colour, size, x, y, r, flipped, outline });
+    }
+    let names: Vec<String> = objects
+        .iter()
+        .map(|o| {
+            let how = match (o.flipped, o.outline) {
+                (true, true) => "upside-down outlined ",
+                (true, false) => "upside-down ",
+                (false, true) => "outlined ",
+                (false, false) => "",
+            };
+            format!("{how}{} {}", o.colour.name(), o.shape.name())
+        })
+        .collect();
+    let caption = format!("{}{}", names.join(", "), background_phrase(background));
+    Scene {
+        capability: Capability::Count,
+        background,
+        objects,
+        sign: None,
+        relation: None,
+        count: None,
+        transform: None,
+        caption,
+    }
 }
 
 fn single(g: &mut Gen, held: bool) -> Scene {

@@ -410,3 +410,60 @@ fn balanced_world_data_draws_backgrounds_evenly() {
     assert!(Source::open("world-held-out-balanced:5").is_ok());
     assert!(Source::open("world-balancedx").is_err());
 }
+
+/// `world-dense` gives a dVAE half its pictures as crowds of three to eight objects, on the four
+/// backgrounds, some flipped or outlined, none overlapping, none of a held-out pair; the other
+/// half are the usual scenes (with even backgrounds). Transformers and rerankers refuse it.
+#[test]
+fn dense_world_data_draws_crowds_for_a_dvae() {
+    use tessera::data::Source;
+    use tessera::sample::SeedRng;
+    let source = Source::open("world-dense:4").unwrap();
+    let mut rng = SeedRng::new(0);
+    let n = 600u64;
+    let (mut crowds, mut backgrounds, mut flipped, mut outlined, mut objects, mut read) = (0, [0usize; 4], 0, 0, 0, 0);
+    for i in 0..n {
+        let scene = source.get(i, 16, &mut rng).and_then(|e| e.scene).expect("the world always draws");
+        for o in &scene.objects {
+            assert!(!is_held_out(o.colour, o.shape), "held-out pair in training: {}", scene.caption);
+        }
+        if scene.count.is_some() || scene.capability != Capability::Count {
+            continue; // a usual scene
+        }
+        crowds += 1;
+        assert!((3..=8).contains(&scene.objects.len()), "{}", scene.caption);
+        backgrounds[world::BACKGROUNDS.iter().position(|&c| c == scene.background).unwrap()] += 1;
+        for (k, a) in scene.objects.iter().enumerate() {
+            assert!((0.085..=0.21).contains(&a.r), "radius {}", a.r);
+            assert_ne!(a.colour, scene.background);
+            flipped += a.flipped as usize;
+            outlined += a.outline as usize;
+            for b in &scene.objects[k + 1..] {
+                let d = ((a.x - b.x).powi(2) + (a.y - b.y).powi(2)).sqrt();
+                assert!(d > a.r + b.r, "objects overlap: {}", scene.caption);
+            }
+        }
+        objects += scene.objects.len();
+        // drawn apart, each object is one region the evaluator finds (96 px)
+        // drawn apart: each object is a region of its colour around its centre (96 px)
+        let found = detect(&world::render(&scene, 96), 96, scene.background);
+        read += scene
+            .objects
+            .iter()
+            .filter(|o| {
+                found.iter().any(|d| d.colour == o.colour && (d.x - o.x).abs() < o.r && (d.y - o.y).abs() < o.r)
+            })
+            .count();
+    }
+    assert!((n as usize * 44 / 100..n as usize * 56 / 100).contains(&crowds), "crowds: {crowds} of {n}");
+    for b in backgrounds {
+        assert!(b * 100 >= crowds * 17, "backgrounds of crowds: {backgrounds:?}");
+    }
+    assert!((objects * 17 / 100..objects * 33 / 100).contains(&flipped), "flipped {flipped} of {objects}");
+    assert!((objects * 10 / 100..objects * 24 / 100).contains(&outlined), "outlined {outlined} of {objects}");
+    assert!(read * 100 >= objects * 97, "objects found where they were drawn: {read} of {objects}");
+    // only a dVAE trains on it
+    assert!(Source::open("world-dense").unwrap().for_captions("transformer").is_err());
+    assert!(Source::open("world-balanced").unwrap().for_captions("transformer").is_ok());
+    assert!(Source::open("world-densex").is_err());
+}
