@@ -463,6 +463,10 @@ enum TrainCommand {
         /// training one; its share of the budget goes to the transformer.
         #[arg(long, conflicts_with = "resume")]
         dvae_from: Option<PathBuf>,
+        /// The dVAE stage's own data (default: --data), e.g. world-dense, whose crowds of
+        /// objects are pictures for a dVAE only.
+        #[arg(long, conflicts_with = "dvae_from")]
+        dvae_data: Option<String>,
         /// Continue a trained model: take this directory's tokenizer (and, without --preset,
         /// its configuration) and start the transformer and reranker from its weights. With
         /// --dvae-from the same directory, the whole model trains further on this device.
@@ -1178,6 +1182,7 @@ fn train(t: TrainCommand) -> Result<()> {
             recon,
             dtype,
             dvae_from,
+            dvae_data,
             init_from,
         } => {
             if let Some(t) = threads {
@@ -1206,6 +1211,7 @@ fn train(t: TrainCommand) -> Result<()> {
             o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail, recon, argmax_codes };
             o.compute = train_compute(&dtype, device)?;
             o.dvae_from = dvae_from;
+            o.dvae_data = dvae_data;
             o.init_from = init_from;
             let plan = tessera::pipeline::train_all(&o)?;
             println!("{}", serde_json::to_string_pretty(&plan)?);

@@ -45,6 +45,9 @@ pub struct AllOptions {
     /// `KEY=VALUE` changes to the preset ([`Config::with_settings`]).
     pub settings: Vec<String>,
     pub data: String,
+    /// The dVAE stage's pictures when they differ from `data` (`world-dense`, which the other
+    /// stages refuse); `None`: `data`.
+    pub dvae_data: Option<String>,
     pub budget_s: f64,
     pub device: Device,
     pub seed: u64,
@@ -125,6 +128,7 @@ impl AllOptions {
             preset: None,
             settings: Vec::new(),
             data: "world".into(),
+            dvae_data: None,
             budget_s,
             device,
             seed: 0,
@@ -178,6 +182,9 @@ pub struct Plan {
     pub device: String,
     pub seed: u64,
     pub data: String,
+    /// The dVAE stage's data, when not `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dvae_data: Option<String>,
     pub stages: Vec<Stage>,
     /// Seconds spent over all invocations.
     pub spent_s: f64,
@@ -231,6 +238,7 @@ impl Plan {
             device: format!("{:?}", o.device).to_lowercase(),
             seed: o.seed,
             data: o.data.clone(),
+            dvae_data: o.dvae_data.clone(),
             stages,
             spent_s: 0.0,
             dvae: o.dvae,
@@ -338,7 +346,13 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
     // one data spec feeds every stage: one that suits the dVAE alone is refused before any work
     // (only the world's specs are opened here: a folder would be read twice)
     if o.data.starts_with("world") {
-        crate::data::Source::open(&o.data)?.for_captions("whole model")?;
+        crate::data::Source::open(&o.data).and_then(|s| s.for_captions("whole model")).map_err(|e| match e {
+            Error::Invalid(m) => Error::Invalid(format!("{m} (--dvae-data gives the dVAE stage its own)")),
+            e => e,
+        })?;
+    }
+    if let Some(d) = o.dvae_data.as_deref().filter(|d| d.starts_with("world")) {
+        crate::data::Source::open(d)?;
     }
     if o.budget_s.is_nan() || o.budget_s < MIN_BUDGET_S {
         let split: Vec<String> = SPLIT.iter().map(|(n, f)| format!("{n} {:.0}%", 100.0 * f)).collect();
@@ -370,6 +384,13 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
                 d.hard_tail,
                 d.recon,
                 if d.argmax_codes { " --argmax-codes" } else { "" }
+            )));
+        }
+        if p.dvae_data != o.dvae_data {
+            return Err(Error::Invalid(format!(
+                "the run in {} was planned with {}: resume it with the same dVAE data",
+                o.dir.display(),
+                p.dvae_data.as_deref().map_or("no --dvae-data".into(), |d| format!("--dvae-data {d}"))
             )));
         }
         if let Some(d) = p.dtype.as_deref().filter(|&d| d != crate::compute_name(o.compute)) {
@@ -560,6 +581,9 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
             let base = || {
                 let mut t = stage_opts(o, p, st.batch);
                 t.compute = o.compute;
+                if let Some(d) = &o.dvae_data {
+                    t.data = d.clone();
+                }
                 t
             };
             let steps = decide(o, plan, i, || {

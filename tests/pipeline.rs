@@ -123,10 +123,13 @@ fn tessera() -> Command {
 }
 
 const BUDGET: &str = "30s";
+/// The dVAE stage's own pictures in the runs of [`train_all`].
+const DVAE_DATA: &str = "world-dense:2";
 
 fn train_all(dir: &Path, resume: bool) -> Command {
     let mut c = tessera();
     c.args(["train", "all", "--preset", "tiny", "--data", "world:2", "--budget", BUDGET, "--device", "cpu"])
+        .args(["--dvae-data", DVAE_DATA])
         .args(["--threads", "1", "--workers", "2", "--eval-captions", "2", "--eval-samples", "2", "--dir"])
         .arg(dir);
     if resume {
@@ -179,6 +182,15 @@ fn train_all_refuses_a_budget_too_small_before_any_work() {
     let o =
         tessera().args(["train", "all", "--preset", "tiny", "--budget", "soon", "--dir"]).arg(&dir).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read the budget"));
+    // pictures for a dVAE alone cannot feed every stage: refused, pointing at --dvae-data
+    let o = tessera()
+        .args(["train", "all", "--preset", "tiny", "--budget", "30s", "--data", "world-dense", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("world-dense") && err.contains("--dvae-data"), "{err}");
+    assert!(!dir.exists(), "a refused run wrote {}", dir.display());
 }
 
 /// `train all --hard-tail 1 --argmax-codes`: the dVAE trains straight-through on its argmax
@@ -268,11 +280,20 @@ fn train_all_resumes_after_a_kill_in_every_stage_and_leaves_a_working_model() {
         log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).collect();
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "transformer log steps repeat: {steps:?}");
     // resuming with another budget is refused
-    let o = tessera().args(["train", "all", "--budget", "2m", "--resume", "--dir"]).arg(&dir).output().unwrap();
+    let o = tessera()
+        .args(["train", "all", "--budget", "2m", "--dvae-data", DVAE_DATA, "--resume", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("same budget"));
+    // and so is resuming without the dVAE data it was planned with (recorded in the plan)
+    assert_eq!(plan.dvae_data.as_deref(), Some(DVAE_DATA));
+    let o = tessera().args(["train", "all", "--budget", BUDGET, "--resume", "--dir"]).arg(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("same dVAE data") && err.contains(DVAE_DATA), "{err}");
     // and so is resuming with another dVAE recipe
     let o = tessera()
-        .args(["train", "all", "--budget", BUDGET, "--hard-tail", "0.3", "--resume", "--dir"])
+        .args(["train", "all", "--budget", BUDGET, "--dvae-data", DVAE_DATA, "--hard-tail", "0.3", "--resume", "--dir"])
         .arg(&dir)
         .output()
         .unwrap();
@@ -281,7 +302,7 @@ fn train_all_resumes_after_a_kill_in_every_stage_and_leaves_a_working_model() {
     // and with another compute dtype than the one it was planned with
     let other = if plan.dtype.as_deref() == Some("bf16") { "f32" } else { "bf16" };
     let o = tessera()
-        .args(["train", "all", "--budget", BUDGET, "--dtype", other, "--resume", "--dir"])
+        .args(["train", "all", "--budget", BUDGET, "--dvae-data", DVAE_DATA, "--dtype", other, "--resume", "--dir"])
         .arg(&dir)
         .output()
         .unwrap();
