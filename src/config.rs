@@ -408,6 +408,8 @@ impl Config {
     /// A key the configuration does not have, a value of the wrong type, or a result that does
     /// not validate is an error naming the setting.
     pub fn with_settings(&self, settings: &[String]) -> Result<Self> {
+        /// The settings that may be `null` (absent: the default they stand for).
+        const OPTIONAL_SETTINGS: &[&str] = &["dvae.decoder_hidden", "dvae.decoder_blocks_per_group"];
         use serde_json::Value;
         let bad = |s: &str, why: String| Error::Config(format!("--set {s}: {why}"));
         let mut root = serde_json::to_value(self).map_err(|e| Error::Config(e.to_string()))?;
@@ -421,7 +423,13 @@ impl Config {
             let (last, parents) = path.split_last().ok_or_else(|| bad(s, "empty key".into()))?;
             let mut node = &mut root;
             for p in parents {
-                node = node.get_mut(*p).filter(|n| n.is_object()).ok_or_else(|| bad(s, format!("no section {p:?}")))?;
+                // a section the preset leaves out (plain `sampling`) starts empty: its defaults
+                // fill the rest, and a name the configuration does not know is caught below
+                let Some(obj) = node.as_object_mut() else { return Err(bad(s, format!("no section {p:?}"))) };
+                node = obj.entry(p.to_string()).or_insert_with(|| Value::Object(Default::default()));
+                if !node.is_object() {
+                    return Err(bad(s, format!("{p:?} is a setting, not a section")));
+                }
             }
             let Some(obj) = node.as_object_mut() else { return Err(bad(s, "not a section".into())) };
             obj.insert(last.to_string(), value.clone());
@@ -440,6 +448,8 @@ impl Config {
                     _ => false,
                 },
                 (Some(g), v) => g == v,
+                // an optional setting set to null is left out of the configuration
+                (None, Value::Null) => OPTIONAL_SETTINGS.contains(&path.join(".").as_str()),
                 (None, _) => false,
             };
             if !same {

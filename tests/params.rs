@@ -59,7 +59,26 @@ fn settings_change_a_preset_and_reject_what_it_does_not_have() {
     assert_eq!(back, base);
     // the larger codebook is in the weights the formula counts
     assert!(params::count(&cfg).dvae > params::count(&base).dvae);
-    for bad in ["dvae.vocab_sise=2048", "dvae.vocab_size", "dvae.vocab_size=many", "nosuch.x=1", "dvae.image_size=65"] {
+    // a section the preset leaves out (plain sampling) is set key by key, its other keys default
+    let warm = base.with_settings(&["sampling.temperature=0.9".into()]).unwrap();
+    assert_eq!(warm.sampling.temperature, 0.9);
+    assert_eq!(warm.sampling.top_k, tessera::SampleOptions::default().top_k);
+    // an optional setting set and then cleared
+    let grown = base.with_settings(&["dvae.decoder_hidden=96".into()]).unwrap();
+    assert_eq!(grown.dvae.decoder_hidden, Some(96));
+    let cleared = grown.with_settings(&["dvae.decoder_hidden=null".into()]).unwrap();
+    assert_eq!(cleared, base);
+    for bad in [
+        "dvae.vocab_sise=2048",
+        "dvae.vocab_size",
+        "dvae.vocab_size=many",
+        "nosuch.x=1",
+        "dvae.image_size=65",
+        "sampling.temprature=0.9",
+        "dvae.hidden.x=1",
+        "dvae.nosuch=null",
+        "dvae.hidden=null",
+    ] {
         let e = base.with_settings(&[bad.to_string()]).unwrap_err().to_string();
         let key = bad.split('=').next().unwrap_or(bad);
         assert!(e.contains(key) || e.contains("image_size 65"), "{bad}: {e}");
