@@ -463,8 +463,9 @@ enum TrainCommand {
         /// training one; its share of the budget goes to the transformer.
         #[arg(long, conflicts_with = "resume")]
         dvae_from: Option<PathBuf>,
-        /// The dVAE stage's own data (default: --data), e.g. world-dense, whose crowds of
-        /// objects are pictures for a dVAE only.
+        /// The dVAE stage's own data. Default: with --data world[:SEED] the same world drawn
+        /// dense (world-dense[:SEED]: crowds of objects, pictures for a dVAE only, which keep
+        /// far more of the shapes), otherwise --data.
         #[arg(long, conflicts_with = "dvae_from")]
         dvae_data: Option<String>,
         /// Continue a trained model: take this directory's tokenizer (and, without --preset,

@@ -46,7 +46,7 @@ pub struct AllOptions {
     pub settings: Vec<String>,
     pub data: String,
     /// The dVAE stage's pictures when they differ from `data` (`world-dense`, which the other
-    /// stages refuse); `None`: `data`.
+    /// stages refuse); `None`: [`dvae_data_for`]'s choice.
     pub dvae_data: Option<String>,
     pub budget_s: f64,
     pub device: Device,
@@ -182,7 +182,7 @@ pub struct Plan {
     pub device: String,
     pub seed: u64,
     pub data: String,
-    /// The dVAE stage's data, when not `data`.
+    /// The dVAE stage's data, when not `data` ([`dvae_data_for`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dvae_data: Option<String>,
     pub stages: Vec<Stage>,
@@ -238,7 +238,7 @@ impl Plan {
             device: format!("{:?}", o.device).to_lowercase(),
             seed: o.seed,
             data: o.data.clone(),
-            dvae_data: o.dvae_data.clone(),
+            dvae_data: None,
             stages,
             spent_s: 0.0,
             dvae: o.dvae,
@@ -342,6 +342,30 @@ fn steps_for(seconds: f64, rate: f64, batch: usize) -> usize {
 }
 
 /// Runs (or continues) a whole training run; returns the final plan.
+/// The dVAE stage's data: `given` (`--dvae-data`), else for the world's usual scenes the same
+/// world drawn dense (`world:3` → `world-dense:3`: the dVAE keeps far more of the shapes from
+/// the same pictures, TRAINING.md, nineteenth session), else `None`: the run's `data`.
+pub fn dvae_data_for(data: &str, given: Option<&str>) -> Result<Option<String>> {
+    use crate::data::Source;
+    use crate::world::{Pictures, Split};
+    if let Some(d) = given {
+        if d.starts_with("world") {
+            Source::open(d)?;
+        }
+        return Ok(Some(d.to_string()));
+    }
+    if !data.starts_with("world") {
+        return Ok(None);
+    }
+    Ok(match Source::open(data)? {
+        Source::World { seed, split, pictures: Pictures::Usual } => {
+            let held = if split == Split::HeldOut { "-held-out" } else { "" };
+            Some(format!("world{held}-dense:{seed}"))
+        }
+        _ => None,
+    })
+}
+
 pub fn train_all(o: &AllOptions) -> Result<Plan> {
     // one data spec feeds every stage: one that suits the dVAE alone is refused before any work
     // (only the world's specs are opened here: a folder would be read twice)
@@ -351,9 +375,10 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
             e => e,
         })?;
     }
-    if let Some(d) = o.dvae_data.as_deref().filter(|d| d.starts_with("world")) {
-        crate::data::Source::open(d)?;
-    }
+    let dvae_data = match &o.dvae_from {
+        Some(_) => None,
+        None => dvae_data_for(&o.data, o.dvae_data.as_deref())?,
+    };
     if o.budget_s.is_nan() || o.budget_s < MIN_BUDGET_S {
         let split: Vec<String> = SPLIT.iter().map(|(n, f)| format!("{n} {:.0}%", 100.0 * f)).collect();
         return Err(Error::Invalid(format!(
@@ -386,11 +411,12 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
                 if d.argmax_codes { " --argmax-codes" } else { "" }
             )));
         }
-        if p.dvae_data != o.dvae_data {
+        // without --dvae-data a resumed run keeps the plan's
+        if o.dvae_data.is_some() && p.dvae_data != o.dvae_data {
             return Err(Error::Invalid(format!(
-                "the run in {} was planned with {}: resume it with the same dVAE data",
+                "the run in {} was planned with the dVAE's data {}: resume it with the same dVAE data",
                 o.dir.display(),
-                p.dvae_data.as_deref().map_or("no --dvae-data".into(), |d| format!("--dvae-data {d}"))
+                p.dvae_data.as_deref().unwrap_or(&p.data)
             )));
         }
         if let Some(d) = p.dtype.as_deref().filter(|&d| d != crate::compute_name(o.compute)) {
@@ -437,7 +463,8 @@ pub fn train_all(o: &AllOptions) -> Result<Plan> {
         if let Some(from) = &o.init_from {
             take_tokenizer(from, &o.dir, &cfg)?;
         }
-        let p = Plan::new(o);
+        let mut p = Plan::new(o);
+        p.dvae_data = dvae_data;
         p.save(&o.dir)?;
         p
     };
@@ -578,10 +605,11 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
         }
         "dvae" => {
             let t0 = Instant::now();
+            let dvae_data = plan.dvae_data.clone();
             let base = || {
                 let mut t = stage_opts(o, p, st.batch);
                 t.compute = o.compute;
-                if let Some(d) = &o.dvae_data {
+                if let Some(d) = &dvae_data {
                     t.data = d.clone();
                 }
                 t

@@ -166,6 +166,24 @@ fn kill_during(dir: &Path, stage: &str) -> bool {
     caught
 }
 
+/// The dVAE stage's data: `--dvae-data` as given, else the world's usual scenes drawn dense
+/// (same seed and split), else the run's own data.
+#[test]
+fn train_all_gives_the_dvae_the_world_drawn_dense() {
+    use tessera::pipeline::dvae_data_for;
+    let pick = |data: &str, given: Option<&str>| dvae_data_for(data, given).unwrap();
+    assert_eq!(pick("world", None).as_deref(), Some("world-dense:0"));
+    assert_eq!(pick("world:3", None).as_deref(), Some("world-dense:3"));
+    assert_eq!(pick("world-held-out:2", None).as_deref(), Some("world-held-out-dense:2"));
+    assert_eq!(pick("world-balanced:1", None), None);
+    assert_eq!(pick("world:3", Some("world-balanced:4")).as_deref(), Some("world-balanced:4"));
+    let photos = tempfile::tempdir().unwrap();
+    assert_eq!(pick(&photos.path().display().to_string(), None), None);
+    // what they name is the stream a dVAE would train on
+    assert!(tessera::data::Source::open("world-held-out-dense:2").is_ok());
+    assert!(dvae_data_for("world", Some("world-sparse")).is_err());
+}
+
 #[test]
 fn train_all_refuses_a_budget_too_small_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
@@ -286,9 +304,13 @@ fn train_all_resumes_after_a_kill_in_every_stage_and_leaves_a_working_model() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("same budget"));
-    // and so is resuming without the dVAE data it was planned with (recorded in the plan)
+    // and so is resuming with other dVAE data than the plan's (without --dvae-data, the plan's)
     assert_eq!(plan.dvae_data.as_deref(), Some(DVAE_DATA));
-    let o = tessera().args(["train", "all", "--budget", BUDGET, "--resume", "--dir"]).arg(&dir).output().unwrap();
+    let o = tessera()
+        .args(["train", "all", "--budget", BUDGET, "--dvae-data", "world:2", "--resume", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("same dVAE data") && err.contains(DVAE_DATA), "{err}");
     // and so is resuming with another dVAE recipe
