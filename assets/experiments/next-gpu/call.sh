@@ -13,7 +13,7 @@
 #     against 69%, two objects' 60 against 46% on the CPU, nineteenth session); token shards; a transformer of d 288 × 6 from scratch
 #     (other shapes than the committed one: `train all` says so and starts it afresh); the
 #     committed tokenizer and reranker (same shapes) trained further (`--init-from`);
-# (B) the CPU-trained candidate dVAE (CAND, default the nineteenth session's D512c, trained on
+# (B) the CPU-trained candidate dVAE (CAND, default the nineteenth session's D512g (D512c with a grown decoder), trained on
 #     the world drawn dense, whose codes keep more than the committed encoder's: TRAINING.md)
 #     kept as it is (`--dvae-from`), the
 #     committed transformer carried over to its codes and trained on for the whole budget
@@ -34,7 +34,7 @@ out=${OUT:?}
 bin=${BIN:-gpu/tessera}
 dev=${DEV:-cuda}
 D=assets/models/default
-CAND=${CAND:-assets/experiments/session19-dense/D512c}
+CAND=${CAND:-assets/experiments/session19-dense/D512g}
 TA=${TA:-300} TE=${TE:-80} TR=${TR:-30} TC=${TC:-60}
 BA=${BA:-4m30s} BB=${BB:-4m30s}
 ARMS=${ARMS:-A B}
