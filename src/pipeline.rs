@@ -341,7 +341,6 @@ fn steps_for(seconds: f64, rate: f64, batch: usize) -> usize {
     ((seconds.max(0.0) * PLAN_FILL * rate / batch.max(1) as f64).floor() as usize).max(1)
 }
 
-/// Runs (or continues) a whole training run; returns the final plan.
 /// The dVAE stage's data: `given` (`--dvae-data`), else for the world's usual scenes the same
 /// world drawn dense (`world:3` → `world-dense:3`: the dVAE keeps far more of the shapes from
 /// the same pictures, TRAINING.md, nineteenth session), else `None`: the run's `data`.
@@ -366,6 +365,7 @@ pub fn dvae_data_for(data: &str, given: Option<&str>) -> Result<Option<String>> 
     })
 }
 
+/// Runs (or continues) a whole training run; returns the final plan.
 pub fn train_all(o: &AllOptions) -> Result<Plan> {
     // one data spec feeds every stage: one that suits the dVAE alone is refused before any work
     // (only the world's specs are opened here: a folder would be read twice)
