@@ -296,7 +296,9 @@ pub fn loader(
             .ok_or_else(|| crate::error::Error::Invalid(format!("{} holds no token shard", dir.display())))?;
         let bytes = std::fs::read(&first).map_err(|e| crate::error::Error::io(&first, e))?;
         let h = crate::shards::decode_shard(&bytes).map_err(|e| crate::error::Error::checkpoint(&first, e))?.header;
-        let set = crate::shards::TokenShards::open(dir, h.image_len, h.vocab, &h.dvae)?;
+        // the loader's speed alone: whichever dVAE the first shard names
+        let dvae = crate::shards::DvaeFingerprint { codes: h.dvae.clone(), file: h.dvae.clone() };
+        let set = crate::shards::TokenShards::open(dir, h.image_len, h.vocab, &dvae)?;
         let examples = set.len();
         let feed = Feed::Tokens(std::sync::Arc::new(set));
         let (rate, _) = time(&feed, 1);

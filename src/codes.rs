@@ -63,8 +63,9 @@ impl TokenFile {
 pub struct DvaeOnly {
     pub cfg: Config,
     pub model: DvaeModel,
-    /// Fingerprint of its weight file (as token files and shards record it).
-    pub fingerprint: String,
+    /// Fingerprints of its encoder and of its weight file (token files and shards record the
+    /// encoder's, [`crate::shards::DvaeFingerprint`]).
+    pub fingerprint: crate::shards::DvaeFingerprint,
     /// The weight file's bytes, exactly those loaded and fingerprinted.
     weights: Vec<u8>,
     device: Device,
@@ -91,7 +92,7 @@ impl DvaeOnly {
         let mut model = DvaeModel::from_bytes(&cfg, device, &bytes, &path)?;
         model.vs.freeze();
         // the same bytes as the weights (a file being rewritten cannot make them disagree)
-        let fingerprint = crate::shards::fingerprint(&bytes);
+        let fingerprint = crate::shards::DvaeFingerprint::of(&bytes)?;
         Ok(Self { cfg, model, fingerprint, weights: bytes, device })
     }
 
@@ -110,7 +111,7 @@ impl DvaeOnly {
             grid: self.cfg.dvae.grid_size(),
             vocab: self.cfg.dvae.vocab_size,
             image_size: size,
-            dvae: self.fingerprint.clone(),
+            dvae: self.fingerprint.codes.clone(),
             tokens: tokens.into_iter().map(|t| t as u32).collect(),
         })
     }
@@ -135,10 +136,10 @@ impl DvaeOnly {
                 d.vocab_size
             )));
         }
-        if t.dvae != self.fingerprint {
+        if !self.fingerprint.accepts(&t.dvae) {
             return Err(Error::Invalid(format!(
                 "the tokens were made by another dVAE (fingerprint {}, this one is {}): decode them with the dVAE that made them",
-                t.dvae, self.fingerprint
+                t.dvae, self.fingerprint.codes
             )));
         }
         let g = t.grid as i64;

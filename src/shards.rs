@@ -3,8 +3,8 @@
 //! image (the paper and its re-implementations pre-tokenise the same way).
 //!
 //! A shard `shard-NNNNN.tok` is: the magic `TSRTOK01`, a little-endian `u32` length and a JSON
-//! header (`count`, `image_len`, `vocab`, `dvae` = a hash of the dVAE weights that made the
-//! tokens, `first` = index of the first example), `count × image_len` little-endian `u16`
+//! header (`count`, `image_len`, `vocab`, `dvae` = a hash of the encoder of the dVAE that made
+//! the tokens, `first` = index of the first example), `count × image_len` little-endian `u16`
 //! tokens, `count` captions (`u32` length + UTF-8), and an FNV-1a 64 hash of everything before
 //! it. Each shard is written atomically. Reading checks the magic, the header, every length
 //! and the hash: a corrupt or truncated shard is named and skipped, never used; a shard made
@@ -31,15 +31,60 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// The fingerprint of a dVAE weight file, as shards record it.
-pub fn dvae_fingerprint(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(fingerprint(&bytes))
+/// What a dVAE weight file is known by: `codes`, a hash of its encoder alone (the part that
+/// decides which code each cell gets, [`codes_fingerprint`]), which shards and token files
+/// record; and `file`, a hash of the whole file, which shards and token files written before
+/// the encoder's hash recorded and which are still accepted. A dVAE whose decoder was
+/// fine-tuned or grown (`train dvae --decoder-only`) keeps its codes and so its shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DvaeFingerprint {
+    pub codes: String,
+    pub file: String,
 }
 
-/// The fingerprint of a dVAE weight file's bytes.
+impl DvaeFingerprint {
+    /// The fingerprints of a dVAE weight file's bytes.
+    pub fn of(bytes: &[u8]) -> Result<Self> {
+        Ok(Self { codes: codes_fingerprint(bytes)?, file: fingerprint(bytes) })
+    }
+
+    /// Whether tokens recorded with `mark` are this dVAE's codes.
+    pub fn accepts(&self, mark: &str) -> bool {
+        mark == self.codes || mark == self.file
+    }
+}
+
+/// The fingerprints of a dVAE weight file, as shards record and check them.
+pub fn dvae_fingerprint(path: &Path) -> Result<DvaeFingerprint> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    DvaeFingerprint::of(&bytes)
+}
+
+/// The fingerprint of a file's bytes.
 pub fn fingerprint(bytes: &[u8]) -> String {
     format!("{:016x}", fnv1a(bytes))
+}
+
+/// The fingerprint of the codes a dVAE weight file gives: FNV-1a over the name, dtype, shape
+/// and bytes of every `encoder.*` tensor in name order, written `enc-` and 16 hex digits (a
+/// whole-file fingerprint has no prefix). A file with no encoder tensor is known by its whole
+/// bytes.
+pub fn codes_fingerprint(bytes: &[u8]) -> Result<String> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Invalid(format!("cannot read the dVAE weights: {e}")))?;
+    let mut names: Vec<String> = st.names().into_iter().filter(|n| n.starts_with("encoder.")).cloned().collect();
+    if names.is_empty() {
+        return Ok(fingerprint(bytes));
+    }
+    names.sort();
+    let mut h: Vec<u8> = Vec::new();
+    for name in &names {
+        let t = st.tensor(name).map_err(|e| Error::Invalid(format!("cannot read the dVAE tensor {name}: {e}")))?;
+        h.extend_from_slice(name.as_bytes());
+        h.extend_from_slice(format!("|{:?}|{:?}|", t.dtype(), t.shape()).as_bytes());
+        h.extend_from_slice(&fnv1a(t.data()).to_le_bytes());
+    }
+    Ok(format!("enc-{:016x}", fnv1a(&h)))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,9 +208,9 @@ pub struct TokenShards {
 
 impl TokenShards {
     /// Reads `dir/shard-*.tok`. Shards must match `image_len`, `vocab` and the dVAE
-    /// `fingerprint`; a corrupt shard is skipped with a warning naming it; shards made by
+    /// (`dvae` accepts their mark); a corrupt shard is skipped with a warning naming it; shards made by
     /// another dVAE or of another shape are an error (the whole set is stale).
-    pub fn open(dir: &Path, image_len: usize, vocab: usize, fingerprint: &str) -> Result<Self> {
+    pub fn open(dir: &Path, image_len: usize, vocab: usize, dvae: &DvaeFingerprint) -> Result<Self> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -194,7 +239,7 @@ impl TokenShards {
                     h.vocab
                 )));
             }
-            if h.dvae != fingerprint {
+            if !dvae.accepts(&h.dvae) {
                 return Err(Error::Invalid(format!(
                     "token shard {} was encoded by another dVAE than this model's: encode the shards again",
                     p.display()

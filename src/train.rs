@@ -1299,15 +1299,22 @@ pub fn encode_shards(opts: &TrainOptions, examples: usize, per_shard: usize) -> 
         count: per_shard.min(planned - i * per_shard),
         image_len: cfg.image_len(),
         vocab: cfg.dvae.vocab_size,
-        dvae: fingerprint.clone(),
+        dvae: fingerprint.codes.clone(),
         first: (i * per_shard) as u64,
     };
-    // shards already whole and of this dVAE stay; encoding restarts at the first that is not
+    // shards already whole and of this dVAE stay (also those that record the hash of its whole
+    // file, as shards did before they recorded its encoder's); encoding restarts at the first
+    // that is not
+    let ours = |h: &crate::shards::ShardHeader, i: usize| {
+        let mut want = header(i);
+        want.dvae.clone_from(&h.dvae);
+        fingerprint.accepts(&h.dvae) && *h == want
+    };
     let mut first_shard = 0;
     while !opts.calibrate && first_shard < n_shards {
         let p = crate::shards::shard_path(&out, first_shard);
         match std::fs::read(&p).ok().and_then(|b| crate::shards::decode_shard(&b).ok()) {
-            Some(s) if s.header == header(first_shard) => first_shard += 1,
+            Some(s) if ours(&s.header, first_shard) => first_shard += 1,
             _ => break,
         }
     }

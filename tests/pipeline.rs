@@ -10,7 +10,7 @@ use tch::Device;
 use tessera::Config;
 use tessera::data::Source;
 use tessera::pipeline::Plan;
-use tessera::shards::{TokenShards, dvae_fingerprint, shard_path};
+use tessera::shards::{DvaeFingerprint, TokenShards, dvae_fingerprint, shard_path};
 use tessera::train::{self, DvaeRecipe, Feed, RerankerRecipe, TrainOptions, make_batch, spawn_loader};
 
 fn tiny_dir(dir: &Path) {
@@ -104,7 +104,8 @@ fn shards_hold_the_tokens_of_encoding_on_the_fly_and_corrupt_ones_are_skipped() 
     assert_eq!(TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, &fp).unwrap().len(), 40);
 
     // shards of another dVAE are refused as a whole
-    let err = TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, "0000000000000000").unwrap_err();
+    let other = DvaeFingerprint { codes: "enc-0000000000000000".into(), file: "0000000000000000".into() };
+    let err = TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, &other).unwrap_err();
     assert!(err.to_string().contains("another dVAE"), "{err}");
 
     // the transformer and the reranker train from the shards
@@ -116,6 +117,78 @@ fn shards_hold_the_tokens_of_encoding_on_the_fly_and_corrupt_ones_are_skipped() 
     let s = train::train_reranker(&t, &RerankerRecipe { warmup: 1, ..Default::default() }).unwrap();
     assert!(s.last_loss.is_finite());
     assert!(tessera::Model::load(dir, Device::Cpu).unwrap().reranker.is_some());
+}
+
+/// Adds `by` to every weight of the dVAE in `dir` whose name starts with `prefix`, in place.
+fn nudge_dvae(dir: &Path, prefix: &str, by: f64) {
+    let cfg = tessera::Model::load_config(dir).unwrap();
+    let path = dir.join("dvae.safetensors");
+    let mut dvae = tessera::model::DvaeModel::new(&cfg, Device::Cpu);
+    tessera::io::load_varstore(&mut dvae.vs, &path).unwrap();
+    tch::no_grad(|| {
+        for (name, mut t) in dvae.vs.variables() {
+            if name.starts_with(prefix) {
+                let _ = t.g_add_scalar_(by);
+            }
+        }
+    });
+    tessera::io::save_varstore(&dvae.vs, &path).unwrap();
+}
+
+#[test]
+fn a_dvae_with_a_retrained_decoder_keeps_its_shards_and_token_files() {
+    let _cpu = crate::common::heavy_cpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    tiny_dir(dir);
+    train::train_dvae(&options(dir, 2), &DvaeRecipe::default()).unwrap();
+    let o = options(dir, 1);
+    assert_eq!(train::encode_shards(&o, 16, 8).unwrap().encoded, 16);
+    let cfg = tessera::Model::load_config(dir).unwrap();
+    let shard_dir = train::default_shard_dir(dir);
+    let open = |fp: &DvaeFingerprint| TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, fp);
+    let before = dvae_fingerprint(&dir.join("dvae.safetensors")).unwrap();
+    assert!(before.codes.starts_with("enc-") && before.codes != before.file, "{before:?}");
+    let shards = open(&before).unwrap();
+    let codec = tessera::codes::DvaeOnly::load(dir, Device::Cpu).unwrap();
+    let (first, _) = shards.get(0);
+    let picture =
+        make_batch(&Feed::Images { source: Source::open("world:5").unwrap(), size: cfg.dvae.image_size }, 1, 0, 0)
+            .unwrap()
+            .images
+            .remove(0);
+    let tokens = codec.encode_rgb(&picture).unwrap();
+    let drawn = codec.decode(&tokens).unwrap();
+
+    // the decoder retrained: the file changes, its codes do not
+    nudge_dvae(dir, "decoder.", 0.05);
+    let after = dvae_fingerprint(&dir.join("dvae.safetensors")).unwrap();
+    assert_ne!(after.file, before.file);
+    assert_eq!(after.codes, before.codes);
+    assert_eq!(open(&after).unwrap().get(0).0, first, "the shards stay this dVAE's");
+    assert_eq!(train::encode_shards(&o, 16, 8).unwrap().encoded, 0, "nothing to encode again");
+    let codec = tessera::codes::DvaeOnly::load(dir, Device::Cpu).unwrap();
+    assert_eq!(codec.encode_rgb(&picture).unwrap().tokens, tokens.tokens, "the same codes");
+    let redrawn = codec.decode(&tokens).unwrap();
+    assert_ne!(redrawn, drawn, "the token file is drawn by the new decoder");
+
+    // a shard that records the whole file's hash (as shards did before) is still this dVAE's
+    let path = shard_path(&shard_dir, 1);
+    let mut old = tessera::shards::decode_shard(&std::fs::read(&path).unwrap()).unwrap();
+    old.header.dvae.clone_from(&after.file);
+    tessera::shards::write_shard(&path, &old.header, &old.tokens, &old.captions).unwrap();
+    assert_eq!(open(&after).unwrap().len(), 16);
+    assert_eq!(train::encode_shards(&o, 16, 8).unwrap().encoded, 0);
+
+    // the encoder retrained: other codes, so the shards and the token file are refused
+    nudge_dvae(dir, "encoder.", 0.05);
+    let moved = dvae_fingerprint(&dir.join("dvae.safetensors")).unwrap();
+    assert_ne!(moved.codes, before.codes);
+    assert!(open(&moved).unwrap_err().to_string().contains("another dVAE"));
+    let codec = tessera::codes::DvaeOnly::load(dir, Device::Cpu).unwrap();
+    assert!(codec.decode(&tokens).unwrap_err().to_string().contains("another dVAE"));
+    assert_eq!(train::encode_shards(&o, 16, 8).unwrap().encoded, 16, "encoded again");
+    assert_eq!(open(&moved).unwrap().len(), 16);
 }
 
 fn tessera() -> Command {
