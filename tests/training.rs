@@ -175,8 +175,14 @@ fn the_decoder_fine_tune_in_bf16_trains_on_the_codes_sampling_gives() {
     let err = |c: &Tensor| tch::no_grad(|| (net.decode(c) - &x).square().mean(Kind::Float).double_value(&[]));
     let (want, other) = (err(&codes), err(&bf16_argmax));
     let got = loss.mse.double_value(&[]);
-    assert!((got - want).abs() < 1e-6 * want.max(1e-3), "fine-tune error {got} vs decoding the codes {want}");
-    assert!((other - want).abs() > 1e-5, "decoding the bf16 argmax gave the same error ({other})");
+    let tol = 1e-6 * want.max(1e-3);
+    assert!((got - want).abs() < tol, "fine-tune error {got} vs decoding the codes {want}");
+    // the changed codes are near ties and may draw nearly the same pictures (the twentieth
+    // session's dVAE: errors 1e-7 to 1e-5 apart), yet far beyond the tolerance
+    assert!(
+        (other - want).abs() > 100.0 * tol,
+        "decoding the bf16 argmax gave the same error ({other} against {want}): the check above would not tell"
+    );
 }
 
 #[test]

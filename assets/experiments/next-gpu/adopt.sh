@@ -11,8 +11,8 @@
 # model's `sampling` settings (the committed model's temperature 0.8 was chosen by evaluation:
 # re-check it), then `tessera eval --model assets/models/default --captions 50 --samples 16
 # --out …/eval` and `--captions 100 --samples 0 --out …/eval-dvae` if the call's did not
-# finish, the README's table and screenshot, TRAINING.md. B's dVAE (D512g) already has the
-# grown decoder (width 96, 2 blocks per group, fine-tuned on the CPU; its codes are D512c's);
+# finish, the README's table and screenshot, TRAINING.md. B's dVAE is the committed one
+# (D512g since the twentieth session: the grown decoder, width 96, 2 blocks per group);
 # A's keeps its preset's, and a decoder-only fine-tune changes no code, so the transformer
 # stays valid (`train dvae --decoder-only`, fifteenth and nineteenth sessions).
 set -euo pipefail

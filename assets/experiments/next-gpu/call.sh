@@ -13,11 +13,11 @@
 #     against 69%, two objects' 60 against 46% on the CPU, nineteenth session); token shards; a transformer of d 288 × 6 from scratch
 #     (other shapes than the committed one: `train all` says so and starts it afresh); the
 #     committed tokenizer and reranker (same shapes) trained further (`--init-from`);
-# (B) the CPU-trained candidate dVAE (CAND, default the nineteenth session's D512g (D512c with a grown decoder), trained on
-#     the world drawn dense, whose codes keep more than the committed encoder's: TRAINING.md)
-#     kept as it is (`--dvae-from`), the
-#     committed transformer carried over to its codes and trained on for the whole budget
-#     (the dVAE stage is skipped and its share goes to the transformer), the committed
+# (B) the default model's dVAE (CAND, default assets/models/default: since the twentieth session
+#     the nineteenth session's D512g, trained on the world drawn dense on the CPU) kept as it is
+#     (`--dvae-from`), the committed transformer (trained on its codes on the CPU for 1 h 45 min,
+#     loss still falling) trained on for the whole budget (the dVAE stage is skipped and its
+#     share goes to the transformer; the same codes, so nothing is carried over), the committed
 #     reranker trained further on its pictures (`--init-from`);
 #     each then scored (`eval`, 50 captions × 16 samples) with its dVAE's round trips
 #     (`eval --samples 0`, 100 scenes per capability);
@@ -34,7 +34,7 @@ out=${OUT:?}
 bin=${BIN:-gpu/tessera}
 dev=${DEV:-cuda}
 D=assets/models/default
-CAND=${CAND:-assets/experiments/session19-dense/D512g}
+CAND=${CAND:-$D}
 TA=${TA:-300} TE=${TE:-80} TR=${TR:-30} TC=${TC:-60}
 BA=${BA:-4m30s} BB=${BB:-4m30s}
 ARMS=${ARMS:-A B}
