@@ -22,11 +22,17 @@ pub struct RerankerConfig {
     pub text_heads: usize,
     /// Channels of the first convolution; each of the four stride-2 stages doubles them up to 4×.
     pub image_width: usize,
+    /// Residual blocks (two 3×3 convolutions at the stage's resolution) after each of the four
+    /// stride-2 stages: depth that sees a small shape's corners before the next halving. 0 (the
+    /// default, and every reranker before this setting): the plain strided stack. A new block's
+    /// second convolution starts at zero, so a reranker grown from one with fewer blocks
+    /// ([`grow_image_blocks`]) scores exactly as it did until it trains.
+    pub image_blocks: usize,
 }
 
 impl Default for RerankerConfig {
     fn default() -> Self {
-        Self { embed_dim: 128, text_width: 128, text_layers: 2, text_heads: 4, image_width: 32 }
+        Self { embed_dim: 128, text_width: 128, text_layers: 2, text_heads: 4, image_width: 32, image_blocks: 0 }
     }
 }
 
@@ -48,6 +54,8 @@ pub struct Reranker {
     ln: nn::LayerNorm,
     text_proj: nn::Linear,
     convs: Vec<nn::Conv2D>,
+    /// `image_blocks` residual blocks (first, second convolution) per stage.
+    image_blocks: Vec<Vec<(nn::Conv2D, nn::Conv2D)>>,
     image_proj: nn::Linear,
     logit_scale: Tensor,
     pad_id: i64,
@@ -81,6 +89,19 @@ impl Reranker {
         let conv_cfg = nn::ConvConfig { stride: 2, padding: 1, ..Default::default() };
         let convs =
             (0..4).map(|i| nn::conv2d(&vs / "image" / "convs" / i, chans[i], chans[i + 1], 3, conv_cfg)).collect();
+        let same = nn::ConvConfig { stride: 1, padding: 1, ..Default::default() };
+        let zero = nn::ConvConfig { ws_init: nn::Init::Const(0.0), bs_init: nn::Init::Const(0.0), ..same };
+        let image_blocks = (0..4)
+            .map(|i| {
+                (0..cfg.image_blocks)
+                    .map(|j| {
+                        let p = &vs / "image" / "blocks" / i / j;
+                        let c = chans[i + 1];
+                        (nn::conv2d(&p / "conv1", c, c, 3, same), nn::conv2d(&p / "conv2", c, c, 3, zero))
+                    })
+                    .collect()
+            })
+            .collect();
         let side = (image_size / 16).max(1) as i64;
         let e = cfg.embed_dim as i64;
         Self {
@@ -90,6 +111,7 @@ impl Reranker {
             ln: nn::layer_norm(&vs / "text" / "ln", vec![w], Default::default()),
             text_proj: nn::linear(&vs / "text" / "proj", w, e, Default::default()),
             convs,
+            image_blocks,
             image_proj: nn::linear(&vs / "image" / "proj", 4 * iw * side * side, e, Default::default()),
             logit_scale: vs.var("logit_scale", &[], nn::Init::Const((1.0f64 / 0.07).ln())),
             pad_id: vocab as i64,
@@ -133,8 +155,11 @@ impl Reranker {
     /// Normalised image embeddings [B, E] of images [B, 3, H, W] in [0, 1].
     pub fn encode_image(&self, images: &Tensor) -> Tensor {
         let mut h = images * 2.0 - 1.0;
-        for c in &self.convs {
+        for (c, blocks) in self.convs.iter().zip(&self.image_blocks) {
             h = c.forward(&h).relu();
+            for (c1, c2) in blocks {
+                h = (&h + c2.forward(&c1.forward(&h).relu())).relu();
+            }
         }
         let e = self.image_proj.forward(&h.flatten(1, -1));
         &e / e.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-6)
@@ -242,4 +267,53 @@ impl Reranker {
         let txt = self.encode_text(&ids, &valid);
         self.encode_image(images).matmul(&txt.tr()).squeeze_dim(1) * self.scale()
     }
+}
+
+/// How many residual blocks per image stage a reranker's weight names hold (0 for the plain
+/// strided stack), or `None` when they are not a reranker's.
+pub fn image_blocks_of<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<usize> {
+    let mut is_reranker = false;
+    let mut blocks = 0;
+    for n in names {
+        is_reranker |= n.starts_with("image.convs.");
+        if let Some(rest) = n.strip_prefix("image.blocks.") {
+            let j = rest.split('.').nth(1).and_then(|j| j.parse::<usize>().ok())?;
+            blocks = blocks.max(j + 1);
+        }
+    }
+    is_reranker.then_some(blocks)
+}
+
+/// Copies a reranker with fewer image blocks per stage (`from`, `from_cfg`) into `to` (`to_cfg`):
+/// every tensor they share by name, copied; the added blocks keep their initialisation, whose
+/// second convolution is zero, so `to` scores every picture and caption as `from` does.
+pub fn grow_image_blocks(
+    from: &nn::VarStore,
+    from_cfg: &RerankerConfig,
+    to: &nn::VarStore,
+    to_cfg: &RerankerConfig,
+) -> Result<(), String> {
+    if (RerankerConfig { image_blocks: to_cfg.image_blocks, ..from_cfg.clone() }) != *to_cfg {
+        return Err("growing a reranker's image stages keeps everything else of it as it is".into());
+    }
+    if to_cfg.image_blocks < from_cfg.image_blocks {
+        return Err(format!(
+            "a reranker's image stages can grow, not shrink: it has {} blocks per stage, asked for {}",
+            from_cfg.image_blocks, to_cfg.image_blocks
+        ));
+    }
+    let (old, new) = (from.variables(), to.variables());
+    tch::no_grad(|| {
+        for (name, var) in &new {
+            match old.get(name) {
+                Some(o) => {
+                    let mut var = var.shallow_clone();
+                    var.f_copy_(o).map_err(|e| format!("{name}: {e}"))?;
+                }
+                None if name.starts_with("image.blocks.") => {}
+                None => return Err(format!("{name} is missing from the smaller reranker")),
+            }
+        }
+        Ok(())
+    })
 }

@@ -530,7 +530,7 @@ impl Config {
         }
         // Bounds far above any model that fits a machine, so that a damaged or hostile
         // config.json is an error here, never an attempt to allocate what it asks for.
-        let limits: [(&str, usize, usize); 20] = [
+        let limits: [(&str, usize, usize); 21] = [
             ("dvae.groups", d.groups, 8),
             ("dvae.blocks_per_group", d.blocks_per_group, 64),
             ("dvae.hidden", d.hidden, 1 << 14),
@@ -551,6 +551,7 @@ impl Config {
             ("reranker.text_width", r.text_width, 1 << 16),
             ("reranker.text_layers", r.text_layers, 256),
             ("reranker.image_width", r.image_width, 4096),
+            ("reranker.image_blocks", r.image_blocks, 64),
         ];
         if let Some((name, v, max)) = limits.iter().find(|(_, v, max)| v > max) {
             return bad(format!("{name} = {v} is beyond the largest supported ({max})"));

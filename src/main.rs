@@ -1210,6 +1210,8 @@ fn train(t: TrainCommand) -> Result<()> {
                 bail!("--argmax-codes changes the straight-through steps: give --hard-tail too (1 = every step)");
             }
             o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail, recon, argmax_codes };
+            // a refused data spec says so before anything is said about training
+            tessera::pipeline::check_data(&o.data)?;
             o.compute = train_compute(&dtype, device)?;
             o.dvae_from = dvae_from;
             o.dvae_data = dvae_data;

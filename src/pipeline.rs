@@ -365,16 +365,21 @@ pub fn dvae_data_for(data: &str, given: Option<&str>) -> Result<Option<String>> 
     })
 }
 
-/// Runs (or continues) a whole training run; returns the final plan.
-pub fn train_all(o: &AllOptions) -> Result<Plan> {
-    // one data spec feeds every stage: one that suits the dVAE alone is refused before any work
-    // (only the world's specs are opened here: a folder would be read twice)
-    if o.data.starts_with("world") {
-        crate::data::Source::open(&o.data).and_then(|s| s.for_captions("whole model")).map_err(|e| match e {
+/// Refuses a data spec that suits the dVAE alone (one spec feeds every stage of `train all`), before
+/// any work. Only the world's specs are opened here: a folder would be read twice.
+pub fn check_data(data: &str) -> Result<()> {
+    if data.starts_with("world") {
+        crate::data::Source::open(data).and_then(|s| s.for_captions("whole model")).map_err(|e| match e {
             Error::Invalid(m) => Error::Invalid(format!("{m} (--dvae-data gives the dVAE stage its own)")),
             e => e,
         })?;
     }
+    Ok(())
+}
+
+/// Runs (or continues) a whole training run; returns the final plan.
+pub fn train_all(o: &AllOptions) -> Result<Plan> {
+    check_data(&o.data)?;
     let dvae_data = match &o.dvae_from {
         Some(_) => None,
         None => dvae_data_for(&o.data, o.dvae_data.as_deref())?,

@@ -1086,6 +1086,40 @@ impl Default for RerankerRecipe {
     }
 }
 
+/// Loads `path` into the reranker; a file with fewer residual image blocks per stage than the
+/// config asks for is grown into it ([`crate::clip::grow_image_blocks`]: the same scores until
+/// it trains).
+pub fn load_or_grow_reranker(
+    model: &mut crate::model::RerankerModel,
+    cfg: &Config,
+    path: &Path,
+    opts: &TrainOptions,
+) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // an unreadable file is named by the plain load below
+    let st = safetensors::SafeTensors::deserialize(&bytes).ok();
+    let have = st.as_ref().and_then(|st| crate::clip::image_blocks_of(st.names().into_iter().map(|n| n.as_str())));
+    let want = cfg.reranker.image_blocks;
+    match have {
+        Some(b) if b < want => {
+            let mut small = cfg.clone();
+            small.reranker.image_blocks = b;
+            let mut trained = crate::model::RerankerModel::new(&small, opts.device);
+            crate::io::load_varstore_bytes(&mut trained.vs, &bytes, path)?;
+            crate::clip::grow_image_blocks(&trained.vs, &small.reranker, &model.vs, &cfg.reranker)
+                .map_err(|e| Error::checkpoint(path, format!("cannot grow its image stages: {e}")))?;
+            if !opts.quiet {
+                eprintln!(
+                    "grew the image stages of {} from {b} to {want} residual blocks each (the same scores until it trains)",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        _ => crate::io::load_varstore_bytes(&mut model.vs, &bytes, path),
+    }
+}
+
 /// Trains the contrastive reranker of a model directory that has its tokenizer.
 pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<TrainSummary> {
     let (lr, warmup, k, k_img) = (recipe.lr, recipe.warmup, recipe.contrasts, recipe.contrast_images);
@@ -1108,7 +1142,7 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
     let resuming = opts.resume && state_path(&opts.dir, "reranker").exists();
     if let (Some(from), false) = (&recipe.init_from, resuming) {
         // before the average is made, so that it starts from these weights too
-        load_varstore(&mut model.vs, from)?;
+        load_or_grow_reranker(&mut model, &cfg, from, opts)?;
     }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.98, 1e-6, 0.2);
     let mut ema = Ema::new(&model.vs, 0.99);

@@ -281,6 +281,8 @@ fn train_all_refuses_a_budget_too_small_before_any_work() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("world-dense") && err.contains("--dvae-data"), "{err}");
+    // and nothing is said about training before the refusal (`--dtype auto` names its choice)
+    assert!(!err.contains("training in"), "{err}");
     assert!(!dir.exists(), "a refused run wrote {}", dir.display());
 }
 

@@ -720,6 +720,71 @@ fn a_reranker_can_start_from_another_models_weights() {
     assert!(e.contains("dvae.safetensors"), "{e}");
 }
 
+/// The reranker in `dir` (its config and weights) scoring each of `images` against each of
+/// `captions`: [images, captions].
+fn reranker_scores(dir: &Path, images: &tch::Tensor, captions: &[Vec<i64>]) -> tch::Tensor {
+    let cfg = tessera::Model::load_config(dir).unwrap();
+    let mut m = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
+    tessera::io::load_varstore(&mut m.vs, &dir.join("reranker.safetensors")).unwrap();
+    let (ids, valid) = m.net.batch_text(captions, Device::Cpu);
+    tch::no_grad(|| m.net.encode_image(images).matmul(&m.net.encode_text(&ids, &valid).tr()) * m.net.scale())
+}
+
+#[test]
+fn a_reranker_grown_deeper_scores_what_it_did_and_trains_its_new_blocks() {
+    let _cpu = crate::common::heavy_cpu();
+    let (a, b) = (tiny_dir(), tiny_dir());
+    let mut o = options(a.path(), 4, None, false);
+    o.batch = 8;
+    train::train_reranker(&o, &RerankerRecipe { lr: 3e-3, warmup: 1, ..Default::default() }).unwrap();
+    let source = a.path().join("reranker.safetensors");
+    let cfg = tessera::Model::load_config(a.path()).unwrap();
+    assert_eq!(cfg.reranker.image_blocks, 0);
+    let x = world_pictures(cfg.dvae.image_size);
+    let captions: Vec<Vec<i64>> = (0..5).map(|i| vec![i + 1, 2 * i + 3, 7, i + 2]).collect();
+    let before = reranker_scores(a.path(), &x, &captions);
+
+    // b asks for two residual blocks per image stage: one step at rate 0 from a's file grows it,
+    // and the grown reranker scores every picture against every caption as a's did
+    let mut deeper = cfg.clone();
+    deeper.reranker.image_blocks = 2;
+    std::fs::write(b.path().join("config.json"), serde_json::to_string_pretty(&deeper).unwrap()).unwrap();
+    let mut ob = options(b.path(), 1, None, false);
+    ob.batch = 8;
+    let grow = RerankerRecipe { lr: 0.0, warmup: 1, init_from: Some(source.clone()), ..Default::default() };
+    train::train_reranker(&ob, &grow).unwrap();
+    let grown = sorted_state(&b.path().join("reranker.safetensors"));
+    assert_eq!(grown.iter().filter(|(n, _)| n.starts_with("image.blocks.")).count(), 4 * 2 * 2 * 2);
+    let diff = crate::common::max_abs_diff(&reranker_scores(b.path(), &x, &captions), &before);
+    assert!(diff < 1e-4, "the grown reranker scores differently by {diff}");
+
+    // trained from there, its new blocks learn (their zero convolutions move) and the scores change
+    let mut train_on = options(b.path(), 6, None, false);
+    train_on.batch = 8;
+    let go = RerankerRecipe { lr: 3e-3, warmup: 1, init_from: Some(source.clone()), ..Default::default() };
+    train::train_reranker(&train_on, &go).unwrap();
+    let trained = sorted_state(&b.path().join("reranker.safetensors"));
+    let moved = trained
+        .iter()
+        .filter(|(n, _)| n.starts_with("image.blocks.") && n.contains("conv2.weight"))
+        .map(|(_, t)| t.abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-4, "the new blocks' second convolutions stayed at zero ({moved})");
+    let diff = crate::common::max_abs_diff(&reranker_scores(b.path(), &x, &captions), &before);
+    assert!(diff > 1e-3, "training the grown reranker changed no score ({diff})");
+
+    // the deeper file does not load into the plain config (named), and a reranker cannot shrink
+    let mut plain = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
+    let e = tessera::io::load_varstore(&mut plain.vs, &b.path().join("reranker.safetensors")).unwrap_err().to_string();
+    assert!(e.contains("reranker.safetensors") && e.contains("unexpected tensor image.blocks."), "{e}");
+    let big = tessera::model::RerankerModel::new(&deeper, Device::Cpu);
+    let e = tessera::clip::grow_image_blocks(&big.vs, &deeper.reranker, &plain.vs, &cfg.reranker).unwrap_err();
+    assert!(e.contains("not shrink"), "{e}");
+    let names: Vec<String> = grown.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(tessera::clip::image_blocks_of(names.iter().map(|n| n.as_str())), Some(2));
+    assert_eq!(tessera::clip::image_blocks_of(["encoder.blocks.0.w"]), None);
+}
+
 /// Four steps of a tiny dVAE in `dir`, at a rate that moves its weights well away from their
 /// initial values.
 fn train_a_little_dvae(dir: &std::path::Path) {
