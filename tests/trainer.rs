@@ -690,14 +690,21 @@ fn a_transformer_can_start_from_another_models_weights() {
     assert!(e.contains("dvae.safetensors"), "{e}");
 }
 
-#[test]
-fn a_reranker_can_start_from_another_models_weights() {
-    let _cpu = crate::common::heavy_cpu();
+/// Two tiny model directories, a and b; a's reranker trained 4 steps at a rate that moves it
+/// well away from its initialisation (its weight file, the third).
+fn two_dirs_one_with_a_trained_reranker() -> (tempfile::TempDir, tempfile::TempDir, std::path::PathBuf) {
     let (a, b) = (tiny_dir(), tiny_dir());
     let mut o = options(a.path(), 4, None, false);
     o.batch = 8;
     train::train_reranker(&o, &RerankerRecipe { lr: 3e-3, warmup: 1, ..Default::default() }).unwrap();
     let source = a.path().join("reranker.safetensors");
+    (a, b, source)
+}
+
+#[test]
+fn a_reranker_can_start_from_another_models_weights() {
+    let _cpu = crate::common::heavy_cpu();
+    let (a, b, source) = two_dirs_one_with_a_trained_reranker();
     // one step at a negligible rate from a's weights keeps them
     let mut ob = options(b.path(), 1, None, false);
     ob.batch = 8;
@@ -733,11 +740,7 @@ fn reranker_scores(dir: &Path, images: &tch::Tensor, captions: &[Vec<i64>]) -> t
 #[test]
 fn a_reranker_grown_deeper_scores_what_it_did_and_trains_its_new_blocks() {
     let _cpu = crate::common::heavy_cpu();
-    let (a, b) = (tiny_dir(), tiny_dir());
-    let mut o = options(a.path(), 4, None, false);
-    o.batch = 8;
-    train::train_reranker(&o, &RerankerRecipe { lr: 3e-3, warmup: 1, ..Default::default() }).unwrap();
-    let source = a.path().join("reranker.safetensors");
+    let (a, b, source) = two_dirs_one_with_a_trained_reranker();
     let cfg = tessera::Model::load_config(a.path()).unwrap();
     assert_eq!(cfg.reranker.image_blocks, 0);
     let x = world_pictures(cfg.dvae.image_size);
