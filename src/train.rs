@@ -1089,7 +1089,7 @@ impl Default for RerankerRecipe {
 /// Loads `path` into the reranker; a file with fewer residual image blocks per stage than the
 /// config asks for is grown into it ([`crate::clip::grow_image_blocks`]: the same scores until
 /// it trains).
-pub fn load_or_grow_reranker(
+fn load_or_grow_reranker(
     model: &mut crate::model::RerankerModel,
     cfg: &Config,
     path: &Path,
