@@ -92,7 +92,7 @@ impl DvaeOnly {
         let mut model = DvaeModel::from_bytes(&cfg, device, &bytes, &path)?;
         model.vs.freeze();
         // the same bytes as the weights (a file being rewritten cannot make them disagree)
-        let fingerprint = crate::shards::DvaeFingerprint::of(&bytes)?;
+        let fingerprint = crate::shards::DvaeFingerprint::of(&bytes, &cfg.dvae)?;
         Ok(Self { cfg, model, fingerprint, weights: bytes, device })
     }
 

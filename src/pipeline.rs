@@ -575,12 +575,16 @@ fn init_weights(plan: &Plan, name: &str, cfg: &Config) -> Result<(Option<PathBuf
 /// the codes of its own dVAE.
 fn codes_changed(from: &Path, dir: &Path, cfg: &Config) -> Result<bool> {
     let (old, new) = (from.join(crate::model::DVAE_FILE), dir.join(crate::model::DVAE_FILE));
-    if !old.exists() || crate::model::Model::load_config(from)?.dvae.image_size != cfg.dvae.image_size {
+    if !old.exists() {
         return Ok(false);
     }
-    // a dVAE with the same encoder gives the same codes, whatever its decoder
-    let codes = |p: &Path| crate::shards::dvae_fingerprint(p).map(|f| f.codes);
-    Ok(codes(&old)? != codes(&new)?)
+    let from_cfg = crate::model::Model::load_config(from)?;
+    if from_cfg.dvae.image_size != cfg.dvae.image_size {
+        return Ok(false);
+    }
+    // a dVAE with the same encoder (and ε) gives the same codes, whatever its decoder
+    let codes = |p: &Path, c: &Config| crate::shards::dvae_fingerprint(p, &c.dvae).map(|f| f.codes);
+    Ok(codes(&old, &from_cfg)? != codes(&new, cfg)?)
 }
 
 /// Decides a stage's amount once (saved in the plan before any work), so a resumed stage keeps

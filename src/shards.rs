@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::DvaeConfig;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 
@@ -31,11 +32,14 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// What a dVAE weight file is known by: `codes`, a hash of its encoder alone (the part that
-/// decides which code each cell gets, [`codes_fingerprint`]), which shards and token files
-/// record; and `file`, a hash of the whole file, which shards and token files written before
-/// the encoder's hash recorded and which are still accepted. A dVAE whose decoder was
-/// fine-tuned or grown (`train dvae --decoder-only`) keeps its codes and so its shards.
+/// What a dVAE is known by: `codes`, a hash of its encoder alone (the part that decides which
+/// code each cell gets, [`codes_fingerprint`]), which shards and token files record; and
+/// `file`, a hash of the whole weight file, which shards and token files written before the
+/// encoder's hash recorded and which are still accepted. A dVAE whose decoder was fine-tuned or
+/// grown (`train dvae --decoder-only`) keeps its codes and so its shards. The encoder sees
+/// pixels mapped into (ε, 1 − ε), so a config with another `dvae.eps` gives other codes from
+/// the same weights: both hashes then carry that ε (the paper's 0.1 adds nothing, so every
+/// fingerprint recorded before stays valid).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DvaeFingerprint {
     pub codes: String,
@@ -43,9 +47,12 @@ pub struct DvaeFingerprint {
 }
 
 impl DvaeFingerprint {
-    /// The fingerprints of a dVAE weight file's bytes.
-    pub fn of(bytes: &[u8]) -> Result<Self> {
-        Ok(Self { codes: codes_fingerprint(bytes)?, file: fingerprint(bytes) })
+    /// The fingerprints of a dVAE weight file's bytes, read with `cfg`.
+    pub fn of(bytes: &[u8], cfg: &DvaeConfig) -> Result<Self> {
+        let with_eps = |mark: String| {
+            if cfg.eps == PAPER_EPS { mark } else { format!("{mark}-eps{}", cfg.eps) }
+        };
+        Ok(Self { codes: with_eps(codes_fingerprint(bytes)?), file: with_eps(fingerprint(bytes)) })
     }
 
     /// Whether tokens recorded with `mark` are this dVAE's codes.
@@ -54,11 +61,14 @@ impl DvaeFingerprint {
     }
 }
 
-/// The fingerprints of a dVAE weight file, as shards record and check them.
-pub fn dvae_fingerprint(path: &Path) -> Result<DvaeFingerprint> {
+/// The fingerprints of a dVAE weight file read with `cfg`, as shards record and check them.
+pub fn dvae_fingerprint(path: &Path, cfg: &DvaeConfig) -> Result<DvaeFingerprint> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    DvaeFingerprint::of(&bytes)
+    DvaeFingerprint::of(&bytes, cfg)
 }
+
+/// The ε of the paper's pixel map, the one every fingerprint was taken with before ε counted.
+const PAPER_EPS: f64 = 0.1;
 
 /// The fingerprint of a file's bytes.
 pub fn fingerprint(bytes: &[u8]) -> String {

@@ -1265,7 +1265,7 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
 fn feed_for(opts: &TrainOptions, cfg: &Config, source: &Source) -> Result<Feed> {
     match &opts.shards {
         Some(dir) => {
-            let fingerprint = crate::shards::dvae_fingerprint(&opts.dir.join(DVAE_FILE))?;
+            let fingerprint = crate::shards::dvae_fingerprint(&opts.dir.join(DVAE_FILE), &cfg.dvae)?;
             let shards = TokenShards::open(dir, cfg.image_len(), cfg.dvae.vocab_size, &fingerprint)?;
             Ok(Feed::Tokens(Arc::new(shards)))
         }
@@ -1319,7 +1319,7 @@ pub fn encode_shards(opts: &TrainOptions, examples: usize, per_shard: usize) -> 
     let mut dvae = DvaeModel::new(&cfg, opts.device);
     load_varstore(&mut dvae.vs, &dvae_path)?;
     dvae.vs.freeze();
-    let fingerprint = crate::shards::dvae_fingerprint(&dvae_path)?;
+    let fingerprint = crate::shards::dvae_fingerprint(&dvae_path, &cfg.dvae)?;
     let out = opts.shards.clone().unwrap_or_else(|| default_shard_dir(&opts.dir));
     let b = opts.batch.max(1);
     let steps_per_shard = per_shard.max(1).div_ceil(b);

@@ -58,7 +58,7 @@ fn shards_hold_the_tokens_of_encoding_on_the_fly_and_corrupt_ones_are_skipped() 
     let s = train::encode_shards(&o, 40, 16).unwrap();
     assert_eq!((s.examples, s.encoded), (40, 40)); // shards of 16, 16 and 8
     let cfg = tessera::Model::load_config(dir).unwrap();
-    let fp = dvae_fingerprint(&dir.join("dvae.safetensors")).unwrap();
+    let fp = dvae_fingerprint(&dir.join("dvae.safetensors"), &cfg.dvae).unwrap();
     let shard_dir = train::default_shard_dir(dir);
     let shards = TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, &fp).unwrap();
     assert_eq!(shards.len(), 40);
@@ -147,7 +147,7 @@ fn a_dvae_with_a_retrained_decoder_keeps_its_shards_and_token_files() {
     let cfg = tessera::Model::load_config(dir).unwrap();
     let shard_dir = train::default_shard_dir(dir);
     let open = |fp: &DvaeFingerprint| TokenShards::open(&shard_dir, cfg.image_len(), cfg.dvae.vocab_size, fp);
-    let before = dvae_fingerprint(&dir.join("dvae.safetensors")).unwrap();
+    let before = dvae_fingerprint(&dir.join("dvae.safetensors"), &cfg.dvae).unwrap();
     assert!(before.codes.starts_with("enc-") && before.codes != before.file, "{before:?}");
     let shards = open(&before).unwrap();
     let codec = tessera::codes::DvaeOnly::load(dir, Device::Cpu).unwrap();
@@ -162,7 +162,7 @@ fn a_dvae_with_a_retrained_decoder_keeps_its_shards_and_token_files() {
 
     // the decoder retrained: the file changes, its codes do not
     nudge_dvae(dir, "decoder.", 0.05);
-    let after = dvae_fingerprint(&dir.join("dvae.safetensors")).unwrap();
+    let after = dvae_fingerprint(&dir.join("dvae.safetensors"), &cfg.dvae).unwrap();
     assert_ne!(after.file, before.file);
     assert_eq!(after.codes, before.codes);
     assert_eq!(open(&after).unwrap().get(0).0, first, "the shards stay this dVAE's");
@@ -180,9 +180,22 @@ fn a_dvae_with_a_retrained_decoder_keeps_its_shards_and_token_files() {
     assert_eq!(open(&after).unwrap().len(), 16);
     assert_eq!(train::encode_shards(&o, 16, 8).unwrap().encoded, 0);
 
+    // the same weights read with another ε map pixels elsewhere before encoding: other codes,
+    // so the shards and the token file are refused
+    let mut eps_cfg = cfg.clone();
+    eps_cfg.dvae.eps = 0.2;
+    let other_eps = dvae_fingerprint(&dir.join("dvae.safetensors"), &eps_cfg.dvae).unwrap();
+    assert!(other_eps.codes != after.codes && other_eps.file != after.file, "{other_eps:?}");
+    assert!(open(&other_eps).unwrap_err().to_string().contains("another dVAE"));
+    let config_json = std::fs::read(dir.join("config.json")).unwrap();
+    tessera::io::write_atomic(&dir.join("config.json"), &serde_json::to_vec_pretty(&eps_cfg).unwrap()).unwrap();
+    let codec = tessera::codes::DvaeOnly::load(dir, Device::Cpu).unwrap();
+    assert!(codec.decode(&tokens).unwrap_err().to_string().contains("another dVAE"));
+    tessera::io::write_atomic(&dir.join("config.json"), &config_json).unwrap();
+
     // the encoder retrained: other codes, so the shards and the token file are refused
     nudge_dvae(dir, "encoder.", 0.05);
-    let moved = dvae_fingerprint(&dir.join("dvae.safetensors")).unwrap();
+    let moved = dvae_fingerprint(&dir.join("dvae.safetensors"), &cfg.dvae).unwrap();
     assert_ne!(moved.codes, before.codes);
     assert!(open(&moved).unwrap_err().to_string().contains("another dVAE"));
     let codec = tessera::codes::DvaeOnly::load(dir, Device::Cpu).unwrap();
