@@ -6,9 +6,10 @@
 //! header (`count`, `image_len`, `vocab`, `dvae` = a hash of the encoder of the dVAE that made
 //! the tokens and of its ε, [`DvaeFingerprint`], `first` = index of the first example),
 //! `count × image_len` little-endian `u16` tokens, `count` captions (`u32` length + UTF-8), and
-//! an FNV-1a 64 hash of everything before it. Each shard is written atomically. Reading checks the magic, the header, every length
-//! and the hash: a corrupt or truncated shard is named and skipped, never used; a shard made
-//! by another dVAE is refused as a whole set (its tokens would mean other pictures).
+//! an FNV-1a 64 hash of everything before it. Each shard is written atomically. Reading checks
+//! the magic, the header, every length and the hash: a corrupt or truncated shard is named and
+//! skipped, never used; a shard made by another dVAE is refused as a whole set (its tokens
+//! would mean other pictures).
 
 use std::path::{Path, PathBuf};
 
