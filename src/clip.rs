@@ -198,23 +198,32 @@ impl Reranker {
     }
 
     /// Logits [B, k] of each embedded `own` row against its `k` hard negatives (`other`
-    /// [B·k, D], row b's at b·k..(b+1)·k, embedded only when k > 0); `real` [B, k] false where
-    /// a row is missing, left out.
+    /// [M·k, D] for the last M ≤ B rows, row b's at (b − B + M)·k.., embedded only when k > 0:
+    /// the first B − M rows have none); `real` [B, k] false where a row is missing, left out.
     fn hard_logits(&self, own: &Tensor, other: impl FnOnce() -> Tensor, real: &Tensor) -> Option<Tensor> {
         let (b, k) = (own.size()[0], real.size().get(1).copied().unwrap_or(0));
         if k == 0 {
             return None;
         }
-        let hard = (own.unsqueeze(1) * other().view([b, k, -1])).sum_dim_intlist(-1, false, Kind::Float) * self.scale();
+        let other = other();
+        let m = other.size()[0] / k;
+        let own = own.narrow(0, b - m, m);
+        let hard = (own.unsqueeze(1) * other.view([m, k, -1])).sum_dim_intlist(-1, false, Kind::Float) * self.scale();
+        let hard = if m < b {
+            Tensor::cat(&[Tensor::full([b - m, k], f64::NEG_INFINITY, (Kind::Float, hard.device())), hard], 0)
+        } else {
+            hard
+        };
         Some(hard.masked_fill(&real.logical_not(), f64::NEG_INFINITY))
     }
 
     /// CLIP's loss of the pairs (`images`, captions `ids`) with hard negatives of both kinds:
     /// `captions` = (ids [B·k, T], valid, real [B, k]), `k` contrasting captions per image
     /// (image b's at rows b·k..(b+1)·k; false in `real` where a picture had fewer, left out),
-    /// that each image must score below its own caption; `pictures` = (images [B·k', 3, H, W],
-    /// real [B, k']), `k'` contrasting pictures per caption that each caption must score below
-    /// its own picture. With neither (or k = k' = 0) it is [`Self::loss`].
+    /// that each image must score below its own caption; `pictures` = (images [M·k', 3, H, W],
+    /// real [B, k']), `k'` contrasting pictures per caption for the last M ≤ B captions (the
+    /// first B − M have none; their rows of `real` are false) that each caption must score
+    /// below its own picture. With neither (or k = k' = 0) it is [`Self::loss`].
     pub fn loss_with_all_contrasts(
         &self,
         images: &Tensor,

@@ -15,6 +15,7 @@ pub mod dvae;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod judged;
 pub mod model;
 pub mod optim;
 pub mod params;

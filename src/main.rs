@@ -510,6 +510,46 @@ enum TrainCommand {
         /// move a block off the column or give it another shape.
         #[arg(long)]
         near_contrasts: bool,
+        /// Judged samples (made by `train judged`): the model's own samples of world scenes,
+        /// judged right or wrong. Each step adds --judged-batch of their scenes, a right sample
+        /// as the caption's picture and --judged-negatives wrong ones it must score below.
+        /// Not with --contrast-images.
+        #[arg(long)]
+        judged: Option<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        judged_batch: usize,
+        #[arg(long, default_value_t = 4)]
+        judged_negatives: usize,
+    },
+    /// Draw the model's own samples of world scenes (training split) and judge each right or
+    /// wrong with the evaluator, into DIR/judged (part-NNNNN.safetensors), for `train reranker
+    /// --judged`. A killed run continues at the first part missing.
+    Judged {
+        /// The model directory (config, tokenizer, dVAE, transformer).
+        #[arg(long)]
+        dir: PathBuf,
+        /// World scenes (rounded up to whole parts of 64).
+        #[arg(long, default_value_t = 2048)]
+        scenes: usize,
+        /// Samples per scene.
+        #[arg(long, default_value_t = 8)]
+        per_scene: usize,
+        /// Rows per sampling batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Output folder (default DIR/judged).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// f32, bf16 or auto (as `generate --dtype`).
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// libtorch CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -1132,11 +1172,24 @@ fn train(t: TrainCommand) -> Result<()> {
             contrast_images,
             through_dvae,
             near_contrasts,
+            judged,
+            judged_batch,
+            judged_negatives,
         } => {
             let contrast_kind =
                 if near_contrasts { tessera::world::Contrasts::Near } else { tessera::world::Contrasts::Any };
-            let recipe =
-                tr::RerankerRecipe { lr, warmup, init_from, contrasts, contrast_images, through_dvae, contrast_kind };
+            let recipe = tr::RerankerRecipe {
+                lr,
+                warmup,
+                init_from,
+                contrasts,
+                contrast_images,
+                through_dvae,
+                contrast_kind,
+                judged,
+                judged_batch,
+                judged_negatives,
+            };
             let opts = timed_options(&common, |o| tr::train_reranker(o, &recipe))?;
             tr::train_reranker(&opts, &recipe)?
         }
@@ -1160,6 +1213,37 @@ fn train(t: TrainCommand) -> Result<()> {
                 s.encoded,
                 s.examples_per_s,
                 100.0 * s.data_wait
+            );
+            return Ok(());
+        }
+        TrainCommand::Judged { dir, scenes, per_scene, batch, out, seed, device, dtype, threads } => {
+            if let Some(t) = threads {
+                tch::set_num_threads(t as i32);
+            }
+            let device = tessera::parse_device(&device)?;
+            let mut model = Model::load(&dir, device)?;
+            model.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
+            let out = out.unwrap_or_else(|| dir.join("judged"));
+            let o = tessera::judged::JudgedOptions {
+                scenes,
+                per_scene,
+                batch,
+                seed,
+                sample: model.config.sampling.clone(),
+            };
+            let s = tessera::judged::draw(&model, &out, &o, |done, parts| {
+                eprint!("\rjudged samples: part {done}/{parts}");
+                let _ = std::io::stderr().flush();
+            })?;
+            eprintln!();
+            eprintln!(
+                "{} samples in {} parts ({} drawn now, {:.1} samples/s): {:.0}% right; {} scenes with a right and a wrong sample",
+                s.samples,
+                s.parts,
+                s.drawn,
+                s.samples_per_s,
+                100.0 * s.right as f64 / s.samples.max(1) as f64,
+                s.informative
             );
             return Ok(());
         }

@@ -262,6 +262,9 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
         None => None,
     };
     let mut drawn: Vec<(String, Vec<u8>)> = Vec::new();
+    // per caption: which samples are right and the reranker's scores of them, for comparing
+    // rankings offline (`rankings.json`)
+    let mut rankings: Vec<serde_json::Value> = Vec::new();
     for (split, caps) in [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)] {
         for &cap in caps {
             let (mut single, mut top, mut n) = (0.0, 0.0, 0);
@@ -333,6 +336,9 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                     ordered += g;
                     pairs += p;
                 }
+                rankings.push(
+                    serde_json::json!({ "key": key, "caption": scene.caption, "right": oks, "reranker": scores }),
+                );
                 single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
                 top += oks[best] as u8 as f64;
                 any_right += usize::from(oks.contains(&true));
@@ -391,6 +397,10 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
     write_atomic(&out.join("report.json"), json.as_bytes())?;
+    if !rankings.is_empty() {
+        let json = serde_json::to_string(&rankings).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_atomic(&out.join("rankings.json"), json.as_bytes())?;
+    }
     write_atomic(&out.join("report.md"), markdown(&report, &grid_rows).as_bytes())?;
     save_rows(&out.join("grid.png"), &grid_rows, size)?;
     Ok(report)

@@ -1070,6 +1070,13 @@ pub struct RerankerRecipe {
     /// Which changes the contrasting pictures make ([`crate::world::Contrasts`]): any, or near
     /// misses (look-alike shapes, a stack block off its column).
     pub contrast_kind: crate::world::Contrasts,
+    /// Judged samples ([`crate::judged`]): the model's own samples of world scenes, right and
+    /// wrong. Each step adds `judged_batch` of their scenes to the batch, a right sample as the
+    /// caption's picture and `judged_negatives` wrong ones that the caption must score below
+    /// it: the near misses it will have to rank down at inference.
+    pub judged: Option<PathBuf>,
+    pub judged_batch: usize,
+    pub judged_negatives: usize,
 }
 
 impl Default for RerankerRecipe {
@@ -1082,6 +1089,9 @@ impl Default for RerankerRecipe {
             contrast_images: 0,
             through_dvae: false,
             contrast_kind: crate::world::Contrasts::Any,
+            judged: None,
+            judged_batch: 32,
+            judged_negatives: 4,
         }
     }
 }
@@ -1128,9 +1138,32 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
             "near-miss contrasts change the contrasting pictures: give --contrast-images K (K ≥ 1) too".into(),
         ));
     }
+    if recipe.judged.is_some() && k_img > 0 {
+        return Err(Error::Invalid(
+            "judged samples bring their own contrasting pictures (the wrong samples): give --judged or --contrast-images, not both".into(),
+        ));
+    }
+    if recipe.judged.is_some() && (recipe.judged_batch == 0 || recipe.judged_negatives == 0) {
+        return Err(Error::Invalid("--judged-batch and --judged-negatives must be at least 1".into()));
+    }
     let cfg = crate::model::Model::load_config(&opts.dir)?;
     let tok = TextTokenizer::load(&opts.dir.join(TOKENIZER_FILE))?;
     let source = Source::open(&opts.data)?.for_captions("reranker")?;
+    let judged = match &recipe.judged {
+        Some(dir) => {
+            let set = crate::judged::JudgedSet::load(dir, cfg.dvae.image_size)?;
+            if !opts.quiet {
+                eprintln!(
+                    "judged samples: {} of {} scenes have a right and a wrong sample ({} pictures)",
+                    set.scenes.len(),
+                    set.read,
+                    set.pictures.len()
+                );
+            }
+            Some(set)
+        }
+        None => None,
+    };
     if recipe.through_dvae && !opts.dir.join(DVAE_FILE).exists() {
         return Err(Error::Invalid(format!(
             "--through-dvae shows the reranker pictures through the model's dVAE, and {} does not exist: train the dVAE first",
@@ -1186,11 +1219,22 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
             }
             _ => round_trip(from_rgb8(&batch.images, size, opts.device)?),
         };
-        let caps: Vec<Vec<i64>> = batch
-            .captions
-            .iter()
-            .map(|c| tok.encode(c, cfg.text.text_len).map(|e| e.ids).unwrap_or_default())
-            .collect();
+        // judged scenes, drawn from the step so that a resumed run draws the same, after the
+        // batch's own rows
+        let judged_batch = judged.as_ref().map(|set| {
+            let mut rng = SeedRng::new(opts.seed ^ 0x7D6E_D000 ^ (step as u64).wrapping_mul(0x9E37_79B9));
+            set.batch(recipe.judged_batch, recipe.judged_negatives, &mut rng)
+        });
+        let mut captions_all = batch.captions.clone();
+        let x = match &judged_batch {
+            Some(jb) => {
+                captions_all.extend(jb.captions.iter().cloned());
+                Tensor::cat(&[x, from_rgb8(&jb.pictures, size, opts.device)?], 0)
+            }
+            None => x,
+        };
+        let caps: Vec<Vec<i64>> =
+            captions_all.iter().map(|c| tok.encode(c, cfg.text.text_len).map(|e| e.ids).unwrap_or_default()).collect();
         let (ids, valid) = model.net.batch_text(&caps, opts.device);
         let rate = warmup_cosine(lr, step, warmup, opts.steps);
         // k_img contrasting scenes per caption, drawn from the step so that a resumed run draws
@@ -1209,6 +1253,13 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
                 .collect();
             let other = round_trip(from_rgb8(&pictures, size, opts.device)?);
             Some((other, Tensor::ones([caps.len() as i64, k_img as i64], (Kind::Bool, opts.device))))
+        } else if let Some(jb) = &judged_batch {
+            // the world's rows have no contrasting pictures; the judged rows their wrong samples
+            let kj = recipe.judged_negatives;
+            let mut real = vec![false; batch.captions.len() * kj];
+            real.extend(&jb.real);
+            let real = Tensor::from_slice(&real).view([caps.len() as i64, kj as i64]).to_device(opts.device);
+            Some((from_rgb8(&jb.negatives, size, opts.device)?, real))
         } else {
             None
         };
@@ -1218,7 +1269,7 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
         let captions = if k > 0 {
             let mut rng = crate::sample::SeedRng::new(opts.seed ^ 0xC0_4E57 ^ (step as u64).wrapping_mul(0x9E37_79B9));
             let (mut others, mut real) = (Vec::with_capacity(caps.len() * k), Vec::with_capacity(caps.len() * k));
-            for (c, own) in batch.captions.iter().zip(&caps) {
+            for (c, own) in captions_all.iter().zip(&caps) {
                 let picked = crate::world::pick_contrasts(c, k, &mut rng);
                 for j in 0..k {
                     real.push(j < picked.len());
@@ -1246,7 +1297,8 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
         ema.update(step);
         let step = run.advance(&loss);
         if step % opts.log_every == 0 || run.is_last() {
-            let per_s = run.rate(opts.batch);
+            // the judged rows are pictures of the batch too
+            let per_s = run.rate(opts.batch + judged_batch.as_ref().map_or(0, |jb| jb.captions.len()));
             let record = serde_json::json!({
                 "step": step, "loss": run.last_loss(), "lr": rate, "scale": model.net.scale().double_value(&[]),
                 "images_per_s": per_s, "data_wait": run.data_wait(),

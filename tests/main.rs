@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod faults;
 mod fuzz;
+mod judged;
 mod masks;
 mod openai_dvae;
 mod params;

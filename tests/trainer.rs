@@ -298,6 +298,26 @@ fn reranker_learns_and_eval_writes_a_report() {
     for f in ["report.json", "report.md", "grid.png"] {
         assert!(out.join(f).exists(), "{f} missing");
     }
+    // rankings.json: each caption's verdicts and scores, from which the report's figures
+    // follow (per sample, and the top-1 of the highest score)
+    let rankings: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(out.join("rankings.json")).unwrap()).unwrap();
+    assert_eq!(rankings.len(), 10);
+    for (split, accs) in [("seen", &r.accuracy), ("held_out", &r.held_out)] {
+        for (cap, a) in accs {
+            let rows: Vec<_> = rankings.iter().filter(|x| x["key"] == format!("{split}/{cap}")).collect();
+            assert_eq!(rows.len(), a.n);
+            let (mut right, mut top) = (0.0, 0.0);
+            for x in &rows {
+                let ok: Vec<bool> = serde_json::from_value(x["right"].clone()).unwrap();
+                let score: Vec<f32> = serde_json::from_value(x["reranker"].clone()).unwrap();
+                right += ok.iter().filter(|&&o| o).count() as f64 / ok.len() as f64;
+                let best = (0..score.len()).fold(0, |b, i| if score[i] >= score[b] { i } else { b });
+                top += f64::from(u8::from(ok[best]));
+            }
+            assert!((right / a.n as f64 - a.single).abs() < 1e-9 && (top / a.n as f64 - a.rerank_top1).abs() < 1e-9);
+        }
+    }
     // every wrong sample has a reason, and the picks' reasons are among them
     for a in r.accuracy.values().chain(r.held_out.values()) {
         let wrong = (2.0 * a.n as f64 * (1.0 - a.single)).round() as usize;

@@ -1,0 +1,353 @@
+//! Judged samples: the model's own samples of the synthetic world's scenes, each judged right
+//! or wrong by the evaluator ([`crate::eval::score`]), kept on disk for the reranker to learn
+//! from.
+//!
+//! A reranker learns to tell a caption's picture from other captions' pictures and from
+//! contrasting pictures the world draws; at inference it ranks the transformer's samples of one
+//! prompt, whose wrong ones are the transformer's own near misses (a look-alike shape, an object
+//! that melted into its neighbour). Judged samples show it exactly those: each scene's right
+//! samples as its pictures, its wrong ones as the pictures its caption must score below
+//! (`train reranker --judged DIR`).
+//!
+//! A folder of parts, `part-NNNNN.safetensors`, each with the samples of [`SCENES_PER_PART`]
+//! consecutive scenes of the world's training split (held-out colour–shape pairs never
+//! appear): `pictures` (U8 [n·K, H, W, 3], scene by scene, K samples each) and `right` (U8
+//! [n·K]), with the captions and the settings in its metadata. Parts are written atomically
+//! and a run that was killed starts again at the first part missing.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::sample::{SampleOptions, Sampler, SeedRng};
+use crate::world::{self, Split};
+
+/// Scenes per part file.
+pub const SCENES_PER_PART: usize = 64;
+const MARK: &str = "tessera-judged-samples";
+
+/// What `tessera train judged` draws.
+#[derive(Debug, Clone)]
+pub struct JudgedOptions {
+    /// World scenes (rounded up to whole parts).
+    pub scenes: usize,
+    /// Samples per scene.
+    pub per_scene: usize,
+    /// Rows per sampling batch (whole scenes: rounded down to a multiple of `per_scene`).
+    pub batch: usize,
+    /// Seed of the scenes and of the samples' draws.
+    pub seed: u64,
+    pub sample: SampleOptions,
+}
+
+/// What a run wrote.
+#[derive(Debug, Clone)]
+pub struct JudgedSummary {
+    pub parts: usize,
+    /// Parts drawn by this run (the rest were there already).
+    pub drawn: usize,
+    pub samples: usize,
+    pub right: usize,
+    /// Scenes with at least one right and one wrong sample: those the reranker learns from.
+    pub informative: usize,
+    pub samples_per_s: f64,
+}
+
+/// The path of part `i`.
+pub fn part_path(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("part-{i:05}.safetensors"))
+}
+
+/// The world scene of index `i` (training split) that judged samples of `seed` draw.
+pub fn scene(seed: u64, i: usize) -> world::Scene {
+    world::sample(seed ^ 0x1D6E_D5A3, i as u64, Split::Train)
+}
+
+/// One part read back.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub captions: Vec<String>,
+    pub per_scene: usize,
+    pub size: usize,
+    /// RGB8 pictures, scene by scene.
+    pub pictures: Vec<Vec<u8>>,
+    pub right: Vec<bool>,
+    meta: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Reads part `path`; a file that is not a whole part is an error naming it.
+pub fn read_part(path: &Path) -> Result<Part> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |m: &str| Error::checkpoint(path, format!("not a part of judged samples: {m}"));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(&e.to_string()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if !meta.contains_key(MARK) {
+        return Err(bad("its metadata has no mark"));
+    }
+    let captions: Vec<String> = meta
+        .get("captions")
+        .and_then(|c| serde_json::from_str(c).ok())
+        .ok_or_else(|| bad("no captions in its metadata"))?;
+    let num = |k: &str| meta.get(k).and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| bad(&format!("no {k}")));
+    let (per_scene, size) = (num("per_scene")?, num("size")?);
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(&e.to_string()))?;
+    let n = captions.len() * per_scene;
+    let picture = size * size * 3;
+    let pictures = st.tensor("pictures").map_err(|e| bad(&e.to_string()))?;
+    let right = st.tensor("right").map_err(|e| bad(&e.to_string()))?;
+    if pictures.data().len() != n * picture || right.data().len() != n || n == 0 {
+        return Err(bad(&format!("its tensors do not hold {} scenes × {per_scene} samples", captions.len())));
+    }
+    let meta = meta.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+    Ok(Part {
+        captions,
+        per_scene,
+        size,
+        pictures: pictures.data().chunks(picture).map(<[u8]>::to_vec).collect(),
+        right: right.data().iter().map(|&r| r != 0).collect(),
+        meta,
+    })
+}
+
+/// The settings a part records, as its metadata holds them.
+fn settings(model: &Model, o: &JudgedOptions) -> Result<Vec<(String, String)>> {
+    let weights = [
+        crate::io::varstore_to_safetensors(&model.transformer.vs)?,
+        crate::io::varstore_to_safetensors(&model.dvae.vs)?,
+    ];
+    let h = weights.iter().fold(0u64, |h, w| h ^ crate::shards::fnv1a(w).rotate_left(17));
+    Ok(vec![
+        ("per_scene".into(), o.per_scene.to_string()),
+        ("size".into(), model.config.dvae.image_size.to_string()),
+        ("seed".into(), o.seed.to_string()),
+        ("sampling".into(), format!("{:?}", o.sample)),
+        ("model".into(), format!("{h:016x}")),
+    ])
+}
+
+/// Draws and judges the samples of `o.scenes` world scenes into `dir` (see the module doc),
+/// skipping parts already there with the same settings; `progress` sees (parts done, parts).
+pub fn draw(
+    model: &Model,
+    dir: &Path,
+    o: &JudgedOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<JudgedSummary> {
+    if o.scenes == 0 || o.per_scene < 2 {
+        return Err(Error::Invalid(
+            "judged samples need at least one scene and two samples per scene (a right one and a wrong one to compare)"
+                .into(),
+        ));
+    }
+    o.sample.validate()?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let parts = o.scenes.div_ceil(SCENES_PER_PART);
+    let want = settings(model, o)?;
+    let size = model.config.dvae.image_size;
+    let per_batch = (o.batch / o.per_scene).max(1);
+    let t0 = Instant::now();
+    let mut s = JudgedSummary { parts, drawn: 0, samples: 0, right: 0, informative: 0, samples_per_s: 0.0 };
+    let mut drawn_samples = 0;
+    for p in 0..parts {
+        let path = part_path(dir, p);
+        let kept = path
+            .exists()
+            .then(|| read_part(&path))
+            .and_then(|r| r.ok())
+            .filter(|part| want.iter().all(|(k, v)| part.meta.get(k).and_then(|x| x.as_str()) == Some(v.as_str())));
+        let (captions, right) = match kept {
+            Some(part) => (part.captions, part.right),
+            None => {
+                let scenes: Vec<world::Scene> =
+                    (p * SCENES_PER_PART..(p + 1) * SCENES_PER_PART).map(|i| scene(o.seed, i)).collect();
+                let mut pictures = Vec::with_capacity(scenes.len() * o.per_scene * size * size * 3);
+                let mut right = Vec::with_capacity(scenes.len() * o.per_scene);
+                for (c, chunk) in scenes.chunks(per_batch).enumerate() {
+                    let mut ids = Vec::new();
+                    let mut seeds = Vec::new();
+                    for (j, sc) in chunk.iter().enumerate() {
+                        let enc = model.encode_prompt(&sc.caption)?;
+                        let first = (p * SCENES_PER_PART + c * per_batch + j) * o.per_scene;
+                        let mut rng = SeedRng::new(o.seed ^ 0x5A3B_1E00 ^ first as u64);
+                        for _ in 0..o.per_scene {
+                            ids.push(enc.ids.clone());
+                            seeds.push(rng.next_u64());
+                        }
+                    }
+                    let net = &model.transformer.net;
+                    let text = net.pad_text(&ids);
+                    let tokens = Sampler::new(net, &text, None, &seeds, &o.sample)?.run(|_| true)?;
+                    let rgb = model.decode(&tokens)?;
+                    for (j, sc) in chunk.iter().enumerate() {
+                        for x in &rgb[j * o.per_scene..(j + 1) * o.per_scene] {
+                            right.push(crate::eval::score(sc, x, size));
+                            pictures.extend_from_slice(x);
+                        }
+                    }
+                }
+                let captions: Vec<String> = scenes.into_iter().map(|sc| sc.caption).collect();
+                write_part(&path, &captions, &pictures, &right, &want, size)?;
+                s.drawn += 1;
+                drawn_samples += right.len();
+                (captions, right)
+            }
+        };
+        s.samples += right.len();
+        s.right += right.iter().filter(|&&r| r).count();
+        s.informative += right.chunks(o.per_scene).filter(|r| r.contains(&true) && r.contains(&false)).count();
+        debug_assert_eq!(captions.len() * o.per_scene, right.len());
+        progress(p + 1, parts);
+    }
+    s.samples_per_s = drawn_samples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    Ok(s)
+}
+
+/// Writes one part (atomically): `captions` scene by scene, `right.len() / captions.len()`
+/// samples each, `pictures` their RGB8 bytes in the same order; `settings` go to its metadata.
+pub fn write_part(
+    path: &Path,
+    captions: &[String],
+    pictures: &[u8],
+    right: &[bool],
+    settings: &[(String, String)],
+    size: usize,
+) -> Result<()> {
+    let n = right.len();
+    let raws = [
+        (
+            "pictures",
+            crate::io::Raw { shape: vec![n, size, size, 3], data: pictures.to_vec(), dtype: safetensors::Dtype::U8 },
+        ),
+        (
+            "right",
+            crate::io::Raw {
+                shape: vec![n],
+                data: right.iter().map(|&r| u8::from(r)).collect(),
+                dtype: safetensors::Dtype::U8,
+            },
+        ),
+    ];
+    if captions.is_empty() || !n.is_multiple_of(captions.len()) || pictures.len() != n * size * size * 3 {
+        return Err(Error::Invalid(format!(
+            "{} pictures and {n} verdicts do not make whole scenes of {} captions",
+            pictures.len() / (size * size * 3).max(1),
+            captions.len()
+        )));
+    }
+    let mut meta: std::collections::HashMap<String, String> = settings.iter().cloned().collect();
+    meta.insert(MARK.into(), "1".into());
+    meta.insert("per_scene".into(), (n / captions.len()).to_string());
+    meta.insert("size".into(), size.to_string());
+    meta.insert("captions".into(), serde_json::to_string(captions).map_err(|e| Error::Invalid(e.to_string()))?);
+    let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (*n, r)), &Some(meta))
+        .map_err(|e| Error::Invalid(format!("cannot serialise judged samples: {e}")))?;
+    crate::io::write_atomic(path, &bytes)
+}
+
+/// One scene a reranker learns from: its caption, its right samples and its wrong ones
+/// (indices into [`JudgedSet::pictures`]).
+#[derive(Debug, Clone)]
+pub struct JudgedScene {
+    pub caption: String,
+    pub right: Vec<usize>,
+    pub wrong: Vec<usize>,
+}
+
+/// The informative scenes of a folder of parts (at least one right and one wrong sample),
+/// with their pictures.
+#[derive(Debug, Default)]
+pub struct JudgedSet {
+    pub scenes: Vec<JudgedScene>,
+    pub pictures: Vec<Vec<u8>>,
+    pub size: usize,
+    /// Scenes read, informative or not.
+    pub read: usize,
+}
+
+impl JudgedSet {
+    /// Reads every part in `dir` (pictures of `size` px); a damaged part is named on stderr
+    /// and skipped, never half used; none readable is an error.
+    pub fn load(dir: &Path, size: usize) -> Result<Self> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("part-") && n.ends_with(".safetensors"))
+            })
+            .collect();
+        paths.sort();
+        let mut set = JudgedSet { size, ..Default::default() };
+        for path in &paths {
+            let part = match read_part(path) {
+                Ok(p) if p.size == size => p,
+                Ok(p) => {
+                    eprintln!("skipping {}: its pictures are {} px, the model's {size} px", path.display(), p.size);
+                    continue;
+                }
+                Err(e) => {
+                    eprintln!("skipping {e}");
+                    continue;
+                }
+            };
+            for (c, caption) in part.captions.iter().enumerate() {
+                set.read += 1;
+                let samples = c * part.per_scene..(c + 1) * part.per_scene;
+                let judged = &part.right[samples.clone()];
+                if !(judged.contains(&true) && judged.contains(&false)) {
+                    continue;
+                }
+                let base = set.pictures.len();
+                set.pictures.extend(part.pictures[samples].iter().cloned());
+                let (right, wrong): (Vec<usize>, Vec<usize>) =
+                    (base..base + judged.len()).partition(|&i| judged[i - base]);
+                set.scenes.push(JudgedScene { caption: caption.clone(), right, wrong });
+            }
+        }
+        if set.scenes.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{} holds no scene with both a right and a wrong sample (parts read: {}, scenes: {})",
+                dir.display(),
+                paths.len(),
+                set.read
+            )));
+        }
+        Ok(set)
+    }
+
+    /// `n` scenes for one training step, drawn with replacement from `rng`: for each, one of
+    /// its right samples (the caption's picture) and `k` of its wrong ones (fewer where it has
+    /// fewer: the rest repeat the first, marked not real).
+    pub fn batch(&self, n: usize, k: usize, rng: &mut SeedRng) -> JudgedBatch {
+        let mut b = JudgedBatch::default();
+        for _ in 0..n {
+            let s = &self.scenes[(rng.next_u64() % self.scenes.len() as u64) as usize];
+            b.captions.push(s.caption.clone());
+            b.pictures.push(self.pictures[s.right[(rng.next_u64() % s.right.len() as u64) as usize]].clone());
+            let mut wrong = s.wrong.clone();
+            // a partial Fisher–Yates shuffle picks k distinct wrong samples
+            for j in 0..k.min(wrong.len()) {
+                let r = j + (rng.next_u64() % (wrong.len() - j) as u64) as usize;
+                wrong.swap(j, r);
+            }
+            for j in 0..k {
+                let real = j < wrong.len();
+                b.negatives.push(self.pictures[wrong[if real { j } else { 0 }]].clone());
+                b.real.push(real);
+            }
+        }
+        b
+    }
+}
+
+/// Judged scenes for one step: captions, their pictures, and `k` wrong samples per caption.
+#[derive(Debug, Default)]
+pub struct JudgedBatch {
+    pub captions: Vec<String>,
+    pub pictures: Vec<Vec<u8>>,
+    /// k per caption, caption b's at b·k..(b+1)·k.
+    pub negatives: Vec<Vec<u8>>,
+    pub real: Vec<bool>,
+}

@@ -1,0 +1,213 @@
+//! Judged samples: judged by the evaluator, resumed part by part,
+//! read back into the scenes a reranker learns from; the reranker's loss with wrong samples
+//! for some of its rows.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+use tessera::judged::{self, JudgedOptions, JudgedSet};
+use tessera::{Config, Model, SampleOptions};
+
+fn options(scenes: usize, per_scene: usize, batch: usize) -> JudgedOptions {
+    JudgedOptions { scenes, per_scene, batch, seed: 5, sample: SampleOptions::default() }
+}
+
+#[test]
+fn judged_samples_are_judged_by_the_evaluator_and_resume_part_by_part() {
+    let _cpu = crate::common::heavy_cpu();
+    let d = tempfile::tempdir().unwrap();
+    let model = Model::load(&crate::common::saved_tiny_model(&d.path().join("m"), 3), Device::Cpu).unwrap();
+    let size = model.config.dvae.image_size;
+    let a = d.path().join("a");
+    // 65 scenes: two parts
+    let s = judged::draw(&model, &a, &options(65, 2, 16), |_, _| {}).unwrap();
+    assert_eq!((s.parts, s.drawn, s.samples), (2, 2, 2 * 2 * judged::SCENES_PER_PART));
+    // what a part holds (its metadata's order in the file is not fixed)
+    let bytes = |dir: &Path, i| {
+        let p = judged::read_part(&judged::part_path(dir, i)).unwrap();
+        (p.captions, p.pictures, p.right)
+    };
+    let (first, second) = (bytes(&a, 0), bytes(&a, 1));
+    // every verdict is the evaluator's on the stored picture of its scene
+    let part = judged::read_part(&judged::part_path(&a, 1)).unwrap();
+    assert_eq!(part.per_scene, 2);
+    for (c, caption) in part.captions.iter().enumerate() {
+        let scene = judged::scene(5, judged::SCENES_PER_PART + c);
+        assert_eq!(&scene.caption, caption);
+        for k in 0..2 {
+            let i = 2 * c + k;
+            assert_eq!(part.right[i], tessera::eval::score(&scene, &part.pictures[i], size));
+        }
+    }
+    // the samples differ from scene to scene and within a scene
+    assert!(part.pictures[0] != part.pictures[1] && part.pictures[0] != part.pictures[2]);
+    // a killed run: the last part missing, the first cut short; each drawn again, the same
+    std::fs::remove_file(judged::part_path(&a, 1)).unwrap();
+    let again = judged::draw(&model, &a, &options(65, 2, 16), |_, _| {}).unwrap();
+    assert_eq!((again.drawn, again.samples), (1, s.samples), "the whole first part is kept");
+    assert!(bytes(&a, 1) == second);
+    let cut = std::fs::read(judged::part_path(&a, 0)).unwrap();
+    std::fs::write(judged::part_path(&a, 0), &cut[..cut.len() / 2]).unwrap();
+    let e = judged::read_part(&judged::part_path(&a, 0)).unwrap_err().to_string();
+    assert!(e.contains("part-00000"), "{e}");
+    assert_eq!(judged::draw(&model, &a, &options(64, 2, 16), |_, _| {}).unwrap().drawn, 1);
+    assert!(bytes(&a, 0) == first);
+    // other settings are not mixed in: another seed draws the part again, other samples
+    let other = JudgedOptions { seed: 6, ..options(64, 2, 16) };
+    assert_eq!(judged::draw(&model, &a, &other, |_, _| {}).unwrap().drawn, 1);
+    assert!(bytes(&a, 0) != first);
+    // one sample per scene cannot compare anything
+    assert!(judged::draw(&model, &a, &options(64, 1, 16), |_, _| {}).is_err());
+}
+
+/// A picture whose every byte is `v`.
+fn flat(v: u8, size: usize) -> Vec<u8> {
+    vec![v; size * size * 3]
+}
+
+/// Writes a part of three scenes of three samples whose verdicts are given (pictures: their
+/// sample's index, 10·scene + sample).
+fn write_three_scenes(dir: &Path, i: usize, right: [[bool; 3]; 3], size: usize) {
+    let captions: Vec<String> = ["a red circle", "a blue square", "two green stars"].map(String::from).to_vec();
+    let pictures: Vec<u8> = (0..3).flat_map(|c| (0..3).flat_map(move |k| flat(10 * c + k, size))).collect();
+    let right: Vec<bool> = right.iter().flatten().copied().collect();
+    judged::write_part(&judged::part_path(dir, i), &captions, &pictures, &right, &[], size).unwrap();
+}
+
+#[test]
+fn a_judged_set_keeps_the_scenes_with_a_right_and_a_wrong_sample_and_draws_true_negatives() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 8;
+    // scene 0: right, wrong, wrong; scene 1: all right (left out); scene 2: wrong, right, wrong
+    write_three_scenes(d.path(), 0, [[true, false, false], [true, true, true], [false, true, false]], size);
+    // a damaged part is skipped, never half used
+    write_three_scenes(d.path(), 1, [[true, false, true]; 3], size);
+    let p1 = judged::part_path(d.path(), 1);
+    let b = std::fs::read(&p1).unwrap();
+    std::fs::write(&p1, &b[..b.len() - 100]).unwrap();
+    let set = JudgedSet::load(d.path(), size).unwrap();
+    assert_eq!((set.scenes.len(), set.read), (2, 3));
+    let value = |i: usize| set.pictures[i][0];
+    assert_eq!(set.scenes[0].caption, "a red circle");
+    assert_eq!(set.scenes[0].right.iter().map(|&i| value(i)).collect::<Vec<_>>(), [0]);
+    assert_eq!(set.scenes[0].wrong.iter().map(|&i| value(i)).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(set.scenes[1].caption, "two green stars");
+    assert_eq!(set.scenes[1].right.iter().map(|&i| value(i)).collect::<Vec<_>>(), [21]);
+    assert_eq!(set.scenes[1].wrong.iter().map(|&i| value(i)).collect::<Vec<_>>(), [20, 22]);
+    // three negatives asked: both wrong samples, distinct, and a third marked not real
+    let mut rng = tessera::sample::SeedRng::new(1);
+    let batch = set.batch(40, 3, &mut rng);
+    assert_eq!((batch.captions.len(), batch.pictures.len(), batch.negatives.len()), (40, 40, 120));
+    for (b, caption) in batch.captions.iter().enumerate() {
+        let (own, wrong): (u8, [u8; 2]) = if caption == "a red circle" { (0, [1, 2]) } else { (21, [20, 22]) };
+        assert_eq!(batch.pictures[b][0], own);
+        let negs: Vec<u8> = (0..2).map(|j| batch.negatives[3 * b + j][0]).collect();
+        assert!(negs.contains(&wrong[0]) && negs.contains(&wrong[1]), "{negs:?}");
+        assert_eq!(&batch.real[3 * b..3 * b + 3], [true, true, false]);
+    }
+    assert!(batch.captions.iter().any(|c| c == "a red circle") && batch.captions.iter().any(|c| c != "a red circle"));
+    // nothing to learn from is an error
+    let e = tempfile::tempdir().unwrap();
+    write_three_scenes(e.path(), 0, [[true; 3]; 3], size);
+    assert!(JudgedSet::load(e.path(), size).unwrap_err().to_string().contains("no scene"));
+}
+
+#[test]
+fn contrasting_pictures_for_the_last_rows_alone_give_the_loss_computed_by_hand() {
+    let cfg = Config::tiny();
+    tch::manual_seed(4);
+    let m = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
+    let size = cfg.dvae.image_size as i64;
+    let images = Tensor::rand([4, 3, size, size], (Kind::Float, Device::Cpu));
+    let negatives = Tensor::rand([4, 3, size, size], (Kind::Float, Device::Cpu));
+    let captions: Vec<Vec<i64>> = (0..4).map(|c| vec![5 + c, 9, 40 + 2 * c]).collect();
+    let (ids, valid) = m.net.batch_text(&captions, Device::Cpu);
+    // two negatives each for rows 2 and 3; row 3's second is not real
+    let real = Tensor::from_slice(&[false, false, false, false, true, true, true, false]).view([4, 2]);
+    let got = tch::no_grad(|| m.net.loss_with_all_contrasts(&images, &ids, &valid, None, Some((&negatives, &real))))
+        .double_value(&[]);
+    let (img, txt, neg, s) = tch::no_grad(|| {
+        (m.net.encode_image(&images), m.net.encode_text(&ids, &valid), m.net.encode_image(&negatives), m.net.scale())
+    });
+    let s = s.double_value(&[]);
+    let dot = |a: &Tensor, i: i64, b: &Tensor, j: i64| s * (a.get(i) * b.get(j)).sum(Kind::Float).double_value(&[]);
+    let ce = |row: &[f64], target: usize| {
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln() - row[target]
+    };
+    let (mut image_side, mut text_side) = (0.0, 0.0);
+    for b in 0..4 {
+        image_side += ce(&(0..4).map(|c| dot(&img, b, &txt, c)).collect::<Vec<_>>(), b as usize);
+        let mut row: Vec<f64> = (0..4).map(|i| dot(&img, i, &txt, b)).collect();
+        match b {
+            2 => row.extend([dot(&txt, 2, &neg, 0), dot(&txt, 2, &neg, 1)]),
+            3 => row.push(dot(&txt, 3, &neg, 2)),
+            _ => {}
+        }
+        text_side += ce(&row, b as usize);
+    }
+    let want = (image_side / 4.0 + text_side / 4.0) / 2.0;
+    assert!((got - want).abs() < 1e-4, "loss {got} against {want} by hand");
+}
+
+#[test]
+fn a_reranker_learns_from_judged_samples_and_resumes_exactly() {
+    let _cpu = crate::common::heavy_cpu();
+    let judged_dir = tempfile::tempdir().unwrap();
+    let size = Config::tiny().dvae.image_size;
+    for i in 0..2 {
+        write_three_scenes(
+            judged_dir.path(),
+            i,
+            [[true, false, false], [false, true, true], [false, false, false]],
+            size,
+        );
+    }
+    let run = |steps: &str, extra: &[&str], dir: &Path| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
+        cmd.args(["train", "reranker", "--steps", steps, "--batch", "4", "--checkpoint-every", "2", "--sample-every"])
+            .args(["0", "--log-every", "1", "--seed", "9", "--threads", "1", "--device", "cpu", "--data", "world:3"])
+            .args([
+                "--contrasts",
+                "2",
+                "--judged-batch",
+                "3",
+                "--judged-negatives",
+                "2",
+                "--lr",
+                "3e-3",
+                "--warmup",
+                "1",
+            ]);
+        if !extra.contains(&"--no-judged") {
+            cmd.arg("--judged").arg(judged_dir.path());
+        }
+        let o = cmd.args(extra.iter().filter(|&&x| x != "--no-judged")).arg("--dir").arg(dir).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&a, &b, &c] {
+        tessera::train::init_dir(d.path(), &Config::tiny()).unwrap();
+        tessera::train::train_tokenizer(d.path(), "world", 500).unwrap();
+    }
+    let said = run("4", &[], a.path());
+    assert!(said.contains("4 of 6 scenes"), "{said}");
+    run("4", &["--stop-after", "2"], b.path());
+    run("4", &["--resume"], b.path());
+    let weights = |d: &Path| std::fs::read(d.join("reranker.safetensors")).unwrap();
+    assert!(weights(a.path()) == weights(b.path()), "a resumed run differs");
+    // the judged rows take part: the same run without them ends elsewhere
+    run("4", &["--no-judged"], c.path());
+    assert!(weights(a.path()) != weights(c.path()), "the judged samples changed nothing");
+    // judged samples with contrasting pictures of the world are refused
+    let mut o = tessera::train::TrainOptions::new(a.path());
+    o.data = "world:3".into();
+    let recipe = tessera::train::RerankerRecipe {
+        judged: Some(judged_dir.path().to_path_buf()),
+        contrast_images: 2,
+        ..Default::default()
+    };
+    let e = tessera::train::train_reranker(&o, &recipe).unwrap_err().to_string();
+    assert!(e.contains("--judged"), "{e}");
+}
