@@ -115,7 +115,6 @@ fn a_judged_set_keeps_the_scenes_with_a_right_and_a_wrong_sample_and_draws_true_
 #[test]
 fn contrasting_pictures_for_the_last_rows_alone_give_the_loss_computed_by_hand() {
     let cfg = Config::tiny();
-    tch::manual_seed(4);
     let m = tessera::model::RerankerModel::new(&cfg, Device::Cpu);
     let size = cfg.dvae.image_size as i64;
     let images = Tensor::rand([4, 3, size, size], (Kind::Float, Device::Cpu));
