@@ -1152,7 +1152,8 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
     let judged = match &recipe.judged {
         Some(dir) => {
             let set = crate::judged::JudgedSet::load(dir, cfg.dvae.image_size)?;
-            if !opts.quiet {
+            // said once: not again by the throwaway steps that plan `--time`
+            if !opts.quiet && !opts.calibrate {
                 eprintln!(
                     "judged samples: {} of {} scenes have a right and a wrong sample ({} pictures)",
                     set.scenes.len(),
