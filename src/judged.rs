@@ -73,7 +73,7 @@ pub struct Part {
     /// RGB8 pictures, scene by scene.
     pub pictures: Vec<Vec<u8>>,
     pub right: Vec<bool>,
-    meta: serde_json::Map<String, serde_json::Value>,
+    meta: std::collections::HashMap<String, String>,
 }
 
 /// Reads part `path`; a file that is not a whole part is an error naming it.
@@ -99,7 +99,6 @@ pub fn read_part(path: &Path) -> Result<Part> {
     if pictures.data().len() != n * picture || right.data().len() != n || n == 0 {
         return Err(bad(&format!("its tensors do not hold {} scenes × {per_scene} samples", captions.len())));
     }
-    let meta = meta.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
     Ok(Part {
         captions,
         per_scene,
@@ -112,11 +111,7 @@ pub fn read_part(path: &Path) -> Result<Part> {
 
 /// The settings a part records, as its metadata holds them.
 fn settings(model: &Model, o: &JudgedOptions) -> Result<Vec<(String, String)>> {
-    let weights = [
-        crate::io::varstore_to_safetensors(&model.transformer.vs)?,
-        crate::io::varstore_to_safetensors(&model.dvae.vs)?,
-    ];
-    let h = weights.iter().fold(0u64, |h, w| h ^ crate::shards::fnv1a(w).rotate_left(17));
+    let h = model.weights_hash()?;
     Ok(vec![
         ("per_scene".into(), o.per_scene.to_string()),
         ("size".into(), model.config.dvae.image_size.to_string()),
@@ -155,7 +150,7 @@ pub fn draw(
             .exists()
             .then(|| read_part(&path))
             .and_then(|r| r.ok())
-            .filter(|part| want.iter().all(|(k, v)| part.meta.get(k).and_then(|x| x.as_str()) == Some(v.as_str())));
+            .filter(|part| want.iter().all(|(k, v)| part.meta.get(k) == Some(v)));
         let (captions, right) = match kept {
             Some(part) => (part.captions, part.right),
             None => {
@@ -214,6 +209,13 @@ pub fn write_part(
     size: usize,
 ) -> Result<()> {
     let n = right.len();
+    if captions.is_empty() || !n.is_multiple_of(captions.len()) || pictures.len() != n * size * size * 3 {
+        return Err(Error::Invalid(format!(
+            "{} pictures and {n} verdicts do not make whole scenes of {} captions",
+            pictures.len() / (size * size * 3).max(1),
+            captions.len()
+        )));
+    }
     let raws = [
         (
             "pictures",
@@ -228,13 +230,6 @@ pub fn write_part(
             },
         ),
     ];
-    if captions.is_empty() || !n.is_multiple_of(captions.len()) || pictures.len() != n * size * size * 3 {
-        return Err(Error::Invalid(format!(
-            "{} pictures and {n} verdicts do not make whole scenes of {} captions",
-            pictures.len() / (size * size * 3).max(1),
-            captions.len()
-        )));
-    }
     let mut meta: std::collections::HashMap<String, String> = settings.iter().cloned().collect();
     meta.insert(MARK.into(), "1".into());
     meta.insert("per_scene".into(), (n / captions.len()).to_string());
@@ -260,7 +255,6 @@ pub struct JudgedScene {
 pub struct JudgedSet {
     pub scenes: Vec<JudgedScene>,
     pub pictures: Vec<Vec<u8>>,
-    pub size: usize,
     /// Scenes read, informative or not.
     pub read: usize,
 }
@@ -279,7 +273,7 @@ impl JudgedSet {
             })
             .collect();
         paths.sort();
-        let mut set = JudgedSet { size, ..Default::default() };
+        let mut set = JudgedSet::default();
         for path in &paths {
             let part = match read_part(path) {
                 Ok(p) if p.size == size => p,

@@ -365,6 +365,16 @@ impl Model {
         Sampler::new(&self.transformer.net, &text, prefix.as_ref(), &batch_seeds(seed, n), opts)
     }
 
+    /// A hash of the transformer's and the dVAE's weights (as they are in memory, in their
+    /// dtype): what the samples of a model depend on beside its settings.
+    pub fn weights_hash(&self) -> Result<u64> {
+        let weights = [
+            crate::io::varstore_to_safetensors(&self.transformer.vs)?,
+            crate::io::varstore_to_safetensors(&self.dvae.vs)?,
+        ];
+        Ok(weights.iter().fold(0, |h, w| h ^ crate::shards::fnv1a(w).rotate_left(17)))
+    }
+
     /// Decodes image tokens [B, I] into RGB8 images.
     pub fn decode(&self, tokens: &Tensor) -> Result<Vec<Vec<u8>>> {
         let g = self.config.grid_size() as i64;

@@ -427,12 +427,7 @@ fn samples_fingerprint(model: &Model, opts: &EvalOptions) -> Result<String> {
             }
         }
     }
-    let weights = [
-        crate::io::varstore_to_safetensors(&model.transformer.vs)?,
-        crate::io::varstore_to_safetensors(&model.dvae.vs)?,
-    ];
-    let h =
-        weights.iter().fold(crate::shards::fnv1a(text.as_bytes()), |h, w| h ^ crate::shards::fnv1a(w).rotate_left(17));
+    let h = crate::shards::fnv1a(text.as_bytes()) ^ model.weights_hash()?;
     Ok(format!("{h:016x}"))
 }
 
