@@ -8,8 +8,9 @@
 # FILES_DIR holds A.tgz and/or B.tgz, logs.tgz and check.json as the call left them. Without
 # --adopt nothing in the repository changes. Adopt only a model that scores better where it
 # counts (top-1 of the issue's capabilities, held-out pairs included). After adopting: the
-# model's `sampling` settings (the committed model's temperature 0.8 was chosen by evaluation:
-# re-check it), then `tessera eval --model assets/models/default --captions 50 --samples 16
+# model's `sampling` settings (the committed model's temperature 0.8 and guidance 1.5 were chosen
+# by evaluation, and the call scored both arms with them: an adopted config.json without a
+# `sampling` section gets them; re-check them), then `tessera eval --model assets/models/default --captions 50 --samples 16
 # --out …/eval` and `--captions 100 --samples 0 --out …/eval-dvae` if the call's did not
 # finish, the README's table and screenshot, TRAINING.md. B's dVAE is the committed one
 # (D512g since the twentieth session: the grown decoder, width 96, 2 blocks per group);
@@ -70,7 +71,18 @@ for f in config.json tokenizer.json dvae.safetensors transformer.safetensors rer
 done
 n=3
 while [ -e "$D/logs/train-all-gpu$n.json" ]; do n=$((n + 1)); done
+old_sampling=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])).get("sampling", {})))' "$D/config.json")
 cp "$work/$pick"/{config.json,tokenizer.json,dvae.safetensors,transformer.safetensors,reranker.safetensors} "$D/"
+# the sampling settings the arms were scored with (the committed model's), unless the arm has its own
+python3 - "$D/config.json" "$old_sampling" <<'PY'
+import json, sys
+path, old = sys.argv[1], json.loads(sys.argv[2])
+cfg = json.load(open(path))
+if old and not cfg.get("sampling"):
+    cfg["sampling"] = old
+    json.dump(cfg, open(path, "w"), indent=2)
+    print(f"sampling settings kept from the previous model: {old}")
+PY
 for f in dvae transformer reranker; do
   [ -f "$work/$pick/$f.log.jsonl" ] && cp "$work/$pick/$f.log.jsonl" "$D/logs/$f-gpu$n.log.jsonl"
 done

@@ -19,7 +19,8 @@
 #     loss still falling) trained on for the whole budget (the dVAE stage is skipped and its
 #     share goes to the transformer; the same codes, so nothing is carried over), the committed
 #     reranker trained further on its pictures (`--init-from`);
-#     each then scored (`eval`, 50 captions × 16 samples) with its dVAE's round trips
+#     each then scored (`eval`, 50 captions × 16 samples, at the committed model's temperature 0.8
+#     and guidance 1.5: EVAL_SAMPLING) with its dVAE's round trips
 #     (`eval --samples 0`, 100 scenes per capability);
 # (C) the speed check (`tools/gpu-check`) on the committed model, cut at TC seconds (it also
 #     times the static decode steps' additive masks against boolean rows).
@@ -39,6 +40,7 @@ TA=${TA:-300} TE=${TE:-80} TR=${TR:-30} TC=${TC:-60}
 BA=${BA:-4m30s} BB=${BB:-4m30s}
 ARMS=${ARMS:-A B}
 DVAE_DATA=${DVAE_DATA:-world-dense}
+EVAL_SAMPLING=${EVAL_SAMPLING:---temperature 0.8 --guidance 1.5}
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date; } >/tmp/info.txt 2>&1
@@ -53,8 +55,9 @@ arm() {
   timeout $TA "$bin" train all --dir "/tmp/$name" --init-from $D --device "$dev" --eval-captions 0 "$@" \
     >"/tmp/$name.log" 2>&1
   echo "$name train exit $? at $(( $(date +%s) - t0 ))s" >>/tmp/info.txt
+  # every arm scored with the committed model's sampling settings (a preset's own are plain)
   timeout $TE "$bin" eval --model "/tmp/$name" --captions ${EVAL_A:-50} --samples 16 --device "$dev" \
-    --out "/tmp/$name/eval" >"/tmp/E$name.log" 2>&1
+    $EVAL_SAMPLING --out "/tmp/$name/eval" >"/tmp/E$name.log" 2>&1
   echo "$name eval exit $? at $(( $(date +%s) - t0 ))s" >>/tmp/info.txt
   timeout $TR "$bin" eval --model "/tmp/$name" --captions ${EVAL_R:-100} --samples 0 --device "$dev" \
     --out "/tmp/$name/eval-dvae" >>"/tmp/E$name.log" 2>&1
