@@ -19,8 +19,8 @@
 #     loss still falling) trained on for the whole budget (the dVAE stage is skipped and its
 #     share goes to the transformer; the same codes, so nothing is carried over), the committed
 #     reranker trained further on its pictures (`--init-from`);
-#     each then scored (`eval`, 50 captions × 16 samples, at the committed model's temperature 0.8
-#     and guidance 1.5: EVAL_SAMPLING) with its dVAE's round trips
+#     each then scored (`eval`, 50 captions × 16 samples, at the committed model's sampling
+#     settings, read from its config.json: EVAL_SAMPLING) with its dVAE's round trips
 #     (`eval --samples 0`, 100 scenes per capability);
 # (C) the speed check (`tools/gpu-check`) on the committed model, cut at TC seconds (it also
 #     times the static decode steps' additive masks against boolean rows).
@@ -40,7 +40,10 @@ TA=${TA:-300} TE=${TE:-80} TR=${TR:-30} TC=${TC:-60}
 BA=${BA:-4m30s} BB=${BB:-4m30s}
 ARMS=${ARMS:-A B}
 DVAE_DATA=${DVAE_DATA:-world-dense}
-EVAL_SAMPLING=${EVAL_SAMPLING:---temperature 0.8 --guidance 1.5}
+# the committed model's own sampling settings, read from its config (absent: plain sampling)
+EVAL_SAMPLING=${EVAL_SAMPLING:-$(python3 -c 'import json, sys
+s = json.load(open(sys.argv[1])).get("sampling", {})
+print(" ".join("--" + k.replace("_", "-") + " " + str(v) for k, v in s.items()))' "$D/config.json")}
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date; } >/tmp/info.txt 2>&1
