@@ -1189,6 +1189,7 @@ fn train(t: TrainCommand) -> Result<()> {
                 judged,
                 judged_batch,
                 judged_negatives,
+                judged_loaded: Default::default(),
             };
             let opts = timed_options(&common, |o| tr::train_reranker(o, &recipe))?;
             tr::train_reranker(&opts, &recipe)?

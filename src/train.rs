@@ -1077,6 +1077,10 @@ pub struct RerankerRecipe {
     pub judged: Option<PathBuf>,
     pub judged_batch: usize,
     pub judged_negatives: usize,
+    /// The judged set once read (the folder and picture size it was read from), kept for the
+    /// next run of this recipe: `--time` plans with throwaway steps, then trains, and a bank of
+    /// thousands of scenes is read once, not twice. Leave it empty (`Default::default()`).
+    pub judged_loaded: std::sync::OnceLock<(PathBuf, usize, std::sync::Arc<crate::judged::JudgedSet>)>,
 }
 
 impl Default for RerankerRecipe {
@@ -1092,6 +1096,7 @@ impl Default for RerankerRecipe {
             judged: None,
             judged_batch: 32,
             judged_negatives: 4,
+            judged_loaded: std::sync::OnceLock::new(),
         }
     }
 }
@@ -1151,7 +1156,16 @@ pub fn train_reranker(opts: &TrainOptions, recipe: &RerankerRecipe) -> Result<Tr
     let source = Source::open(&opts.data)?.for_captions("reranker")?;
     let judged = match &recipe.judged {
         Some(dir) => {
-            let set = crate::judged::JudgedSet::load(dir, cfg.dvae.image_size)?;
+            let size = cfg.dvae.image_size;
+            let set = match recipe.judged_loaded.get() {
+                Some((read_from, read_at, set)) if read_from == dir && *read_at == size => set.clone(),
+                _ => {
+                    let set = std::sync::Arc::new(crate::judged::JudgedSet::load(dir, size)?);
+                    // a recipe run on another folder or size keeps the first set, reads its own
+                    let _ = recipe.judged_loaded.set((dir.clone(), size, set.clone()));
+                    set
+                }
+            };
             // said once: not again by the throwaway steps that plan `--time`
             if !opts.quiet && !opts.calibrate {
                 eprintln!(

@@ -209,4 +209,29 @@ fn a_reranker_learns_from_judged_samples_and_resumes_exactly() {
     };
     let e = tessera::train::train_reranker(&o, &recipe).unwrap_err().to_string();
     assert!(e.contains("--judged"), "{e}");
+    // a recipe reads its bank once (`--time` plans with throwaway steps, then trains): run
+    // again after the bank is gone, it trains on what it read; a fresh recipe finds nothing
+    let recipe = tessera::train::RerankerRecipe {
+        judged: Some(judged_dir.path().to_path_buf()),
+        judged_batch: 3,
+        judged_negatives: 2,
+        warmup: 1,
+        ..Default::default()
+    };
+    o.steps = 1;
+    o.batch = 4;
+    o.sample_every = 0;
+    o.workers = 1;
+    o.quiet = true;
+    tessera::train::train_reranker(&o, &recipe).unwrap();
+    let read = recipe.judged_loaded.get().map(|(_, _, set)| (set.scenes.len(), set.read));
+    assert_eq!(read, Some((4, 6)));
+    let moved = judged_dir.path().with_extension("moved");
+    std::fs::rename(judged_dir.path(), &moved).unwrap();
+    let again = tessera::train::train_reranker(&o, &recipe);
+    let fresh = tessera::train::RerankerRecipe { judged_loaded: Default::default(), ..recipe.clone() };
+    let e = tessera::train::train_reranker(&o, &fresh).map(|_| ()).unwrap_err().to_string();
+    std::fs::rename(&moved, judged_dir.path()).unwrap();
+    again.unwrap();
+    assert!(e.contains(&judged_dir.path().display().to_string()), "{e}");
 }
