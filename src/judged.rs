@@ -64,6 +64,21 @@ pub fn scene(seed: u64, i: usize) -> world::Scene {
     world::sample(seed ^ 0x1D6E_D5A3, i as u64, Split::Train)
 }
 
+/// The part files in `dir`, in order of their names.
+fn part_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("part-") && n.ends_with(".safetensors"))
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
 /// One part read back.
 #[derive(Debug, Clone)]
 pub struct Part {
@@ -263,16 +278,7 @@ impl JudgedSet {
     /// Reads every part in `dir` (pictures of `size` px); a damaged part is named on stderr
     /// and skipped, never half used; none readable is an error.
     pub fn load(dir: &Path, size: usize) -> Result<Self> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("part-") && n.ends_with(".safetensors"))
-            })
-            .collect();
-        paths.sort();
+        let paths = part_paths(dir)?;
         let mut set = JudgedSet::default();
         for path in &paths {
             let part = match read_part(path) {
@@ -344,4 +350,111 @@ pub struct JudgedBatch {
     /// k per caption, caption b's at b·k..(b+1)·k.
     pub negatives: Vec<Vec<u8>>,
     pub real: Vec<bool>,
+}
+
+/// How a reranker ranks one capability's judged samples (or all of them).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RankCell {
+    pub scenes: usize,
+    /// Scenes with at least one right sample: what a perfect reranker's pick reaches.
+    pub any_right: usize,
+    /// Scenes whose highest-scored sample is right.
+    pub top1_right: usize,
+    pub samples: usize,
+    pub samples_right: usize,
+    /// (right, wrong) sample pairs of one scene, and those the reranker scores right first
+    /// (a tie counts half), as `tessera eval`'s pair order.
+    pub pairs: usize,
+    pub pairs_ordered: f64,
+}
+
+impl RankCell {
+    fn add(&mut self, scores: &[f32], right: &[bool]) {
+        let best = scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|p| p.0).unwrap_or(0);
+        let (ordered, pairs) = crate::report::ordered_pairs(scores, right);
+        self.scenes += 1;
+        self.any_right += usize::from(right.contains(&true));
+        self.top1_right += usize::from(right.get(best) == Some(&true));
+        self.samples += right.len();
+        self.samples_right += right.iter().filter(|&&r| r).count();
+        self.pairs += pairs;
+        self.pairs_ordered += ordered;
+    }
+
+    /// The pick's accuracy, the samples' and a perfect pick's, and the pair order (`None` with
+    /// no scene or no pair).
+    pub fn rates(&self) -> (f64, f64, f64, Option<f64>) {
+        let of = |k: usize, n: usize| if n == 0 { 0.0 } else { k as f64 / n as f64 };
+        (
+            of(self.top1_right, self.scenes),
+            of(self.samples_right, self.samples),
+            of(self.any_right, self.scenes),
+            (self.pairs > 0).then(|| self.pairs_ordered / self.pairs as f64),
+        )
+    }
+}
+
+/// A reranker's ranking of a folder of judged samples: by capability and in all.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Ranking {
+    pub parts: usize,
+    /// Parts named on stderr and left out (damaged, or pictures of another size).
+    pub skipped: usize,
+    pub cells: std::collections::BTreeMap<String, RankCell>,
+    pub all: RankCell,
+}
+
+/// Ranks every scene of the judged samples in `dir` with `model`'s reranker, as `tessera eval`
+/// ranks its samples: the pick (the highest score) right or wrong, and the order of each
+/// (right, wrong) pair. Scored on scenes the reranker did not learn from, it measures on
+/// thousands of scenes what `eval` measures on tens per capability, with only the reranker
+/// running. A scene's capability comes from the world scene its part index and seed name
+/// (`unknown` where that scene's caption differs: a part moved or renamed).
+pub fn rank(model: &Model, dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Ranking> {
+    if model.reranker.is_none() {
+        return Err(Error::Invalid("the model has no reranker to rank judged samples with".into()));
+    }
+    let size = model.config.dvae.image_size;
+    let paths = part_paths(dir)?;
+    let mut r = Ranking::default();
+    for (done, path) in paths.iter().enumerate() {
+        let part = match read_part(path) {
+            Ok(p) if p.size == size => p,
+            Ok(p) => {
+                eprintln!("skipping {}: its pictures are {} px, the model's {size} px", path.display(), p.size);
+                r.skipped += 1;
+                continue;
+            }
+            Err(e) => {
+                eprintln!("skipping {e}");
+                r.skipped += 1;
+                continue;
+            }
+        };
+        let index = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.strip_prefix("part-"))
+            .and_then(|s| s.parse::<usize>().ok());
+        let seed = part.meta.get("seed").and_then(|s| s.parse::<u64>().ok());
+        for (c, caption) in part.captions.iter().enumerate() {
+            let samples = c * part.per_scene..(c + 1) * part.per_scene;
+            let scores = model.rerank(caption, &part.pictures[samples.clone()])?.unwrap_or_default();
+            let capability = match (index, seed) {
+                (Some(i), Some(seed)) => {
+                    let sc = scene(seed, i * SCENES_PER_PART + c);
+                    if &sc.caption == caption { sc.capability.name() } else { "unknown" }
+                }
+                _ => "unknown",
+            };
+            r.cells.entry(capability.to_string()).or_default().add(&scores, &part.right[samples.clone()]);
+            r.all.add(&scores, &part.right[samples]);
+        }
+        r.parts += 1;
+        progress(done + 1, paths.len());
+    }
+    if r.parts == 0 {
+        return Err(Error::Invalid(format!("{} holds no readable part of judged samples", dir.display())));
+    }
+    Ok(r)
 }

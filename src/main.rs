@@ -89,6 +89,12 @@ enum Command {
         /// samples, with only the reranking to run.
         #[arg(long)]
         samples_file: Option<PathBuf>,
+        /// Rank the judged samples in this folder (made by `train judged`; give scenes the
+        /// reranker did not learn from) instead of drawing samples: per capability, how often
+        /// the reranker's pick is right and how it orders (right, wrong) pairs, on thousands of
+        /// scenes with only the reranker running. Writes OUT/judged.json.
+        #[arg(long, conflicts_with = "samples_file")]
+        judged: Option<PathBuf>,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -733,11 +739,40 @@ fn run(cli: Cli) -> Result<()> {
             let opts = tessera::app::AppOptions { model, device, threads, data_dir };
             tessera::app::run::run(opts, a.diagnostics)
         }
-        Command::Eval { model, captions, samples, seed, out, device, dtype, threads, samples_file, sampling } => {
+        Command::Eval {
+            model,
+            captions,
+            samples,
+            seed,
+            out,
+            device,
+            dtype,
+            threads,
+            samples_file,
+            judged,
+            sampling,
+        } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
             }
             let device = tessera::parse_device(&device)?;
+            if let Some(judged) = judged {
+                let mut m =
+                    Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
+                m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
+                let r = tessera::judged::rank(&m, &judged, |done, parts| {
+                    eprint!("\rranking judged samples: part {done}/{parts}")
+                })
+                .with_context(|| format!("ranking the judged samples in {}", judged.display()))?;
+                eprintln!();
+                let json = judged_json(&r);
+                std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+                let path = out.join("judged.json");
+                tessera::io::write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+                println!("{}", serde_json::to_string_pretty(&json)?);
+                eprintln!("ranking written to {}", path.display());
+                return Ok(());
+            }
             let dvae_alone = samples == 0 && !model.join(tessera::model::TRANSFORMER_FILE).exists();
             let mut m = if dvae_alone {
                 eprintln!("eval: {} has no transformer: scoring its dVAE alone", model.display());
@@ -755,6 +790,19 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A ranking of judged samples with its rates beside the counts.
+fn judged_json(r: &tessera::judged::Ranking) -> serde_json::Value {
+    let cell = |c: &tessera::judged::RankCell| {
+        let (top1, per_sample, any_right, pair_order) = c.rates();
+        serde_json::json!({
+            "scenes": c.scenes, "top1": top1, "per_sample": per_sample, "any_right": any_right,
+            "pair_order": pair_order, "pairs": c.pairs, "counts": c,
+        })
+    };
+    let cells: serde_json::Map<String, serde_json::Value> = r.cells.iter().map(|(k, c)| (k.clone(), cell(c))).collect();
+    serde_json::json!({ "parts": r.parts, "skipped": r.skipped, "all": cell(&r.all), "cells": cells })
 }
 
 fn load_model(src: &ModelSource, device: tch::Device) -> Result<Model> {

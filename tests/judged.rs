@@ -58,6 +58,59 @@ fn judged_samples_are_judged_by_the_evaluator_and_resume_part_by_part() {
     assert!(bytes(&a, 0) != first);
     // one sample per scene cannot compare anything
     assert!(judged::draw(&model, &a, &options(64, 1, 16), |_, _| {}).is_err());
+    // the reranker's ranking of the folder (part 0 of seed 6, part 1 of seed 5), against the
+    // same counted scene by scene here, each scene's capability from the world itself
+    let r = judged::rank(&model, &a, |_, _| {}).unwrap();
+    let mut want: std::collections::BTreeMap<String, (usize, usize, usize, f64)> = Default::default();
+    for (i, seed) in [(0, 6), (1, 5)] {
+        let part = judged::read_part(&judged::part_path(&a, i)).unwrap();
+        for (c, caption) in part.captions.iter().enumerate() {
+            let pics = &part.pictures[2 * c..2 * c + 2];
+            let right = &part.right[2 * c..2 * c + 2];
+            let s = model.rerank(caption, pics).unwrap().unwrap();
+            let best = if s[1] > s[0] { 1 } else { 0 };
+            let (pairs, ordered) = match (right[0], right[1]) {
+                (true, false) => (
+                    1,
+                    if s[0] > s[1] {
+                        1.0
+                    } else if s[0] == s[1] {
+                        0.5
+                    } else {
+                        0.0
+                    },
+                ),
+                (false, true) => (
+                    1,
+                    if s[1] > s[0] {
+                        1.0
+                    } else if s[0] == s[1] {
+                        0.5
+                    } else {
+                        0.0
+                    },
+                ),
+                _ => (0, 0.0),
+            };
+            let key = judged::scene(seed, i * judged::SCENES_PER_PART + c).capability.name().to_string();
+            let w = want.entry(key).or_default();
+            *w = (w.0 + 1, w.1 + usize::from(right[best]), w.2 + pairs, w.3 + ordered);
+        }
+    }
+    let got: std::collections::BTreeMap<String, (usize, usize, usize, f64)> =
+        r.cells.iter().map(|(k, c)| (k.clone(), (c.scenes, c.top1_right, c.pairs, c.pairs_ordered))).collect();
+    assert_eq!(got, want);
+    assert_eq!((r.parts, r.skipped, r.all.scenes, r.all.samples), (2, 0, 128, 256));
+    assert!(r.all.pairs > 0 && want.len() >= 4, "{want:?}");
+    // a part under another index is ranked as scenes of unknown capability; a damaged one is
+    // named and left out
+    std::fs::copy(judged::part_path(&a, 1), judged::part_path(&a, 7)).unwrap();
+    std::fs::write(judged::part_path(&a, 8), b"not a part").unwrap();
+    let r = judged::rank(&model, &a, |_, _| {}).unwrap();
+    assert_eq!((r.parts, r.skipped, r.cells["unknown"].scenes, r.all.scenes), (3, 1, 64, 192));
+    // a model without a reranker has nothing to rank with
+    let bare = Model::load_dvae_only(&crate::common::saved_tiny_model(&d.path().join("m"), 3), Device::Cpu);
+    assert!(judged::rank(&bare.unwrap(), &a, |_, _| {}).is_err());
 }
 
 /// A picture whose every byte is `v`.
@@ -209,6 +262,31 @@ fn a_reranker_learns_from_judged_samples_and_resumes_exactly() {
     };
     let e = tessera::train::train_reranker(&o, &recipe).unwrap_err().to_string();
     assert!(e.contains("--judged"), "{e}");
+    // `eval --judged` ranks the bank with the trained reranker: every scene, every pair (the
+    // model loads whole: a dVAE and a transformer beside it)
+    let parts = tempfile::tempdir().unwrap();
+    crate::common::saved_tiny_model(parts.path(), 1);
+    for f in ["dvae.safetensors", "transformer.safetensors"] {
+        std::fs::copy(parts.path().join(f), a.path().join(f)).unwrap();
+    }
+    let out = a.path().join("ranked");
+    let said = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["eval", "--threads", "1", "--device", "cpu", "--model"])
+        .arg(a.path())
+        .arg("--judged")
+        .arg(judged_dir.path())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(said.status.success(), "{}", String::from_utf8_lossy(&said.stderr));
+    let ranked: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("judged.json")).unwrap()).unwrap();
+    let all = &ranked["all"];
+    assert_eq!(
+        (all["scenes"].as_u64(), all["pairs"].as_u64(), all["any_right"].as_f64()),
+        (Some(6), Some(8), Some(4.0 / 6.0))
+    );
+    assert_eq!(ranked["cells"]["unknown"]["scenes"].as_u64(), Some(6), "{ranked}");
     // a recipe reads its bank once (`--time` plans with throwaway steps, then trains): run
     // again after the bank is gone, it trains on what it read; a fresh recipe finds nothing
     let recipe = tessera::train::RerankerRecipe {
