@@ -1085,24 +1085,29 @@ fn prepare_dir(at: &ModelData) -> Result<()> {
     Ok(())
 }
 
-/// The training compute dtype `--dtype` names (`None`: f32), said on stderr when `auto` chose it.
-fn train_compute(name: &str, device: tch::Device) -> Result<Option<tch::Kind>> {
+/// The training compute dtype `--dtype` names (`None`: f32), said on stderr when `auto` chose it
+/// (`f32_only`: a trainer that computes in f32 whatever it is given, the reranker's, says so).
+fn train_compute(name: &str, device: tch::Device, f32_only: bool) -> Result<Option<tch::Kind>> {
     let kind = tessera::parse_train_dtype(name, device)?;
     let compute = (kind != tch::Kind::Float).then_some(kind);
-    if name == "auto" {
+    if f32_only {
+        if compute.is_some() || name == "auto" {
+            eprintln!("training in f32 (the reranker trains in f32 whatever --dtype says)");
+        }
+    } else if name == "auto" {
         let why = if compute.is_some() { "the device computes it natively" } else { "no native bf16 here" };
         eprintln!("training in {} (--dtype auto: {why})", tessera::compute_name(compute));
     }
     Ok(compute)
 }
 
-fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
+fn train_options(c: &CommonTrain, f32_only: bool) -> Result<tessera::train::TrainOptions> {
     if let Some(t) = c.threads {
         tch::set_num_threads(t as i32);
     }
     prepare_dir(&c.at)?;
     let device = tessera::parse_device(&c.device)?;
-    let compute = train_compute(&c.dtype, device)?;
+    let compute = train_compute(&c.dtype, device, f32_only)?;
     if c.steps == 0 || c.batch == 0 || c.checkpoint_every == 0 || c.log_every == 0 {
         bail!("--steps, --batch, --checkpoint-every and --log-every must be at least 1");
     }
@@ -1128,9 +1133,10 @@ fn train_options(c: &CommonTrain) -> Result<tessera::train::TrainOptions> {
 /// deadline.
 fn timed_options(
     c: &CommonTrain,
+    f32_only: bool,
     run: impl Fn(&tessera::train::TrainOptions) -> tessera::Result<tessera::train::TrainSummary>,
 ) -> Result<tessera::train::TrainOptions> {
-    let mut o = train_options(c)?;
+    let mut o = train_options(c, f32_only)?;
     if let Some(time) = &c.time {
         let seconds = tessera::pipeline::parse_budget(time)?;
         let start = std::time::Instant::now();
@@ -1203,12 +1209,12 @@ fn train(t: TrainCommand) -> Result<()> {
                     ..Default::default()
                 }
             };
-            let opts = timed_options(&common, |o| tr::train_dvae(o, &recipe(o.steps)))?;
+            let opts = timed_options(&common, false, |o| tr::train_dvae(o, &recipe(o.steps)))?;
             tr::train_dvae(&opts, &recipe(opts.steps))?
         }
         TrainCommand::Transformer { common, lr, warmup, ema, clip, init_from, codes_from } => {
             let recipe = TransformerRecipe { lr, warmup, ema, clip, init_from, codes_from, ..Default::default() };
-            let opts = timed_options(&common, |o| tr::train_transformer(o, &recipe))?;
+            let opts = timed_options(&common, false, |o| tr::train_transformer(o, &recipe))?;
             tr::train_transformer(&opts, &recipe)?
         }
         TrainCommand::Reranker {
@@ -1239,7 +1245,7 @@ fn train(t: TrainCommand) -> Result<()> {
                 judged_negatives,
                 judged_loaded: Default::default(),
             };
-            let opts = timed_options(&common, |o| tr::train_reranker(o, &recipe))?;
+            let opts = timed_options(&common, true, |o| tr::train_reranker(o, &recipe))?;
             tr::train_reranker(&opts, &recipe)?
         }
         TrainCommand::Shards { at, examples, per_shard, batch, out, seed, device, workers } => {
@@ -1345,7 +1351,7 @@ fn train(t: TrainCommand) -> Result<()> {
             o.dvae = tessera::pipeline::DvaeVariant { beta, usage_weight, hard_tail, recon, argmax_codes };
             // a refused data spec says so before anything is said about training
             tessera::pipeline::check_data(&o.data)?;
-            o.compute = train_compute(&dtype, device)?;
+            o.compute = train_compute(&dtype, device, false)?;
             o.dvae_from = dvae_from;
             o.dvae_data = dvae_data;
             o.init_from = init_from;
