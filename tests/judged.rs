@@ -86,28 +86,20 @@ fn a_judged_bank_is_ranked_as_counted_scene_by_scene() {
         for (c, caption) in part.captions.iter().enumerate() {
             let (pics, right) = (&part.pictures[2 * c..2 * c + 2], &part.right[2 * c..2 * c + 2]);
             let s = model.rerank(caption, pics).unwrap().unwrap();
-            let best = if s[1] > s[0] { 1 } else { 0 };
+            let best = if s[1] >= s[0] { 1 } else { 0 }; // a tie picks the later, as `rank` does
+            // the right sample's score against the wrong one's: above 1, level ½, below 0
+            let order = |r: f32, w: f32| {
+                if r > w {
+                    1.0
+                } else if r == w {
+                    0.5
+                } else {
+                    0.0
+                }
+            };
             let (pairs, ordered) = match (right[0], right[1]) {
-                (true, false) => (
-                    1,
-                    if s[0] > s[1] {
-                        1.0
-                    } else if s[0] == s[1] {
-                        0.5
-                    } else {
-                        0.0
-                    },
-                ),
-                (false, true) => (
-                    1,
-                    if s[1] > s[0] {
-                        1.0
-                    } else if s[0] == s[1] {
-                        0.5
-                    } else {
-                        0.0
-                    },
-                ),
+                (true, false) => (1, order(s[0], s[1])),
+                (false, true) => (1, order(s[1], s[0])),
                 _ => (0, 0.0),
             };
             let key = judged::scene(seed, i * judged::SCENES_PER_PART + c).capability.name().to_string();
