@@ -79,6 +79,22 @@ fn part_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// Part `path` when it is whole and holds pictures of `size` px; otherwise `None`, with the
+/// reason on stderr (a damaged part is named and left out, never half used).
+fn read_usable_part(path: &Path, size: usize) -> Option<Part> {
+    match read_part(path) {
+        Ok(p) if p.size == size => Some(p),
+        Ok(p) => {
+            eprintln!("skipping {}: its pictures are {} px, the model's {size} px", path.display(), p.size);
+            None
+        }
+        Err(e) => {
+            eprintln!("skipping {e}");
+            None
+        }
+    }
+}
+
 /// One part read back.
 #[derive(Debug, Clone)]
 pub struct Part {
@@ -281,17 +297,7 @@ impl JudgedSet {
         let paths = part_paths(dir)?;
         let mut set = JudgedSet::default();
         for path in &paths {
-            let part = match read_part(path) {
-                Ok(p) if p.size == size => p,
-                Ok(p) => {
-                    eprintln!("skipping {}: its pictures are {} px, the model's {size} px", path.display(), p.size);
-                    continue;
-                }
-                Err(e) => {
-                    eprintln!("skipping {e}");
-                    continue;
-                }
-            };
+            let Some(part) = read_usable_part(path, size) else { continue };
             for (c, caption) in part.captions.iter().enumerate() {
                 set.read += 1;
                 let samples = c * part.per_scene..(c + 1) * part.per_scene;
@@ -370,7 +376,7 @@ pub struct RankCell {
 
 impl RankCell {
     fn add(&mut self, scores: &[f32], right: &[bool]) {
-        let best = scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|p| p.0).unwrap_or(0);
+        let best = crate::report::pick(scores);
         let (ordered, pairs) = crate::report::ordered_pairs(scores, right);
         self.scenes += 1;
         self.any_right += usize::from(right.contains(&true));
@@ -418,18 +424,9 @@ pub fn rank(model: &Model, dir: &Path, mut progress: impl FnMut(usize, usize)) -
     let paths = part_paths(dir)?;
     let mut r = Ranking::default();
     for (done, path) in paths.iter().enumerate() {
-        let part = match read_part(path) {
-            Ok(p) if p.size == size => p,
-            Ok(p) => {
-                eprintln!("skipping {}: its pictures are {} px, the model's {size} px", path.display(), p.size);
-                r.skipped += 1;
-                continue;
-            }
-            Err(e) => {
-                eprintln!("skipping {e}");
-                r.skipped += 1;
-                continue;
-            }
+        let Some(part) = read_usable_part(path, size) else {
+            r.skipped += 1;
+            continue;
         };
         let index = path
             .file_stem()

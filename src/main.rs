@@ -757,9 +757,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             let device = tessera::parse_device(&device)?;
             if let Some(judged) = judged {
-                let mut m =
-                    Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
-                m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
+                // only the reranker runs: --dtype (the transformer's) does not apply
+                let m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
                 let r = tessera::judged::rank(&m, &judged, |done, parts| {
                     eprint!("\rranking judged samples: part {done}/{parts}")
                 })

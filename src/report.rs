@@ -60,6 +60,11 @@ pub struct Accuracy {
 
 /// Over the pairs (right sample, wrong sample) of one caption: how many the scores order right
 /// (ties count half), and how many pairs there are.
+/// The reranker's pick: the index of the highest score (the last of equals; 0 for none).
+pub fn pick(scores: &[f32]) -> usize {
+    scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|p| p.0).unwrap_or(0)
+}
+
 pub fn ordered_pairs(scores: &[f32], right: &[bool]) -> (f64, usize) {
     let (mut good, mut n) = (0.0, 0);
     for (i, &si) in scores.iter().enumerate() {
@@ -314,12 +319,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                 };
                 images += rgb.len();
                 let scores = model.rerank(&scene.caption, &rgb)?;
-                let best = match &scores {
-                    Some(scores) => {
-                        scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|p| p.0).unwrap_or(0)
-                    }
-                    None => 0,
-                };
+                let best = scores.as_deref().map_or(0, pick);
                 sampling += t0.elapsed().as_secs_f64();
                 let verdicts: Vec<_> = rgb.iter().map(|x| judge(scene, x, size)).collect();
                 for v in &verdicts {
