@@ -11,9 +11,16 @@
 //!
 //! A folder of parts, `part-NNNNN.safetensors`, each with the samples of [`SCENES_PER_PART`]
 //! consecutive scenes of the world's training split (held-out colour–shape pairs never
-//! appear): `pictures` (U8 [n·K, H, W, 3], scene by scene, K samples each) and `right` (U8
-//! [n·K]), with the captions and the settings in its metadata. Parts are written atomically
-//! and a run that was killed starts again at the first part missing.
+//! appear): `pictures` (U8 [n·K, H, W, 3], scene by scene, K samples each), `right` (U8
+//! [n·K]) and `codes` (U16 [n·K, image tokens]: the codes the transformer drew, which the
+//! pictures decode; parts written before codes were kept have none), with the captions, the
+//! settings and the dVAE's codes fingerprint in its metadata. Parts are written atomically and
+//! a run that was killed starts again at the first part missing.
+//!
+//! The right samples' codes are training data too ([`right_codes`], `train shards
+//! --from-judged`): the transformer fine-tuned on the very code sequences it drew and the
+//! evaluator passed (rejection sampling). Pictures encoded again would not do: a decoded
+//! sample encoded again is not the sequence the transformer drew.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,6 +33,8 @@ use crate::world::{self, Split};
 /// Scenes per part file.
 pub const SCENES_PER_PART: usize = 64;
 const MARK: &str = "tessera-judged-samples";
+/// The metadata key of the dVAE's codes fingerprint ([`Model::dvae_codes_mark`]).
+const DVAE_KEY: &str = "dvae";
 
 /// What `tessera train judged` draws.
 #[derive(Debug, Clone)]
@@ -104,6 +113,8 @@ pub struct Part {
     /// RGB8 pictures, scene by scene.
     pub pictures: Vec<Vec<u8>>,
     pub right: Vec<bool>,
+    /// The image codes each picture decodes, where the part kept them.
+    pub codes: Option<Vec<Vec<u16>>>,
     meta: std::collections::HashMap<String, String>,
 }
 
@@ -130,12 +141,24 @@ pub fn read_part(path: &Path) -> Result<Part> {
     if pictures.data().len() != n * picture || right.data().len() != n || n == 0 {
         return Err(bad(&format!("its tensors do not hold {} scenes × {per_scene} samples", captions.len())));
     }
+    let codes = match st.tensor("codes") {
+        Ok(c) => {
+            let per = c.shape().get(1).copied().unwrap_or(0);
+            if c.dtype() != safetensors::Dtype::U16 || c.shape() != [n, per] || per == 0 {
+                return Err(bad(&format!("its codes are not U16 [{n}, image tokens]")));
+            }
+            let all: Vec<u16> = c.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+            Some(all.chunks(per).map(<[u16]>::to_vec).collect())
+        }
+        Err(_) => None,
+    };
     Ok(Part {
         captions,
         per_scene,
         size,
         pictures: pictures.data().chunks(picture).map(<[u8]>::to_vec).collect(),
         right: right.data().iter().map(|&r| r != 0).collect(),
+        codes,
         meta,
     })
 }
@@ -149,6 +172,7 @@ fn settings(model: &Model, o: &JudgedOptions) -> Result<Vec<(String, String)>> {
         ("seed".into(), o.seed.to_string()),
         ("sampling".into(), format!("{:?}", o.sample)),
         ("model".into(), format!("{h:016x}")),
+        (DVAE_KEY.into(), model.dvae_codes_mark()?),
     ])
 }
 
@@ -171,6 +195,7 @@ pub fn draw(
     let parts = o.scenes.div_ceil(SCENES_PER_PART);
     let want = settings(model, o)?;
     let size = model.config.dvae.image_size;
+    let image_len = model.config.image_len();
     let per_batch = (o.batch / o.per_scene).max(1);
     let t0 = Instant::now();
     let mut s = JudgedSummary { parts, drawn: 0, samples: 0, right: 0, informative: 0, samples_per_s: 0.0 };
@@ -189,6 +214,7 @@ pub fn draw(
                     (p * SCENES_PER_PART..(p + 1) * SCENES_PER_PART).map(|i| scene(o.seed, i)).collect();
                 let mut pictures = Vec::with_capacity(scenes.len() * o.per_scene * size * size * 3);
                 let mut right = Vec::with_capacity(scenes.len() * o.per_scene);
+                let mut codes: Vec<u16> = Vec::with_capacity(scenes.len() * o.per_scene * image_len);
                 for (c, chunk) in scenes.chunks(per_batch).enumerate() {
                     let mut ids = Vec::new();
                     let mut seeds = Vec::new();
@@ -205,6 +231,8 @@ pub fn draw(
                     let text = net.pad_text(&ids);
                     let tokens = Sampler::new(net, &text, None, &seeds, &o.sample)?.run(|_| true)?;
                     let rgb = model.decode(&tokens)?;
+                    let drawn = Vec::<i64>::try_from(&tokens.to_device(tch::Device::Cpu).flatten(0, -1))?;
+                    codes.extend(drawn.iter().map(|&c| c as u16));
                     for (j, sc) in chunk.iter().enumerate() {
                         for x in &rgb[j * o.per_scene..(j + 1) * o.per_scene] {
                             right.push(crate::eval::score(sc, x, size));
@@ -213,7 +241,7 @@ pub fn draw(
                     }
                 }
                 let captions: Vec<String> = scenes.into_iter().map(|sc| sc.caption).collect();
-                write_part(&path, &captions, &pictures, &right, &want, size)?;
+                write_part(&path, &captions, &pictures, &right, Some(&codes), &want, size)?;
                 s.drawn += 1;
                 drawn_samples += right.len();
                 (captions, right)
@@ -230,12 +258,14 @@ pub fn draw(
 }
 
 /// Writes one part (atomically): `captions` scene by scene, `right.len() / captions.len()`
-/// samples each, `pictures` their RGB8 bytes in the same order; `settings` go to its metadata.
+/// samples each, `pictures` their RGB8 bytes in the same order, `codes` (where given) the
+/// image codes they decode, the same number per sample; `settings` go to its metadata.
 pub fn write_part(
     path: &Path,
     captions: &[String],
     pictures: &[u8],
     right: &[bool],
+    codes: Option<&[u16]>,
     settings: &[(String, String)],
     size: usize,
 ) -> Result<()> {
@@ -247,7 +277,12 @@ pub fn write_part(
             captions.len()
         )));
     }
-    let raws = [
+    if let Some(c) = codes
+        && (c.is_empty() || !c.len().is_multiple_of(n))
+    {
+        return Err(Error::Invalid(format!("{} codes are not the same number for each of {n} samples", c.len())));
+    }
+    let mut raws = vec![
         (
             "pictures",
             crate::io::Raw { shape: vec![n, size, size, 3], data: pictures.to_vec(), dtype: safetensors::Dtype::U8 },
@@ -261,6 +296,10 @@ pub fn write_part(
             },
         ),
     ];
+    if let Some(c) = codes {
+        let data = c.iter().flat_map(|v| v.to_le_bytes()).collect();
+        raws.push(("codes", crate::io::Raw { shape: vec![n, c.len() / n], data, dtype: safetensors::Dtype::U16 }));
+    }
     let mut meta: std::collections::HashMap<String, String> = settings.iter().cloned().collect();
     meta.insert(MARK.into(), "1".into());
     meta.insert("per_scene".into(), (n / captions.len()).to_string());
@@ -452,6 +491,107 @@ pub fn rank(model: &Model, dir: &Path, mut progress: impl FnMut(usize, usize)) -
     }
     if r.parts == 0 {
         return Err(Error::Invalid(format!("{} holds no readable part of judged samples", dir.display())));
+    }
+    Ok(r)
+}
+
+/// The prefix of the token shards [`write_right_shards`] writes: beside a folder's own
+/// `shard-NNNNN.tok` (the world's), read with them as one training set.
+pub const RIGHT_SHARD_PREFIX: &str = "shard-judged-";
+
+/// What [`write_right_shards`] found and wrote.
+#[derive(Debug, Clone, Default)]
+pub struct RightShards {
+    /// Samples read (in the parts used), and the right ones among them, now in shards.
+    pub samples: usize,
+    pub right: usize,
+    pub files: usize,
+    /// Parts left out, with the reason (each also named on stderr).
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// Writes the right samples' codes of the bank `bank` as token shards in `out`
+/// (`shard-judged-NNNNN.tok`, `per_shard` examples each, the caption of each sample's scene),
+/// for the transformer to train on beside the world's shards: rejection sampling, the model
+/// shown the very code sequences it drew that the evaluator passed. Only parts whose codes are
+/// `model`'s dVAE's are used (`dvae_mark`, [`Model::dvae_codes_mark`]): a part drawn through
+/// another dVAE, written before parts kept codes, or damaged is named and left out. The shards
+/// record `shard_mark`, the fingerprint [`crate::shards::TokenShards::open`] checks (that of
+/// the model directory's dVAE file). Earlier `shard-judged-*` files in `out` are replaced.
+pub fn write_right_shards(
+    model: &Model,
+    shard_mark: &str,
+    bank: &Path,
+    out: &Path,
+    per_shard: usize,
+) -> Result<RightShards> {
+    if per_shard == 0 {
+        return Err(Error::Invalid("--per-shard must be at least 1".into()));
+    }
+    let (mark, image_len, size) = (model.dvae_codes_mark()?, model.config.image_len(), model.config.dvae.image_size);
+    let mut r = RightShards::default();
+    let (mut tokens, mut captions): (Vec<u16>, Vec<String>) = (Vec::new(), Vec::new());
+    for path in part_paths(bank)? {
+        let Some(part) = read_usable_part(&path, size) else {
+            r.skipped.push((path, "unreadable or of another picture size".into()));
+            continue;
+        };
+        let why = match &part.codes {
+            None => Some("it was written before parts kept their codes".to_string()),
+            Some(_) if part.meta.get(DVAE_KEY) != Some(&mark) => {
+                Some("its codes were drawn through another dVAE than this model's".into())
+            }
+            Some(c) if c.first().map(Vec::len) != Some(image_len) => {
+                Some(format!("its samples have {} codes, this model's {image_len}", c[0].len()))
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            eprintln!("skipping {}: {why}", path.display());
+            r.skipped.push((path, why));
+            continue;
+        }
+        let codes = part.codes.unwrap_or_default();
+        r.samples += part.right.len();
+        for (i, (&right, c)) in part.right.iter().zip(&codes).enumerate() {
+            if right {
+                tokens.extend_from_slice(c);
+                captions.push(part.captions[i / part.per_scene].clone());
+            }
+        }
+    }
+    r.right = captions.len();
+    if captions.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{} holds no right sample whose codes this model's dVAE draws ({} samples read, {} parts left out)",
+            bank.display(),
+            r.samples,
+            r.skipped.len()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    for old in std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.filter_map(|e| e.ok().map(|e| e.path())) {
+        if old.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(RIGHT_SHARD_PREFIX)) {
+            std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
+        }
+    }
+    for (i, names) in captions.chunks(per_shard).enumerate() {
+        let first = i * per_shard;
+        let header = crate::shards::ShardHeader {
+            count: names.len(),
+            image_len,
+            vocab: model.config.dvae.vocab_size,
+            dvae: shard_mark.to_string(),
+            first: first as u64,
+        };
+        let path = out.join(format!("{RIGHT_SHARD_PREFIX}{i:05}.tok"));
+        crate::shards::write_shard(
+            &path,
+            &header,
+            &tokens[first * image_len..(first + names.len()) * image_len],
+            names,
+        )?;
+        r.files += 1;
     }
     Ok(r)
 }

@@ -319,8 +319,9 @@ enum TrainCommand {
         /// inference) with straight-through gradients to the encoder (default: never).
         #[arg(long)]
         hard_from: Option<usize>,
-        /// Reconstruction term: `laplace` (the paper's logit-Laplace likelihood) or `mse`
-        /// (squared error, σ = 0.1: weighs edges and small shapes more).
+        /// Reconstruction term: `laplace` (the paper's logit-Laplace likelihood), `mse`
+        /// (squared error, σ = 0.1: weighs edges and small shapes more) or `l1` (absolute
+        /// error: edges drawn where they are likeliest rather than blurred between places).
         #[arg(long, default_value = "laplace")]
         recon: tessera::dvae::Recon,
         /// Fine-tune only the decoder of the directory's trained dVAE on the encoder's hard
@@ -407,6 +408,12 @@ enum TrainCommand {
         device: String,
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// Instead of encoding pictures: the right samples' codes of a bank of judged samples
+        /// (`train judged`) drawn by DIR's model, as `shard-judged-NNNNN.tok` in the output
+        /// folder, read beside the world's shards there (fine-tuning the transformer on the
+        /// code sequences it drew that the evaluator passed).
+        #[arg(long, value_name = "BANK")]
+        from_judged: Option<PathBuf>,
     },
     /// Train a whole model in a time budget: tokenizer, dVAE, token shards, transformer,
     /// reranker, then the evaluation report (DIR/eval). The plan is in DIR/train-all.json.
@@ -457,7 +464,8 @@ enum TrainCommand {
         /// --argmax-codes` trains on them from the first step.
         #[arg(long)]
         argmax_codes: bool,
-        /// The dVAE's reconstruction term: `laplace` (the paper's) or `mse` (see `train dvae`).
+        /// The dVAE's reconstruction term: `laplace` (the paper's), `mse` or `l1` (see `train
+        /// dvae`).
         #[arg(long, default_value = "laplace")]
         recon: tessera::dvae::Recon,
         /// Compute dtype of the dVAE and transformer stages: f32, bf16 (bf16 matrix products
@@ -1247,7 +1255,23 @@ fn train(t: TrainCommand) -> Result<()> {
             let opts = timed_options(&common, true, |o| tr::train_reranker(o, &recipe))?;
             tr::train_reranker(&opts, &recipe)?
         }
-        TrainCommand::Shards { at, examples, per_shard, batch, out, seed, device, workers } => {
+        TrainCommand::Shards { at, per_shard, out, from_judged: Some(bank), .. } => {
+            let model = Model::load(&at.dir, tch::Device::Cpu)?;
+            let mark = tessera::shards::dvae_fingerprint(&at.dir.join(tessera::model::DVAE_FILE), &model.config.dvae)?;
+            let out = out.unwrap_or_else(|| at.dir.join("shards"));
+            let r = tessera::judged::write_right_shards(&model, &mark.codes, &bank, &out, per_shard)?;
+            eprintln!(
+                "{} right samples of {} in {} shards ({}{{00000..}}.tok in {}); {} parts left out",
+                r.right,
+                r.samples,
+                r.files,
+                tessera::judged::RIGHT_SHARD_PREFIX,
+                out.display(),
+                r.skipped.len()
+            );
+            return Ok(());
+        }
+        TrainCommand::Shards { at, examples, per_shard, batch, out, seed, device, workers, from_judged: None } => {
             prepare_dir(&at)?;
             if examples == 0 || per_shard == 0 || batch == 0 {
                 bail!("--examples, --per-shard and --batch must be at least 1");

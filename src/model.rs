@@ -375,6 +375,14 @@ impl Model {
         Ok(weights.iter().fold(0, |h, w| h ^ crate::shards::fnv1a(w).rotate_left(17)))
     }
 
+    /// The fingerprint of the codes this model's dVAE gives (its encoder's weights as they are
+    /// in memory, [`crate::shards::DvaeFingerprint::codes`]): two models whose marks agree
+    /// read and draw the same code for the same picture.
+    pub fn dvae_codes_mark(&self) -> Result<String> {
+        let bytes = crate::io::varstore_to_safetensors(&self.dvae.vs)?;
+        Ok(crate::shards::DvaeFingerprint::of(&bytes, &self.config.dvae)?.codes)
+    }
+
     /// Decodes image tokens [B, I] into RGB8 images.
     pub fn decode(&self, tokens: &Tensor) -> Result<Vec<Vec<u8>>> {
         let g = self.config.grid_size() as i64;

@@ -76,7 +76,7 @@ fn a_judged_bank_is_ranked_as_counted_scene_by_scene() {
         let pictures: Vec<u8> = (0..24).flat_map(|k| flat((40 * i + 3 * k) as u8, size)).collect();
         let right: Vec<bool> = (0..12).flat_map(|c| patterns[(c + i) % 4]).collect();
         let settings = [("seed".to_string(), seed.to_string())];
-        judged::write_part(&judged::part_path(&bank, i), &captions, &pictures, &right, &settings, size).unwrap();
+        judged::write_part(&judged::part_path(&bank, i), &captions, &pictures, &right, None, &settings, size).unwrap();
     }
     let r = judged::rank(&model, &bank, |_, _| {}).unwrap();
     // the same counted here: the pick, and each (right, wrong) pair, from the reranker's scores
@@ -136,7 +136,7 @@ fn write_three_scenes(dir: &Path, i: usize, right: [[bool; 3]; 3], size: usize) 
     let captions: Vec<String> = ["a red circle", "a blue square", "two green stars"].map(String::from).to_vec();
     let pictures: Vec<u8> = (0..3).flat_map(|c| (0..3).flat_map(move |k| flat(10 * c + k, size))).collect();
     let right: Vec<bool> = right.iter().flatten().copied().collect();
-    judged::write_part(&judged::part_path(dir, i), &captions, &pictures, &right, &[], size).unwrap();
+    judged::write_part(&judged::part_path(dir, i), &captions, &pictures, &right, None, &[], size).unwrap();
 }
 
 #[test]
@@ -326,4 +326,88 @@ fn a_reranker_learns_from_judged_samples_and_resumes_exactly() {
     std::fs::rename(&moved, judged_dir.path()).unwrap();
     again.unwrap();
     assert!(e.contains(&judged_dir.path().display().to_string()), "{e}");
+}
+
+#[test]
+fn the_right_samples_codes_become_token_shards_read_beside_the_worlds() {
+    let _cpu = crate::common::heavy_cpu();
+    let d = tempfile::tempdir().unwrap();
+    let m = crate::common::saved_tiny_model(&d.path().join("m"), 4);
+    let model = Model::load(&m, Device::Cpu).unwrap();
+    let (size, image_len) = (model.config.dvae.image_size, model.config.image_len());
+    let drawn = d.path().join("drawn");
+    judged::draw(&model, &drawn, &options(64, 2, 32), |_, _| {}).unwrap();
+    let part = judged::read_part(&judged::part_path(&drawn, 0)).unwrap();
+    // a part keeps the codes its pictures decode: decoded again here, the same pictures
+    let codes = part.codes.clone().expect("a new part keeps its codes");
+    assert_eq!((codes.len(), codes[0].len()), (128, image_len));
+    let t = Tensor::from_slice(&codes.concat().iter().map(|&c| i64::from(c)).collect::<Vec<_>>())
+        .view([128, image_len as i64]);
+    assert!(model.decode(&t).unwrap() == part.pictures);
+    // a bank of that part's samples with known verdicts (one scene in three has no right
+    // sample, the others one or two), a part without codes and a part of another dVAE's codes
+    let bank = d.path().join("bank");
+    std::fs::create_dir_all(&bank).unwrap();
+    let right: Vec<bool> = (0..128).map(|i| (i / 2) % 3 != 0 && (i % 2 == 0 || (i / 2) % 3 == 2)).collect();
+    let mark = model.dvae_codes_mark().unwrap();
+    let pictures = part.pictures.concat();
+    let flat_codes = codes.concat();
+    let ours = [("dvae".to_string(), mark.clone())];
+    judged::write_part(&judged::part_path(&bank, 0), &part.captions, &pictures, &right, Some(&flat_codes), &ours, size)
+        .unwrap();
+    judged::write_part(&judged::part_path(&bank, 1), &part.captions, &pictures, &right, None, &ours, size).unwrap();
+    let theirs = [("dvae".to_string(), format!("{mark}-other"))];
+    judged::write_part(
+        &judged::part_path(&bank, 2),
+        &part.captions,
+        &pictures,
+        &right,
+        Some(&flat_codes),
+        &theirs,
+        size,
+    )
+    .unwrap();
+    // the world's shards of this model beside them
+    let out = m.join("shards");
+    let mut o = tessera::train::TrainOptions::new(&m);
+    o.data = "world:1".into();
+    o.batch = 8;
+    tessera::train::encode_shards(&o, 16, 8).unwrap();
+    let file_mark = tessera::shards::dvae_fingerprint(&m.join("dvae.safetensors"), &model.config.dvae).unwrap();
+    let r = judged::write_right_shards(&model, &file_mark.codes, &bank, &out, 20).unwrap();
+    let n_right = right.iter().filter(|&&r| r).count();
+    assert_eq!((r.samples, r.right, r.files, r.skipped.len()), (128, n_right, n_right.div_ceil(20), 2));
+    // read as one training set with the world's: the world's 16 first, then exactly the right
+    // samples' codes, each with its scene's caption, in order
+    let set = tessera::shards::TokenShards::open(&out, image_len, model.config.dvae.vocab_size, &file_mark).unwrap();
+    assert_eq!(set.len(), 16 + n_right);
+    let want: Vec<(Vec<u16>, String)> =
+        (0..128).filter(|&i| right[i]).map(|i| (codes[i].clone(), part.captions[i / 2].clone())).collect();
+    let got: Vec<(Vec<u16>, String)> =
+        (16..set.len()).map(|i| (set.get(i).0.to_vec(), set.get(i).1.to_string())).collect();
+    assert!(got == want);
+    // written again through the command line, in larger shards: the earlier files replaced
+    let said = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["train", "shards", "--dir"])
+        .arg(&m)
+        .arg("--from-judged")
+        .arg(&bank)
+        .args(["--per-shard", "1000"])
+        .output()
+        .unwrap();
+    assert!(said.status.success(), "{}", String::from_utf8_lossy(&said.stderr));
+    let err = String::from_utf8_lossy(&said.stderr);
+    assert!(err.contains(&format!("{n_right} right samples of 128 in 1 shards")), "{err}");
+    assert!(err.contains("part-00001") && err.contains("part-00002"), "the parts left out are named: {err}");
+    let judged_files = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(judged::RIGHT_SHARD_PREFIX))
+        .count();
+    assert_eq!(judged_files, 1);
+    let again = tessera::shards::TokenShards::open(&out, image_len, model.config.dvae.vocab_size, &file_mark).unwrap();
+    assert_eq!(again.tokens, set.tokens);
+    // a bank with nothing usable is refused, naming it
+    std::fs::remove_file(judged::part_path(&bank, 0)).unwrap();
+    let e = judged::write_right_shards(&model, &file_mark.codes, &bank, &out, 20).unwrap_err().to_string();
+    assert!(e.contains("no right sample") && e.contains("bank"), "{e}");
 }

@@ -398,6 +398,44 @@ fn the_squared_error_option_is_fifty_times_the_pixel_error() {
     assert_eq!(serde_json::to_string(&Recon::Mse).unwrap(), "\"mse\"");
 }
 
+/// `--recon l1` with `--decoder-only`: the term is ten times the mean absolute pixel error of
+/// decoding the encoder's own codes, computed here by decoding them by hand.
+#[test]
+fn the_absolute_error_option_is_ten_times_the_pixel_error_of_the_decoded_codes() {
+    use tessera::dvae::Recon;
+    let mut model = tiny_model(None, 2);
+    let x = pictures();
+    let squared = model.dvae.net.decoder_loss(&x);
+    model.dvae.net.set_recon(Recon::L1);
+    let net = &model.dvae.net;
+    let l = net.decoder_loss(&x);
+    let decoded = tch::no_grad(|| net.decode(&net.encode(&x)));
+    let by_hand = (&decoded - &x).abs().mean(Kind::Float).double_value(&[]);
+    let term = l.nll.double_value(&[]);
+    // unclamped in the term, clamped in the decoded pictures: never less than by hand
+    assert!(
+        term / 10.0 >= by_hand - 1e-7 && term / 10.0 <= 1.02 * by_hand,
+        "absolute-error term {term} vs 10 × {by_hand}"
+    );
+    assert!((l.loss.double_value(&[]) - term).abs() < 1e-6);
+    let sq = (&decoded - &x).square().mean(Kind::Float).double_value(&[]);
+    assert!((l.mse.double_value(&[]) - sq).abs() < 1e-6, "the logged squared error is the same either way");
+    assert!((squared.nll.double_value(&[]) - term).abs() > 1e-3, "another term than the default's");
+    // it trains the decoder: its gradient reaches the decoder's weights and not the encoder's
+    l.loss.backward();
+    let grads = |prefix: &str| {
+        model.dvae.vs.variables().iter().filter(|(n, _)| n.starts_with(prefix)).any(|(_, t)| {
+            let g = t.grad();
+            g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0
+        })
+    };
+    assert!(grads("decoder."));
+    assert!(!grads("encoder."));
+    assert_eq!("l1".parse::<Recon>(), Ok(Recon::L1));
+    assert_eq!(serde_json::to_string(&Recon::L1).unwrap(), "\"l1\"");
+    assert_eq!(Recon::L1.to_string(), "l1");
+}
+
 /// A tiny reranker drawn from `seed`, `n` random pictures and the captions of the brute-force
 /// loss tests.
 fn contrast_fixture(seed: i64, n: usize) -> (tessera::model::RerankerModel, Tensor) {
