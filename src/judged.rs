@@ -455,15 +455,22 @@ pub struct Ranking {
 /// thousands of scenes what `eval` measures on tens per capability, with only the reranker
 /// running. A scene's capability comes from the world scene its part index and seed name
 /// (`unknown` where that scene's caption differs: a part moved or renamed).
-pub fn rank(model: &Model, dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Ranking> {
+///
+/// With `redecode`, each part's codes (the sequences the transformer drew) are decoded again
+/// by `model`'s dVAE and the pictures judged again by the evaluator before they are ranked:
+/// another decoder of the same codes measured on the very samples the bank's model drew. A
+/// part without codes, of another dVAE's codes, or whose scenes are not the ones its index and
+/// seed name is then named and left out.
+pub fn rank(model: &Model, dir: &Path, redecode: bool, mut progress: impl FnMut(usize, usize)) -> Result<Ranking> {
     if model.reranker.is_none() {
         return Err(Error::Invalid("the model has no reranker to rank judged samples with".into()));
     }
     let size = model.config.dvae.image_size;
+    let mark = if redecode { model.dvae_codes_mark()? } else { String::new() };
     let paths = part_paths(dir)?;
     let mut r = Ranking::default();
     for (done, path) in paths.iter().enumerate() {
-        let Some(part) = read_usable_part(path, size) else {
+        let Some(mut part) = read_usable_part(path, size) else {
             r.skipped += 1;
             continue;
         };
@@ -473,16 +480,43 @@ pub fn rank(model: &Model, dir: &Path, mut progress: impl FnMut(usize, usize)) -
             .and_then(|s| s.strip_prefix("part-"))
             .and_then(|s| s.parse::<usize>().ok());
         let seed = part.meta.get("seed").and_then(|s| s.parse::<u64>().ok());
+        let scenes: Vec<Option<world::Scene>> = (0..part.captions.len())
+            .map(|c| {
+                let sc = scene(seed?, index? * SCENES_PER_PART + c);
+                (sc.caption == part.captions[c]).then_some(sc)
+            })
+            .collect();
+        if redecode {
+            let flat: std::result::Result<Vec<i64>, String> = match usable_codes(&part, &mark, model.config.image_len())
+            {
+                Ok(_) if scenes.iter().any(Option::is_none) => {
+                    Err("its scenes are not those its index and seed name, so they cannot be judged".into())
+                }
+                Ok(codes) => Ok(codes.iter().flatten().map(|&c| i64::from(c)).collect()),
+                Err(why) => Err(why),
+            };
+            let flat = match flat {
+                Ok(f) => f,
+                Err(why) => {
+                    eprintln!("skipping {}: {why}", path.display());
+                    r.skipped += 1;
+                    continue;
+                }
+            };
+            let n = part.right.len() as i64;
+            let tokens = tch::Tensor::from_slice(&flat).view([n, -1]).to_device(model.device);
+            part.pictures = model.decode(&tokens)?;
+            part.right = part
+                .pictures
+                .iter()
+                .enumerate()
+                .map(|(i, x)| scenes[i / part.per_scene].as_ref().is_some_and(|sc| crate::eval::score(sc, x, size)))
+                .collect();
+        }
         for (c, caption) in part.captions.iter().enumerate() {
             let samples = c * part.per_scene..(c + 1) * part.per_scene;
             let scores = model.rerank(caption, &part.pictures[samples.clone()])?.unwrap_or_default();
-            let capability = match (index, seed) {
-                (Some(i), Some(seed)) => {
-                    let sc = scene(seed, i * SCENES_PER_PART + c);
-                    if &sc.caption == caption { sc.capability.name() } else { "unknown" }
-                }
-                _ => "unknown",
-            };
+            let capability = scenes[c].as_ref().map_or("unknown", |sc| sc.capability.name());
             r.cells.entry(capability.to_string()).or_default().add(&scores, &part.right[samples.clone()]);
             r.all.add(&scores, &part.right[samples]);
         }
@@ -490,9 +524,26 @@ pub fn rank(model: &Model, dir: &Path, mut progress: impl FnMut(usize, usize)) -
         progress(done + 1, paths.len());
     }
     if r.parts == 0 {
-        return Err(Error::Invalid(format!("{} holds no readable part of judged samples", dir.display())));
+        let what =
+            if redecode { "part whose codes this model's dVAE decodes" } else { "readable part of judged samples" };
+        return Err(Error::Invalid(format!("{} holds no {what}", dir.display())));
     }
     Ok(r)
+}
+
+/// A part's codes when they are codes of the dVAE whose [`Model::dvae_codes_mark`] is `mark`,
+/// `image_len` per sample; otherwise why not.
+fn usable_codes<'a>(part: &'a Part, mark: &str, image_len: usize) -> std::result::Result<&'a [Vec<u16>], String> {
+    match &part.codes {
+        None => Err("it was written before parts kept their codes".into()),
+        Some(_) if part.meta.get(DVAE_KEY).map(String::as_str) != Some(mark) => {
+            Err("its codes were drawn through another dVAE than this model's".into())
+        }
+        Some(c) if c.first().map(Vec::len) != Some(image_len) => {
+            Err(format!("its samples have {} codes, this model's {image_len}", c.first().map_or(0, Vec::len)))
+        }
+        Some(c) => Ok(c),
+    }
 }
 
 /// The prefix of the token shards [`write_right_shards`] writes: beside a folder's own
@@ -536,24 +587,16 @@ pub fn write_right_shards(
             r.skipped.push((path, "unreadable or of another picture size".into()));
             continue;
         };
-        let why = match &part.codes {
-            None => Some("it was written before parts kept their codes".to_string()),
-            Some(_) if part.meta.get(DVAE_KEY) != Some(&mark) => {
-                Some("its codes were drawn through another dVAE than this model's".into())
+        let codes = match usable_codes(&part, &mark, image_len) {
+            Ok(c) => c,
+            Err(why) => {
+                eprintln!("skipping {}: {why}", path.display());
+                r.skipped.push((path, why));
+                continue;
             }
-            Some(c) if c.first().map(Vec::len) != Some(image_len) => {
-                Some(format!("its samples have {} codes, this model's {image_len}", c[0].len()))
-            }
-            Some(_) => None,
         };
-        if let Some(why) = why {
-            eprintln!("skipping {}: {why}", path.display());
-            r.skipped.push((path, why));
-            continue;
-        }
-        let codes = part.codes.unwrap_or_default();
         r.samples += part.right.len();
-        for (i, (&right, c)) in part.right.iter().zip(&codes).enumerate() {
+        for (i, (&right, c)) in part.right.iter().zip(codes).enumerate() {
             if right {
                 tokens.extend_from_slice(c);
                 captions.push(part.captions[i / part.per_scene].clone());

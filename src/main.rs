@@ -95,6 +95,11 @@ enum Command {
         /// scenes with only the reranker running. Writes OUT/judged.json.
         #[arg(long, conflicts_with = "samples_file")]
         judged: Option<PathBuf>,
+        /// With --judged: decode the codes the bank's model drew with this model's dVAE and
+        /// judge the pictures again before ranking them (another decoder of the same codes,
+        /// measured on the very same samples).
+        #[arg(long, requires = "judged")]
+        redecode: bool,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -758,6 +763,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             samples_file,
             judged,
+            redecode,
             sampling,
         } => {
             if let Some(t) = threads {
@@ -767,7 +773,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(judged) = judged {
                 // only the reranker runs: --dtype (the transformer's) does not apply
                 let m = Model::load(&model, device).with_context(|| format!("loading model {}", model.display()))?;
-                let r = tessera::judged::rank(&m, &judged, |done, parts| {
+                let r = tessera::judged::rank(&m, &judged, redecode, |done, parts| {
                     eprint!("\rranking judged samples: part {done}/{parts}")
                 })
                 .with_context(|| format!("ranking the judged samples in {}", judged.display()))?;

@@ -78,7 +78,7 @@ fn a_judged_bank_is_ranked_as_counted_scene_by_scene() {
         let settings = [("seed".to_string(), seed.to_string())];
         judged::write_part(&judged::part_path(&bank, i), &captions, &pictures, &right, None, &settings, size).unwrap();
     }
-    let r = judged::rank(&model, &bank, |_, _| {}).unwrap();
+    let r = judged::rank(&model, &bank, false, |_, _| {}).unwrap();
     // the same counted here: the pick, and each (right, wrong) pair, from the reranker's scores
     let mut want: std::collections::BTreeMap<String, (usize, usize, usize, f64)> = Default::default();
     for (i, seed) in [(0, 6), (1, 5)] {
@@ -117,12 +117,12 @@ fn a_judged_bank_is_ranked_as_counted_scene_by_scene() {
     // named and left out
     std::fs::copy(judged::part_path(&bank, 1), judged::part_path(&bank, 7)).unwrap();
     std::fs::write(judged::part_path(&bank, 8), b"not a part").unwrap();
-    let r = judged::rank(&model, &bank, |_, _| {}).unwrap();
+    let r = judged::rank(&model, &bank, false, |_, _| {}).unwrap();
     assert_eq!((r.parts, r.skipped, r.cells["unknown"].scenes, r.all.scenes), (3, 1, 12, 36));
     // a model without a reranker has nothing to rank with
     let mut bare = model;
     bare.reranker = None;
-    assert!(judged::rank(&bare, &bank, |_, _| {}).unwrap_err().to_string().contains("no reranker"));
+    assert!(judged::rank(&bare, &bank, false, |_, _| {}).unwrap_err().to_string().contains("no reranker"));
 }
 
 /// A picture whose every byte is `v`.
@@ -329,7 +329,7 @@ fn a_reranker_learns_from_judged_samples_and_resumes_exactly() {
 }
 
 #[test]
-fn the_right_samples_codes_become_token_shards_read_beside_the_worlds() {
+fn a_banks_codes_become_token_shards_beside_the_worlds_and_decode_again_for_another_decoder() {
     let _cpu = crate::common::heavy_cpu();
     let d = tempfile::tempdir().unwrap();
     let m = crate::common::saved_tiny_model(&d.path().join("m"), 4);
@@ -352,11 +352,11 @@ fn the_right_samples_codes_become_token_shards_read_beside_the_worlds() {
     let mark = model.dvae_codes_mark().unwrap();
     let pictures = part.pictures.concat();
     let flat_codes = codes.concat();
-    let ours = [("dvae".to_string(), mark.clone())];
+    let ours = [("dvae".to_string(), mark.clone()), ("seed".to_string(), "5".to_string())];
     judged::write_part(&judged::part_path(&bank, 0), &part.captions, &pictures, &right, Some(&flat_codes), &ours, size)
         .unwrap();
     judged::write_part(&judged::part_path(&bank, 1), &part.captions, &pictures, &right, None, &ours, size).unwrap();
-    let theirs = [("dvae".to_string(), format!("{mark}-other"))];
+    let theirs = [("dvae".to_string(), format!("{mark}-other")), ("seed".to_string(), "5".to_string())];
     judged::write_part(
         &judged::part_path(&bank, 2),
         &part.captions,
@@ -406,6 +406,25 @@ fn the_right_samples_codes_become_token_shards_read_beside_the_worlds() {
     assert_eq!(judged_files, 1);
     let again = tessera::shards::TokenShards::open(&out, image_len, model.config.dvae.vocab_size, &file_mark).unwrap();
     assert_eq!(again.tokens, set.tokens);
+    // ranked as stored, every part counts with its verdicts; decoded again and judged again,
+    // only the part of this dVAE's codes counts, with the evaluator's verdicts on its decoded
+    // pictures (the drawn part's), not the verdicts written
+    let stored = judged::rank(&model, &bank, false, |_, _| {}).unwrap();
+    assert_eq!((stored.parts, stored.all.samples, stored.all.samples_right), (3, 384, 3 * n_right));
+    let again = judged::rank(&model, &bank, true, |_, _| {}).unwrap();
+    let evaluator = part.right.iter().filter(|&&r| r).count();
+    assert_eq!((again.parts, again.skipped, again.all.samples, again.all.samples_right), (1, 2, 128, evaluator));
+    assert!(evaluator != n_right);
+    // the drawn part decoded again by its own model: the very same ranking
+    let json = |r: &judged::Ranking| serde_json::to_string(r).unwrap();
+    assert_eq!(
+        json(&judged::rank(&model, &drawn, true, |_, _| {}).unwrap()),
+        json(&judged::rank(&model, &drawn, false, |_, _| {}).unwrap())
+    );
+    // a model of other codes cannot decode them
+    let other = Model::load(&crate::common::saved_tiny_model(&d.path().join("o"), 9), Device::Cpu).unwrap();
+    let e = judged::rank(&other, &bank, true, |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("no part whose codes this model's dVAE decodes"), "{e}");
     // a bank with nothing usable is refused, naming it
     std::fs::remove_file(judged::part_path(&bank, 0)).unwrap();
     let e = judged::write_right_shards(&model, &file_mark.codes, &bank, &out, 20).unwrap_err().to_string();
