@@ -17,7 +17,7 @@
 //! settings and the dVAE's codes fingerprint in its metadata. Parts are written atomically and
 //! a run that was killed starts again at the first part missing.
 //!
-//! The right samples' codes are training data too ([`right_codes`], `train shards
+//! The right samples' codes are training data too ([`write_right_shards`], `train shards
 //! --from-judged`): the transformer fine-tuned on the very code sequences it drew and the
 //! evaluator passed (rejection sampling). Pictures encoded again would not do: a decoded
 //! sample encoded again is not the sequence the transformer drew.
@@ -565,10 +565,12 @@ pub struct RightShards {
 /// (`shard-judged-NNNNN.tok`, `per_shard` examples each, the caption of each sample's scene),
 /// for the transformer to train on beside the world's shards: rejection sampling, the model
 /// shown the very code sequences it drew that the evaluator passed. Only parts whose codes are
-/// `model`'s dVAE's are used (`dvae_mark`, [`Model::dvae_codes_mark`]): a part drawn through
-/// another dVAE, written before parts kept codes, or damaged is named and left out. The shards
-/// record `shard_mark`, the fingerprint [`crate::shards::TokenShards::open`] checks (that of
-/// the model directory's dVAE file). Earlier `shard-judged-*` files in `out` are replaced.
+/// `model`'s dVAE's are used ([`Model::dvae_codes_mark`] in their metadata): a part drawn
+/// through another dVAE, written before parts kept codes, or damaged is named and left out.
+/// The shards record `shard_mark`, the fingerprint [`crate::shards::TokenShards::open`] checks
+/// (that of the model directory's dVAE file). Earlier `shard-judged-*` files in `out` are
+/// replaced: each new one is written atomically over its name, then those past the new count
+/// are removed, so a killed run never leaves fewer right samples than it found.
 pub fn write_right_shards(
     model: &Model,
     shard_mark: &str,
@@ -613,11 +615,7 @@ pub fn write_right_shards(
         )));
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    for old in std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.filter_map(|e| e.ok().map(|e| e.path())) {
-        if old.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(RIGHT_SHARD_PREFIX)) {
-            std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
-        }
-    }
+    let name = |i: usize| format!("{RIGHT_SHARD_PREFIX}{i:05}.tok");
     for (i, names) in captions.chunks(per_shard).enumerate() {
         let first = i * per_shard;
         let header = crate::shards::ShardHeader {
@@ -627,7 +625,7 @@ pub fn write_right_shards(
             dvae: shard_mark.to_string(),
             first: first as u64,
         };
-        let path = out.join(format!("{RIGHT_SHARD_PREFIX}{i:05}.tok"));
+        let path = out.join(name(i));
         crate::shards::write_shard(
             &path,
             &header,
@@ -635,6 +633,16 @@ pub fn write_right_shards(
             names,
         )?;
         r.files += 1;
+    }
+    let written: std::collections::HashSet<String> = (0..r.files).map(name).collect();
+    for old in std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.filter_map(|e| e.ok().map(|e| e.path())) {
+        let stale = old
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(RIGHT_SHARD_PREFIX) && !written.contains(n));
+        if stale {
+            std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
+        }
     }
     Ok(r)
 }
