@@ -14,7 +14,8 @@
 #     (other shapes than the committed one: `train all` says so and starts it afresh); the
 #     committed tokenizer and reranker (same shapes) trained further (`--init-from`);
 # (B) the default model's dVAE (CAND, default assets/models/default: since the twentieth session
-#     the nineteenth session's D512g, trained on the world drawn dense on the CPU) kept as it is
+#     the nineteenth session's D512g, trained on the world drawn dense on the CPU, its decoder
+#     fine-tuned on in the twenty-sixth session: the same codes) kept as it is
 #     (`--dvae-from`), the committed transformer (trained on its codes on the CPU for 4 h 27 min,
 #     loss still falling) trained on for the whole budget (the dVAE stage is skipped and its
 #     share goes to the transformer; the same codes, so nothing is carried over), the committed
