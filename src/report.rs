@@ -58,13 +58,13 @@ pub struct Accuracy {
     pub top1_misses: BTreeMap<String, usize>,
 }
 
-/// Over the pairs (right sample, wrong sample) of one caption: how many the scores order right
-/// (ties count half), and how many pairs there are.
 /// The reranker's pick: the index of the highest score (the last of equals; 0 for none).
 pub fn pick(scores: &[f32]) -> usize {
     scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|p| p.0).unwrap_or(0)
 }
 
+/// Over the pairs (right sample, wrong sample) of one caption: how many the scores order right
+/// (ties count half), and how many pairs there are.
 pub fn ordered_pairs(scores: &[f32], right: &[bool]) -> (f64, usize) {
     let (mut good, mut n) = (0.0, 0);
     for (i, &si) in scores.iter().enumerate() {
