@@ -25,7 +25,8 @@ pub struct Example {
 pub enum Source {
     /// The synthetic world: example i is scene (seed, i). `pictures` (spec `world-balanced`,
     /// `world-dense`) changes what is drawn for a dVAE, which never reads the captions.
-    World { seed: u64, split: Split, pictures: world::Pictures },
+    /// `mix` (a spec's `@CAP=W,…`) changes how often each capability is drawn.
+    World { seed: u64, split: Split, pictures: world::Pictures, mix: world::Mix },
     /// Captioned image files loaded into memory (folder pairs or tar shards).
     Files { items: Vec<(Vec<u8>, String)>, skipped: usize },
 }
@@ -38,9 +39,14 @@ pub struct Skipped {
 
 impl Source {
     /// Parses a data spec: `world`, `world:SEED`, `world-held-out:SEED`, `world-balanced:SEED`,
-    /// `world-dense:SEED`, a folder, or a `.tar` file or folder of `.tar` shards.
+    /// `world-dense:SEED`, each optionally followed by `@CAP=W,…` (capability weights,
+    /// [`world::Mix::parse`]), a folder, or a `.tar` file or folder of `.tar` shards.
     pub fn open(spec: &str) -> Result<Self> {
         if let Some(rest) = spec.strip_prefix("world") {
+            let (rest, mix) = match rest.split_once('@') {
+                Some((r, m)) => (r, world::Mix::parse(m).map_err(|e| Error::Invalid(format!("{e} (in {spec:?})")))?),
+                None => (rest, world::Mix::USUAL),
+            };
             let (split, rest) = match rest.strip_prefix("-held-out") {
                 Some(r) => (Split::HeldOut, r),
                 None => (Split::Train, rest),
@@ -57,7 +63,7 @@ impl Source {
                 None if rest.is_empty() => 0,
                 None => return Err(Error::Invalid(format!("unknown data spec {spec:?}"))),
             };
-            return Ok(Source::World { seed, split, pictures });
+            return Ok(Source::World { seed, split, pictures, mix });
         }
         let path = Path::new(spec);
         if !path.exists() {
@@ -136,8 +142,8 @@ impl Source {
     /// `rng` drives the random crop of real images.
     pub fn get(&self, index: u64, size: usize, rng: &mut SeedRng) -> Option<Example> {
         match self {
-            Source::World { seed, split, pictures } => {
-                let scene = world::sample_with(*seed, index, *split, *pictures);
+            Source::World { seed, split, pictures, mix } => {
+                let scene = world::sample_mixed(*seed, index, *split, *pictures, mix);
                 Some(Example { rgb: world::render(&scene, size), caption: scene.caption.clone(), scene: Some(scene) })
             }
             Source::Files { items, .. } => {

@@ -357,9 +357,9 @@ pub fn dvae_data_for(data: &str, given: Option<&str>) -> Result<Option<String>> 
         return Ok(None);
     }
     Ok(match Source::open(data)? {
-        Source::World { seed, split, pictures: Pictures::Usual } => {
+        Source::World { seed, split, pictures: Pictures::Usual, mix } => {
             let held = if split == Split::HeldOut { "-held-out" } else { "" };
-            Some(format!("world{held}-dense:{seed}"))
+            Some(format!("world{held}-dense:{seed}{}", mix.spec_suffix()))
         }
         _ => None,
     })

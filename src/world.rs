@@ -311,14 +311,103 @@ pub enum Pictures {
 /// [`sample`] with [`Pictures`]' choice of scenes (the same capability mix; `Usual` gives
 /// exactly `sample`'s scenes).
 pub fn sample_with(seed: u64, index: u64, split: Split, pictures: Pictures) -> Scene {
+    sample_mixed(seed, index, split, pictures, &Mix::USUAL)
+}
+
+/// How often each capability is drawn, as multipliers of its [`MIX`] share (renormalised): a
+/// data spec's `@text=2.5,transform=2` draws text scenes 2.5 times and transforms twice as
+/// often against the rest as the usual mix does. All ones is the usual mix, exactly.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mix {
+    /// One multiplier per capability, in [`Capability::ALL`]'s order.
+    pub weights: [f64; 6],
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Mix::USUAL
+    }
+}
+
+impl Mix {
+    pub const USUAL: Mix = Mix { weights: [1.0; 6] };
+
+    /// Parses `CAP=W[,CAP=W…]` (capability names as the report writes them: `single_object`,
+    /// `two_objects_position`, `count`, `stack`, `text`, `transform`; W a finite number ≥ 0);
+    /// capabilities not named keep 1. At least one capability must keep a share above zero.
+    pub fn parse(s: &str) -> std::result::Result<Mix, String> {
+        let mut weights = [1.0; 6];
+        let mut seen = [false; 6];
+        for part in s.split(',') {
+            let (name, w) = part
+                .split_once('=')
+                .ok_or_else(|| format!("capability weight {part:?} is not CAP=W (for example text=2)"))?;
+            let cap = Capability::from_name(name.trim()).ok_or_else(|| {
+                let names: Vec<&str> = Capability::ALL.iter().map(|c| c.name()).collect();
+                format!("unknown capability {:?} in the mix (one of {})", name.trim(), names.join(", "))
+            })?;
+            let w: f64 = w.trim().parse().map_err(|_| format!("bad weight {w:?} for {}", cap.name()))?;
+            if !w.is_finite() || w < 0.0 {
+                return Err(format!("the weight of {} must be a finite number ≥ 0, not {w}", cap.name()));
+            }
+            if std::mem::replace(&mut seen[cap.index()], true) {
+                return Err(format!("{} is weighted twice in the mix", cap.name()));
+            }
+            weights[cap.index()] = w;
+        }
+        let mix = Mix { weights };
+        if mix.shares().iter().all(|&(_, p)| p <= 0.0) {
+            return Err("the mix gives every capability a share of zero".into());
+        }
+        Ok(mix)
+    }
+
+    /// Each capability's share of the scenes drawn (they sum to 1; [`MIX`] itself when usual).
+    pub fn shares(&self) -> Vec<(Capability, f64)> {
+        if *self == Mix::USUAL {
+            return MIX.to_vec();
+        }
+        let raw: Vec<(Capability, f64)> = MIX.iter().map(|&(c, p)| (c, p * self.weights[c.index()])).collect();
+        let total: f64 = raw.iter().map(|&(_, p)| p).sum();
+        if total <= 0.0 {
+            return raw;
+        }
+        raw.into_iter().map(|(c, p)| (c, p / total)).collect()
+    }
+
+    /// The spec suffix that gives this mix back (`""` for the usual one).
+    pub fn spec_suffix(&self) -> String {
+        if *self == Mix::USUAL {
+            return String::new();
+        }
+        let parts: Vec<String> = Capability::ALL
+            .iter()
+            .filter(|c| self.weights[c.index()] != 1.0)
+            .map(|c| format!("{}={}", c.name(), self.weights[c.index()]))
+            .collect();
+        format!("@{}", parts.join(","))
+    }
+}
+
+/// [`sample_with`] with the capabilities drawn by `mix` ([`Mix::USUAL`] gives exactly
+/// `sample_with`'s scenes; under two mixes of one seed, scene `index` is the same scene
+/// whenever both draw the same capability for it).
+pub fn sample_mixed(seed: u64, index: u64, split: Split, pictures: Pictures, mix: &Mix) -> Scene {
     let mut rng = SeedRng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(index));
     if pictures == Pictures::Dense && rng.next_f64() < 0.5 {
         return crowd(rng.next_u64(), split);
     }
     let u = rng.next_f64();
     let mut acc = 0.0;
-    let mut cap = Capability::SingleObject;
-    for &(c, p) in MIX {
+    let shares = mix.shares();
+    // what rounding leaves above the shares' sum: single objects in the usual mix (as always),
+    // else the last capability with a share (never one weighted out)
+    let mut cap = if *mix == Mix::USUAL {
+        Capability::SingleObject
+    } else {
+        shares.iter().rev().find(|&&(_, p)| p > 0.0).map_or(Capability::SingleObject, |&(c, _)| c)
+    };
+    for &(c, p) in &shares {
         acc += p;
         if u < acc {
             cap = c;

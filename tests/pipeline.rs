@@ -260,6 +260,7 @@ fn train_all_gives_the_dvae_the_world_drawn_dense() {
     let pick = |data: &str, given: Option<&str>| dvae_data_for(data, given).unwrap();
     assert_eq!(pick("world", None).as_deref(), Some("world-dense:0"));
     assert_eq!(pick("world:3", None).as_deref(), Some("world-dense:3"));
+    assert_eq!(pick("world:3@text=2", None).as_deref(), Some("world-dense:3@text=2"));
     assert_eq!(pick("world-held-out:2", None).as_deref(), Some("world-held-out-dense:2"));
     assert_eq!(pick("world-balanced:1", None), None);
     assert_eq!(pick("world:3", Some("world-balanced:4")).as_deref(), Some("world-balanced:4"));

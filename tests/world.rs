@@ -411,6 +411,68 @@ fn balanced_world_data_draws_backgrounds_evenly() {
     assert!(Source::open("world-balancedx").is_err());
 }
 
+/// A world spec's `@CAP=W,…` draws each capability as often as its weight times its usual share
+/// says (renormalised), from the same scene stream: all weights one is the usual world scene for
+/// scene, and an index drawn as the same capability under both mixes is the same scene.
+#[test]
+fn weighted_world_data_draws_the_asked_mix() {
+    use tessera::data::Source;
+    use tessera::sample::SeedRng;
+    use tessera::world::{MIX, Mix};
+    let draw = |spec: &str, n: u64| -> Vec<Scene> {
+        let source = Source::open(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        let mut rng = SeedRng::new(0);
+        (0..n).map(|i| source.get(i, 8, &mut rng).and_then(|e| e.scene).expect("the world always draws")).collect()
+    };
+    // ones are the usual mix, exactly
+    assert_eq!(draw("world:5", 300), draw("world:5@text=1,stack=1", 300));
+    let n = 4000;
+    let usual = draw("world:5", n);
+    let spec = "world:5@text=2.5,transform=2,count=1.5,stack=0";
+    let weighted = draw(spec, n);
+    let mix = Mix::parse("text=2.5,transform=2,count=1.5,stack=0").unwrap();
+    // the shares computed by hand: 0.30, 0.25, 0.15 × 1.5, 0, 0.10 × 2.5, 0.10 × 2 over their sum
+    let raw = [0.30, 0.25, 0.225, 0.0, 0.25, 0.20];
+    let total: f64 = raw.iter().sum();
+    let mut same_capability = 0;
+    for (k, &cap) in Capability::ALL.iter().enumerate() {
+        let want = raw[k] / total;
+        let (_, share) = mix.shares()[k];
+        assert!((share - want).abs() < 1e-12, "{cap:?}: share {share}, by hand {want}");
+        let drawn = weighted.iter().filter(|s| s.capability == cap).count() as f64 / n as f64;
+        assert!((drawn - want).abs() < 0.025, "{cap:?}: drawn {drawn:.3} of {spec}, asked {want:.3}");
+        let usual_drawn = usual.iter().filter(|s| s.capability == cap).count() as f64 / n as f64;
+        assert!((usual_drawn - MIX[k].1).abs() < 0.025, "{cap:?}: drawn {usual_drawn:.3} of world:5");
+    }
+    for (a, b) in usual.iter().zip(&weighted) {
+        if a.capability == b.capability {
+            assert_eq!(a, b, "the same index and capability under two mixes");
+            same_capability += 1;
+        }
+    }
+    assert!(same_capability > n as usize / 3, "only {same_capability} indices drew the same capability");
+    // the suffix gives the mix back, and the dense and held-out worlds take one too
+    assert_eq!(mix.spec_suffix(), "@count=1.5,stack=0,text=2.5,transform=2");
+    assert_eq!(Mix::parse(&mix.spec_suffix()[1..]), Ok(mix));
+    assert_eq!(Mix::USUAL.spec_suffix(), "");
+    for spec in ["world-held-out:2@transform=3", "world-dense:1@single_object=0.5"] {
+        assert!(Source::open(spec).is_ok(), "{spec}");
+    }
+    // a bad mix is named, never read as the usual one
+    for (spec, says) in [
+        ("world:5@text", "not CAP=W"),
+        ("world:5@texts=2", "unknown capability \"texts\""),
+        ("world:5@text=-1", "≥ 0"),
+        ("world:5@text=inf", "≥ 0"),
+        ("world:5@text=two", "bad weight"),
+        ("world:5@text=2,text=3", "weighted twice"),
+        ("world@single_object=0,two_objects_position=0,count=0,stack=0,text=0,transform=0", "share of zero"),
+    ] {
+        let err = Source::open(spec).err().unwrap_or_else(|| panic!("{spec} was accepted")).to_string();
+        assert!(err.contains(says) && err.contains(spec), "{spec}: {err}");
+    }
+}
+
 /// `world-dense` gives a dVAE half its pictures as crowds of three to eight objects, on the four
 /// backgrounds, some flipped or outlined, none overlapping, none of a held-out pair; the other
 /// half are the usual scenes (with even backgrounds). Transformers and rerankers refuse it.
