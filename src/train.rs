@@ -905,7 +905,7 @@ pub fn train_transformer(opts: &TrainOptions, recipe: &TransformerRecipe) -> Res
                     eprintln!("carried the image codes of {} over to this dVAE's: {found}", old_dir.display());
                 }
             }
-            None => load_varstore(&mut model.vs, from)?,
+            None => load_or_grow_transformer(&mut model, &cfg, from, opts)?,
         }
     }
     let mut opt = AdamW::new(&model.vs, 0.9, 0.96, 1e-8, recipe.weight_decay);
@@ -1098,6 +1098,43 @@ impl Default for RerankerRecipe {
             judged_negatives: 4,
             judged_loaded: std::sync::OnceLock::new(),
         }
+    }
+}
+
+/// Loads `path` into the transformer; a file with fewer layers than the config asks for is
+/// grown into it ([`crate::transformer::grow_layers`]: the same logits until it trains).
+fn load_or_grow_transformer(
+    model: &mut TransformerModel,
+    cfg: &Config,
+    path: &Path,
+    opts: &TrainOptions,
+) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // an unreadable file is named by the plain load below
+    let st = safetensors::SafeTensors::deserialize(&bytes).ok();
+    let have = st.as_ref().and_then(|st| crate::transformer::layers_of(st.names().into_iter().map(|n| n.as_str())));
+    let want = cfg.transformer.n_layers;
+    match have {
+        Some(n) if n < want => {
+            // the kept layers keep the kinds the grown config gives them: its first n − 1 and its last
+            let kinds = cfg.transformer.layer_kinds();
+            let mut small = cfg.clone();
+            small.transformer.n_layers = n;
+            small.transformer.attention =
+                crate::config::AttentionPattern::Layers(kinds[..n - 1].iter().chain(kinds.last()).copied().collect());
+            let mut trained = TransformerModel::new(&small, opts.device);
+            crate::io::load_varstore_bytes(&mut trained.vs, &bytes, path)?;
+            crate::transformer::grow_layers(&trained.vs, &small.transformer, &model.vs, &cfg.transformer)
+                .map_err(|e| Error::checkpoint(path, format!("cannot grow its layers: {e}")))?;
+            if !opts.quiet {
+                eprintln!(
+                    "grew {} from {n} to {want} layers (the new ones inserted before the last, the same logits until it trains)",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        _ => crate::io::load_varstore_bytes(&mut model.vs, &bytes, path),
     }
 }
 

@@ -329,3 +329,76 @@ impl Transformer {
         self.static_decode
     }
 }
+
+/// The number of blocks a transformer's weight file holds (from its tensor names), or `None`
+/// when the names are not a transformer's.
+pub fn layers_of<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<usize> {
+    let mut layers = None;
+    for name in names {
+        if let Some(rest) = name.strip_prefix("blocks.") {
+            let i = rest.split('.').next().and_then(|i| i.parse::<usize>().ok())?;
+            layers = Some(layers.unwrap_or(0).max(i + 1));
+        }
+    }
+    layers
+}
+
+/// Copies a transformer with fewer layers (`from`, `from_cfg`) into `to` (`to_cfg`: the same but
+/// for `n_layers` and the attention pattern): its first n − 1 blocks stay where they are, its
+/// last block becomes `to`'s last, and the blocks inserted before it start as the identity
+/// (their attention output and second MLP projection zero; the rest keeps its initialisation),
+/// so `to` gives exactly `from`'s logits until it trains. The blocks kept must keep their
+/// attention kinds (the paper's pattern does: its first layers and its last, convolutional,
+/// one are the same at any depth).
+pub fn grow_layers(
+    from: &nn::VarStore,
+    from_cfg: &crate::config::TransformerConfig,
+    to: &nn::VarStore,
+    to_cfg: &crate::config::TransformerConfig,
+) -> Result<(), String> {
+    use crate::config::TransformerConfig;
+    let (n0, n1) = (from_cfg.n_layers, to_cfg.n_layers);
+    let same_but_depth = |c: &TransformerConfig| TransformerConfig {
+        n_layers: 0,
+        attention: crate::config::AttentionPattern::Full,
+        ..c.clone()
+    };
+    if same_but_depth(from_cfg) != same_but_depth(to_cfg) {
+        return Err("growing a transformer's depth keeps its width, heads and everything else as they are".into());
+    }
+    if n1 < n0 || n0 == 0 {
+        return Err(format!("a transformer can grow, not shrink: it has {n0} layers, asked for {n1}"));
+    }
+    let (k0, k1) = (from_cfg.layer_kinds(), to_cfg.layer_kinds());
+    if k0[..n0 - 1] != k1[..n0 - 1] || k0[n0 - 1] != k1[n1 - 1] {
+        return Err(format!(
+            "the layers kept must keep their attention: {k0:?} cannot become the first and last layers of {k1:?}"
+        ));
+    }
+    let old = from.variables();
+    tch::no_grad(|| {
+        for (name, var) in to.variables() {
+            let source = match name.strip_prefix("blocks.").and_then(|r| r.split_once('.')) {
+                None => Some(name.clone()),
+                Some((i, rest)) => {
+                    let i: usize = i.parse().map_err(|_| format!("{name}: not a block's tensor"))?;
+                    match i {
+                        i if i + 1 < n0 => Some(name.clone()),
+                        i if i + 1 == n1 => Some(format!("blocks.{}.{rest}", n0 - 1)),
+                        _ => {
+                            if matches!(rest, "attn.out.weight" | "attn.out.bias" | "fc2.weight" | "fc2.bias") {
+                                let _ = var.shallow_clone().zero_();
+                            }
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(source) = source {
+                let o = old.get(&source).ok_or_else(|| format!("{source} is missing from the smaller transformer"))?;
+                var.shallow_clone().f_copy_(o).map_err(|e| format!("{name} from {source}: {e}"))?;
+            }
+        }
+        Ok(())
+    })
+}

@@ -808,6 +808,85 @@ fn a_reranker_grown_deeper_scores_what_it_did_and_trains_its_new_blocks() {
     assert_eq!(tessera::clip::image_blocks_of(["encoder.blocks.0.w"]), None);
 }
 
+#[test]
+fn a_transformer_grown_deeper_gives_its_logits_and_trains_its_new_layers() {
+    use tessera::config::{AttentionKind, AttentionPattern};
+    let _cpu = crate::common::heavy_cpu();
+    let (a, b) = (tiny_dir(), tiny_dir());
+    train::train_dvae(&options(a.path(), 1, None, false), &DvaeRecipe::default()).unwrap();
+    std::fs::copy(a.path().join("dvae.safetensors"), b.path().join("dvae.safetensors")).unwrap();
+    // a: four trained layers (the paper's pattern: row, column, row, convolutional)
+    train::train_transformer(
+        &options(a.path(), 4, None, false),
+        &TransformerRecipe { lr: 3e-3, warmup: 1, ..Default::default() },
+    )
+    .unwrap();
+    let cfg = tessera::Model::load_config(a.path()).unwrap();
+    assert_eq!(cfg.transformer.n_layers, 4);
+    let source = a.path().join("transformer.safetensors");
+    // b asks for six: one step at rate 0 from a's file grows it (two row layers before the last)
+    let mut deeper = cfg.clone();
+    deeper.transformer.n_layers = 6;
+    std::fs::write(b.path().join("config.json"), serde_json::to_string_pretty(&deeper).unwrap()).unwrap();
+    let grow = TransformerRecipe { lr: 0.0, warmup: 1, init_from: Some(source.clone()), ..Default::default() };
+    train::train_transformer(&options(b.path(), 1, None, false), &grow).unwrap();
+
+    let load = |c: &Config, d: &Path| {
+        let mut t = tessera::model::TransformerModel::new(c, Device::Cpu);
+        tessera::io::load_varstore(&mut t.vs, &d.join("transformer.safetensors")).unwrap();
+        t
+    };
+    let text = tch::Tensor::randint(
+        cfg.text.vocab_size as i64,
+        [3, cfg.text.text_len as i64],
+        (tch::Kind::Int64, Device::Cpu),
+    );
+    let image =
+        tch::Tensor::randint(cfg.dvae.vocab_size as i64, [3, cfg.image_len() as i64], (tch::Kind::Int64, Device::Cpu));
+    let logits = |t: &tessera::model::TransformerModel| tch::no_grad(|| t.net.forward(&text, &image, false));
+    let (ta, tb) = (load(&cfg, a.path()), load(&deeper, b.path()));
+    let ((xa, ia), (xb, ib)) = (logits(&ta), logits(&tb));
+    let d_text = (xa - xb).abs().max().double_value(&[]);
+    let d_image = (&ia - &ib).abs().max().double_value(&[]);
+    assert!(d_text < 1e-4 && d_image < 1e-4, "the grown transformer's logits differ by {d_text} / {d_image}");
+    // the layers kept are the same tensors: a's last block is b's last
+    let (sa, sb) = (sorted_state(&source), sorted_state(&b.path().join("transformer.safetensors")));
+    let find =
+        |s: &[(String, tch::Tensor)], n: &str| s.iter().find(|(m, _)| m == n).map(|(_, t)| t.shallow_clone()).unwrap();
+    assert!(find(&sa, "blocks.3.attn.qkv.weight").equal(&find(&sb, "blocks.5.attn.qkv.weight")));
+    assert!(find(&sa, "blocks.1.fc1.weight").equal(&find(&sb, "blocks.1.fc1.weight")));
+    for i in [3, 4] {
+        assert_eq!(find(&sb, &format!("blocks.{i}.fc2.weight")).abs().max().double_value(&[]), 0.0);
+    }
+
+    // trained from there, the new layers learn and the logits change
+    let go = TransformerRecipe { lr: 3e-3, warmup: 1, init_from: Some(source.clone()), ..Default::default() };
+    train::train_transformer(&options(b.path(), 4, None, false), &go).unwrap();
+    let sb = sorted_state(&b.path().join("transformer.safetensors"));
+    let moved = find(&sb, "blocks.4.fc2.weight").abs().max().double_value(&[]);
+    assert!(moved > 1e-4, "a new layer's second projection stayed at zero ({moved})");
+    let d = (logits(&load(&deeper, b.path())).1 - &ia).abs().max().double_value(&[]);
+    assert!(d > 1e-3, "training the grown transformer changed no logit ({d})");
+
+    // refused, named: shrinking, another width, layers kept with another attention kind
+    let (big, small) = (tessera::model::TransformerModel::new(&deeper, Device::Cpu), load(&cfg, a.path()));
+    let e = tessera::transformer::grow_layers(&big.vs, &deeper.transformer, &small.vs, &cfg.transformer).unwrap_err();
+    assert!(e.contains("not shrink"), "{e}");
+    let mut wider = deeper.clone();
+    wider.transformer.d_model = 64;
+    let w = tessera::model::TransformerModel::new(&wider, Device::Cpu);
+    let e = tessera::transformer::grow_layers(&small.vs, &cfg.transformer, &w.vs, &wider.transformer).unwrap_err();
+    assert!(e.contains("width"), "{e}");
+    let mut full = deeper.clone();
+    full.transformer.attention = AttentionPattern::Layers(vec![AttentionKind::Full; 6]);
+    let f = tessera::model::TransformerModel::new(&full, Device::Cpu);
+    let e = tessera::transformer::grow_layers(&small.vs, &cfg.transformer, &f.vs, &full.transformer).unwrap_err();
+    assert!(e.contains("keep their attention"), "{e}");
+    let names: Vec<String> = sb.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(tessera::transformer::layers_of(names.iter().map(|n| n.as_str())), Some(6));
+    assert_eq!(tessera::transformer::layers_of(["text_emb.weight"]), None);
+}
+
 /// Four steps of a tiny dVAE in `dir`, at a rate that moves its weights well away from their
 /// initial values.
 fn train_a_little_dvae(dir: &std::path::Path) {
