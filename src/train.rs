@@ -1101,6 +1101,32 @@ impl Default for RerankerRecipe {
     }
 }
 
+/// Loads the weight file `path` into `vs`; a file that holds fewer of what the config grows
+/// (`have_of` counts them from its tensor names) than `want` goes to `grow` instead (with its
+/// bytes), which fills `vs` from it and says what it did.
+fn load_or_grow(
+    vs: &mut VarStore,
+    path: &Path,
+    want: usize,
+    have_of: impl Fn(Vec<&str>) -> Option<usize>,
+    grow: impl FnOnce(usize, &[u8], &VarStore) -> Result<String>,
+    quiet: bool,
+) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // an unreadable file is named by the plain load below
+    let st = safetensors::SafeTensors::deserialize(&bytes).ok();
+    match st.as_ref().and_then(|st| have_of(st.names().into_iter().map(|n| n.as_str()).collect())) {
+        Some(n) if n < want => {
+            let done = grow(n, &bytes, vs)?;
+            if !quiet {
+                eprintln!("{done}");
+            }
+            Ok(())
+        }
+        _ => crate::io::load_varstore_bytes(vs, &bytes, path),
+    }
+}
+
 /// Loads `path` into the transformer; a file with fewer layers than the config asks for is
 /// grown into it ([`crate::transformer::grow_layers`]: the same logits until it trains).
 fn load_or_grow_transformer(
@@ -1109,33 +1135,24 @@ fn load_or_grow_transformer(
     path: &Path,
     opts: &TrainOptions,
 ) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    // an unreadable file is named by the plain load below
-    let st = safetensors::SafeTensors::deserialize(&bytes).ok();
-    let have = st.as_ref().and_then(|st| crate::transformer::layers_of(st.names().into_iter().map(|n| n.as_str())));
     let want = cfg.transformer.n_layers;
-    match have {
-        Some(n) if n < want => {
-            // the kept layers keep the kinds the grown config gives them: its first n − 1 and its last
-            let kinds = cfg.transformer.layer_kinds();
-            let mut small = cfg.clone();
-            small.transformer.n_layers = n;
-            small.transformer.attention =
-                crate::config::AttentionPattern::Layers(kinds[..n - 1].iter().chain(kinds.last()).copied().collect());
-            let mut trained = TransformerModel::new(&small, opts.device);
-            crate::io::load_varstore_bytes(&mut trained.vs, &bytes, path)?;
-            crate::transformer::grow_layers(&trained.vs, &small.transformer, &model.vs, &cfg.transformer)
-                .map_err(|e| Error::checkpoint(path, format!("cannot grow its layers: {e}")))?;
-            if !opts.quiet {
-                eprintln!(
-                    "grew {} from {n} to {want} layers (the new ones inserted before the last, the same logits until it trains)",
-                    path.display()
-                );
-            }
-            Ok(())
-        }
-        _ => crate::io::load_varstore_bytes(&mut model.vs, &bytes, path),
-    }
+    let grow = |n: usize, bytes: &[u8], to: &VarStore| -> Result<String> {
+        // the kept layers keep the kinds the grown config gives them: its first n − 1 and its last
+        let kinds = cfg.transformer.layer_kinds();
+        let mut small = cfg.clone();
+        small.transformer.n_layers = n;
+        small.transformer.attention =
+            crate::config::AttentionPattern::Layers(kinds[..n - 1].iter().chain(kinds.last()).copied().collect());
+        let mut trained = TransformerModel::new(&small, opts.device);
+        crate::io::load_varstore_bytes(&mut trained.vs, bytes, path)?;
+        crate::transformer::grow_layers(&trained.vs, &small.transformer, to, &cfg.transformer)
+            .map_err(|e| Error::checkpoint(path, format!("cannot grow its layers: {e}")))?;
+        Ok(format!(
+            "grew {} from {n} to {want} layers (the new ones inserted before the last, the same logits until it trains)",
+            path.display()
+        ))
+    };
+    load_or_grow(&mut model.vs, path, want, |names| crate::transformer::layers_of(names), grow, opts.quiet)
 }
 
 /// Loads `path` into the reranker; a file with fewer residual image blocks per stage than the
@@ -1147,29 +1164,20 @@ fn load_or_grow_reranker(
     path: &Path,
     opts: &TrainOptions,
 ) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    // an unreadable file is named by the plain load below
-    let st = safetensors::SafeTensors::deserialize(&bytes).ok();
-    let have = st.as_ref().and_then(|st| crate::clip::image_blocks_of(st.names().into_iter().map(|n| n.as_str())));
     let want = cfg.reranker.image_blocks;
-    match have {
-        Some(b) if b < want => {
-            let mut small = cfg.clone();
-            small.reranker.image_blocks = b;
-            let mut trained = crate::model::RerankerModel::new(&small, opts.device);
-            crate::io::load_varstore_bytes(&mut trained.vs, &bytes, path)?;
-            crate::clip::grow_image_blocks(&trained.vs, &small.reranker, &model.vs, &cfg.reranker)
-                .map_err(|e| Error::checkpoint(path, format!("cannot grow its image stages: {e}")))?;
-            if !opts.quiet {
-                eprintln!(
-                    "grew the image stages of {} from {b} to {want} residual blocks each (the same scores until it trains)",
-                    path.display()
-                );
-            }
-            Ok(())
-        }
-        _ => crate::io::load_varstore_bytes(&mut model.vs, &bytes, path),
-    }
+    let grow = |b: usize, bytes: &[u8], to: &VarStore| -> Result<String> {
+        let mut small = cfg.clone();
+        small.reranker.image_blocks = b;
+        let mut trained = crate::model::RerankerModel::new(&small, opts.device);
+        crate::io::load_varstore_bytes(&mut trained.vs, bytes, path)?;
+        crate::clip::grow_image_blocks(&trained.vs, &small.reranker, to, &cfg.reranker)
+            .map_err(|e| Error::checkpoint(path, format!("cannot grow its image stages: {e}")))?;
+        Ok(format!(
+            "grew the image stages of {} from {b} to {want} residual blocks each (the same scores until it trains)",
+            path.display()
+        ))
+    };
+    load_or_grow(&mut model.vs, path, want, |names| crate::clip::image_blocks_of(names), grow, opts.quiet)
 }
 
 /// Trains the contrastive reranker of a model directory that has its tokenizer.
