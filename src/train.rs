@@ -1152,7 +1152,15 @@ fn load_or_grow_transformer(
             path.display()
         ))
     };
-    load_or_grow(&mut model.vs, path, want, |names| crate::transformer::layers_of(names), grow, opts.quiet)
+    // said once: not again by the throwaway steps that plan `--time`
+    load_or_grow(
+        &mut model.vs,
+        path,
+        want,
+        |names| crate::transformer::layers_of(names),
+        grow,
+        opts.quiet || opts.calibrate,
+    )
 }
 
 /// Loads `path` into the reranker; a file with fewer residual image blocks per stage than the
@@ -1177,7 +1185,14 @@ fn load_or_grow_reranker(
             path.display()
         ))
     };
-    load_or_grow(&mut model.vs, path, want, |names| crate::clip::image_blocks_of(names), grow, opts.quiet)
+    load_or_grow(
+        &mut model.vs,
+        path,
+        want,
+        |names| crate::clip::image_blocks_of(names),
+        grow,
+        opts.quiet || opts.calibrate,
+    )
 }
 
 /// Trains the contrastive reranker of a model directory that has its tokenizer.
