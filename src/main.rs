@@ -232,9 +232,9 @@ struct ModelData {
     settings: Vec<String>,
     /// world, world:SEED, world-balanced[:SEED] (single objects' four backgrounds equally
     /// often, for a dVAE), world-dense[:SEED] (half the pictures crowds of objects on any
-    /// background; dVAE only), each optionally with capability weights (`world:4@text=2.5,
-    /// transform=2`: text scenes 2.5 times and transforms twice as often against the rest),
-    /// a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
+    /// background; dVAE only), each optionally with capability weights
+    /// (`world:4@text=2.5,transform=2`: text scenes 2.5 times and transforms twice as often
+    /// against the rest), a folder of NAME.png|jpg + NAME.txt, or WebDataset .tar shards.
     #[arg(long, default_value = "world")]
     data: String,
 }
