@@ -417,7 +417,20 @@ pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
         }
         Capability::Text => {
             let s = scene.sign.as_ref().ok_or(Miss::Unreadable)?;
-            let word = read_sign(rgb, size, s.colour, s.word.chars().count()).ok_or(Miss::Unreadable)?;
+            // the sign's colour counts where the caption names it ("a yellow sign that says
+            // …"); "a sign with the word … on it" leaves it to the picture: its largest board
+            // of a sign colour
+            let named = scene.caption.contains(&format!("{} sign", s.colour.name()));
+            let colour = if named {
+                s.colour
+            } else {
+                detect(rgb, size, Colour::White)
+                    .iter()
+                    .find(|d| crate::world::SIGN_COLOURS.contains(&d.colour))
+                    .map(|d| d.colour)
+                    .ok_or(Miss::Unreadable)?
+            };
+            let word = read_sign(rgb, size, colour, s.word.chars().count()).ok_or(Miss::Unreadable)?;
             pass(word == s.word, Miss::WrongWord)
         }
         Capability::Transform => {

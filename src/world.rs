@@ -653,10 +653,13 @@ fn stack(g: &mut Gen, held: bool) -> Scene {
     }
 }
 
+/// The colours a sign is drawn in.
+pub const SIGN_COLOURS: [Colour; 5] = [Colour::Yellow, Colour::Cyan, Colour::Pink, Colour::Orange, Colour::Gray];
+
 fn text(g: &mut Gen) -> Scene {
     let background = Colour::White;
     let word = g.pick(WORDS).to_string();
-    let colour = g.pick(&[Colour::Yellow, Colour::Cyan, Colour::Pink, Colour::Orange, Colour::Gray]);
+    let colour = g.pick(&SIGN_COLOURS);
     let w = 0.86;
     let h = 0.42;
     let sign = Sign { word: word.clone(), colour, x: 0.5, y: 0.5 + g.uniform(-0.2, 0.2), w, h };

@@ -368,6 +368,39 @@ fn the_evaluator_leaves_open_what_the_caption_leaves_open() {
     assert!(out_caught * 10 >= n * 9, "a copy out of place: {out_caught} of {n} caught");
 }
 
+/// A sign's colour is checked only where the caption names it: "a sign with the word 'x' on it"
+/// passes on a board of any sign colour, "a yellow sign that says 'x'" only on a yellow one, and
+/// either fails with another word.
+#[test]
+fn a_signs_colour_counts_only_where_the_caption_names_it() {
+    use tessera::eval::{Miss, judge};
+    let (mut plain, mut named) = (0, 0);
+    for seed in 0..120u64 {
+        let scene = world::generate(Capability::Text, seed, Split::Train);
+        let sign = scene.sign.clone().expect("a text scene has a sign");
+        assert!(score(&scene, &render(&scene, 64), 64), "ground truth: {}", scene.caption);
+        let says_colour = scene.caption.contains(&format!("{} sign", sign.colour.name()));
+        let other = *world::SIGN_COLOURS.iter().find(|&&c| c != sign.colour).unwrap();
+        let mut recoloured = scene.clone();
+        recoloured.sign.as_mut().unwrap().colour = other;
+        let got = judge(&scene, &render(&recoloured, 64), 64);
+        if says_colour {
+            named += 1;
+            assert!(got.is_err(), "{} drawn {}", scene.caption, other.name());
+        } else {
+            plain += 1;
+            assert_eq!(got, Ok(()), "{} drawn {}", scene.caption, other.name());
+        }
+        // the word reversed (palindromes aside) on a board the caption allows
+        let mut misspelt = if says_colour { scene.clone() } else { recoloured.clone() };
+        misspelt.sign.as_mut().unwrap().word = sign.word.chars().rev().collect();
+        if misspelt.sign.as_ref().unwrap().word != sign.word {
+            assert_eq!(judge(&scene, &render(&misspelt, 64), 64), Err(Miss::WrongWord), "{} misspelt", scene.caption);
+        }
+    }
+    assert!(plain > 40 && named > 40, "{plain} plain and {named} coloured captions");
+}
+
 /// `world-balanced` gives a dVAE the non-white backgrounds as often as white ones; `world` keeps
 /// white three times in four. Both keep the capability mix and the held-out pairs out.
 #[test]
