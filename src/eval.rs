@@ -3,7 +3,9 @@
 //! The world's conventions make this exact enough to grade a model: pixels are labelled with
 //! the nearest palette colour, connected regions become objects, each object's shape is the
 //! template (shape, upside-down or not, filled or outline) that best overlaps its mask scaled to
-//! its bounding box, and a sign's letters are read cell by cell against the built-in font.
+//! its bounding box (a shape whose template fits within [`SHAPE_MARGIN`] of the best is read
+//! too: look-alikes the pixels cannot tell apart), and a sign's letters are read cell by cell
+//! against the built-in font.
 //! Each capability has its own test of the ground truth (see [`score`]).
 
 use std::collections::VecDeque;
@@ -28,6 +30,47 @@ pub struct Detected {
     pub area: f32,
     /// Bounding box (x0, y0, x1, y1).
     pub bbox: (f32, f32, f32, f32),
+    /// Every template's fit, in the order of `templates()`.
+    #[serde(skip)]
+    fits: Vec<f32>,
+    /// Half the bounding box's mean side, in pixels.
+    #[serde(skip)]
+    radius_px: f32,
+}
+
+/// How much worse than the best template another may fit and still be read as what the
+/// region shows, for a region 7 px in radius (a small object at 64 px); it shrinks as the
+/// region grows (a pixel's rounding weighs less on a larger shape: the margin goes as one over
+/// the radius). At 64 px a circle, an octagon and a small heptagon fit each other's templates
+/// within a hundredth whichever was drawn, so the best template alone fails ground truth on a
+/// pixel's rounding (a heptagon read as a circle); any other pair of shapes fits far worse
+/// than that (`tests/world.rs` holds both sides).
+pub const SHAPE_MARGIN: f32 = 0.01;
+const MARGIN_RADIUS_PX: f32 = 7.0;
+
+impl Detected {
+    /// The best fit among the templates that `keep` accepts (0 where none).
+    /// `margin` (at 7 px) scaled to this region's radius.
+    fn margin(&self, margin: f32) -> f32 {
+        margin * MARGIN_RADIUS_PX / self.radius_px.max(1.0)
+    }
+
+    fn best_fit(&self, keep: impl Fn(&Template) -> bool) -> f32 {
+        templates().iter().zip(&self.fits).filter(|(t, _)| keep(t)).map(|(_, &f)| f).fold(0.0, f32::max)
+    }
+
+    /// Whether the region reads as `shape` (any way up, filled or outline): a template of it
+    /// fits within `margin` (at 7 px, scaled to the region) of the best template.
+    pub fn reads_as(&self, shape: Shape, margin: f32) -> bool {
+        self.shape == shape || self.best_fit(|t| t.shape == shape) >= self.fit - self.margin(margin)
+    }
+
+    /// Whether the region reads as `shape` drawn as asked: upside-down or not (`flipped`;
+    /// `None` either way) and filled or outline, within `margin` of the best template.
+    pub fn reads_as_drawn(&self, shape: Shape, flipped: Option<bool>, outline: bool, margin: f32) -> bool {
+        let asked = |t: &Template| t.shape == shape && t.outline == outline && flipped.is_none_or(|f| t.flipped == f);
+        self.best_fit(asked) >= self.fit - self.margin(margin)
+    }
 }
 
 const LABEL_DISTANCE: i32 = 70;
@@ -210,6 +253,7 @@ fn describe_region(pixels: &[usize], frame: &Frame, id: u32, colour: Colour) -> 
     // Each template placed with the region's centroid and area, rendered on the same pixels
     // with 4×4 supersampling; the closest rendering names the shape.
     let mut best = (f32::MAX, &templates()[0]);
+    let mut errs = Vec::with_capacity(templates().len());
     for t in templates() {
         let r = (mass / t.area).sqrt();
         let (ox, oy) = (cx - t.cu * r, cy - t.cv * r);
@@ -229,11 +273,13 @@ fn describe_region(pixels: &[usize], frame: &Frame, id: u32, colour: Colour) -> 
                 k += 1;
             }
         }
+        errs.push(err);
         if err < best.0 {
             best = (err, t);
         }
     }
     let fit = 1.0 - best.0 / (2.0 * mass.max(1e-6));
+    let fits = errs.iter().map(|e| 1.0 - e / (2.0 * mass.max(1e-6))).collect();
     let best = (fit, best.1.shape, best.1.flipped, best.1.outline);
     let n = pixels.len() as f64;
     let s = size as f32;
@@ -247,12 +293,24 @@ fn describe_region(pixels: &[usize], frame: &Frame, id: u32, colour: Colour) -> 
         y: (sy / n) as f32 / s,
         area: pixels.len() as f32 / (s * s),
         bbox: (x0 as f32 / s, y0 as f32 / s, (x1 + 1) as f32 / s, (y1 + 1) as f32 / s),
+        fits,
+        radius_px: ((x1 + 1 - x0) + (y1 + 1 - y0)) as f32 / 4.0,
     }
 }
 
 /// Reads the word of the largest region of `sign_colour`, assuming the world's sign layout.
 pub fn read_sign(rgb: &[u8], size: usize, sign_colour: Colour, letters: usize) -> Option<String> {
-    let regions = detect(rgb, size, Colour::White);
+    read_sign_among(rgb, size, &detect(rgb, size, Colour::White), sign_colour, letters)
+}
+
+/// [`read_sign`] given the picture's regions on white (largest first), already detected.
+fn read_sign_among(
+    rgb: &[u8],
+    size: usize,
+    regions: &[Detected],
+    sign_colour: Colour,
+    letters: usize,
+) -> Option<String> {
     let board = regions.iter().find(|d| d.colour == sign_colour)?;
     let (x0, y0, x1, y1) = board.bbox;
     let sign = Sign {
@@ -286,8 +344,8 @@ pub fn read_sign(rgb: &[u8], size: usize, sign_colour: Colour, letters: usize) -
     Some(word)
 }
 
-fn matches(d: &Detected, colour: Colour, shape: Shape) -> bool {
-    d.colour == colour && d.shape == shape
+fn matches(d: &Detected, colour: Colour, shape: Shape, margin: f32) -> bool {
+    d.colour == colour && d.reads_as(shape, margin)
 }
 
 /// Whether the image shows what the scene's caption asks for.
@@ -356,13 +414,20 @@ impl Miss {
 /// Scores the image against the scene's caption: `Ok` when it shows what the caption asks
 /// for, otherwise the first thing it gets wrong.
 pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
+    judge_within(scene, rgb, size, SHAPE_MARGIN)
+}
+
+/// [`judge`] with another tolerance for look-alike shapes ([`SHAPE_MARGIN`]; 0 reads each
+/// region as its best template alone).
+pub fn judge_within(scene: &Scene, rgb: &[u8], size: usize, margin: f32) -> Result<(), Miss> {
     let found = detect(rgb, size, scene.background);
+    let matches = |d: &Detected, colour: Colour, shape: Shape| matches(d, colour, shape, margin);
     let pass = |ok: bool, miss: Miss| if ok { Ok(()) } else { Err(miss) };
     match scene.capability {
         Capability::SingleObject => {
             let o = &scene.objects[0];
             let d = found.first().ok_or(Miss::NothingFound)?;
-            match (d.colour == o.colour, d.shape == o.shape) {
+            match (d.colour == o.colour, d.reads_as(o.shape, margin)) {
                 (true, true) => Ok(()),
                 (false, true) => Err(Miss::Colour),
                 (true, false) => Err(Miss::Shape),
@@ -406,7 +471,7 @@ pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
             let mut blocks: Vec<&Detected> = Vec::new();
             for o in &scene.objects {
                 let d = found.iter().find(|d| d.colour == o.colour).ok_or(Miss::NothingFound)?;
-                pass(d.shape == Shape::Square, Miss::Misplaced)?;
+                pass(d.reads_as(Shape::Square, margin), Miss::Misplaced)?;
                 blocks.push(d);
             }
             let r = scene.objects.iter().map(|o| o.r).fold(f32::INFINITY, f32::min);
@@ -421,16 +486,18 @@ pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
             // …"); "a sign with the word … on it" leaves it to the picture: its largest board
             // of a sign colour
             let named = scene.caption.contains(&format!("{} sign", s.colour.name()));
+            // signs stand on white: the regions found on the scene's background are those
+            let on_white = if scene.background == Colour::White { found } else { detect(rgb, size, Colour::White) };
             let colour = if named {
                 s.colour
             } else {
-                detect(rgb, size, Colour::White)
+                on_white
                     .iter()
                     .find(|d| crate::world::SIGN_COLOURS.contains(&d.colour))
                     .map(|d| d.colour)
                     .ok_or(Miss::Unreadable)?
             };
-            let word = read_sign(rgb, size, colour, s.word.chars().count()).ok_or(Miss::Unreadable)?;
+            let word = read_sign_among(rgb, size, &on_white, colour, s.word.chars().count()).ok_or(Miss::Unreadable)?;
             pass(word == s.word, Miss::WrongWord)
         }
         Capability::Transform => {
@@ -440,11 +507,10 @@ pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
             let kind = scene.transform.ok_or(Miss::ObjectWrong)?;
             let n = scene.objects.len() / 2;
             for (o, copy) in scene.objects[..n].iter().zip(&scene.objects[n..]) {
+                // symmetric shapes read the same either way up
+                let either = |flip: bool| if symmetric_vertically(o.shape) { None } else { Some(flip) };
                 let upright = |d: &&Detected| {
-                    matches(d, o.colour, o.shape)
-                        && d.y < 0.5
-                        && !d.outline
-                        && (!d.flipped || symmetric_vertically(o.shape))
+                    d.colour == o.colour && d.y < 0.5 && d.reads_as_drawn(o.shape, either(false), false, margin)
                 };
                 let tops: Vec<&Detected> = found.iter().filter(upright).collect();
                 pass(!tops.is_empty(), Miss::ObjectWrong)?;
@@ -456,9 +522,7 @@ pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
                     let near = |d: &&Detected| (d.x - x).abs() < copy.r && (d.y - y).abs() < copy.r;
                     for d in found.iter().filter(near).filter(|d| matches(d, copy.colour, copy.shape)) {
                         placed = true;
-                        // symmetric shapes read the same either way up
-                        transformed |=
-                            (d.flipped == want_flip || symmetric_vertically(o.shape)) && d.outline == want_outline;
+                        transformed |= d.reads_as_drawn(copy.shape, either(want_flip), want_outline, margin);
                     }
                 }
                 pass(placed, Miss::ObjectWrong)?;

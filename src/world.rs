@@ -277,7 +277,7 @@ pub fn generate_with(capability: Capability, seed: u64, split: Split, even_backg
 }
 
 /// The share of each capability in training data.
-pub const MIX: &[(Capability, f64)] = &[
+pub const MIX: [(Capability, f64); 6] = [
     (Capability::SingleObject, 0.30),
     (Capability::TwoObjectsPosition, 0.25),
     (Capability::Count, 0.15),
@@ -363,16 +363,16 @@ impl Mix {
     }
 
     /// Each capability's share of the scenes drawn (they sum to 1; [`MIX`] itself when usual).
-    pub fn shares(&self) -> Vec<(Capability, f64)> {
+    pub fn shares(&self) -> [(Capability, f64); 6] {
         if *self == Mix::USUAL {
-            return MIX.to_vec();
+            return MIX;
         }
-        let raw: Vec<(Capability, f64)> = MIX.iter().map(|&(c, p)| (c, p * self.weights[c.index()])).collect();
+        let raw = MIX.map(|(c, p)| (c, p * self.weights[c.index()]));
         let total: f64 = raw.iter().map(|&(_, p)| p).sum();
         if total <= 0.0 {
             return raw;
         }
-        raw.into_iter().map(|(c, p)| (c, p / total)).collect()
+        raw.map(|(c, p)| (c, p / total))
     }
 
     /// The spec suffix that gives this mix back (`""` for the usual one).

@@ -562,3 +562,55 @@ fn dense_world_data_draws_crowds_for_a_dvae() {
     assert!(Source::open("world-balanced").unwrap().for_captions("transformer").is_ok());
     assert!(Source::open("world-densex").is_err());
 }
+
+#[test]
+fn the_evaluator_reads_look_alikes_the_pixels_cannot_tell_apart() {
+    // At 64 px a circle, an octagon and a small heptagon fit each other's templates within
+    // a hundredth: read by its best template alone, ground truth fails on a pixel's rounding.
+    // Within `SHAPE_MARGIN` ground truth passes, and a shape drawn in place of another passes
+    // only where both are round: a circle or a polygon of five to eight sides.
+    use tessera::eval::{SHAPE_MARGIN, judge_within};
+    use tessera::world::{Contrasts, contrast_scene_as};
+    const PX: usize = 64;
+    let round =
+        |s: Shape| matches!(s, Shape::Circle | Shape::Pentagon | Shape::Hexagon | Shape::Heptagon | Shape::Octagon);
+    let mut rng = tessera::sample::SeedRng::new(3);
+    for cap in [Capability::SingleObject, Capability::TwoObjectsPosition] {
+        let (n, mut strict, mut within, mut reshaped, mut passed) = (150, 0, 0, 0, 0);
+        for i in 0..n {
+            let scene = world::generate(cap, 50_000 + i, Split::Train);
+            let picture = render(&scene, PX);
+            strict += judge_within(&scene, &picture, PX, 0.0).is_ok() as usize;
+            within += judge_within(&scene, &picture, PX, SHAPE_MARGIN).is_ok() as usize;
+            let other = contrast_scene_as(&scene, &mut rng, Contrasts::Near);
+            let changed: Vec<(Shape, Shape)> = (scene.objects.iter().zip(&other.objects))
+                .filter(|(a, b)| a.shape != b.shape && a.colour == b.colour)
+                .map(|(a, b)| (a.shape, b.shape))
+                .collect();
+            let same_place = scene.objects.iter().zip(&other.objects).all(|(a, b)| a.x == b.x && a.y == b.y);
+            if changed.len() != 1 || !same_place {
+                continue;
+            }
+            reshaped += 1;
+            if judge_within(&scene, &render(&other, PX), PX, SHAPE_MARGIN).is_ok() {
+                passed += 1;
+                let (want, drawn) = changed[0];
+                assert!(round(want) && round(drawn), "{cap:?}: a {drawn:?} passed for a {want:?}: {}", scene.caption);
+            }
+        }
+        assert!(strict < n as usize, "{cap:?}: the best template alone never failed ground truth");
+        assert!(within * 100 >= n as usize * 99, "{cap:?}: ground truth passes {within} of {n}, {strict} alone");
+        assert!(reshaped >= 40 && passed * 100 <= reshaped * 20, "{cap:?}: {passed} of {reshaped} look-alikes pass");
+    }
+    // clearly other shapes never pass, at any size
+    for i in 0..120 {
+        let scene = world::generate(Capability::SingleObject, 60_000 + i, Split::Train);
+        let want = scene.objects[0].shape;
+        let mut other = scene.clone();
+        other.objects[0].shape = match want {
+            Shape::Triangle | Shape::Star | Shape::Heart => Shape::Square,
+            _ => Shape::Triangle,
+        };
+        assert!(judge_within(&scene, &render(&other, PX), PX, SHAPE_MARGIN).is_err(), "{}", scene.caption);
+    }
+}

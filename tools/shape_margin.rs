@@ -1,0 +1,224 @@
+//! How the evaluator's look-alike margin (`eval::SHAPE_MARGIN`) reads pictures.
+//!
+//! `cargo run --release --example shape_margin -- calib [PX] [SCENES]`: per capability, the
+//! share of ground-truth renders, of near-miss contrasts (a look-alike shape, a block off its
+//! column) and of any contrasts that pass their scene's caption at margins 0 to 0.05 (at 7 px;
+//! defaults 64 px, 400 scenes). A margin is right where ground truth passes and contrasts do not.
+//!
+//! `… -- transforms MODEL_DIR [SCENES]`: transform scenes by kind and number of objects,
+//! ground truth and its round trip through MODEL_DIR's dVAE at margin 0 and at the margin.
+//!
+//! `… -- misses [PX] [SCENES]`: the ground-truth renders that fail their own caption at the
+//! margin, with what the evaluator reads in them (the evaluator's own misses).
+//!
+//! `… -- flips BANK SEED OUT.png`: the samples of a judged bank (`tessera train judged --seed
+//! SEED`) that the margin turns from wrong to right, per capability, and a grid of every fifth
+//! (up to 64, ×3) with what the evaluator reads in each printed.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tessera::eval::{SHAPE_MARGIN, detect, judge_within};
+use tessera::model::{Model, from_rgb8, to_rgb8};
+use tessera::report::eval_scenes;
+use tessera::world::{Capability, Contrasts, Split, contrast_scene_as, generate, render};
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+
+fn main() -> Res {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| args.get(i).map(String::as_str);
+    tch::set_num_threads(1);
+    match arg(1) {
+        Some("calib") => {
+            calib(arg(2).map(str::parse).transpose()?.unwrap_or(64), arg(3).map(str::parse).transpose()?.unwrap_or(400))
+        }
+        Some("transforms") => {
+            let dir = Path::new(arg(2).ok_or("transforms MODEL_DIR [SCENES]")?);
+            transforms(dir, arg(3).map(str::parse).transpose()?.unwrap_or(400))
+        }
+        Some("misses") => misses(
+            arg(2).map(str::parse).transpose()?.unwrap_or(64),
+            arg(3).map(str::parse).transpose()?.unwrap_or(200),
+        ),
+        Some("flips") => {
+            let usage = "flips BANK SEED OUT.png";
+            let (bank, seed, out) = (arg(2).ok_or(usage)?, arg(3).ok_or(usage)?.parse()?, arg(4).ok_or(usage)?);
+            flips(Path::new(bank), seed, Path::new(out))
+        }
+        _ => {
+            Err("usage: shape_margin calib [PX] [SCENES] | transforms MODEL_DIR [SCENES] | flips BANK SEED OUT.png"
+                .into())
+        }
+    }
+}
+
+fn calib(size: usize, n: usize) -> Res {
+    let margins = [0.0f32, 0.01, 0.02, 0.03, 0.05];
+    println!("{size} px, {n} scenes: % passing their caption at margins {margins:?} (the margin: {SHAPE_MARGIN})");
+    for &cap in Capability::ALL {
+        let mut rng = tessera::sample::SeedRng::new(3);
+        let (mut gt, mut near, mut any, mut counted) = ([0usize; 5], [0usize; 5], [0usize; 5], 0);
+        for i in 0..n {
+            let scene = generate(cap, 50_000 + i as u64, Split::Train);
+            let a = contrast_scene_as(&scene, &mut rng, Contrasts::Near);
+            let b = contrast_scene_as(&scene, &mut rng, Contrasts::Any);
+            // counts are read by colour and number: their reshaped contrasts are left out
+            let unread = |o: &tessera::world::Scene| {
+                cap == Capability::Count && o.objects.first().map(|o| o.shape) != Some(scene.objects[0].shape)
+            };
+            if unread(&a) || unread(&b) {
+                continue;
+            }
+            counted += 1;
+            let (r, ra, rb) = (render(&scene, size), render(&a, size), render(&b, size));
+            for (k, &m) in margins.iter().enumerate() {
+                gt[k] += judge_within(&scene, &r, size, m).is_ok() as usize;
+                near[k] += judge_within(&scene, &ra, size, m).is_ok() as usize;
+                any[k] += judge_within(&scene, &rb, size, m).is_ok() as usize;
+            }
+        }
+        let pct = |v: [usize; 5]| {
+            v.iter().map(|&x| format!("{:5.1}", 100.0 * x as f64 / counted.max(1) as f64)).collect::<Vec<_>>().join(" ")
+        };
+        println!("{:>22} ({counted:3}) ground truth {} | near {} | any {}", cap.name(), pct(gt), pct(near), pct(any));
+    }
+    Ok(())
+}
+
+fn transforms(dir: &Path, n: usize) -> Res {
+    let m = Model::load_dvae_only(dir, tch::Device::Cpu)?;
+    let size = m.config.dvae.image_size;
+    let scenes = eval_scenes(Capability::Transform, n, 0, Split::Train);
+    let mut kinds: BTreeMap<String, [usize; 5]> = BTreeMap::new();
+    for chunk in scenes.chunks(64) {
+        let renders: Vec<Vec<u8>> = chunk.iter().map(|s| render(s, size)).collect();
+        let x = from_rgb8(&renders, size, tch::Device::Cpu)?;
+        let back = to_rgb8(&tch::no_grad(|| m.dvae.net.decode(&m.dvae.net.encode(&x))))?;
+        for ((s, gt), rt) in chunk.iter().zip(&renders).zip(&back) {
+            let e = kinds
+                .entry(format!("{} × {} object(s)", s.transform.map_or("none", |t| t.name()), s.objects.len() / 2))
+                .or_default();
+            e[0] += 1;
+            e[1] += judge_within(s, gt, size, 0.0).is_ok() as usize;
+            e[2] += judge_within(s, gt, size, SHAPE_MARGIN).is_ok() as usize;
+            e[3] += judge_within(s, rt, size, 0.0).is_ok() as usize;
+            e[4] += judge_within(s, rt, size, SHAPE_MARGIN).is_ok() as usize;
+        }
+    }
+    println!(
+        "transform scenes passing (margin 0 / {SHAPE_MARGIN}): ground truth, round trip through {}",
+        dir.display()
+    );
+    for (k, [n, g0, g, r0, r]) in kinds {
+        println!("{k:>40}: {n:3} scenes; ground truth {g0} / {g}; round trip {r0} / {r}");
+    }
+    Ok(())
+}
+
+fn flips(dir: &Path, seed: u64, out: &Path) -> Res {
+    let mut picked: Vec<(Vec<u8>, usize)> = Vec::new();
+    let (mut total, mut back, mut i) = (0usize, 0usize, 0usize);
+    let mut flipped: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut k = 0;
+    while tessera::judged::part_path(dir, k).exists() {
+        let part = tessera::judged::read_part(&tessera::judged::part_path(dir, k))?;
+        k += 1;
+        for c in 0..part.captions.len() {
+            let s = tessera::judged::scene(seed, i);
+            i += 1;
+            if s.caption != part.captions[c] {
+                return Err(format!("scene {i} of seed {seed} is not the bank's: {}", part.captions[c]).into());
+            }
+            for img in &part.pictures[c * part.per_scene..(c + 1) * part.per_scene] {
+                total += 1;
+                let (old, new) =
+                    (judge_within(&s, img, part.size, 0.0), judge_within(&s, img, part.size, SHAPE_MARGIN));
+                back += (old.is_ok() && new.is_err()) as usize;
+                if old.is_ok() || new.is_err() {
+                    continue;
+                }
+                let f = flipped.entry(s.capability.name()).or_default();
+                *f += 1;
+                if picked.len() < 64 && flipped.values().sum::<usize>() % 5 == 1 {
+                    let read: Vec<String> = detect(img, part.size, s.background)
+                        .iter()
+                        .take(4)
+                        .map(|d| {
+                            let how = format!(
+                                "{}{}",
+                                if d.flipped { " upside-down" } else { "" },
+                                if d.outline { " outline" } else { "" }
+                            );
+                            format!("{} {}{how} (fit {:.2})", d.colour.name(), d.shape.name(), d.fit)
+                        })
+                        .collect();
+                    println!("{:2}: {} | read {}", picked.len(), s.caption, read.join(", "));
+                    picked.push((img.clone(), part.size));
+                }
+            }
+        }
+    }
+    println!("{total} samples; wrong at margin 0, right at {SHAPE_MARGIN}: {flipped:?}; right → wrong: {back}");
+    let size = picked.first().map_or(64, |p| p.1);
+    let (cols, scale, pad) = (8usize, 3usize, 4usize);
+    let cell = size * scale + pad;
+    let rows = picked.len().div_ceil(cols).max(1);
+    let mut grid = image::RgbImage::from_pixel((cols * cell) as u32, (rows * cell) as u32, image::Rgb([128, 128, 128]));
+    for (n, (img, _)) in picked.iter().enumerate() {
+        let (ox, oy) = ((n % cols) * cell + pad / 2, (n / cols) * cell + pad / 2);
+        for y in 0..size * scale {
+            for x in 0..size * scale {
+                let q = 3 * ((y / scale) * size + x / scale);
+                grid.put_pixel((ox + x) as u32, (oy + y) as u32, image::Rgb([img[q], img[q + 1], img[q + 2]]));
+            }
+        }
+    }
+    grid.save(out)?;
+    Ok(())
+}
+
+fn misses(size: usize, n: usize) -> Res {
+    for &cap in Capability::ALL {
+        let mut failed = 0;
+        for i in 0..n {
+            let scene = generate(cap, 50_000 + i as u64, Split::Train);
+            let picture = render(&scene, size);
+            let Err(miss) = judge_within(&scene, &picture, size, SHAPE_MARGIN) else { continue };
+            failed += 1;
+            println!("{} | {}", scene.caption, miss.name());
+            for o in &scene.objects {
+                let how = format!(
+                    "{}{}",
+                    if o.flipped { " upside-down" } else { "" },
+                    if o.outline { " outline" } else { "" }
+                );
+                println!(
+                    "    drawn {} {}{how} at ({:.2}, {:.2}), r {:.3}",
+                    o.colour.name(),
+                    o.shape.name(),
+                    o.x,
+                    o.y,
+                    o.r
+                );
+            }
+            for d in detect(&picture, size, scene.background) {
+                let how = format!(
+                    "{}{}",
+                    if d.flipped { " upside-down" } else { "" },
+                    if d.outline { " outline" } else { "" }
+                );
+                println!(
+                    "    read  {} {}{how} at ({:.2}, {:.2}), fit {:.2}, area {:.4}",
+                    d.colour.name(),
+                    d.shape.name(),
+                    d.x,
+                    d.y,
+                    d.fit,
+                    d.area
+                );
+            }
+        }
+        println!("{}: {failed} of {n} ground-truth renders fail", cap.name());
+    }
+    Ok(())
+}
