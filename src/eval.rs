@@ -3,9 +3,10 @@
 //! The world's conventions make this exact enough to grade a model: pixels are labelled with
 //! the nearest palette colour, connected regions become objects, each object's shape is the
 //! template (shape, upside-down or not, filled or outline) that best overlaps its mask scaled to
-//! its bounding box (a shape whose template fits within [`SHAPE_MARGIN`] of the best is read
-//! too: look-alikes the pixels cannot tell apart), and a sign's letters are read cell by cell
-//! against the built-in font.
+//! its bounding box (anti-aliased edge pixels count by how much of the colour they hold, even
+//! where that blend lies nearer another palette colour; a shape whose template fits within
+//! [`SHAPE_MARGIN`] of the best is read too: look-alikes the pixels cannot tell apart), and a
+//! sign's letters are read cell by cell against the built-in font.
 //! Each capability has its own test of the ground truth (see [`score`]).
 
 use std::collections::VecDeque;
@@ -41,10 +42,10 @@ pub struct Detected {
 /// How much worse than the best template another may fit and still be read as what the
 /// region shows, for a region 7 px in radius (a small object at 64 px); it shrinks as the
 /// region grows (a pixel's rounding weighs less on a larger shape: the margin goes as one over
-/// the radius). At 64 px a circle, an octagon and a small heptagon fit each other's templates
-/// within a hundredth whichever was drawn, so the best template alone fails ground truth on a
-/// pixel's rounding (a heptagon read as a circle); any other pair of shapes fits far worse
-/// than that (`tests/world.rs` holds both sides).
+/// the radius). Ground truth reads right by its best template alone, but softened as a decoder
+/// draws it, a circle, an octagon and a small heptagon fit each other's templates within a
+/// hundredth whichever was drawn, and which wins is a pixel's rounding; any other pair of
+/// shapes fits far worse than that (`tests/world.rs` holds both sides).
 pub const SHAPE_MARGIN: f32 = 0.01;
 const MARGIN_RADIUS_PX: f32 = 7.0;
 
@@ -205,6 +206,20 @@ fn blend(p: [u8; 3], colour: Colour, background: Colour) -> f32 {
     if den == 0 { 0.0 } else { (num as f32 / den as f32).clamp(0.0, 1.0) }
 }
 
+/// How much of `colour` over `background` the pixel holds where it lies on the line
+/// between the two (within half the labelling distance), else 0.
+fn blend_of(p: [u8; 3], colour: Colour, background: Colour) -> f32 {
+    let t = blend(p, colour, background);
+    let (c, b) = (colour.rgb(), background.rgb());
+    let off: f32 = (0..3)
+        .map(|k| {
+            let on_line = b[k] as f32 + t * (c[k] as f32 - b[k] as f32);
+            (p[k] as f32 - on_line).powi(2)
+        })
+        .sum();
+    if t > 0.0 && t < 1.0 && off <= (LABEL_DISTANCE as f32 / 2.0).powi(2) { t } else { 0.0 }
+}
+
 /// An image with its per-pixel palette labels and region ids.
 struct Frame<'a> {
     rgb: &'a [u8],
@@ -241,7 +256,9 @@ fn describe_region(pixels: &[usize], frame: &Frame, id: u32, colour: Colour) -> 
             } else if labels[p].is_none() {
                 blend([rgb[3 * p], rgb[3 * p + 1], rgb[3 * p + 2]], colour, background)
             } else {
-                0.0
+                // an edge pixel whose blend of this colour and the background lies nearer
+                // another palette colour (magenta over white reads pink): partly this region
+                blend_of([rgb[3 * p], rgb[3 * p + 1], rgb[3 * p + 2]], colour, background)
             };
             mass += t;
             mx += t * (x as f32 + 0.5);

@@ -563,12 +563,70 @@ fn dense_world_data_draws_crowds_for_a_dvae() {
     assert!(Source::open("world-densex").is_err());
 }
 
+/// The picture blurred by a 3×3 box, as a decoder softens edges and corners.
+fn box_blur(rgb: &[u8], size: usize) -> Vec<u8> {
+    let mut out = rgb.to_vec();
+    for y in 0..size {
+        for x in 0..size {
+            for k in 0..3 {
+                let (mut sum, mut n) = (0u32, 0u32);
+                for (dy, dx) in (-1i64..=1).flat_map(|dy| (-1i64..=1).map(move |dx| (dy, dx))) {
+                    let (yy, xx) = (y as i64 + dy, x as i64 + dx);
+                    if yy >= 0 && xx >= 0 && yy < size as i64 && xx < size as i64 {
+                        sum += rgb[3 * (yy as usize * size + xx as usize) + k] as u32;
+                        n += 1;
+                    }
+                }
+                out[3 * (y * size + x) + k] = (sum / n) as u8;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn ground_truth_reads_right_at_the_models_size_edges_and_all() {
+    // At 64 px an outline is 2–3 px thick and much of it is anti-aliased edge, whose blend of
+    // the colour and the background can lie nearer another palette colour (magenta over white
+    // reads pink): those pixels count as part of the object, so the best template alone reads
+    // ground truth right
+    use tessera::eval::{judge_within, label};
+    const PX: usize = 64;
+    for &cap in Capability::ALL {
+        let n = 150;
+        let ok = (0..n)
+            .filter(|&i| {
+                let scene = world::generate(cap, 70_000 + i, Split::Train);
+                judge_within(&scene, &render(&scene, PX), PX, 0.0).is_ok()
+            })
+            .count();
+        assert!(ok * 100 >= 97 * n as usize, "{cap:?}: {ok} of {n} ground-truth renders pass at 64 px");
+    }
+    let magenta_outlines = (0..4000)
+        .map(|i| world::generate(Capability::Transform, i, Split::Train))
+        .filter(|s| s.transform == Some(world::Transform::Outline) && s.objects.len() == 2)
+        .filter(|s| s.objects[0].colour == Colour::Magenta && s.objects[0].shape != Shape::Star)
+        .take(3)
+        .collect::<Vec<_>>();
+    assert_eq!(magenta_outlines.len(), 3);
+    for scene in &magenta_outlines {
+        let picture = render(scene, PX);
+        let pink = label(&picture, PX).iter().filter(|&&l| l == Some(Colour::Pink)).count();
+        assert!(pink > 0, "no edge pixel of {} reads pink", scene.caption);
+        let copy = &scene.objects[1];
+        let found = detect(&picture, PX, scene.background);
+        let d = found.iter().find(|d| d.colour == Colour::Magenta && d.y > 0.5).expect("the outline is found");
+        assert!(d.outline && d.shape == copy.shape && d.fit > 0.85, "{}: read {d:?}", scene.caption);
+    }
+}
+
 #[test]
 fn the_evaluator_reads_look_alikes_the_pixels_cannot_tell_apart() {
-    // At 64 px a circle, an octagon and a small heptagon fit each other's templates within
-    // a hundredth: read by its best template alone, ground truth fails on a pixel's rounding.
-    // Within `SHAPE_MARGIN` ground truth passes, and a shape drawn in place of another passes
-    // only where both are round: a circle or a polygon of five to eight sides.
+    // Softened as a decoder draws them (a 3×3 box blur), a circle, an octagon and a small
+    // heptagon fit each other's templates within a hundredth whichever was drawn: read by its
+    // best template alone such a picture fails its caption by a pixel's rounding. Within
+    // `SHAPE_MARGIN` it passes, while a shape drawn in place of another still fails, but where
+    // both are round (a circle or a polygon of five to eight sides) and then rarely.
     use tessera::eval::{SHAPE_MARGIN, judge_within};
     use tessera::world::{Contrasts, contrast_scene_as};
     const PX: usize = 64;
@@ -579,9 +637,9 @@ fn the_evaluator_reads_look_alikes_the_pixels_cannot_tell_apart() {
         let (n, mut strict, mut within, mut reshaped, mut passed) = (150, 0, 0, 0, 0);
         for i in 0..n {
             let scene = world::generate(cap, 50_000 + i, Split::Train);
-            let picture = render(&scene, PX);
-            strict += judge_within(&scene, &picture, PX, 0.0).is_ok() as usize;
-            within += judge_within(&scene, &picture, PX, SHAPE_MARGIN).is_ok() as usize;
+            let soft = box_blur(&render(&scene, PX), PX);
+            strict += judge_within(&scene, &soft, PX, 0.0).is_ok() as usize;
+            within += judge_within(&scene, &soft, PX, SHAPE_MARGIN).is_ok() as usize;
             let other = contrast_scene_as(&scene, &mut rng, Contrasts::Near);
             let changed: Vec<(Shape, Shape)> = (scene.objects.iter().zip(&other.objects))
                 .filter(|(a, b)| a.shape != b.shape && a.colour == b.colour)
@@ -598,9 +656,13 @@ fn the_evaluator_reads_look_alikes_the_pixels_cannot_tell_apart() {
                 assert!(round(want) && round(drawn), "{cap:?}: a {drawn:?} passed for a {want:?}: {}", scene.caption);
             }
         }
-        assert!(strict < n as usize, "{cap:?}: the best template alone never failed ground truth");
-        assert!(within * 100 >= n as usize * 99, "{cap:?}: ground truth passes {within} of {n}, {strict} alone");
-        assert!(reshaped >= 40 && passed * 100 <= reshaped * 20, "{cap:?}: {passed} of {reshaped} look-alikes pass");
+        eprintln!("{cap:?}: softened ground truth {strict} → {within} of {n}; look-alikes {passed} of {reshaped}");
+        assert!(strict < within, "{cap:?}: the margin changed no verdict on softened ground truth");
+        assert!(
+            within * 100 >= n as usize * 97,
+            "{cap:?}: softened ground truth passes {within} of {n}, {strict} alone"
+        );
+        assert!(reshaped >= 40 && passed * 100 <= reshaped * 5, "{cap:?}: {passed} of {reshaped} look-alikes pass");
     }
     // clearly other shapes never pass, at any size
     for i in 0..120 {
