@@ -144,11 +144,7 @@ fn flips(dir: &Path, seed: u64, out: &Path) -> Res {
                         .iter()
                         .take(4)
                         .map(|d| {
-                            let how = format!(
-                                "{}{}",
-                                if d.flipped { " upside-down" } else { "" },
-                                if d.outline { " outline" } else { "" }
-                            );
+                            let how = drawn_as(d.flipped, d.outline);
                             format!("{} {}{how} (fit {:.2})", d.colour.name(), d.shape.name(), d.fit)
                         })
                         .collect();
@@ -187,11 +183,7 @@ fn misses(size: usize, n: usize) -> Res {
             failed += 1;
             println!("{} | {}", scene.caption, miss.name());
             for o in &scene.objects {
-                let how = format!(
-                    "{}{}",
-                    if o.flipped { " upside-down" } else { "" },
-                    if o.outline { " outline" } else { "" }
-                );
+                let how = drawn_as(o.flipped, o.outline);
                 println!(
                     "    drawn {} {}{how} at ({:.2}, {:.2}), r {:.3}",
                     o.colour.name(),
@@ -202,11 +194,7 @@ fn misses(size: usize, n: usize) -> Res {
                 );
             }
             for d in detect(&picture, size, scene.background) {
-                let how = format!(
-                    "{}{}",
-                    if d.flipped { " upside-down" } else { "" },
-                    if d.outline { " outline" } else { "" }
-                );
+                let how = drawn_as(d.flipped, d.outline);
                 println!(
                     "    read  {} {}{how} at ({:.2}, {:.2}), fit {:.2}, area {:.4}",
                     d.colour.name(),
@@ -221,4 +209,9 @@ fn misses(size: usize, n: usize) -> Res {
         println!("{}: {failed} of {n} ground-truth renders fail", cap.name());
     }
     Ok(())
+}
+
+/// " upside-down", " outline", both or neither.
+fn drawn_as(flipped: bool, outline: bool) -> String {
+    format!("{}{}", if flipped { " upside-down" } else { "" }, if outline { " outline" } else { "" })
 }
