@@ -50,12 +50,12 @@ pub const SHAPE_MARGIN: f32 = 0.01;
 const MARGIN_RADIUS_PX: f32 = 7.0;
 
 impl Detected {
-    /// The best fit among the templates that `keep` accepts (0 where none).
     /// `margin` (at 7 px) scaled to this region's radius.
     fn margin(&self, margin: f32) -> f32 {
         margin * MARGIN_RADIUS_PX / self.radius_px.max(1.0)
     }
 
+    /// The best fit among the templates that `keep` accepts (0 where none).
     fn best_fit(&self, keep: impl Fn(&Template) -> bool) -> f32 {
         templates().iter().zip(&self.fits).filter(|(t, _)| keep(t)).map(|(_, &f)| f).fold(0.0, f32::max)
     }
