@@ -294,6 +294,7 @@ fn reranker_learns_and_eval_writes_a_report() {
         // two samples per caption: at most one right-over-wrong pair per caption
         assert!(a.pairs <= a.n && a.rerank_pairs.is_some() == (a.pairs > 0), "{a:?}");
         assert!(a.rerank_pairs.is_none_or(|p| (0.0..=1.0).contains(&p)));
+        assert!((0.0..=1.0).contains(&a.single_strict) && (0.0..=1.0).contains(&a.rerank_top1_strict), "{a:?}");
     }
     for f in ["report.json", "report.md", "grid.png"] {
         assert!(out.join(f).exists(), "{f} missing");
@@ -339,7 +340,7 @@ fn reranker_learns_and_eval_writes_a_report() {
             }
             for split in ["accuracy", "held_out"] {
                 for acc in o[split].as_object_mut().unwrap().values_mut() {
-                    for k in ["rerank_top1", "rerank_pairs", "top1_misses"] {
+                    for k in ["rerank_top1", "rerank_top1_strict", "rerank_pairs", "top1_misses"] {
                         acc.as_object_mut().unwrap().remove(k);
                     }
                 }
