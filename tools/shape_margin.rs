@@ -11,6 +11,10 @@
 //! `… -- misses [PX] [SCENES]`: the ground-truth renders that fail their own caption at the
 //! margin, with what the evaluator reads in them (the evaluator's own misses).
 //!
+//! `… -- samples FILE [CAPTIONS] [PER_CAPTION] [SEED]`: the transform samples of an `eval
+//! --samples-file` (64 px; defaults 50 captions, 16 samples, seed 0), seen and held out, by
+//! what goes wrong first: the top object (the caption's pair), its copy, or the transform.
+//!
 //! `… -- flips BANK SEED OUT.png`: the samples of a judged bank (`tessera train judged --seed
 //! SEED`) that the margin turns from wrong to right, per capability, and a grid of every fifth
 //! (up to 64, ×3) with what the evaluator reads in each printed.
@@ -40,6 +44,13 @@ fn main() -> Res {
             arg(2).map(str::parse).transpose()?.unwrap_or(64),
             arg(3).map(str::parse).transpose()?.unwrap_or(200),
         ),
+        Some("samples") => {
+            let usage = "samples FILE [CAPTIONS] [PER_CAPTION] [SEED]";
+            let file = Path::new(arg(2).ok_or(usage)?);
+            let n = arg(3).map(str::parse).transpose()?.unwrap_or(50);
+            let k = arg(4).map(str::parse).transpose()?.unwrap_or(16);
+            transform_samples(file, n, k, arg(5).map(str::parse).transpose()?.unwrap_or(0))
+        }
         Some("flips") => {
             let usage = "flips BANK SEED OUT.png";
             let (bank, seed, out) = (arg(2).ok_or(usage)?, arg(3).ok_or(usage)?.parse()?, arg(4).ok_or(usage)?);
@@ -214,4 +225,60 @@ fn misses(size: usize, n: usize) -> Res {
 /// " upside-down", " outline", both or neither.
 fn drawn_as(flipped: bool, outline: bool) -> String {
     format!("{}{}", if flipped { " upside-down" } else { "" }, if outline { " outline" } else { "" })
+}
+
+fn transform_samples(file: &Path, captions: usize, per: usize, seed: u64) -> Res {
+    let bytes = std::fs::read(file)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let size = 64;
+    for (split, key) in [(Split::Train, "seen/transform"), (Split::HeldOut, "held_out/transform")] {
+        let data = st.tensor(key)?;
+        let pictures: Vec<&[u8]> = data.data().chunks(size * size * 3).collect();
+        if pictures.len() != captions * per {
+            return Err(format!("{key}: {} pictures, not {captions} × {per}", pictures.len()).into());
+        }
+        let scenes = eval_scenes(Capability::Transform, captions, seed, split);
+        let mut why: BTreeMap<String, usize> = BTreeMap::new();
+        for (c, scene) in scenes.iter().enumerate() {
+            let n = scene.objects.len() / 2;
+            for img in &pictures[c * per..(c + 1) * per] {
+                let found = detect(img, size, scene.background);
+                let verdict = judge_within(scene, img, size, SHAPE_MARGIN);
+                let key = if verdict.is_ok() {
+                    "right".to_string()
+                } else {
+                    // the first top object not drawn upright in the top half, and what is there instead
+                    let missing = scene.objects[..n].iter().find(|o| {
+                        !found.iter().any(|d| d.colour == o.colour && d.y < 0.5 && d.reads_as(o.shape, SHAPE_MARGIN))
+                    });
+                    match missing {
+                        Some(o) => {
+                            let tops: Vec<_> = found.iter().filter(|d| d.y < 0.5).collect();
+                            let held = tessera::world::is_held_out(o.colour, o.shape);
+                            let instead = if tops.iter().any(|d| d.colour == o.colour) {
+                                "its colour there, not its shape"
+                            } else if tops.iter().any(|d| d.reads_as(o.shape, SHAPE_MARGIN)) {
+                                "its shape there, not its colour"
+                            } else {
+                                "neither its colour nor its shape there"
+                            };
+                            format!(
+                                "top object {} missing: {instead}",
+                                if held { "(a held-out pair)" } else { "(a seen pair)" }
+                            )
+                        }
+                        None => format!("tops right; {}", verdict.err().map_or("", |m| m.name())),
+                    }
+                };
+                *why.entry(key).or_default() += 1;
+            }
+        }
+        println!("{key} ({} samples):", captions * per);
+        let mut rows: Vec<_> = why.into_iter().collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1));
+        for (k, v) in rows {
+            println!("  {v:4}  {k}");
+        }
+    }
+    Ok(())
 }
