@@ -275,7 +275,7 @@ fn transform_samples(file: &Path, captions: usize, per: usize, seed: u64) -> Res
         }
         println!("{key} ({} samples):", captions * per);
         let mut rows: Vec<_> = why.into_iter().collect();
-        rows.sort_by(|a, b| b.1.cmp(&a.1));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
         for (k, v) in rows {
             println!("  {v:4}  {k}");
         }
