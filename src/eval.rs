@@ -437,7 +437,17 @@ pub fn judge(scene: &Scene, rgb: &[u8], size: usize) -> Result<(), Miss> {
 /// [`judge`] with another tolerance for look-alike shapes ([`SHAPE_MARGIN`]; 0 reads each
 /// region as its best template alone).
 pub fn judge_within(scene: &Scene, rgb: &[u8], size: usize, margin: f32) -> Result<(), Miss> {
+    judge_regions(scene, rgb, size, &detect(rgb, size, scene.background), margin)
+}
+
+/// [`judge_within`] at each of `margins`, the picture's regions found once.
+pub fn judge_at(scene: &Scene, rgb: &[u8], size: usize, margins: &[f32]) -> Vec<Result<(), Miss>> {
     let found = detect(rgb, size, scene.background);
+    margins.iter().map(|&m| judge_regions(scene, rgb, size, &found, m)).collect()
+}
+
+/// The verdict on a picture whose regions on the scene's background are `found`.
+fn judge_regions(scene: &Scene, rgb: &[u8], size: usize, found: &[Detected], margin: f32) -> Result<(), Miss> {
     let matches = |d: &Detected, colour: Colour, shape: Shape| matches(d, colour, shape, margin);
     let pass = |ok: bool, miss: Miss| if ok { Ok(()) } else { Err(miss) };
     match scene.capability {
@@ -504,7 +514,13 @@ pub fn judge_within(scene: &Scene, rgb: &[u8], size: usize, margin: f32) -> Resu
             // of a sign colour
             let named = scene.caption.contains(&format!("{} sign", s.colour.name()));
             // signs stand on white: the regions found on the scene's background are those
-            let on_white = if scene.background == Colour::White { found } else { detect(rgb, size, Colour::White) };
+            let other;
+            let on_white = if scene.background == Colour::White {
+                found
+            } else {
+                other = detect(rgb, size, Colour::White);
+                &other
+            };
             let colour = if named {
                 s.colour
             } else {
@@ -514,7 +530,7 @@ pub fn judge_within(scene: &Scene, rgb: &[u8], size: usize, margin: f32) -> Resu
                     .map(|d| d.colour)
                     .ok_or(Miss::Unreadable)?
             };
-            let word = read_sign_among(rgb, size, &on_white, colour, s.word.chars().count()).ok_or(Miss::Unreadable)?;
+            let word = read_sign_among(rgb, size, on_white, colour, s.word.chars().count()).ok_or(Miss::Unreadable)?;
             pass(word == s.word, Miss::WrongWord)
         }
         Capability::Transform => {

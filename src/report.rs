@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dvae::Dvae;
 use crate::error::{Error, Result};
-use crate::eval::{Miss, judge, judge_within};
+use crate::eval::{Miss, SHAPE_MARGIN, judge, judge_at};
 use crate::io::write_atomic;
 use crate::model::{Model, from_rgb8, to_rgb8};
 use crate::sample::SampleOptions;
@@ -326,7 +326,14 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                 let scores = model.rerank(&scene.caption, &rgb)?;
                 let best = scores.as_deref().map_or(0, pick);
                 sampling += t0.elapsed().as_secs_f64();
-                let verdicts: Vec<_> = rgb.iter().map(|x| judge(scene, x, size)).collect();
+                // each sample read the committed way and strictly (the regions found once)
+                let (verdicts, strict): (Vec<_>, Vec<bool>) = rgb
+                    .iter()
+                    .map(|x| {
+                        let v = judge_at(scene, x, size, &[SHAPE_MARGIN, 0.0]);
+                        (v[0], v[1].is_ok())
+                    })
+                    .unzip();
                 for v in &verdicts {
                     if let Err(m) = v {
                         *misses.entry(m.name().to_string()).or_insert(0) += 1;
@@ -336,7 +343,6 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                     *top1_misses.entry(m.name().to_string()).or_insert(0) += 1;
                 }
                 let oks: Vec<bool> = verdicts.iter().map(Result::is_ok).collect();
-                let strict: Vec<bool> = rgb.iter().map(|x| judge_within(scene, x, size, 0.0).is_ok()).collect();
                 single_strict += strict.iter().filter(|&&o| o).count() as f64 / strict.len() as f64;
                 top_strict += strict[best] as u8 as f64;
                 if let Some(scores) = &scores {
@@ -345,7 +351,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                     pairs += p;
                 }
                 rankings.push(
-                    serde_json::json!({ "key": key, "caption": scene.caption, "right": oks, "reranker": scores }),
+                    serde_json::json!({ "key": key, "caption": scene.caption, "right": oks, "right_strict": strict, "reranker": scores }),
                 );
                 single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
                 top += oks[best] as u8 as f64;
@@ -580,15 +586,19 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
         .chain(r.held_out.values())
         .any(|a| a.single_strict != a.single || a.rerank_top1_strict != a.rerank_top1)
     {
-        s += "\nRead strictly (each shape by its best template alone, without the evaluator's look-alike margin), per sample / top-1, seen and held out:";
-        for (k, a) in &r.accuracy {
-            let h = r.held_out.get(k).map_or(String::new(), |h| {
-                format!(", {:.0}% / {:.0}%", 100.0 * h.single_strict, 100.0 * h.rerank_top1_strict)
-            });
-            s += &format!(" {k} {:.0}% / {:.0}%{h};", 100.0 * a.single_strict, 100.0 * a.rerank_top1_strict);
-        }
-        s.pop();
-        s += ".\n";
+        let rates = |a: &Accuracy| format!("{:.0}% / {:.0}%", 100.0 * a.single_strict, 100.0 * a.rerank_top1_strict);
+        let cells: Vec<String> = r
+            .accuracy
+            .iter()
+            .map(|(k, a)| match r.held_out.get(k) {
+                Some(h) => format!("{k} {}, {}", rates(a), rates(h)),
+                None => format!("{k} {}", rates(a)),
+            })
+            .collect();
+        s += &format!(
+            "\nRead strictly (each shape by its best template alone, without the evaluator's look-alike margin), per sample / top-1, seen and held out: {}.\n",
+            cells.join("; ")
+        );
     }
     s += "\n\"Reranker orders right\": of the pairs of one caption's samples where one is right and the other wrong, the share the reranker scores the right one higher (50% is chance), and the number of such pairs. \"Any of N right\": the captions with at least one right sample, the top-1 a perfect reranker would reach.\n";
     if r.samples_reused {

@@ -294,7 +294,6 @@ fn reranker_learns_and_eval_writes_a_report() {
         // two samples per caption: at most one right-over-wrong pair per caption
         assert!(a.pairs <= a.n && a.rerank_pairs.is_some() == (a.pairs > 0), "{a:?}");
         assert!(a.rerank_pairs.is_none_or(|p| (0.0..=1.0).contains(&p)));
-        assert!((0.0..=1.0).contains(&a.single_strict) && (0.0..=1.0).contains(&a.rerank_top1_strict), "{a:?}");
     }
     for f in ["report.json", "report.md", "grid.png"] {
         assert!(out.join(f).exists(), "{f} missing");
@@ -308,15 +307,23 @@ fn reranker_learns_and_eval_writes_a_report() {
         for (cap, a) in accs {
             let rows: Vec<_> = rankings.iter().filter(|x| x["key"] == format!("{split}/{cap}")).collect();
             assert_eq!(rows.len(), a.n);
-            let (mut right, mut top) = (0.0, 0.0);
+            let (mut right, mut top, mut right_strict, mut top_strict) = (0.0, 0.0, 0.0, 0.0);
             for x in &rows {
                 let ok: Vec<bool> = serde_json::from_value(x["right"].clone()).unwrap();
+                let strict: Vec<bool> = serde_json::from_value(x["right_strict"].clone()).unwrap();
                 let score: Vec<f32> = serde_json::from_value(x["reranker"].clone()).unwrap();
+                assert_eq!(strict.len(), ok.len());
                 right += ok.iter().filter(|&&o| o).count() as f64 / ok.len() as f64;
+                right_strict += strict.iter().filter(|&&o| o).count() as f64 / strict.len() as f64;
                 let best = (0..score.len()).fold(0, |b, i| if score[i] >= score[b] { i } else { b });
                 top += f64::from(u8::from(ok[best]));
+                top_strict += f64::from(u8::from(strict[best]));
             }
             assert!((right / a.n as f64 - a.single).abs() < 1e-9 && (top / a.n as f64 - a.rerank_top1).abs() < 1e-9);
+            // the strict reading likewise, from the same rows
+            let n = a.n as f64;
+            assert!((right_strict / n - a.single_strict).abs() < 1e-9, "{a:?}");
+            assert!((top_strict / n - a.rerank_top1_strict).abs() < 1e-9, "{a:?}");
         }
     }
     // every wrong sample has a reason, and the picks' reasons are among them

@@ -627,7 +627,7 @@ fn the_evaluator_reads_look_alikes_the_pixels_cannot_tell_apart() {
     // best template alone such a picture fails its caption by a pixel's rounding. Within
     // `SHAPE_MARGIN` it passes, while a shape drawn in place of another still fails, but where
     // both are round (a circle or a polygon of five to eight sides) and then rarely.
-    use tessera::eval::{SHAPE_MARGIN, judge_within};
+    use tessera::eval::{SHAPE_MARGIN, judge_at, judge_within};
     use tessera::world::{Contrasts, contrast_scene_as};
     const PX: usize = 64;
     let round =
@@ -638,8 +638,9 @@ fn the_evaluator_reads_look_alikes_the_pixels_cannot_tell_apart() {
         for i in 0..n {
             let scene = world::generate(cap, 50_000 + i, Split::Train);
             let soft = box_blur(&render(&scene, PX), PX);
-            strict += judge_within(&scene, &soft, PX, 0.0).is_ok() as usize;
-            within += judge_within(&scene, &soft, PX, SHAPE_MARGIN).is_ok() as usize;
+            let v = judge_at(&scene, &soft, PX, &[0.0, SHAPE_MARGIN]);
+            strict += v[0].is_ok() as usize;
+            within += v[1].is_ok() as usize;
             let other = contrast_scene_as(&scene, &mut rng, Contrasts::Near);
             let changed: Vec<(Shape, Shape)> = (scene.objects.iter().zip(&other.objects))
                 .filter(|(a, b)| a.shape != b.shape && a.colour == b.colour)

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use tessera::eval::{SHAPE_MARGIN, detect, judge_within};
+use tessera::eval::{SHAPE_MARGIN, detect, judge_at, judge_within};
 use tessera::model::{Model, from_rgb8, to_rgb8};
 use tessera::report::eval_scenes;
 use tessera::world::{Capability, Contrasts, Split, contrast_scene_as, generate, render};
@@ -82,10 +82,10 @@ fn calib(size: usize, n: usize) -> Res {
             }
             counted += 1;
             let (r, ra, rb) = (render(&scene, size), render(&a, size), render(&b, size));
-            for (k, &m) in margins.iter().enumerate() {
-                gt[k] += judge_within(&scene, &r, size, m).is_ok() as usize;
-                near[k] += judge_within(&scene, &ra, size, m).is_ok() as usize;
-                any[k] += judge_within(&scene, &rb, size, m).is_ok() as usize;
+            for (tally, picture) in [(&mut gt, &r), (&mut near, &ra), (&mut any, &rb)] {
+                for (k, v) in judge_at(&scene, picture, size, &margins).iter().enumerate() {
+                    tally[k] += v.is_ok() as usize;
+                }
             }
         }
         let pct = |v: [usize; 5]| {
@@ -110,10 +110,11 @@ fn transforms(dir: &Path, n: usize) -> Res {
                 .entry(format!("{} × {} object(s)", s.transform.map_or("none", |t| t.name()), s.objects.len() / 2))
                 .or_default();
             e[0] += 1;
-            e[1] += judge_within(s, gt, size, 0.0).is_ok() as usize;
-            e[2] += judge_within(s, gt, size, SHAPE_MARGIN).is_ok() as usize;
-            e[3] += judge_within(s, rt, size, 0.0).is_ok() as usize;
-            e[4] += judge_within(s, rt, size, SHAPE_MARGIN).is_ok() as usize;
+            for (k, picture) in [(1, gt), (3, rt)] {
+                let v = judge_at(s, picture, size, &[0.0, SHAPE_MARGIN]);
+                e[k] += v[0].is_ok() as usize;
+                e[k + 1] += v[1].is_ok() as usize;
+            }
         }
     }
     println!(
@@ -142,8 +143,8 @@ fn flips(dir: &Path, seed: u64, out: &Path) -> Res {
             }
             for img in &part.pictures[c * part.per_scene..(c + 1) * part.per_scene] {
                 total += 1;
-                let (old, new) =
-                    (judge_within(&s, img, part.size, 0.0), judge_within(&s, img, part.size, SHAPE_MARGIN));
+                let v = judge_at(&s, img, part.size, &[0.0, SHAPE_MARGIN]);
+                let (old, new) = (v[0], v[1]);
                 back += (old.is_ok() && new.is_err()) as usize;
                 if old.is_ok() || new.is_err() {
                     continue;
