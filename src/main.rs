@@ -100,6 +100,11 @@ enum Command {
         /// measured on the very same samples).
         #[arg(long, requires = "judged")]
         redecode: bool,
+        /// Score only these capabilities, comma-separated (single_object, two_objects_position,
+        /// count, stack, text, transform), on the very captions and seeds of a full evaluation:
+        /// one cell measured on many captions in the time of a few.
+        #[arg(long, value_delimiter = ',', value_parser = parse_capability, conflicts_with = "judged")]
+        only: Vec<tessera::world::Capability>,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -766,6 +771,7 @@ fn run(cli: Cli) -> Result<()> {
             samples_file,
             judged,
             redecode,
+            only,
             sampling,
         } => {
             if let Some(t) = threads {
@@ -798,13 +804,21 @@ fn run(cli: Cli) -> Result<()> {
             .with_context(|| format!("loading model {}", model.display()))?;
             m.set_dtype(tessera::parse_dtype(&dtype, device)?)?;
             let sample = sampling.options(&m.config.sampling)?;
-            let opts = tessera::report::EvalOptions { captions, samples, seed, sample, samples_file };
+            let opts = tessera::report::EvalOptions { captions, samples, seed, sample, samples_file, only };
             let r = tessera::report::evaluate(&m, &opts, &out, |l| eprintln!("eval: {l}"))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             eprintln!("report written to {}", out.display());
             Ok(())
         }
     }
+}
+
+/// A capability by the name the report gives it.
+fn parse_capability(s: &str) -> std::result::Result<tessera::world::Capability, String> {
+    tessera::world::Capability::from_name(s.trim()).ok_or_else(|| {
+        let names: Vec<&str> = tessera::world::Capability::ALL.iter().map(|c| c.name()).collect();
+        format!("unknown capability {:?} (one of {})", s.trim(), names.join(", "))
+    })
 }
 
 /// A ranking of judged samples with its rates beside the counts.

@@ -741,6 +741,7 @@ fn run_stage(o: &AllOptions, plan: &mut Plan, i: usize, p: &StageProgress) -> Re
                 seed: o.seed,
                 sample,
                 samples_file: None,
+                only: Vec::new(),
             };
             let r = crate::report::evaluate(&model, &opts, &o.dir.join("eval"), |_| {})?;
             let top: serde_json::Map<String, serde_json::Value> =

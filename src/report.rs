@@ -30,6 +30,21 @@ pub struct EvalOptions {
     /// drawn (only the reranker runs again: a reranker compared on the very same samples, in a
     /// fraction of the time); otherwise they are drawn and the file is written.
     pub samples_file: Option<std::path::PathBuf>,
+    /// Score only these capabilities (empty: all six). Their captions and seeds are those of a
+    /// full evaluation, so a cell measured alone reads as it does in the full report.
+    pub only: Vec<Capability>,
+}
+
+impl EvalOptions {
+    /// The cells an evaluation scores: every capability on seen pairs, the four that use
+    /// colour–shape pairs on held-out ones, narrowed to [`EvalOptions::only`].
+    pub fn cells(&self) -> Vec<(Split, Capability)> {
+        [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)]
+            .into_iter()
+            .flat_map(|(split, caps)| caps.iter().map(move |&cap| (split, cap)))
+            .filter(|(_, cap)| self.only.is_empty() || self.only.contains(cap))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +77,15 @@ pub struct Accuracy {
     pub rerank_top1_strict: f64,
 }
 
+/// Per sample and top-1 over a subset of a cell's captions.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Subset {
+    pub single: f64,
+    pub rerank_top1: f64,
+    /// Captions in the subset.
+    pub n: usize,
+}
+
 /// The reranker's pick: the index of the highest score (the last of equals; 0 for none).
 pub fn pick(scores: &[f32]) -> usize {
     scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|p| p.0).unwrap_or(0)
@@ -92,11 +116,19 @@ pub fn ordered_pairs(scores: &[f32], right: &[bool]) -> (f64, usize) {
 pub struct Report {
     pub accuracy: BTreeMap<String, Accuracy>,
     pub held_out: BTreeMap<String, Accuracy>,
+    /// Per capability with held-out cells: its seen captions whose objects take a colour of
+    /// the held-out pairs (`world::held_out_colours`), the held-out cell's like-for-like
+    /// control: held-out pairs are drawn in those colours only, so a gap between the held-out
+    /// cell and all seen captions may be the colours' and not the pairs'.
+    pub seen_held_out_colours: BTreeMap<String, Subset>,
     pub dvae_psnr_db: f64,
     /// Per capability (seen captions): the share of ground-truth renders still scored right
     /// after a dVAE round trip (encode, decode) — the most any transformer could reach
     /// through this dVAE.
     pub dvae_roundtrip: BTreeMap<String, f64>,
+    /// The same on held-out captions (the capabilities that use colour–shape pairs): the
+    /// ceiling the dVAE leaves the held-out cells.
+    pub dvae_roundtrip_held_out: BTreeMap<String, f64>,
     /// The single-object round trips by what the caption asks for (`background black`,
     /// `size small`, `shape octagon`, …): (passed, scenes). Where the dVAE loses things.
     pub dvae_single_object: BTreeMap<String, (usize, usize)>,
@@ -255,7 +287,9 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     let size = model.config.dvae.image_size;
     let mut accuracy = BTreeMap::new();
     let mut held_out = BTreeMap::new();
+    let mut seen_held_out_colours = BTreeMap::new();
     let mut dvae_roundtrip = BTreeMap::new();
+    let mut dvae_roundtrip_held_out = BTreeMap::new();
     let mut dvae_single_object = BTreeMap::new();
     let mut dvae_roundtrip_misses = BTreeMap::new();
     let mut grid_rows: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
@@ -267,127 +301,141 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     // the bytes each (split, capability) of a complete samples file holds
     let expected = opts.captions * opts.samples * size * size * 3;
     let reused = match &kept {
-        Some((path, fingerprint)) => read_samples(path, fingerprint, expected, &mut log)?,
+        Some((path, fingerprint)) => read_samples(path, fingerprint, expected, &opts.cells(), &mut log)?,
         None => None,
     };
     let mut drawn: Vec<(String, Vec<u8>)> = Vec::new();
     // per caption: which samples are right and the reranker's scores of them, for comparing
     // rankings offline (`rankings.json`)
     let mut rankings: Vec<serde_json::Value> = Vec::new();
-    for (split, caps) in [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)] {
-        for &cap in caps {
-            let (mut single, mut top, mut n) = (0.0, 0.0, 0);
-            let (mut single_strict, mut top_strict) = (0.0, 0.0);
-            let (mut ordered, mut pairs) = (0.0, 0usize);
-            let mut any_right = 0usize;
-            // evaluation scenes use seeds the training stream does not (it draws from `sample`)
-            let scenes = eval_scenes(cap, opts.captions, opts.seed, split);
-            if split == Split::Train {
-                let (acc, row, verdicts) = roundtrip_accuracy(&model.dvae.net, model.device, &scenes)?;
-                dvae_roundtrip.insert(cap.name().to_string(), acc);
-                dvae_roundtrip_misses.insert(cap.name().to_string(), tally_misses(&verdicts));
-                let passed: Vec<bool> = verdicts.iter().map(|v| v.is_ok()).collect();
-                if cap == Capability::SingleObject {
-                    dvae_single_object = single_object_breakdown(&scenes, &passed);
+    for (split, cap) in opts.cells() {
+        let (mut single, mut top, mut n) = (0.0, 0.0, 0);
+        let (mut single_strict, mut top_strict) = (0.0, 0.0);
+        let (mut ordered, mut pairs) = (0.0, 0usize);
+        let mut any_right = 0usize;
+        let mut control = Subset::default();
+        let controlled = split == Split::Train && HELD_OUT.contains(&cap);
+        // evaluation scenes use seeds the training stream does not (it draws from `sample`)
+        let scenes = eval_scenes(cap, opts.captions, opts.seed, split);
+        if split == Split::Train {
+            let (acc, row, verdicts) = roundtrip_accuracy(&model.dvae.net, model.device, &scenes)?;
+            dvae_roundtrip.insert(cap.name().to_string(), acc);
+            dvae_roundtrip_misses.insert(cap.name().to_string(), tally_misses(&verdicts));
+            let passed: Vec<bool> = verdicts.iter().map(|v| v.is_ok()).collect();
+            if cap == Capability::SingleObject {
+                dvae_single_object = single_object_breakdown(&scenes, &passed);
+            }
+            if opts.samples == 0 && !scenes.is_empty() {
+                grid_rows.push((scenes[0].caption.clone(), row));
+            }
+        } else {
+            let (acc, _, _) = roundtrip_accuracy(&model.dvae.net, model.device, &scenes)?;
+            dvae_roundtrip_held_out.insert(cap.name().to_string(), acc);
+        }
+        if opts.samples == 0 {
+            continue; // the dVAE alone
+        }
+        let key = samples_key(split, cap);
+        let stored = reused.as_ref().and_then(|r| r.get(&key));
+        let mut all_rgb = Vec::new();
+        let (mut misses, mut top1_misses) = (BTreeMap::new(), BTreeMap::new());
+        let picture = size * size * 3;
+        for (c, scene) in scenes.iter().enumerate() {
+            let t0 = Instant::now();
+            let rgb: Vec<Vec<u8>> = match stored {
+                // complete: `read_samples` checked every length
+                Some(bytes) => {
+                    let at = c * opts.samples * picture;
+                    bytes[at..at + opts.samples * picture].chunks(picture).map(<[u8]>::to_vec).collect()
                 }
-                if opts.samples == 0 && !scenes.is_empty() {
-                    grid_rows.push((scenes[0].caption.clone(), row));
+                None => {
+                    let samples = model.generate(
+                        &scene.caption,
+                        opts.samples,
+                        opts.seed + c as u64,
+                        None,
+                        &opts.sample,
+                        |_| true,
+                    )?;
+                    samples.into_iter().map(|s| s.rgb).collect()
+                }
+            };
+            images += rgb.len();
+            let scores = model.rerank(&scene.caption, &rgb)?;
+            let best = scores.as_deref().map_or(0, pick);
+            sampling += t0.elapsed().as_secs_f64();
+            // each sample read the committed way and strictly (the regions found once)
+            let (verdicts, strict): (Vec<_>, Vec<bool>) = rgb
+                .iter()
+                .map(|x| {
+                    let v = judge_at(scene, x, size, &[SHAPE_MARGIN, 0.0]);
+                    (v[0], v[1].is_ok())
+                })
+                .unzip();
+            for v in &verdicts {
+                if let Err(m) = v {
+                    *misses.entry(m.name().to_string()).or_insert(0) += 1;
                 }
             }
-            if opts.samples == 0 {
-                continue; // the dVAE alone
+            if let Err(m) = verdicts[best] {
+                *top1_misses.entry(m.name().to_string()).or_insert(0) += 1;
             }
-            let key = samples_key(split, cap);
-            let stored = reused.as_ref().and_then(|r| r.get(&key));
-            let mut all_rgb = Vec::new();
-            let (mut misses, mut top1_misses) = (BTreeMap::new(), BTreeMap::new());
-            let picture = size * size * 3;
-            for (c, scene) in scenes.iter().enumerate() {
-                let t0 = Instant::now();
-                let rgb: Vec<Vec<u8>> = match stored {
-                    // complete: `read_samples` checked every length
-                    Some(bytes) => {
-                        let at = c * opts.samples * picture;
-                        bytes[at..at + opts.samples * picture].chunks(picture).map(<[u8]>::to_vec).collect()
-                    }
-                    None => {
-                        let samples = model.generate(
-                            &scene.caption,
-                            opts.samples,
-                            opts.seed + c as u64,
-                            None,
-                            &opts.sample,
-                            |_| true,
-                        )?;
-                        samples.into_iter().map(|s| s.rgb).collect()
-                    }
-                };
-                images += rgb.len();
-                let scores = model.rerank(&scene.caption, &rgb)?;
-                let best = scores.as_deref().map_or(0, pick);
-                sampling += t0.elapsed().as_secs_f64();
-                // each sample read the committed way and strictly (the regions found once)
-                let (verdicts, strict): (Vec<_>, Vec<bool>) = rgb
-                    .iter()
-                    .map(|x| {
-                        let v = judge_at(scene, x, size, &[SHAPE_MARGIN, 0.0]);
-                        (v[0], v[1].is_ok())
-                    })
-                    .unzip();
-                for v in &verdicts {
-                    if let Err(m) = v {
-                        *misses.entry(m.name().to_string()).or_insert(0) += 1;
-                    }
-                }
-                if let Err(m) = verdicts[best] {
-                    *top1_misses.entry(m.name().to_string()).or_insert(0) += 1;
-                }
-                let oks: Vec<bool> = verdicts.iter().map(Result::is_ok).collect();
-                single_strict += strict.iter().filter(|&&o| o).count() as f64 / strict.len() as f64;
-                top_strict += strict[best] as u8 as f64;
-                if let Some(scores) = &scores {
-                    let (g, p) = ordered_pairs(scores, &oks);
-                    ordered += g;
-                    pairs += p;
-                }
-                rankings.push(
+            let oks: Vec<bool> = verdicts.iter().map(Result::is_ok).collect();
+            single_strict += strict.iter().filter(|&&o| o).count() as f64 / strict.len() as f64;
+            top_strict += strict[best] as u8 as f64;
+            if let Some(scores) = &scores {
+                let (g, p) = ordered_pairs(scores, &oks);
+                ordered += g;
+                pairs += p;
+            }
+            rankings.push(
                     serde_json::json!({ "key": key, "caption": scene.caption, "right": oks, "right_strict": strict, "reranker": scores }),
                 );
-                single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
-                top += oks[best] as u8 as f64;
-                any_right += usize::from(oks.contains(&true));
-                n += 1;
-                if c == 0 && split == Split::Train {
-                    let mut row = vec![world::render(scene, size), rgb[best].clone()];
-                    row.extend(rgb.iter().take(6).cloned());
-                    grid_rows.push((scene.caption.clone(), row));
-                }
-                if stored.is_none() {
-                    all_rgb.extend(rgb.into_iter().flatten());
-                }
+            single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
+            top += oks[best] as u8 as f64;
+            any_right += usize::from(oks.contains(&true));
+            if controlled && world::uses_held_out_colour(scene) {
+                control.single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
+                control.rerank_top1 += oks[best] as u8 as f64;
+                control.n += 1;
+            }
+            n += 1;
+            if c == 0 && split == Split::Train {
+                let mut row = vec![world::render(scene, size), rgb[best].clone()];
+                row.extend(rgb.iter().take(6).cloned());
+                grid_rows.push((scene.caption.clone(), row));
             }
             if stored.is_none() {
-                drawn.push((key, all_rgb));
+                all_rgb.extend(rgb.into_iter().flatten());
             }
-            let rerank_pairs = (pairs > 0).then(|| ordered / pairs as f64);
-            let acc = Accuracy {
-                single: single / n as f64,
-                rerank_top1: top / n as f64,
-                n,
-                rerank_pairs,
-                pairs,
-                any_right: any_right as f64 / n as f64,
-                misses,
-                top1_misses,
-                single_strict: single_strict / n as f64,
-                rerank_top1_strict: top_strict / n as f64,
-            };
-            log(&format!("{:?} {}: single {:.2}, top-1 {:.2}", split, cap.name(), acc.single, acc.rerank_top1));
-            match split {
-                Split::Train => accuracy.insert(cap.name().to_string(), acc),
-                Split::HeldOut => held_out.insert(cap.name().to_string(), acc),
-            };
         }
+        if stored.is_none() {
+            drawn.push((key, all_rgb));
+        }
+        let rerank_pairs = (pairs > 0).then(|| ordered / pairs as f64);
+        let acc = Accuracy {
+            single: single / n as f64,
+            rerank_top1: top / n as f64,
+            n,
+            rerank_pairs,
+            pairs,
+            any_right: any_right as f64 / n as f64,
+            misses,
+            top1_misses,
+            single_strict: single_strict / n as f64,
+            rerank_top1_strict: top_strict / n as f64,
+        };
+        log(&format!("{:?} {}: single {:.2}, top-1 {:.2}", split, cap.name(), acc.single, acc.rerank_top1));
+        if controlled {
+            let k = control.n.max(1) as f64;
+            control.single /= k;
+            control.rerank_top1 /= k;
+            seen_held_out_colours.insert(cap.name().to_string(), control);
+        }
+        match split {
+            Split::Train => accuracy.insert(cap.name().to_string(), acc),
+            Split::HeldOut => held_out.insert(cap.name().to_string(), acc),
+        };
     }
     if let (Some((path, fingerprint)), None) = (&kept, &reused) {
         write_samples(path, fingerprint, &drawn)?;
@@ -398,8 +446,10 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
     let report = Report {
         accuracy,
         held_out,
+        seen_held_out_colours,
         dvae_psnr_db: dvae_psnr(&model.dvae.net, model.device, 64, opts.seed)?,
         dvae_roundtrip,
+        dvae_roundtrip_held_out,
         dvae_roundtrip_misses,
         dvae_single_object,
         dvae_codes_used: dvae_codes_used(&model.dvae.net, model.device, 512, opts.seed)?,
@@ -435,12 +485,13 @@ fn samples_fingerprint(model: &Model, opts: &EvalOptions) -> Result<String> {
         model.transformer.vs.variables().values().next().map(Tensor::kind),
         model.config.dvae.image_size
     );
-    for (split, caps) in [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)] {
-        for &cap in caps {
-            for scene in eval_scenes(cap, opts.captions, opts.seed, split) {
-                let ids = model.encode_prompt(&scene.caption)?.ids;
-                text += &format!("{}: {:?}\n", scene.caption, ids);
-            }
+    // every cell's captions, whatever `only` narrows the evaluation to: a file of a full
+    // evaluation serves a narrowed one (which reads only its cells)
+    let all = EvalOptions { only: Vec::new(), ..opts.clone() };
+    for (split, cap) in all.cells() {
+        for scene in eval_scenes(cap, opts.captions, opts.seed, split) {
+            let ids = model.encode_prompt(&scene.caption)?.ids;
+            text += &format!("{}: {:?}\n", scene.caption, ids);
         }
     }
     let h = crate::shards::fnv1a(text.as_bytes()) ^ model.weights_hash()?;
@@ -469,6 +520,7 @@ fn read_samples(
     path: &Path,
     fingerprint: &str,
     expected: usize,
+    cells: &[(Split, Capability)],
     log: &mut impl FnMut(&str),
 ) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
     let bytes = match std::fs::read(path) {
@@ -505,9 +557,7 @@ fn read_samples(
             out.insert(name, view.data().to_vec());
         }
     }
-    let keys = [(Split::Train, Capability::ALL), (Split::HeldOut, HELD_OUT)]
-        .into_iter()
-        .flat_map(|(split, caps)| caps.iter().map(move |&cap| samples_key(split, cap)));
+    let keys = cells.iter().map(|&(split, cap)| samples_key(split, cap));
     if let Some(missing) = keys.into_iter().find(|k| !out.contains_key(k)) {
         log(&format!(
             "{} is incomplete ({missing} missing or cut short): drawing new samples (the file will be replaced)",
@@ -558,7 +608,7 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
         );
     }
     s += "\n\n";
-    s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | ground truth through the dVAE | reranker orders right, seen / held out | any of N right, seen / held out | captions |\n";
+    s += "| capability | single (seen) | top-1 of N (seen) | single (held out) | top-1 of N (held out) | ground truth through the dVAE, seen / held out | reranker orders right, seen / held out | any of N right, seen / held out | captions |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for (k, roundtrip) in &r.dvae_roundtrip {
         let (a, h) = (r.accuracy.get(k), r.held_out.get(k));
@@ -568,12 +618,13 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
             None => "–".into(),
         };
         s += &format!(
-            "| {k} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} |\n",
+            "| {k} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} | {} |\n",
             f(a.map(|a| a.single)),
             f(a.map(|a| a.rerank_top1)),
             f(h.map(|h| h.single)),
             f(h.map(|h| h.rerank_top1)),
             f(Some(*roundtrip)),
+            f(r.dvae_roundtrip_held_out.get(k).copied()),
             pairs(a),
             pairs(h),
             f(a.map(|a| a.any_right)),
@@ -598,6 +649,30 @@ fn markdown(r: &Report, rows: &[(String, Vec<Vec<u8>>)]) -> String {
         s += &format!(
             "\nRead strictly (each shape by its best template alone, without the evaluator's look-alike margin), per sample / top-1, seen and held out: {}.\n",
             cells.join("; ")
+        );
+    }
+    let controls: Vec<String> = r
+        .seen_held_out_colours
+        .iter()
+        .filter(|(k, c)| c.n > 0 && r.held_out.contains_key(*k))
+        .map(|(k, c)| {
+            let h = &r.held_out[k];
+            format!(
+                "{k} {:.0}% / {:.0}% of {} (held out {:.0}% / {:.0}%)",
+                100.0 * c.single,
+                100.0 * c.rerank_top1,
+                c.n,
+                100.0 * h.single,
+                100.0 * h.rerank_top1
+            )
+        })
+        .collect();
+    if !controls.is_empty() {
+        let colours: Vec<&str> = world::held_out_colours().iter().map(|c| c.name()).collect();
+        s += &format!(
+            "\nHeld-out pairs are drawn in {} only. Seen captions whose objects take one of those colours, per sample / top-1 (the held-out cells' like-for-like control): {}.\n",
+            colours.join(", "),
+            controls.join("; ")
         );
     }
     s += "\n\"Reranker orders right\": of the pairs of one caption's samples where one is right and the other wrong, the share the reranker scores the right one higher (50% is chance), and the number of such pairs. \"Any of N right\": the captions with at least one right sample, the top-1 a perfect reranker would reach.\n";

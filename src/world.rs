@@ -175,6 +175,19 @@ pub fn is_held_out(colour: Colour, shape: Shape) -> bool {
     (colour.index() * 7 + shape.index() * 3) % 9 == 4
 }
 
+/// The colours of the held-out pairs (every held-out pair takes one). The like-for-like
+/// control of a held-out cell is the seen captions whose objects take one too: what is left
+/// between them is the pairs, not the colours.
+pub fn held_out_colours() -> Vec<Colour> {
+    Colour::object_colours().into_iter().filter(|&c| Shape::ALL.iter().any(|&s| is_held_out(c, s))).collect()
+}
+
+/// Whether any object of `scene` takes a colour of the held-out pairs.
+pub fn uses_held_out_colour(scene: &Scene) -> bool {
+    let held = held_out_colours();
+    scene.objects.iter().any(|o| held.contains(&o.colour))
+}
+
 const WORDS: &[&str] = &[
     "cat", "dog", "sun", "art", "map", "box", "car", "hat", "pen", "cup", "fox", "owl", "bee", "sky", "tea", "ice",
     "joy", "zoo", "web", "key",

@@ -282,6 +282,7 @@ fn reranker_learns_and_eval_writes_a_report() {
         seed: 0,
         sample: Default::default(),
         samples_file: Some(kept.clone()),
+        only: Vec::new(),
     };
     let r = tessera::report::evaluate(&m, &opts, &out, |_| {}).unwrap();
     assert!(!r.samples_reused && kept.exists());
@@ -326,6 +327,49 @@ fn reranker_learns_and_eval_writes_a_report() {
             assert!((top_strict / n - a.rerank_top1_strict).abs() < 1e-9, "{a:?}");
         }
     }
+    // the held-out cells' control: the seen captions that name a colour of the held-out pairs
+    // for an object (a background named is not an object's)
+    let colours: Vec<&str> = tessera::world::held_out_colours().iter().map(|c| c.name()).collect();
+    assert_eq!(r.seen_held_out_colours.keys().collect::<Vec<_>>(), r.held_out.keys().collect::<Vec<_>>());
+    for (cap, c) in &r.seen_held_out_colours {
+        let (mut n, mut right, mut top) = (0, 0.0, 0.0);
+        for x in rankings.iter().filter(|x| x["key"] == format!("seen/{cap}")) {
+            let caption = x["caption"].as_str().unwrap();
+            let objects = caption.split(" on a ").next().unwrap();
+            if !objects.split(' ').any(|w| colours.contains(&w.trim_end_matches(','))) {
+                continue;
+            }
+            let ok: Vec<bool> = serde_json::from_value(x["right"].clone()).unwrap();
+            let score: Vec<f32> = serde_json::from_value(x["reranker"].clone()).unwrap();
+            let best = (0..score.len()).fold(0, |b, i| if score[i] >= score[b] { i } else { b });
+            n += 1;
+            right += ok.iter().filter(|&&o| o).count() as f64 / ok.len() as f64;
+            top += f64::from(u8::from(ok[best]));
+        }
+        let k = n.max(1) as f64;
+        assert_eq!(c.n, n, "{cap}");
+        assert!((c.single - right / k).abs() < 1e-9 && (c.rerank_top1 - top / k).abs() < 1e-9, "{cap}: {c:?}");
+    }
+    // one capability alone: the very captions, seeds and verdicts of its cells in the full
+    // evaluation, read back from the full evaluation's samples file or drawn again
+    let only = tessera::report::EvalOptions { only: vec![tessera::world::Capability::Transform], ..opts.clone() };
+    let fresh = tessera::report::EvalOptions { samples_file: None, ..only.clone() };
+    for (o, reused) in [(&only, true), (&fresh, false)] {
+        let t = tessera::report::evaluate(&m, o, &dir.path().join("eval-only"), |_| {}).unwrap();
+        assert_eq!(t.samples_reused, reused);
+        assert_eq!(t.accuracy.keys().collect::<Vec<_>>(), ["transform"]);
+        assert_eq!(t.held_out.keys().collect::<Vec<_>>(), ["transform"]);
+        assert_eq!(t.dvae_roundtrip.keys().collect::<Vec<_>>(), ["transform"]);
+        for (a, b) in
+            [(&t.accuracy["transform"], &r.accuracy["transform"]), (&t.held_out["transform"], &r.held_out["transform"])]
+        {
+            assert_eq!((a.single, a.rerank_top1, a.n, a.pairs), (b.single, b.rerank_top1, b.n, b.pairs));
+            assert_eq!((&a.misses, a.rerank_pairs), (&b.misses, b.rerank_pairs));
+        }
+        assert_eq!(t.dvae_roundtrip_held_out["transform"], r.dvae_roundtrip_held_out["transform"]);
+    }
+    // the narrowed run left the full evaluation's samples file whole
+    assert!(tessera::report::evaluate(&m, &opts, &out, |_| {}).unwrap().samples_reused);
     // every wrong sample has a reason, and the picks' reasons are among them
     for a in r.accuracy.values().chain(r.held_out.values()) {
         let wrong = (2.0 * a.n as f64 * (1.0 - a.single)).round() as usize;
@@ -644,6 +688,7 @@ fn the_dvae_log_scores_hard_codes_exactly_as_eval_does() {
         seed: 9,
         sample: Default::default(),
         samples_file: None,
+        only: Vec::new(),
     };
     let r = tessera::report::evaluate(&m, &opts, &dir.path().join("eval"), |_| {}).unwrap();
     assert_eq!(check["hard_psnr_db"].as_f64().unwrap(), r.dvae_psnr_db);

@@ -186,6 +186,44 @@ fn the_decoder_fine_tune_in_bf16_trains_on_the_codes_sampling_gives() {
 }
 
 #[test]
+fn the_report_gives_the_dvaes_ceiling_on_held_out_pairs_from_their_own_scenes() {
+    // `eval --only transform --samples 0` on the default model: its round trips, seen and held
+    // out, against the same scenes' round trips scored one at a time here
+    use tessera::world::{Capability, Split};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/default");
+    let m = tessera::Model::load_dvae_only(&dir, Device::Cpu).expect("the default model's dVAE");
+    let size = m.config.dvae.image_size;
+    let (captions, seed) = (40, 0);
+    let opts = tessera::report::EvalOptions {
+        captions,
+        samples: 0,
+        seed,
+        sample: Default::default(),
+        samples_file: None,
+        only: vec![Capability::Transform],
+    };
+    let out = tempfile::tempdir().unwrap();
+    let r = tessera::report::evaluate(&m, &opts, out.path(), |_| {}).unwrap();
+    let one_at_a_time = |split: Split| {
+        let scenes = tessera::report::eval_scenes(Capability::Transform, captions, seed, split);
+        let renders: Vec<Vec<u8>> = scenes.iter().map(|s| tessera::world::render(s, size)).collect();
+        let x = tessera::model::from_rgb8(&renders, size, Device::Cpu).unwrap();
+        let back = tessera::model::to_rgb8(&tch::no_grad(|| m.dvae.net.decode(&m.dvae.net.encode(&x)))).unwrap();
+        let passed = scenes.iter().zip(&back).filter(|(s, b)| tessera::eval::judge(s, b, size).is_ok()).count();
+        passed as f64 / captions as f64
+    };
+    let (seen, held) = (one_at_a_time(Split::Train), one_at_a_time(Split::HeldOut));
+    assert_ne!(seen, held, "seen and held-out scenes pass alike here: the check below would not tell them apart");
+    assert_eq!(r.dvae_roundtrip.keys().collect::<Vec<_>>(), ["transform"]);
+    assert_eq!(r.dvae_roundtrip["transform"], seen);
+    assert_eq!(r.dvae_roundtrip_held_out.keys().collect::<Vec<_>>(), ["transform"]);
+    assert_eq!(r.dvae_roundtrip_held_out["transform"], held);
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    let cell = |x: f64| format!("{:.0}%", 100.0 * x);
+    assert!(md.contains(&format!("| {} / {} |", cell(seen), cell(held))), "{md}");
+}
+
+#[test]
 fn a_batch_encodes_and_decodes_on_the_cpu_as_each_picture_alone() {
     // on the CPU, encode and decode take a batch a few pictures at a time; a batch of 11 (two
     // full passes and a short one) must give every picture, in order, what it gives alone

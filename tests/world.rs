@@ -42,6 +42,22 @@ fn held_out_pairs_never_appear_in_training() {
         .filter(|&(c, s)| is_held_out(c, s))
         .count();
     assert!(held_pairs * 12 > n && held_pairs * 6 < n, "{held_pairs} of {n} pairs held out");
+    // the held-out pairs' colours: those of the held-out objects of many held-out scenes
+    let mut drawn: Vec<Colour> = Vec::new();
+    for i in 0..2_000 {
+        let cap = [Capability::SingleObject, Capability::TwoObjectsPosition, Capability::Count, Capability::Transform]
+            [i as usize % 4];
+        let h = world::generate(cap, i, Split::HeldOut);
+        assert!(world::uses_held_out_colour(&h), "{}", h.caption);
+        for o in h.objects.iter().filter(|o| is_held_out(o.colour, o.shape)) {
+            if !drawn.contains(&o.colour) {
+                drawn.push(o.colour);
+            }
+        }
+    }
+    drawn.sort_by_key(|c| c.index());
+    assert_eq!(drawn, world::held_out_colours());
+    assert!(drawn.len() < Colour::object_colours().len() / 2, "{drawn:?}: the control would hold nearly every caption");
 }
 
 #[test]

@@ -37,8 +37,9 @@ fn main() -> Res {
             calib(arg(2).map(str::parse).transpose()?.unwrap_or(64), arg(3).map(str::parse).transpose()?.unwrap_or(400))
         }
         Some("transforms") => {
-            let dir = Path::new(arg(2).ok_or("transforms MODEL_DIR [SCENES]")?);
-            transforms(dir, arg(3).map(str::parse).transpose()?.unwrap_or(400))
+            let dir = Path::new(arg(2).ok_or("transforms MODEL_DIR [SCENES] [held]")?);
+            let split = if arg(4) == Some("held") { Split::HeldOut } else { Split::Train };
+            transforms(dir, arg(3).map(str::parse).transpose()?.unwrap_or(400), split)
         }
         Some("misses") => misses(
             arg(2).map(str::parse).transpose()?.unwrap_or(64),
@@ -56,10 +57,10 @@ fn main() -> Res {
             let (bank, seed, out) = (arg(2).ok_or(usage)?, arg(3).ok_or(usage)?.parse()?, arg(4).ok_or(usage)?);
             flips(Path::new(bank), seed, Path::new(out))
         }
-        _ => {
-            Err("usage: shape_margin calib [PX] [SCENES] | transforms MODEL_DIR [SCENES] | flips BANK SEED OUT.png"
-                .into())
-        }
+        _ => Err(
+            "usage: shape_margin calib [PX] [SCENES] | transforms MODEL_DIR [SCENES] [held] | flips BANK SEED OUT.png"
+                .into(),
+        ),
     }
 }
 
@@ -96,10 +97,10 @@ fn calib(size: usize, n: usize) -> Res {
     Ok(())
 }
 
-fn transforms(dir: &Path, n: usize) -> Res {
+fn transforms(dir: &Path, n: usize, split: Split) -> Res {
     let m = Model::load_dvae_only(dir, tch::Device::Cpu)?;
     let size = m.config.dvae.image_size;
-    let scenes = eval_scenes(Capability::Transform, n, 0, Split::Train);
+    let scenes = eval_scenes(Capability::Transform, n, 0, split);
     let mut kinds: BTreeMap<String, [usize; 5]> = BTreeMap::new();
     for chunk in scenes.chunks(64) {
         let renders: Vec<Vec<u8>> = chunk.iter().map(|s| render(s, size)).collect();
@@ -118,7 +119,7 @@ fn transforms(dir: &Path, n: usize) -> Res {
         }
     }
     println!(
-        "transform scenes passing (margin 0 / {SHAPE_MARGIN}): ground truth, round trip through {}",
+        "{split:?} transform scenes passing (margin 0 / {SHAPE_MARGIN}): ground truth, round trip through {}",
         dir.display()
     );
     for (k, [n, g0, g, r0, r]) in kinds {
