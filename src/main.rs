@@ -103,7 +103,7 @@ enum Command {
         /// Score only these capabilities, comma-separated (single_object, two_objects_position,
         /// count, stack, text, transform), on the very captions and seeds of a full evaluation:
         /// one cell measured on many captions in the time of a few.
-        #[arg(long, value_delimiter = ',', value_parser = parse_capability, conflicts_with = "judged")]
+        #[arg(long, value_delimiter = ',', value_parser = tessera::world::Capability::parse, conflicts_with = "judged")]
         only: Vec<tessera::world::Capability>,
         #[command(flatten)]
         sampling: SamplingArgs,
@@ -811,14 +811,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// A capability by the name the report gives it.
-fn parse_capability(s: &str) -> std::result::Result<tessera::world::Capability, String> {
-    tessera::world::Capability::from_name(s.trim()).ok_or_else(|| {
-        let names: Vec<&str> = tessera::world::Capability::ALL.iter().map(|c| c.name()).collect();
-        format!("unknown capability {:?} (one of {})", s.trim(), names.join(", "))
-    })
 }
 
 /// A ranking of judged samples with its rates beside the counts.

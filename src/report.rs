@@ -86,6 +86,11 @@ pub struct Subset {
     pub n: usize,
 }
 
+/// The share of a caption's samples that are right (0 for none).
+fn share_right(right: &[bool]) -> f64 {
+    right.iter().filter(|&&o| o).count() as f64 / right.len().max(1) as f64
+}
+
 /// The reranker's pick: the index of the highest score (the last of equals; 0 for none).
 pub fn pick(scores: &[f32]) -> usize {
     scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|p| p.0).unwrap_or(0)
@@ -381,7 +386,7 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
                 *top1_misses.entry(m.name().to_string()).or_insert(0) += 1;
             }
             let oks: Vec<bool> = verdicts.iter().map(Result::is_ok).collect();
-            single_strict += strict.iter().filter(|&&o| o).count() as f64 / strict.len() as f64;
+            single_strict += share_right(&strict);
             top_strict += strict[best] as u8 as f64;
             if let Some(scores) = &scores {
                 let (g, p) = ordered_pairs(scores, &oks);
@@ -391,11 +396,12 @@ pub fn evaluate(model: &Model, opts: &EvalOptions, out: &Path, mut log: impl FnM
             rankings.push(
                     serde_json::json!({ "key": key, "caption": scene.caption, "right": oks, "right_strict": strict, "reranker": scores }),
                 );
-            single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
+            let right = share_right(&oks);
+            single += right;
             top += oks[best] as u8 as f64;
             any_right += usize::from(oks.contains(&true));
             if controlled && world::uses_held_out_colour(scene) {
-                control.single += oks.iter().filter(|&&o| o).count() as f64 / oks.len() as f64;
+                control.single += right;
                 control.rerank_top1 += oks[best] as u8 as f64;
                 control.n += 1;
             }

@@ -175,6 +175,17 @@ pub fn is_held_out(colour: Colour, shape: Shape) -> bool {
     (colour.index() * 7 + shape.index() * 3) % 9 == 4
 }
 
+impl Capability {
+    /// A capability by the name the report gives it (surrounding spaces ignored), or an error
+    /// that lists the names.
+    pub fn parse(name: &str) -> std::result::Result<Capability, String> {
+        Capability::from_name(name.trim()).ok_or_else(|| {
+            let names: Vec<&str> = Capability::ALL.iter().map(|c| c.name()).collect();
+            format!("unknown capability {:?} (one of {})", name.trim(), names.join(", "))
+        })
+    }
+}
+
 /// The colours of the held-out pairs (every held-out pair takes one). The like-for-like
 /// control of a held-out cell is the seen captions whose objects take one too: what is left
 /// between them is the pairs, not the colours.
@@ -355,10 +366,7 @@ impl Mix {
             let (name, w) = part
                 .split_once('=')
                 .ok_or_else(|| format!("capability weight {part:?} is not CAP=W (for example text=2)"))?;
-            let cap = Capability::from_name(name.trim()).ok_or_else(|| {
-                let names: Vec<&str> = Capability::ALL.iter().map(|c| c.name()).collect();
-                format!("unknown capability {:?} in the mix (one of {})", name.trim(), names.join(", "))
-            })?;
+            let cap = Capability::parse(name).map_err(|e| format!("{e} in the mix"))?;
             let w: f64 = w.trim().parse().map_err(|_| format!("bad weight {w:?} for {}", cap.name()))?;
             if !w.is_finite() || w < 0.0 {
                 return Err(format!("the weight of {} must be a finite number ≥ 0, not {w}", cap.name()));

@@ -257,6 +257,16 @@ fn webdataset_shards_are_read() {
     assert_eq!(ok, ["a green field", "another green field"]);
 }
 
+/// A `rankings.json` row's share of right samples by `field` (`right` or `right_strict`), and
+/// whether the sample of the highest reranker score (the last of equals) is right.
+fn row_rates(row: &serde_json::Value, field: &str) -> (f64, f64) {
+    let ok: Vec<bool> = serde_json::from_value(row[field].clone()).unwrap();
+    let score: Vec<f32> = serde_json::from_value(row["reranker"].clone()).unwrap();
+    assert_eq!(ok.len(), score.len(), "{row}");
+    let best = (0..score.len()).fold(0, |b, i| if score[i] >= score[b] { i } else { b });
+    (ok.iter().filter(|&&o| o).count() as f64 / ok.len() as f64, f64::from(u8::from(ok[best])))
+}
+
 #[test]
 fn reranker_learns_and_eval_writes_a_report() {
     let _cpu = crate::common::heavy_cpu();
@@ -310,15 +320,12 @@ fn reranker_learns_and_eval_writes_a_report() {
             assert_eq!(rows.len(), a.n);
             let (mut right, mut top, mut right_strict, mut top_strict) = (0.0, 0.0, 0.0, 0.0);
             for x in &rows {
-                let ok: Vec<bool> = serde_json::from_value(x["right"].clone()).unwrap();
-                let strict: Vec<bool> = serde_json::from_value(x["right_strict"].clone()).unwrap();
-                let score: Vec<f32> = serde_json::from_value(x["reranker"].clone()).unwrap();
-                assert_eq!(strict.len(), ok.len());
-                right += ok.iter().filter(|&&o| o).count() as f64 / ok.len() as f64;
-                right_strict += strict.iter().filter(|&&o| o).count() as f64 / strict.len() as f64;
-                let best = (0..score.len()).fold(0, |b, i| if score[i] >= score[b] { i } else { b });
-                top += f64::from(u8::from(ok[best]));
-                top_strict += f64::from(u8::from(strict[best]));
+                let (r, t) = row_rates(x, "right");
+                let (rs, ts) = row_rates(x, "right_strict");
+                right += r;
+                top += t;
+                right_strict += rs;
+                top_strict += ts;
             }
             assert!((right / a.n as f64 - a.single).abs() < 1e-9 && (top / a.n as f64 - a.rerank_top1).abs() < 1e-9);
             // the strict reading likewise, from the same rows
@@ -339,12 +346,10 @@ fn reranker_learns_and_eval_writes_a_report() {
             if !objects.split(' ').any(|w| colours.contains(&w.trim_end_matches(','))) {
                 continue;
             }
-            let ok: Vec<bool> = serde_json::from_value(x["right"].clone()).unwrap();
-            let score: Vec<f32> = serde_json::from_value(x["reranker"].clone()).unwrap();
-            let best = (0..score.len()).fold(0, |b, i| if score[i] >= score[b] { i } else { b });
+            let (r, t) = row_rates(x, "right");
             n += 1;
-            right += ok.iter().filter(|&&o| o).count() as f64 / ok.len() as f64;
-            top += f64::from(u8::from(ok[best]));
+            right += r;
+            top += t;
         }
         let k = n.max(1) as f64;
         assert_eq!(c.n, n, "{cap}");
