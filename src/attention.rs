@@ -61,6 +61,103 @@ pub fn build_mask(kind: AttentionKind, s: StreamShape, device: Device) -> Tensor
     causal.logical_and(&key_is_text.logical_or(&image_part))
 }
 
+/// A block of keys on the stream axis: positions `start + r·stride + c` for `r < rows` and
+/// `c < cols` (a run of the stream, a column of the image grid, or a window of its rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyBlock {
+    pub start: usize,
+    pub rows: usize,
+    pub stride: usize,
+    pub cols: usize,
+}
+
+impl KeyBlock {
+    fn run(start: usize, len: usize) -> Self {
+        Self { start, rows: 1, stride: 1, cols: len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The stream positions of the block, in order.
+    pub fn positions(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.rows).flat_map(move |r| (0..self.cols).map(move |c| self.start + r * self.stride + c))
+    }
+
+    /// The block's keys of `t` [B, H, L, D]: [B, H, len, D], a view unless the block spans
+    /// several rows of several columns (a convolutional window, copied: a few dozen keys).
+    fn of(&self, t: &Tensor) -> Tensor {
+        let (s, n) = (self.start as i64, self.cols as i64);
+        if self.rows == 1 {
+            return t.narrow(2, s, n);
+        }
+        let span = ((self.rows - 1) * self.stride + self.cols) as i64;
+        // [B, H, rows, D, cols] windows of the span, one per row
+        let w = t.narrow(2, s, span).unfold(2, n, self.stride as i64);
+        if self.cols == 1 { w.squeeze_dim(4) } else { w.transpose(3, 4).flatten(2, 3) }
+    }
+}
+
+/// The keys a decode step at stream position `pos` may read under `kind`, as blocks: exactly
+/// the `true` entries of row `pos` of [`build_mask`], each once. A sparse layer's step then reads
+/// the caption and its pattern's few image keys instead of every key written (row attention: the
+/// last `grid + 1` image tokens; column: one per row; convolutional: a window).
+pub fn decode_blocks(kind: AttentionKind, s: StreamShape, pos: usize) -> Vec<KeyBlock> {
+    let t = s.text_len;
+    if pos <= t || kind == AttentionKind::Full {
+        return vec![KeyBlock::run(0, pos + 1)];
+    }
+    let w = s.grid;
+    let j = pos - t - 1;
+    let (r, c) = (j / w, j % w);
+    let text = KeyBlock::run(0, t + 1);
+    let img = t + 1;
+    match kind {
+        AttentionKind::Full => unreachable!("handled above"),
+        AttentionKind::Row => {
+            let lo = j.saturating_sub(w);
+            vec![text, KeyBlock::run(img + lo, j - lo + 1)]
+        }
+        AttentionKind::Column => vec![text, KeyBlock { start: img + c, rows: r + 1, stride: w, cols: 1 }],
+        AttentionKind::Conv => {
+            let k = s.conv_kernel / 2;
+            let (r0, c0, c1) = (r.saturating_sub(k), c.saturating_sub(k), (c + k).min(w - 1));
+            let mut blocks = vec![text];
+            if r > r0 {
+                blocks.push(KeyBlock { start: img + r0 * w + c0, rows: r - r0, stride: w, cols: c1 - c0 + 1 });
+            }
+            blocks.push(KeyBlock::run(img + r * w + c0, c - c0 + 1));
+            blocks
+        }
+    }
+}
+
+/// Attention of one query per row, `q` [B, H, 1, D], over the keys and values [B, H, L, D]
+/// that `blocks` pick: the scores of every block in one softmax, the values summed block by
+/// block. Nothing is masked: the blocks hold only keys the query may read.
+fn attend_blocks(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &[KeyBlock]) -> Tensor {
+    let scale = 1.0 / (q.size()[3] as f64).sqrt();
+    let scores: Vec<Tensor> = blocks.iter().map(|b| q.matmul(&b.of(k).transpose(2, 3))).collect();
+    let p = (Tensor::cat(&scores, 3) * scale).softmax(3, Kind::Float).to_kind(q.kind());
+    let mut out: Option<Tensor> = None;
+    let mut at = 0i64;
+    for b in blocks {
+        let n = b.len() as i64;
+        let part = p.narrow(3, at, n).matmul(&b.of(v));
+        out = Some(match out {
+            None => part,
+            Some(o) => o + part,
+        });
+        at += n;
+    }
+    out.unwrap_or_else(|| q.zeros_like())
+}
+
 /// A static-shape decode step attends over the whole cache, whose length is the stream's
 /// rounded up to a multiple of this: the fused attention kernels want the mask's last dimension
 /// aligned to it and otherwise copy the mask into a padded one at every call.
@@ -157,6 +254,12 @@ impl MaskSet {
         self.with_mask(kind, |m| if lc == self.shape.seq_len() { f(m) } else { f(&hide_padding(m, lc)) })
     }
 
+    /// The keys of a decode step at stream position `pos` under `kind`, as blocks (see
+    /// [`decode_blocks`]).
+    pub fn blocks(&self, kind: AttentionKind, pos: usize) -> Mask {
+        Mask::Blocks(decode_blocks(kind, self.shape, pos))
+    }
+
     /// The mask for queries `start..start+n` over keys `0..start+n`. Full attention is plain
     /// causal attention, which the fused kernels do without a mask (and a single trailing
     /// query needs none at all).
@@ -191,6 +294,9 @@ pub enum Mask {
     None,
     /// Queries and keys are the same positions from 0: plain causal attention.
     Causal,
+    /// One query reading only these keys (a sparse layer's decode step, see
+    /// [`decode_blocks`]).
+    Blocks(Vec<KeyBlock>),
     /// A mask [queries, keys]: boolean (`true` = may attend) or an additive bias in the
     /// attention's dtype (0 = may attend, −∞ = may not).
     Explicit(Tensor),
@@ -330,6 +436,10 @@ impl Attention {
             Mask::None => (None, false),
             Mask::Causal => (None, true),
             Mask::Explicit(m) => (Some(m), false),
+            Mask::Blocks(blocks) => {
+                let y = attend_blocks(&q, &k, &v, blocks);
+                return dense(&self.out, &y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]), compute);
+            }
         };
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, m, p, causal, None, false);
         dense(&self.out, &y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]), compute)

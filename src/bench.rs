@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::model::Model;
 use crate::params;
 use crate::sample::{SampleOptions, Sampler, batch_seeds};
+use crate::transformer::DecodeMode;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -22,6 +23,8 @@ pub struct BenchOptions {
     pub configs: Vec<String>,
     pub sample_batch: usize,
     pub train_batch: usize,
+    /// How the sampling figures' decode steps read the cache.
+    pub decode: DecodeMode,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -60,6 +63,8 @@ pub struct BenchReport {
     pub dtype: String,
     pub threads: usize,
     pub runs: usize,
+    /// How decode steps read the cache (`auto` resolved for the device).
+    pub decode: String,
     pub matmul_gflops: f64,
     /// Memory read bandwidth: a sum over a 256 MiB tensor.
     pub memory_read_gbps: f64,
@@ -122,15 +127,30 @@ pub fn read_gbps(device: Device, runs: usize) -> Result<f64> {
 }
 
 /// Bytes a decode step reads at batch `b`: the block weights and the image head in `kind`,
-/// plus the KV cache averaged over the image positions.
-fn decode_bytes(cfg: &Config, b: usize, kind: Kind) -> f64 {
+/// plus the keys and values the step reads in `mode` (on `device`), averaged over the image
+/// positions: the whole cache for static steps, every key written for masked growing ones, the
+/// pattern's keys in sparse layers for growing ones.
+fn decode_bytes(cfg: &Config, b: usize, kind: Kind, mode: DecodeMode, device: Device) -> f64 {
+    use crate::attention::{StreamShape, decode_blocks, padded_len};
     let counts = params::count(cfg);
     let part = |name: &str| counts.transformer_parts.iter().find(|p| p.0 == name).map(|p| p.1).unwrap_or(0);
     let t = &cfg.transformer;
     let d = t.d_model as u64;
     let weights = part("attention") + part("mlp") + part("norms") + (d + 1) * cfg.dvae.vocab_size as u64;
-    let avg_len = cfg.text.text_len as f64 + 1.0 + cfg.image_len() as f64 / 2.0;
-    let kv = (2 * t.n_layers * b * t.inner_dim()) as f64 * avg_len;
+    let shape = StreamShape { text_len: cfg.text.text_len, grid: cfg.grid_size(), conv_kernel: t.conv_kernel };
+    // the positions of decode steps: image tokens 0..I−1 fed at T+1..
+    let steps = (cfg.image_len() - 1).max(1);
+    let positions = || (0..steps).map(|j| cfg.text.text_len + 1 + j);
+    let mut keys = 0.0;
+    for kind in t.layer_kinds() {
+        let per_step: usize = match mode.on(device) {
+            DecodeMode::Static => steps * padded_len(shape.seq_len()),
+            DecodeMode::GrowingMasked => positions().map(|p| p + 1).sum(),
+            _ => positions().map(|p| decode_blocks(kind, shape, p).iter().map(|k| k.len()).sum::<usize>()).sum(),
+        };
+        keys += per_step as f64 / steps as f64;
+    }
+    let kv = (2 * b * t.inner_dim()) as f64 * keys;
     (weights as f64 + kv) * kind.elt_size_in_bytes() as f64
 }
 
@@ -138,6 +158,7 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
     let dev = opts.device;
     let mut model = Model::random_init(cfg, dev, 0)?;
     model.set_dtype(opts.kind)?;
+    model.transformer.net.set_decode_mode(opts.decode);
     let counts = params::count(cfg);
     let net = &model.transformer.net;
     let b = opts.sample_batch;
@@ -208,8 +229,14 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
         })?;
         Ok::<_, crate::error::Error>((median(times), median(optim)))
     };
-    let (t_train, t_optim) = train_step(true)?;
-    let (t_unfused, t_optim_unfused) = train_step(false)?;
+    // a training batch of 0 leaves the training figures out (0): sampling alone
+    let (t_train, t_optim, t_unfused, t_optim_unfused) = if tb == 0 {
+        (f64::INFINITY, 0.0, 0.0, 0.0)
+    } else {
+        let (t_train, t_optim) = train_step(true)?;
+        let (t_unfused, t_optim_unfused) = train_step(false)?;
+        (t_train, t_optim, t_unfused, t_optim_unfused)
+    };
     let step_flops = 3.0 * params::transformer_forward_flops(cfg) * tb as f64;
     Ok(ConfigBench {
         params: counts.total,
@@ -218,12 +245,14 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
         sample_tokens_per_s: tokens / t_sample,
         sample_with_decode_tokens_per_s: tokens / t_both,
         sample_ms_per_step: 1e3 * t_sample / image_len as f64,
-        sample_bytes_per_step: decode_bytes(cfg, b, opts.kind),
-        sample_bandwidth_utilisation: decode_bytes(cfg, b, opts.kind) / (t_sample / image_len as f64) / (gbps * 1e9),
+        sample_bytes_per_step: decode_bytes(cfg, b, opts.kind, opts.decode, dev),
+        sample_bandwidth_utilisation: decode_bytes(cfg, b, opts.kind, opts.decode, dev)
+            / (t_sample / image_len as f64)
+            / (gbps * 1e9),
         decode_ms_per_image: 1e3 * median(decode_times) / b as f64,
         train_batch: tb,
         train_tokens_per_s: (tb * cfg.seq_len()) as f64 / t_train,
-        train_ms_per_step: 1e3 * t_train,
+        train_ms_per_step: if tb == 0 { 0.0 } else { 1e3 * t_train },
         train_gflops_per_step: step_flops / 1e9,
         train_mfu: step_flops / t_train / (peak_gflops * 1e9),
         fused_optimizer: fused_available,
@@ -252,6 +281,7 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
         dtype: format!("{:?}", opts.kind).to_lowercase(),
         threads: if opts.device == Device::Cpu { opts.threads } else { tch::get_num_threads() as usize },
         runs: opts.runs,
+        decode: opts.decode.on(opts.device).name().into(),
         matmul_gflops: peak,
         memory_read_gbps: gbps,
         configs,

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use tessera::bench::{self, BenchOptions};
 use tessera::model::Model;
+use tessera::transformer::DecodeMode;
 use tessera::{Config, SampleOptions, params};
 
 /// The presets `--preset` and `--random-init` take, as their help names them (one list for
@@ -626,7 +627,9 @@ struct GenerateArgs {
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// Decode steps: static (same shapes every step: attention over the whole cache, masked),
-    /// growing (over the keys written so far), or auto (static on CUDA, growing on the CPU).
+    /// growing (over the keys written so far; a sparse layer reads only its pattern's keys),
+    /// growing-masked (every key written, the pattern masked), or auto (static on CUDA, growing
+    /// on the CPU).
     #[arg(long, default_value = "auto")]
     decode: String,
 }
@@ -665,6 +668,7 @@ struct BenchArgs {
     configs: Vec<String>,
     #[arg(long, default_value_t = 4)]
     sample_batch: usize,
+    /// Training batch (0: sampling figures alone).
     #[arg(long, default_value_t = 8)]
     train_batch: usize,
     /// Measure the data loader alone instead (no model): pictures rendered per second by 1, 2, …
@@ -677,6 +681,10 @@ struct BenchArgs {
     /// Picture side for --loader.
     #[arg(long, default_value_t = 64)]
     size: usize,
+    /// Decode steps of the sampling figures: auto, static, growing or growing-masked (as
+    /// `generate --decode`).
+    #[arg(long, default_value = "auto")]
+    decode: String,
 }
 
 fn main() {
@@ -852,16 +860,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
         tch::set_num_threads(t as i32);
     }
     let device = tessera::parse_device(&a.device)?;
+    let decode = DecodeMode::parse(&a.decode)?;
     let t_load = std::time::Instant::now();
     let mut model = load_model(&a.source, device)?;
     model.set_dtype(tessera::parse_dtype(&a.dtype, device)?)?;
     let load_s = t_load.elapsed().as_secs_f64();
-    match a.decode.as_str() {
-        "auto" => {}
-        "static" => model.transformer.net.set_static_decode(true),
-        "growing" => model.transformer.net.set_static_decode(false),
-        other => bail!("unknown --decode {other:?} (auto, static or growing)"),
-    }
+    model.transformer.net.set_decode_mode(decode);
     let enc = model.encode_prompt(&a.prompt)?;
     if enc.truncated() {
         let n = model.config.text.text_len;
@@ -1020,6 +1024,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         configs: a.configs,
         sample_batch: a.sample_batch,
         train_batch: a.train_batch,
+        decode: DecodeMode::parse(&a.decode)?,
     };
     let report = bench::run(&opts, |m| eprintln!("bench: {m}"))?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -12,6 +12,52 @@ use tch::{Device, Kind, Tensor};
 use crate::attention::{Attention, CacheUse, KvCache, Mask, MaskSet, StreamShape, dense};
 use crate::config::{AttentionKind, Config};
 
+/// How decode steps read the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeMode {
+    /// Static on CUDA, growing on the CPU.
+    Auto,
+    /// The same shapes every step: attention over the whole cache, masked.
+    Static,
+    /// Over the keys written so far; a sparse layer reads only the keys its pattern allows.
+    Growing,
+    /// Over the keys written so far, every one of them read and the pattern masked (the CPU's
+    /// way before sparse steps; kept to measure against).
+    GrowingMasked,
+}
+
+impl DecodeMode {
+    pub const NAMES: &'static str = "auto, static, growing or growing-masked";
+
+    pub fn parse(name: &str) -> crate::error::Result<Self> {
+        match name {
+            "auto" => Ok(Self::Auto),
+            "static" => Ok(Self::Static),
+            "growing" => Ok(Self::Growing),
+            "growing-masked" => Ok(Self::GrowingMasked),
+            other => Err(crate::error::Error::Invalid(format!("unknown decode mode {other:?} ({})", Self::NAMES))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Static => "static",
+            Self::Growing => "growing",
+            Self::GrowingMasked => "growing-masked",
+        }
+    }
+
+    /// The mode `Auto` stands for on `device`.
+    pub fn on(self, device: Device) -> Self {
+        match self {
+            Self::Auto if device.is_cuda() => Self::Static,
+            Self::Auto => Self::Growing,
+            m => m,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Block {
     ln1: nn::LayerNorm,
@@ -65,6 +111,9 @@ pub struct Transformer {
     /// Decode steps attend over the whole preallocated cache with a mask (every step has the
     /// same shapes, so fused kernels plan once); the default on CUDA.
     static_decode: bool,
+    /// Decode steps over the keys written so far read, in sparse layers, only the keys their
+    /// pattern allows (the caption and a few image keys) instead of masking every key written.
+    sparse_decode: bool,
 }
 
 impl Transformer {
@@ -97,6 +146,7 @@ impl Transformer {
             dropout: t.dropout,
             compute: None,
             static_decode: vs.device().is_cuda(),
+            sparse_decode: true,
         }
     }
 
@@ -104,6 +154,20 @@ impl Transformer {
     /// over the keys written so far (fewer keys: the faster choice on a CPU).
     pub fn set_static_decode(&mut self, on: bool) {
         self.static_decode = on;
+    }
+
+    /// Chooses, for decode steps over the keys written so far, whether a sparse layer reads only
+    /// the keys its pattern allows (the default) or every key written, masked (to measure the
+    /// difference; both give the same logits).
+    pub fn set_sparse_decode(&mut self, on: bool) {
+        self.sparse_decode = on;
+    }
+
+    /// Sets how decode steps read the cache.
+    pub fn set_decode_mode(&mut self, mode: DecodeMode) {
+        let mode = mode.on(self.device());
+        self.static_decode = mode == DecodeMode::Static;
+        self.sparse_decode = mode != DecodeMode::GrowingMasked;
     }
 
     pub fn config(&self) -> &Config {
@@ -209,6 +273,7 @@ impl Transformer {
             None if self.static_decode && n == 1 && cache.is_some() => CacheUse::Whole,
             None => CacheUse::Written,
         };
+        let sparse = self.sparse_decode && cache.is_some();
         // one mask per attention kind, shared by the layers of that kind (a decode step selects
         // each row once, not once per layer)
         let mut masks: Vec<(AttentionKind, Mask)> = Vec::with_capacity(3);
@@ -219,6 +284,9 @@ impl Transformer {
                     let mask = match keys {
                         CacheUse::WholeAt(pos) => self.masks.static_row_at(blk.kind, pos, self.cache_kind()),
                         CacheUse::Whole => self.masks.static_row(blk.kind, start, self.cache_kind()),
+                        CacheUse::Written if n == 1 && sparse && blk.kind != AttentionKind::Full => {
+                            self.masks.blocks(blk.kind, start)
+                        }
                         CacheUse::Written => self.masks.window(blk.kind, start, n),
                     };
                     masks.push((blk.kind, mask));

@@ -29,6 +29,23 @@ fn generate_writes_pngs_and_completes_from_an_image() {
         .unwrap();
     assert!(o.status.success());
     assert!(out.join("sample-7-1.png").exists());
+    // every way of reading the cache draws the same pictures (sparse layers' steps read only
+    // their pattern's keys by default; masked and static steps read every key)
+    for decode in ["growing-masked", "static"] {
+        let other = dir.path().join(decode);
+        let o = tessera()
+            .args(["generate", "--random-init", "tiny", "--prompt", "a red circle", "-n", "2", "--seed", "7"])
+            .args(["--top-k", "10", "--guidance", "2", "--device", "cpu", "--decode", decode, "--out"])
+            .arg(&other)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for seed in [7, 8] {
+            let name = format!("sample-{seed}.png");
+            let (a, b) = (std::fs::read(out.join(&name)).unwrap(), std::fs::read(other.join(&name)).unwrap());
+            assert!(a == b, "--decode {decode} drew another {name}");
+        }
+    }
     // completion from a picture of another size
     let pic = dir.path().join("top.png");
     image::RgbImage::from_pixel(40, 30, image::Rgb([200, 30, 30])).save(&pic).unwrap();
@@ -65,6 +82,8 @@ fn bad_input_gives_a_clear_error() {
     };
     assert!(run(&["generate", "--random-init", "tiny", "--prompt", ""]).contains("prompt is empty"));
     assert!(run(&["generate", "--random-init", "nope", "--prompt", "x"]).contains("unknown preset"));
+    let err = run(&["generate", "--random-init", "tiny", "--prompt", "x", "--decode", "sideways"]);
+    assert!(err.contains("unknown decode mode \"sideways\" (auto, static, growing or growing-masked)"), "{err}");
     let model = dir.path().join("missing");
     assert!(
         run(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x"]).contains("no such model directory")

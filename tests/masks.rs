@@ -141,3 +141,40 @@ fn static_decode_rows_are_the_brute_force_rows_over_an_aligned_cache() {
         }
     }
 }
+
+#[test]
+fn a_sparse_decode_step_reads_exactly_the_brute_force_keys_once() {
+    use tessera::attention::decode_blocks;
+    let kinds = [AttentionKind::Full, AttentionKind::Row, AttentionKind::Column, AttentionKind::Conv];
+    // windows wider than the grid, clipped at every edge, and the paper's shapes
+    for s in [
+        StreamShape { text_len: 5, grid: 6, conv_kernel: 5 },
+        StreamShape { text_len: 7, grid: 3, conv_kernel: 7 },
+        StreamShape { text_len: 1, grid: 8, conv_kernel: 3 },
+        StreamShape { text_len: 256, grid: 32, conv_kernel: 11 },
+    ] {
+        for kind in kinds {
+            let slow = brute_force(kind, s);
+            for (q, slow_row) in slow.iter().enumerate() {
+                let blocks = decode_blocks(kind, s, q);
+                let mut read: Vec<usize> = blocks.iter().flat_map(|b| b.positions().collect::<Vec<_>>()).collect();
+                let n = read.len();
+                read.sort_unstable();
+                read.dedup();
+                assert_eq!(read.len(), n, "{kind:?} {s:?}: query {q} reads a key twice: {blocks:?}");
+                let want: Vec<usize> = (0..s.seq_len()).filter(|&k| slow_row[k]).collect();
+                assert_eq!(read, want, "{kind:?} {s:?}: query {q}, blocks {blocks:?}");
+            }
+        }
+    }
+    // what the sparse step saves at the paper's shapes: row attention at the last position
+    // reads the caption and grid + 1 image keys, not the whole stream
+    let s = StreamShape { text_len: 256, grid: 32, conv_kernel: 11 };
+    let last = s.seq_len() - 1;
+    let keys = |kind| decode_blocks(kind, s, last).iter().map(|b| b.len()).sum::<usize>();
+    assert_eq!(keys(AttentionKind::Full), 1280);
+    assert_eq!(keys(AttentionKind::Row), 257 + 33);
+    assert_eq!(keys(AttentionKind::Column), 257 + 32);
+    // the last token (row 31, column 30): five rows above of columns 25..=31, and 25..=30 of its own
+    assert_eq!(keys(AttentionKind::Conv), 257 + 5 * 7 + 6);
+}

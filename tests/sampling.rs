@@ -16,11 +16,14 @@ const KINDS: [Option<AttentionKind>; 5] = [
 
 #[test]
 fn cached_logits_equal_full_recomputation() {
-    // decode steps over the keys written so far (the CPU's default) and static-shape steps over
-    // the whole masked cache (CUDA's) both equal the full pass
-    for (kind, whole) in KINDS.into_iter().flat_map(|k| [(k, false), (k, true)]) {
+    // decode steps over the keys written so far (the CPU's default: sparse layers read only the
+    // keys their pattern allows, or, to compare, every key written with a mask) and
+    // static-shape steps over the whole masked cache (CUDA's) all equal the full pass
+    let modes = [(false, true), (false, false), (true, false)];
+    for (kind, (whole, sparse)) in KINDS.into_iter().flat_map(|k| modes.map(|m| (k, m))) {
         let mut model = tiny_model(kind, 1);
         model.transformer.net.set_static_decode(whole);
+        model.transformer.net.set_sparse_decode(sparse);
         let net = &model.transformer.net;
         let (text, image) = random_batch(&model, 3, 2);
         let (_, full) = tch::no_grad(|| net.forward(&text, &image, false));
@@ -31,7 +34,7 @@ fn cached_logits_equal_full_recomputation() {
         for j in 0..i_len {
             let want = full.select(1, j);
             let d = max_abs_diff(&logits, &want);
-            assert!(d < 1e-4, "{kind:?} (static {whole}): logits of image token {j} differ by {d}");
+            assert!(d < 1e-4, "{kind:?} (static {whole}, sparse {sparse}): logits of image token {j} differ by {d}");
             if j + 1 < i_len {
                 logits = tch::no_grad(|| net.decode_step(&mut cache, &image.select(1, j), j as usize));
             }
@@ -62,8 +65,10 @@ fn a_seed_gives_the_same_codes_at_any_batch_size() {
     let mut model = tiny_model(None, 5);
     let opts = SampleOptions { temperature: 1.0, top_k: 0, top_p: 0.95, guidance: 1.0 };
     let mut growing = None;
-    for whole in [false, true] {
+    // growing steps with sparse layers reading their pattern's keys, with masks, and static
+    for (whole, sparse) in [(false, true), (false, false), (true, true)] {
         model.transformer.net.set_static_decode(whole);
+        model.transformer.net.set_sparse_decode(sparse);
         let run = |n: usize, seed: u64| {
             model.sampler("a red circle above a blue square", n, seed, None, &opts).unwrap().run(|_| true).unwrap()
         };
@@ -71,15 +76,23 @@ fn a_seed_gives_the_same_codes_at_any_batch_size() {
         let many = run(64, 98);
         for i in 0..5 {
             let one = run(1, 100 + i as u64);
-            assert!(one.get(0).equal(&five.get(i)), "seed {} differs between batch 1 and 5 (static {whole})", 100 + i);
-            assert!(many.get(i + 2).equal(&five.get(i)), "seed {} differs at batch 64 (static {whole})", 100 + i);
+            assert!(
+                one.get(0).equal(&five.get(i)),
+                "seed {} differs between batch 1 and 5 (static {whole}, sparse {sparse})",
+                100 + i
+            );
+            assert!(
+                many.get(i + 2).equal(&five.get(i)),
+                "seed {} differs at batch 64 (static {whole}, sparse {sparse})",
+                100 + i
+            );
         }
         // and different seeds do differ
         assert!(!five.get(0).equal(&five.get(1)));
-        // static shapes draw the same images as growing ones
+        // every way of decoding draws the same images
         match &growing {
             None => growing = Some(five),
-            Some(g) => assert!(g.equal(&five), "static-shape decoding drew other codes"),
+            Some(g) => assert!(g.equal(&five), "decoding (static {whole}, sparse {sparse}) drew other codes"),
         }
     }
 }
