@@ -1,6 +1,6 @@
 #!/bin/bash
 # rounds of the CPU sampling bench: batch 4 and 16, sparse (growing) and masked steps, f32
-cd /work/main
+cd "$(dirname "$0")/../../.."
 for round in 1 2 3; do
   for b in 4 16; do
     for mode in growing growing-masked; do
