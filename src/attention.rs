@@ -355,8 +355,36 @@ impl KvCache {
 pub fn dense(l: &nn::Linear, x: &Tensor, compute: Option<Kind>) -> Tensor {
     match compute {
         Some(k) if l.ws.kind() != k => x.to_kind(k).linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k))),
+        _ if few_rows_on_cpu(x) => dense_few_rows(l, x),
         _ => l.forward(x),
     }
+}
+
+/// The most rows [`dense`] multiplies as `W·xᵀ` on a CPU.
+pub const FEW_ROWS: i64 = 64;
+
+/// Whether `x` holds 2 to [`FEW_ROWS`] rows on a CPU: a decode step's batch.
+fn few_rows_on_cpu(x: &Tensor) -> bool {
+    let rows = x.size().split_last().map(|(_, lead)| lead.iter().product::<i64>()).unwrap_or(0);
+    (2..=FEW_ROWS).contains(&rows) && x.device() == Device::Cpu
+}
+
+/// `x·Wᵀ + b` for a few rows, computed as `(W·xᵀ + b)ᵀ`: the same product with the weight as
+/// the long side. On a CPU, libtorch's `linear` for a handful of rows streams a cold weight at
+/// 5–8 GB/s, this form at up to 22 GB/s (image head of 8,192 × 256 at 4 rows: 1.46 against
+/// 0.36 ms, 2 threads); a decode step's matrix products are mostly such reads.
+fn dense_few_rows(l: &nn::Linear, x: &Tensor) -> Tensor {
+    let mut shape = x.size();
+    let d_in = shape.last().copied().unwrap_or(0);
+    let xt = x.reshape([-1, d_in]).tr();
+    let y = match &l.bs {
+        Some(b) => b.unsqueeze(1).addmm(&l.ws, &xt),
+        None => l.ws.matmul(&xt),
+    };
+    if let Some(last) = shape.last_mut() {
+        *last = l.ws.size()[0];
+    }
+    y.tr().contiguous().view(shape.as_slice())
 }
 
 /// Which keys an attention call with a cache reads, and where its keys and values go.
