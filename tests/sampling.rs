@@ -310,3 +310,44 @@ fn device_held_positions_draw_the_same_codes_as_host_positions() {
         }
     }
 }
+
+#[test]
+fn few_row_products_equal_a_double_precision_reference() {
+    // a decode step's matrix products (2 to 64 rows on a CPU) take another route through
+    // libtorch than a training batch's: both must give x·Wᵀ + b
+    use tch::nn::{self, Module};
+    use tessera::attention::{FEW_ROWS, dense};
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let with_bias = nn::linear(vs.root() / "a", 96, 200, Default::default());
+    let no_bias = nn::linear(vs.root() / "b", 96, 200, nn::LinearConfig { bias: false, ..Default::default() });
+    for l in [&with_bias, &no_bias] {
+        for shape in
+            [vec![1, 96], vec![2, 96], vec![5, 1, 96], vec![FEW_ROWS, 96], vec![FEW_ROWS + 1, 96], vec![3, 7, 96]]
+        {
+            let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+            let want = {
+                let y = x.to_kind(Kind::Double).matmul(&l.ws.to_kind(Kind::Double).tr());
+                match &l.bs {
+                    Some(b) => y + b.to_kind(Kind::Double),
+                    None => y,
+                }
+            };
+            let got = tch::no_grad(|| dense(l, &x, None));
+            let mut out = shape.clone();
+            *out.last_mut().unwrap() = 200;
+            assert_eq!(got.size(), out, "shape of {shape:?}");
+            assert!(got.is_contiguous());
+            let d = max_abs_diff(&got.to_kind(Kind::Double), &want);
+            assert!(d < 1e-4, "{shape:?}: off by {d}");
+            // and with autograd on, the weights' gradients are the plain product's
+            let g = |y: Tensor| {
+                l.ws.shallow_clone().zero_grad();
+                y.sum(Kind::Float).backward();
+                l.ws.grad().copy()
+            };
+            let (mine, plain) = (g(dense(l, &x, None)), g(l.forward(&x)));
+            assert!(max_abs_diff(&mine, &plain) < 1e-4, "{shape:?}: gradients differ");
+        }
+    }
+}
