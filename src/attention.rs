@@ -460,16 +460,15 @@ impl Attention {
             None => (qkv.get(1), qkv.get(2)),
         };
         let p = if train { self.dropout } else { 0.0 };
-        let (m, causal) = match mask {
-            Mask::None => (None, false),
-            Mask::Causal => (None, true),
-            Mask::Explicit(m) => (Some(m), false),
-            Mask::Blocks(blocks) => {
-                let y = attend_blocks(&q, &k, &v, blocks);
-                return dense(&self.out, &y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]), compute);
-            }
+        let sdpa = |m: Option<&Tensor>, causal: bool| {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, m, p, causal, None, false)
         };
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, m, p, causal, None, false);
+        let y = match mask {
+            Mask::None => sdpa(None, false),
+            Mask::Causal => sdpa(None, true),
+            Mask::Explicit(m) => sdpa(Some(m), false),
+            Mask::Blocks(blocks) => attend_blocks(&q, &k, &v, blocks),
+        };
         dense(&self.out, &y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]), compute)
     }
 }
