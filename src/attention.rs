@@ -69,11 +69,18 @@ pub struct KeyBlock {
     pub rows: usize,
     pub stride: usize,
     pub cols: usize,
+    /// The block is the caption's keys (the start token and the caption, positions 0..=T),
+    /// which depend on the caption alone: rows of a batch that share a caption share them.
+    pub caption: bool,
 }
 
 impl KeyBlock {
     fn run(start: usize, len: usize) -> Self {
-        Self { start, rows: 1, stride: 1, cols: len }
+        Self { start, rows: 1, stride: 1, cols: len, caption: false }
+    }
+
+    fn grid(start: usize, rows: usize, stride: usize, cols: usize) -> Self {
+        Self { start, rows, stride, cols, caption: false }
     }
 
     pub fn len(&self) -> usize {
@@ -115,7 +122,7 @@ pub fn decode_blocks(kind: AttentionKind, s: StreamShape, pos: usize) -> Vec<Key
     let w = s.grid;
     let j = pos - t - 1;
     let (r, c) = (j / w, j % w);
-    let text = KeyBlock::run(0, t + 1);
+    let text = KeyBlock { caption: true, ..KeyBlock::run(0, t + 1) };
     let img = t + 1;
     match kind {
         AttentionKind::Full => unreachable!("handled above"),
@@ -123,13 +130,13 @@ pub fn decode_blocks(kind: AttentionKind, s: StreamShape, pos: usize) -> Vec<Key
             let lo = j.saturating_sub(w);
             vec![text, KeyBlock::run(img + lo, j - lo + 1)]
         }
-        AttentionKind::Column => vec![text, KeyBlock { start: img + c, rows: r + 1, stride: w, cols: 1 }],
+        AttentionKind::Column => vec![text, KeyBlock::grid(img + c, r + 1, w, 1)],
         AttentionKind::Conv => {
             let k = s.conv_kernel / 2;
             let (r0, c0, c1) = (r.saturating_sub(k), c.saturating_sub(k), (c + k).min(w - 1));
             let mut blocks = vec![text];
             if r > r0 {
-                blocks.push(KeyBlock { start: img + r0 * w + c0, rows: r - r0, stride: w, cols: c1 - c0 + 1 });
+                blocks.push(KeyBlock::grid(img + r0 * w + c0, r - r0, w, c1 - c0 + 1));
             }
             blocks.push(KeyBlock::run(img + r * w + c0, c - c0 + 1));
             blocks
@@ -139,16 +146,23 @@ pub fn decode_blocks(kind: AttentionKind, s: StreamShape, pos: usize) -> Vec<Key
 
 /// Attention of one query per row, `q` [B, H, 1, D], over the keys and values [B, H, L, D]
 /// that `blocks` pick: the scores of every block in one softmax, the values summed block by
-/// block. Nothing is masked: the blocks hold only keys the query may read.
-fn attend_blocks(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &[KeyBlock]) -> Tensor {
+/// block. Nothing is masked: the blocks hold only keys the query may read. Rows of a group in
+/// `groups` (first row, count) share a caption: its keys are read once, from the group's first
+/// row, for all of them.
+fn attend_blocks(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &[KeyBlock], groups: &[(i64, i64)]) -> Tensor {
     let scale = 1.0 / (q.size()[3] as f64).sqrt();
-    let scores: Vec<Tensor> = blocks.iter().map(|b| q.matmul(&b.of(k).transpose(2, 3))).collect();
+    let shared = |b: &KeyBlock| b.caption && !groups.is_empty();
+    let scores: Vec<Tensor> = blocks
+        .iter()
+        .map(|b| if shared(b) { by_group(q, k, b, groups, true) } else { q.matmul(&b.of(k).transpose(2, 3)) })
+        .collect();
     let p = (Tensor::cat(&scores, 3) * scale).softmax(3, Kind::Float).to_kind(q.kind());
     let mut out: Option<Tensor> = None;
     let mut at = 0i64;
     for b in blocks {
         let n = b.len() as i64;
-        let part = p.narrow(3, at, n).matmul(&b.of(v));
+        let pb = p.narrow(3, at, n);
+        let part = if shared(b) { by_group(&pb, v, b, groups, false) } else { pb.matmul(&b.of(v)) };
         out = Some(match out {
             None => part,
             Some(o) => o + part,
@@ -156,6 +170,24 @@ fn attend_blocks(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &[KeyBlock]) -> Ten
         at += n;
     }
     out.unwrap_or_else(|| q.zeros_like())
+}
+
+/// For each group of rows that share a caption, `x` [B, H, 1, ·] times the block of the
+/// group's first row of `t` [B, H, L, D]: one product per head for the whole group instead of
+/// one per row. `keys`: `x` is queries and the result scores (`x·Kᵀ`); else `x` is weights
+/// and the result values (`x·V`).
+fn by_group(x: &Tensor, t: &Tensor, b: &KeyBlock, groups: &[(i64, i64)], keys: bool) -> Tensor {
+    let parts: Vec<Tensor> = groups
+        .iter()
+        .map(|&(first, n)| {
+            // [H, n, ·] rows of the group against [H, len, D] keys of its first row
+            let xg = x.narrow(0, first, n).squeeze_dim(2).transpose(0, 1);
+            let tg = b.of(&t.narrow(0, first, 1)).squeeze_dim(0);
+            let y = if keys { xg.matmul(&tg.transpose(1, 2)) } else { xg.matmul(&tg) };
+            y.transpose(0, 1).unsqueeze(2)
+        })
+        .collect();
+    Tensor::cat(&parts, 0)
 }
 
 /// A static-shape decode step attends over the whole cache, whose length is the stream's
@@ -308,6 +340,10 @@ pub struct KvCache {
     /// Per layer, keys and values together, [2, B, H, L, D]: a step writes both with one copy.
     kv: Vec<Tensor>,
     len: usize,
+    /// Runs of rows (first row, count) that share a caption, covering the batch, when some run
+    /// has more than one row; else empty. Sparse decode steps read such a run's caption keys
+    /// once.
+    caption_groups: Vec<(i64, i64)>,
 }
 
 impl KvCache {
@@ -321,7 +357,11 @@ impl KvCache {
         device: Device,
     ) -> Self {
         let shape = [2, batch as i64, heads as i64, max_len as i64, head_dim as i64];
-        Self { kv: (0..layers).map(|_| Tensor::zeros(shape, (kind, device))).collect(), len: 0 }
+        Self {
+            kv: (0..layers).map(|_| Tensor::zeros(shape, (kind, device))).collect(),
+            len: 0,
+            caption_groups: Vec::new(),
+        }
     }
 
     /// Number of positions already stored.
@@ -336,6 +376,35 @@ impl KvCache {
     /// Forgets every stored position (the buffers are kept).
     pub fn clear(&mut self) {
         self.len = 0;
+        self.caption_groups.clear();
+    }
+
+    /// Runs of rows (first row, count) whose caption keys sparse decode steps read once (empty:
+    /// every row reads its own).
+    pub fn caption_groups(&self) -> &[(i64, i64)] {
+        &self.caption_groups
+    }
+
+    /// Records which rows share a caption, from the captions [B, T] the cache is filled with:
+    /// runs of equal consecutive rows (a batch of one prompt, and with guidance the null
+    /// caption's rows, are one run each).
+    pub(crate) fn set_captions(&mut self, text: &Tensor) {
+        self.caption_groups.clear();
+        let (b, t) = text.size2().unwrap_or((0, 0));
+        let Ok(ids) = Vec::<i64>::try_from(text.to_device(Device::Cpu).to_kind(Kind::Int64).reshape([-1])) else {
+            return;
+        };
+        let row = |i: i64| &ids[(i * t) as usize..((i + 1) * t) as usize];
+        let mut groups: Vec<(i64, i64)> = Vec::new();
+        for i in 0..b {
+            match groups.last_mut() {
+                Some((first, n)) if row(*first) == row(i) => *n += 1,
+                _ => groups.push((i, 1)),
+            }
+        }
+        if groups.iter().any(|&(_, n)| n > 1) {
+            self.caption_groups = groups;
+        }
     }
 
     pub(crate) fn advance(&mut self, n: usize) {
@@ -440,6 +509,8 @@ impl Attention {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
         let qkv = dense(&self.qkv, x, compute).view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
         let q = qkv.get(0);
+        let groups = cache.as_ref().map(|(c, _)| c.caption_groups.clone()).unwrap_or_default();
+        let groups = groups.as_slice();
         let (k, v) = match cache {
             Some((c, layer)) => {
                 let end = (start as i64) + n;
@@ -467,7 +538,7 @@ impl Attention {
             Mask::None => sdpa(None, false),
             Mask::Causal => sdpa(None, true),
             Mask::Explicit(m) => sdpa(Some(m), false),
-            Mask::Blocks(blocks) => attend_blocks(&q, &k, &v, blocks),
+            Mask::Blocks(blocks) => attend_blocks(&q, &k, &v, blocks, groups),
         };
         dense(&self.out, &y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]), compute)
     }

@@ -25,6 +25,9 @@ pub struct BenchOptions {
     pub train_batch: usize,
     /// How the sampling figures' decode steps read the cache.
     pub decode: DecodeMode,
+    /// Sample every row from its own caption (as `eval` does) instead of one caption for the
+    /// batch (as `generate` and the app do).
+    pub distinct_captions: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,6 +68,8 @@ pub struct BenchReport {
     pub runs: usize,
     /// How decode steps read the cache (`auto` resolved for the device).
     pub decode: String,
+    /// Whether every sampled row had its own caption (else one caption for the batch).
+    pub distinct_captions: bool,
     pub matmul_gflops: f64,
     /// Memory read bandwidth: a sum over a 256 MiB tensor.
     pub memory_read_gbps: f64,
@@ -165,8 +170,13 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
     let image_len = cfg.image_len();
     let tl = cfg.text.text_len;
 
-    // Sampling: a caption of random tokens filling the text length, all image tokens drawn.
-    let text = Tensor::randint(cfg.text.vocab_size as i64, [b as i64, tl as i64], (Kind::Int64, dev));
+    // Sampling: captions of random tokens filling the text length, all image tokens drawn;
+    // one caption for the batch, as `generate` and the app sample a prompt, or one per row, as
+    // `eval` draws its captions
+    let rows = if opts.distinct_captions { b } else { 1 };
+    let text = Tensor::randint(cfg.text.vocab_size as i64, [rows as i64, tl as i64], (Kind::Int64, dev))
+        .expand([b as i64, tl as i64], false)
+        .contiguous();
     let sopts = SampleOptions::default();
     let mut sample_times = Vec::new();
     let mut decode_times = Vec::new();
@@ -282,6 +292,7 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
         threads: if opts.device == Device::Cpu { opts.threads } else { tch::get_num_threads() as usize },
         runs: opts.runs,
         decode: opts.decode.on(opts.device).name().into(),
+        distinct_captions: opts.distinct_captions,
         matmul_gflops: peak,
         memory_read_gbps: gbps,
         configs,

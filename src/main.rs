@@ -685,6 +685,10 @@ struct BenchArgs {
     /// `generate --decode`).
     #[arg(long, default_value = "auto")]
     decode: String,
+    /// Sample every row of the batch from its own caption (as `eval` does), not one caption
+    /// for the batch (as `generate` and the app do).
+    #[arg(long)]
+    distinct_captions: bool,
 }
 
 fn main() {
@@ -1025,6 +1029,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         sample_batch: a.sample_batch,
         train_batch: a.train_batch,
         decode: DecodeMode::parse(&a.decode)?,
+        distinct_captions: a.distinct_captions,
     };
     let report = bench::run(&opts, |m| eprintln!("bench: {m}"))?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -367,6 +367,9 @@ impl Transformer {
         let n_img = image.map(|i| i.size()[1] as usize).unwrap_or(0);
         let n = self.cfg.text.text_len + 1 + n_img;
         cache.clear();
+        if self.sparse_decode && !self.static_decode {
+            cache.set_captions(text);
+        }
         let x = self.embed(text, image, 0, n);
         let h = self.run(x, 0, Some(cache), false, None);
         dense(&self.image_head, &h.narrow(1, n as i64 - 1, 1).squeeze_dim(1), self.compute)

@@ -47,6 +47,36 @@ fn cached_logits_equal_full_recomputation() {
 }
 
 #[test]
+fn rows_that_share_a_caption_read_its_keys_once_and_equal_the_full_pass() {
+    // a batch of one prompt (and guidance's null-caption rows) holds the same caption keys in
+    // every row: sparse steps read them once a run of rows, and each row still gets its own
+    // full-pass logits
+    for kind in KINDS {
+        let model = tiny_model(kind, 4);
+        let net = &model.transformer.net;
+        let (text, image) = random_batch(&model, 5, 6);
+        // rows 0, 1 | 2, 3, 4 share captions (different images)
+        let text = Tensor::cat(&[text.get(0).expand([2, -1], false), text.get(1).expand([3, -1], false)], 0);
+        let (_, full) = tch::no_grad(|| net.forward(&text, &image, false));
+        let mut cache = net.new_cache(5);
+        let mut logits = tch::no_grad(|| net.prefill(&mut cache, &text, None));
+        assert_eq!(cache.caption_groups(), &[(0, 2), (2, 3)], "{kind:?}");
+        for j in 0..image.size()[1] {
+            let d = max_abs_diff(&logits, &full.select(1, j));
+            assert!(d < 1e-4, "{kind:?}: logits of image token {j} differ by {d}");
+            if j + 1 < image.size()[1] {
+                logits = tch::no_grad(|| net.decode_step(&mut cache, &image.select(1, j), j as usize));
+            }
+        }
+        // captions that all differ leave every row to read its own
+        let (text, _) = random_batch(&model, 3, 7);
+        let mut cache = net.new_cache(3);
+        let _ = tch::no_grad(|| net.prefill(&mut cache, &text, None));
+        assert!(cache.caption_groups().is_empty());
+    }
+}
+
+#[test]
 fn given_prefix_comes_back_unchanged() {
     let model = tiny_model(None, 3);
     let net = &model.transformer.net;
