@@ -134,8 +134,9 @@ pub fn read_gbps(device: Device, runs: usize) -> Result<f64> {
 /// Bytes a decode step reads at batch `b`: the block weights and the image head in `kind`,
 /// plus the keys and values the step reads in `mode` (on `device`), averaged over the image
 /// positions: the whole cache for static steps, every key written for masked growing ones, the
-/// pattern's keys in sparse layers for growing ones.
-fn decode_bytes(cfg: &Config, b: usize, kind: Kind, mode: DecodeMode, device: Device) -> f64 {
+/// pattern's keys in sparse layers for growing ones, the caption's once for the batch when its
+/// rows share one (`shared_caption`).
+fn decode_bytes(cfg: &Config, b: usize, kind: Kind, mode: DecodeMode, device: Device, shared_caption: bool) -> f64 {
     use crate::attention::{StreamShape, decode_blocks, padded_len};
     let counts = params::count(cfg);
     let part = |name: &str| counts.transformer_parts.iter().find(|p| p.0 == name).map(|p| p.1).unwrap_or(0);
@@ -146,16 +147,26 @@ fn decode_bytes(cfg: &Config, b: usize, kind: Kind, mode: DecodeMode, device: De
     // the positions of decode steps: image tokens 0..I−1 fed at T+1..
     let steps = (cfg.image_len() - 1).max(1);
     let positions = || (0..steps).map(|j| cfg.text.text_len + 1 + j);
-    let mut keys = 0.0;
+    // keys read a step, summed over the layers and averaged over the steps: by every row, and
+    // once for the batch
+    let (mut per_row, mut per_batch) = (0usize, 0usize);
     for kind in t.layer_kinds() {
-        let per_step: usize = match mode.on(device) {
-            DecodeMode::Static => steps * padded_len(shape.seq_len()),
-            DecodeMode::GrowingMasked => positions().map(|p| p + 1).sum(),
-            _ => positions().map(|p| decode_blocks(kind, shape, p).iter().map(|k| k.len()).sum::<usize>()).sum(),
-        };
-        keys += per_step as f64 / steps as f64;
+        match mode.on(device) {
+            DecodeMode::Static => per_row += steps * padded_len(shape.seq_len()),
+            DecodeMode::GrowingMasked => per_row += positions().map(|p| p + 1).sum::<usize>(),
+            _ => {
+                for block in positions().flat_map(|p| decode_blocks(kind, shape, p)) {
+                    if block.caption && shared_caption {
+                        per_batch += block.len();
+                    } else {
+                        per_row += block.len();
+                    }
+                }
+            }
+        }
     }
-    let kv = (2 * b * t.inner_dim()) as f64 * keys;
+    let keys = (b * per_row + per_batch) as f64 / steps as f64;
+    let kv = (2 * t.inner_dim()) as f64 * keys;
     (weights as f64 + kv) * kind.elt_size_in_bytes() as f64
 }
 
@@ -248,6 +259,7 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
         (t_train, t_optim, t_unfused, t_optim_unfused)
     };
     let step_flops = 3.0 * params::transformer_forward_flops(cfg) * tb as f64;
+    let bytes = decode_bytes(cfg, b, opts.kind, opts.decode, dev, !opts.distinct_captions && b > 1);
     Ok(ConfigBench {
         params: counts.total,
         transformer_params: counts.transformer,
@@ -255,10 +267,8 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
         sample_tokens_per_s: tokens / t_sample,
         sample_with_decode_tokens_per_s: tokens / t_both,
         sample_ms_per_step: 1e3 * t_sample / image_len as f64,
-        sample_bytes_per_step: decode_bytes(cfg, b, opts.kind, opts.decode, dev),
-        sample_bandwidth_utilisation: decode_bytes(cfg, b, opts.kind, opts.decode, dev)
-            / (t_sample / image_len as f64)
-            / (gbps * 1e9),
+        sample_bytes_per_step: bytes,
+        sample_bandwidth_utilisation: bytes / (t_sample / image_len as f64) / (gbps * 1e9),
         decode_ms_per_image: 1e3 * median(decode_times) / b as f64,
         train_batch: tb,
         train_tokens_per_s: (tb * cfg.seq_len()) as f64 / t_train,
