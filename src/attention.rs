@@ -509,9 +509,7 @@ impl Attention {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
         let qkv = dense(&self.qkv, x, compute).view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
         let q = qkv.get(0);
-        let groups = cache.as_ref().map(|(c, _)| c.caption_groups.clone()).unwrap_or_default();
-        let groups = groups.as_slice();
-        let (k, v) = match cache {
+        let (k, v, groups) = match cache {
             Some((c, layer)) => {
                 let end = (start as i64) + n;
                 // keys and values, [2, B, H, n, D], written with one copy
@@ -522,13 +520,15 @@ impl Attention {
                 } else {
                     kv.narrow(3, start as i64, n).copy_(&new_kv);
                 }
-                if let CacheUse::Written = keys {
+                let (k, v) = if let CacheUse::Written = keys {
                     (kv.get(0).narrow(2, 0, end), kv.get(1).narrow(2, 0, end))
                 } else {
                     (kv.get(0), kv.get(1))
-                }
+                };
+                let c: &KvCache = c;
+                (k, v, c.caption_groups.as_slice())
             }
-            None => (qkv.get(1), qkv.get(2)),
+            None => (qkv.get(1), qkv.get(2), &[][..]),
         };
         let p = if train { self.dropout } else { 0.0 };
         let sdpa = |m: Option<&Tensor>, causal: bool| {

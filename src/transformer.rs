@@ -108,12 +108,11 @@ pub struct Transformer {
     dropout: f64,
     /// Precision of the matrix products when it differs from the weights' (mixed precision).
     compute: Option<Kind>,
-    /// Decode steps attend over the whole preallocated cache with a mask (every step has the
-    /// same shapes, so fused kernels plan once); the default on CUDA.
-    static_decode: bool,
-    /// Decode steps over the keys written so far read, in sparse layers, only the keys their
-    /// pattern allows (the caption and a few image keys) instead of masking every key written.
-    sparse_decode: bool,
+    /// How decode steps read the cache ([`DecodeMode::on`] the device: never `Auto`). Static
+    /// steps attend over the whole preallocated cache with a mask (every step has the same
+    /// shapes, so fused kernels plan once), the default on CUDA; growing ones over the keys
+    /// written so far, sparse layers reading only the keys their pattern allows.
+    decode: DecodeMode,
 }
 
 impl Transformer {
@@ -145,29 +144,13 @@ impl Transformer {
             cfg: cfg.clone(),
             dropout: t.dropout,
             compute: None,
-            static_decode: vs.device().is_cuda(),
-            sparse_decode: true,
+            decode: DecodeMode::Auto.on(vs.device()),
         }
     }
 
-    /// Chooses static-shape decode steps (attention over the whole cache, masked) or steps
-    /// over the keys written so far (fewer keys: the faster choice on a CPU).
-    pub fn set_static_decode(&mut self, on: bool) {
-        self.static_decode = on;
-    }
-
-    /// Chooses, for decode steps over the keys written so far, whether a sparse layer reads only
-    /// the keys its pattern allows (the default) or every key written, masked (to measure the
-    /// difference; both give the same logits).
-    pub fn set_sparse_decode(&mut self, on: bool) {
-        self.sparse_decode = on;
-    }
-
-    /// Sets how decode steps read the cache.
+    /// Sets how decode steps read the cache (`Auto`: static on CUDA, growing on the CPU).
     pub fn set_decode_mode(&mut self, mode: DecodeMode) {
-        let mode = mode.on(self.device());
-        self.static_decode = mode == DecodeMode::Static;
-        self.sparse_decode = mode != DecodeMode::GrowingMasked;
+        self.decode = mode.on(self.device());
     }
 
     pub fn config(&self) -> &Config {
@@ -270,10 +253,10 @@ impl Transformer {
         }
         let keys = match at {
             Some(pos) => CacheUse::WholeAt(pos),
-            None if self.static_decode && n == 1 && cache.is_some() => CacheUse::Whole,
+            None if self.decode == DecodeMode::Static && n == 1 && cache.is_some() => CacheUse::Whole,
             None => CacheUse::Written,
         };
-        let sparse = self.sparse_decode && cache.is_some();
+        let sparse = self.decode == DecodeMode::Growing && cache.is_some();
         // one mask per attention kind, shared by the layers of that kind (a decode step selects
         // each row once, not once per layer)
         let mut masks: Vec<(AttentionKind, Mask)> = Vec::with_capacity(3);
@@ -367,7 +350,7 @@ impl Transformer {
         let n_img = image.map(|i| i.size()[1] as usize).unwrap_or(0);
         let n = self.cfg.text.text_len + 1 + n_img;
         cache.clear();
-        if self.sparse_decode && !self.static_decode {
+        if self.decode == DecodeMode::Growing {
             cache.set_captions(text);
         }
         let x = self.embed(text, image, 0, n);
@@ -387,7 +370,7 @@ impl Transformer {
     /// [`Transformer::decode_step`] with the image index `j` held in an Int64 tensor [1] on the
     /// device: the step reads no host value, so a CUDA graph captured once replays it at every
     /// position. Attention runs over the whole cache (static shapes) whatever
-    /// [`Transformer::set_static_decode`] says; the cache's host-side length is not advanced.
+    /// [`Transformer::set_decode_mode`] says; the cache's host-side length is not advanced.
     pub fn decode_step_at(&self, cache: &mut KvCache, token: &Tensor, j: &Tensor) -> Tensor {
         let x = self.embed_image_at(&token.view([-1, 1]), j);
         let pos = j + (self.cfg.text.text_len + 1) as i64;
@@ -395,9 +378,9 @@ impl Transformer {
         dense(&self.image_head, &h.squeeze_dim(1), self.compute)
     }
 
-    /// Whether decode steps attend over the whole cache (see [`Transformer::set_static_decode`]).
+    /// Whether decode steps attend over the whole cache (see [`Transformer::set_decode_mode`]).
     pub fn static_decode(&self) -> bool {
-        self.static_decode
+        self.decode == DecodeMode::Static
     }
 }
 

@@ -2,6 +2,7 @@
 
 use tch::{Device, Kind, Tensor};
 use tessera::sample::{Sampler, batch_seeds, draw, filter_logits};
+use tessera::transformer::DecodeMode;
 use tessera::{AttentionKind, Error, SampleOptions};
 
 use crate::common::{max_abs_diff, random_batch, tiny_model};
@@ -19,11 +20,10 @@ fn cached_logits_equal_full_recomputation() {
     // decode steps over the keys written so far (the CPU's default: sparse layers read only the
     // keys their pattern allows, or, to compare, every key written with a mask) and
     // static-shape steps over the whole masked cache (CUDA's) all equal the full pass
-    let modes = [(false, true), (false, false), (true, false)];
-    for (kind, (whole, sparse)) in KINDS.into_iter().flat_map(|k| modes.map(|m| (k, m))) {
+    let modes = [DecodeMode::Growing, DecodeMode::GrowingMasked, DecodeMode::Static];
+    for (kind, mode) in KINDS.into_iter().flat_map(|k| modes.map(|m| (k, m))) {
         let mut model = tiny_model(kind, 1);
-        model.transformer.net.set_static_decode(whole);
-        model.transformer.net.set_sparse_decode(sparse);
+        model.transformer.net.set_decode_mode(mode);
         let net = &model.transformer.net;
         let (text, image) = random_batch(&model, 3, 2);
         let (_, full) = tch::no_grad(|| net.forward(&text, &image, false));
@@ -34,7 +34,7 @@ fn cached_logits_equal_full_recomputation() {
         for j in 0..i_len {
             let want = full.select(1, j);
             let d = max_abs_diff(&logits, &want);
-            assert!(d < 1e-4, "{kind:?} (static {whole}, sparse {sparse}): logits of image token {j} differ by {d}");
+            assert!(d < 1e-4, "{kind:?} ({mode:?}): logits of image token {j} differ by {d}");
             if j + 1 < i_len {
                 logits = tch::no_grad(|| net.decode_step(&mut cache, &image.select(1, j), j as usize));
             }
@@ -96,9 +96,8 @@ fn a_seed_gives_the_same_codes_at_any_batch_size() {
     let opts = SampleOptions { temperature: 1.0, top_k: 0, top_p: 0.95, guidance: 1.0 };
     let mut growing = None;
     // growing steps with sparse layers reading their pattern's keys, with masks, and static
-    for (whole, sparse) in [(false, true), (false, false), (true, true)] {
-        model.transformer.net.set_static_decode(whole);
-        model.transformer.net.set_sparse_decode(sparse);
+    for mode in [DecodeMode::Growing, DecodeMode::GrowingMasked, DecodeMode::Static] {
+        model.transformer.net.set_decode_mode(mode);
         let run = |n: usize, seed: u64| {
             model.sampler("a red circle above a blue square", n, seed, None, &opts).unwrap().run(|_| true).unwrap()
         };
@@ -106,23 +105,15 @@ fn a_seed_gives_the_same_codes_at_any_batch_size() {
         let many = run(64, 98);
         for i in 0..5 {
             let one = run(1, 100 + i as u64);
-            assert!(
-                one.get(0).equal(&five.get(i)),
-                "seed {} differs between batch 1 and 5 (static {whole}, sparse {sparse})",
-                100 + i
-            );
-            assert!(
-                many.get(i + 2).equal(&five.get(i)),
-                "seed {} differs at batch 64 (static {whole}, sparse {sparse})",
-                100 + i
-            );
+            assert!(one.get(0).equal(&five.get(i)), "seed {} differs between batch 1 and 5 ({mode:?})", 100 + i);
+            assert!(many.get(i + 2).equal(&five.get(i)), "seed {} differs at batch 64 ({mode:?})", 100 + i);
         }
         // and different seeds do differ
         assert!(!five.get(0).equal(&five.get(1)));
         // every way of decoding draws the same images
         match &growing {
             None => growing = Some(five),
-            Some(g) => assert!(g.equal(&five), "decoding (static {whole}, sparse {sparse}) drew other codes"),
+            Some(g) => assert!(g.equal(&five), "decoding ({mode:?}) drew other codes"),
         }
     }
 }
@@ -256,7 +247,7 @@ fn bf16_sampling_tracks_f32() {
     // in bf16, static-shape steps (an additive bf16 bias over the aligned cache) track growing
     // ones (boolean windows over the keys written so far) step by step
     let steps = |m: &mut tessera::Model, whole: bool| {
-        m.transformer.net.set_static_decode(whole);
+        m.transformer.net.set_decode_mode(if whole { DecodeMode::Static } else { DecodeMode::Growing });
         let net = &m.transformer.net;
         let mut cache = net.new_cache(2);
         let mut out = vec![tch::no_grad(|| net.prefill(&mut cache, &text, None))];
@@ -314,7 +305,7 @@ fn device_held_positions_draw_the_same_codes_as_host_positions() {
     ];
     for (kind, o) in KINDS.into_iter().zip(opts.iter().cycle()) {
         let mut model = tiny_model(kind, 9);
-        model.transformer.net.set_static_decode(true);
+        model.transformer.net.set_decode_mode(DecodeMode::Static);
         let net = &model.transformer.net;
         for (b, p) in [(1usize, 0i64), (5, 0), (5, 3)] {
             let (text, image) = random_batch(&model, b, 12);
