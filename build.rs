@@ -4,7 +4,8 @@
 //!   references it directly, and then libtorch never registers its CUDA backend);
 //! - `src/shim.cpp`, what tch does not bind (fused AdamW, foreach kernels, CUDA graphs),
 //!   compiled against the same libtorch headers; its CUDA half only where libtorch has CUDA
-//!   and the CUDA runtime headers are found beside it;
+//!   and the CUDA runtime headers are found beside it; and `src/kernels.cpp`, the CPU decode
+//!   kernels (see `src/kernels.rs`);
 //! - the embedded default model: every file of `assets/models/default/` is compiled into the
 //!   binary (`$OUT_DIR/default_model.rs`), so the app and `generate` work from any directory.
 use std::path::{Path, PathBuf};
@@ -25,7 +26,15 @@ fn main() {
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     let cuda = lib.join("libtorch_cuda.so").exists();
-    build_shim(Path::new(&root), cuda);
+    // libtorch's OpenMP runtime: the CPU kernels' `at::parallel_for` expands to OpenMP pragmas
+    // in our own code, so it is compiled with OpenMP and linked to that same runtime (one pool
+    // of threads; without it the kernels run on one thread)
+    let openmp = lib.join("libgomp.so.1").exists();
+    build_shim(Path::new(&root), cuda, openmp);
+    if openmp {
+        println!("cargo:rustc-link-search=native={}", lib.display());
+        println!("cargo:rustc-link-arg=-l:libgomp.so.1");
+    }
     if cuda {
         println!("cargo:rustc-link-search=native={}", lib.display());
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
@@ -57,21 +66,30 @@ fn embed_default_model() {
     }
 }
 
-/// Compiles `src/shim.cpp`; `cuda`: libtorch has its CUDA library.
-fn build_shim(root: &Path, cuda: bool) {
+/// Compiles `src/shim.cpp` and `src/kernels.cpp`; `cuda`: libtorch has its CUDA library;
+/// `openmp`: its OpenMP runtime.
+fn build_shim(root: &Path, cuda: bool, openmp: bool) {
     println!("cargo:rerun-if-changed=src/shim.cpp");
+    println!("cargo:rerun-if-changed=src/kernels.cpp");
     let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     let mut b = cc::Build::new();
     b.cpp(true)
         .file("src/shim.cpp")
+        .file("src/kernels.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-psabi")
+        // the decode kernels' multiply-adds fused where the CPU has FMA (C++17 mode turns it off)
+        .flag_if_supported("-ffp-contract=fast")
         .warnings(false);
+    if openmp {
+        b.flag("-fopenmp");
+    }
     // the CUDA runtime headers: from the CUDA wheels installed beside torch, or a CUDA toolkit
     let mut headers: Vec<PathBuf> = Vec::new();
     if let Some(Ok(entries)) = root.parent().map(|site| std::fs::read_dir(site.join("nvidia"))) {

@@ -14,6 +14,8 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::AttentionKind;
+use crate::error::Result;
+use crate::kernels::{self, PackedLinear};
 
 /// The shape of the stream a mask is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -170,6 +172,34 @@ fn attend_blocks(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &[KeyBlock], groups
         at += n;
     }
     out.unwrap_or_else(|| q.zeros_like())
+}
+
+/// [`attend_blocks`] in one CPU kernel ([`kernels::block_attention`]) over the cache `kv`
+/// [2, B, H, L, D] of the layer: `q` [B, H, 1, D] → [B, H, 1, D].
+fn fused_blocks(q: &Tensor, kv: &Tensor, blocks: &[KeyBlock], groups: &[(i64, i64)]) -> Result<Tensor> {
+    let b = q.size()[0];
+    let mut n_caption = 0;
+    let mut positions: Vec<i64> = Vec::new();
+    for (i, blk) in blocks.iter().enumerate() {
+        if i == 0 && blk.caption && blk.start == 0 && blk.rows == 1 {
+            n_caption = blk.cols;
+        } else {
+            positions.extend(blk.positions().map(|p| p as i64));
+        }
+    }
+    let mut src: Vec<i64> = (0..b).collect();
+    for &(first, count) in groups {
+        for r in first..(first + count).min(b) {
+            src[r as usize] = first;
+        }
+    }
+    Ok(kernels::block_attention(&q.squeeze_dim(2), kv, &positions, n_caption, &src)?.unsqueeze(2))
+}
+
+/// A layer's product: by the packed weight `packed` when given (a CPU decode step), else
+/// [`dense`] (also when the packed product refuses the input).
+pub fn product(l: &nn::Linear, packed: Option<&PackedLinear>, x: &Tensor, compute: Option<Kind>) -> Tensor {
+    packed.and_then(|p| p.forward(x).ok()).unwrap_or_else(|| dense(l, x, compute))
 }
 
 /// For each group of rows that share a caption, `x` [B, H, 1, ·] times the block of the
@@ -344,6 +374,17 @@ pub struct KvCache {
     /// has more than one row; else empty. Sparse decode steps read such a run's caption keys
     /// once.
     caption_groups: Vec<(i64, i64)>,
+    /// The weights packed for CPU decode steps, when the model's are f32 on the CPU.
+    panels: Option<DecodePanels>,
+}
+
+/// A transformer's weights packed for CPU decode steps ([`PackedLinear`]), held by a sampling
+/// run's cache (packed when the cache is made: the weights cannot change during the run).
+#[derive(Debug)]
+pub struct DecodePanels {
+    /// Per layer: the attention's qkv and output products, the MLP's first and second.
+    pub layers: Vec<[PackedLinear; 4]>,
+    pub image_head: PackedLinear,
 }
 
 impl KvCache {
@@ -361,7 +402,17 @@ impl KvCache {
             kv: (0..layers).map(|_| Tensor::zeros(shape, (kind, device))).collect(),
             len: 0,
             caption_groups: Vec::new(),
+            panels: None,
         }
+    }
+
+    /// The packed weights decode steps multiply by, if any.
+    pub fn panels(&self) -> Option<&DecodePanels> {
+        self.panels.as_ref()
+    }
+
+    pub(crate) fn set_panels(&mut self, panels: Option<DecodePanels>) {
+        self.panels = panels;
     }
 
     /// Number of positions already stored.
@@ -474,8 +525,8 @@ pub enum CacheUse<'a> {
 /// Multi-head self-attention with a fused kernel.
 #[derive(Debug)]
 pub struct Attention {
-    qkv: nn::Linear,
-    out: nn::Linear,
+    pub(crate) qkv: nn::Linear,
+    pub(crate) out: nn::Linear,
     n_heads: i64,
     head_dim: i64,
     dropout: f64,
@@ -507,9 +558,15 @@ impl Attention {
         keys: CacheUse,
     ) -> Tensor {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
-        let qkv = dense(&self.qkv, x, compute).view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
+        // a decode step's products by the packed weights, when the cache holds them
+        fn packed(cache: Option<&KvCache>, n: i64, layer: usize, i: usize) -> Option<&PackedLinear> {
+            cache.filter(|_| n == 1).and_then(|c| c.panels.as_ref()).and_then(|p| p.layers.get(layer)).map(|l| &l[i])
+        }
+        let layer = cache.as_ref().map_or(0, |(_, l)| *l);
+        let qkv = product(&self.qkv, packed(cache.as_ref().map(|(c, _)| &**c), n, layer, 0), x, compute);
+        let qkv = qkv.view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
         let q = qkv.get(0);
-        let (k, v, groups) = match cache {
+        let (k, v, groups, cache) = match cache {
             Some((c, layer)) => {
                 let end = (start as i64) + n;
                 // keys and values, [2, B, H, n, D], written with one copy
@@ -526,9 +583,9 @@ impl Attention {
                     (kv.get(0), kv.get(1))
                 };
                 let c: &KvCache = c;
-                (k, v, c.caption_groups.as_slice())
+                (k, v, c.caption_groups.as_slice(), Some((c, layer)))
             }
-            None => (qkv.get(1), qkv.get(2), &[][..]),
+            None => (qkv.get(1), qkv.get(2), &[][..], None),
         };
         let p = if train { self.dropout } else { 0.0 };
         let sdpa = |m: Option<&Tensor>, causal: bool| {
@@ -538,8 +595,12 @@ impl Attention {
             Mask::None => sdpa(None, false),
             Mask::Causal => sdpa(None, true),
             Mask::Explicit(m) => sdpa(Some(m), false),
-            Mask::Blocks(blocks) => attend_blocks(&q, &k, &v, blocks, groups),
+            Mask::Blocks(blocks) => cache
+                .filter(|_| kernels::applies(q.device(), q.kind()))
+                .and_then(|(c, layer)| fused_blocks(&q, &c.kv[layer], blocks, groups).ok())
+                .unwrap_or_else(|| attend_blocks(&q, &k, &v, blocks, groups)),
         };
-        dense(&self.out, &y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]), compute)
+        let y = y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]);
+        product(&self.out, packed(cache.map(|(c, _)| c), n, layer, 1), &y, compute)
     }
 }

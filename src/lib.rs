@@ -16,6 +16,7 @@ pub mod error;
 pub mod eval;
 pub mod io;
 pub mod judged;
+pub mod kernels;
 pub mod model;
 pub mod optim;
 pub mod params;

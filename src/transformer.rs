@@ -9,8 +9,9 @@
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{Attention, CacheUse, KvCache, Mask, MaskSet, StreamShape, dense};
+use crate::attention::{Attention, CacheUse, DecodePanels, KvCache, Mask, MaskSet, StreamShape, dense, product};
 use crate::config::{AttentionKind, Config};
+use crate::kernels::{self, PackedLinear};
 
 /// How decode steps read the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,8 +280,10 @@ impl Transformer {
             let c = cache.as_deref_mut().map(|c| (c, i));
             let h = blk.attn.forward(&blk.ln1.forward(&x), &masks[m].1, c, start, train, self.compute, keys);
             x = x + h;
-            let h = dense(&blk.fc1, &blk.ln2.forward(&x), self.compute).gelu("none");
-            let h = dense(&blk.fc2, &h, self.compute);
+            // a decode step's MLP by the packed weights, when the cache holds them
+            let p = cache.as_deref().filter(|_| n == 1).and_then(|c| c.panels()).and_then(|p| p.layers.get(i));
+            let h = product(&blk.fc1, p.map(|l| &l[2]), &blk.ln2.forward(&x), self.compute).gelu("none");
+            let h = product(&blk.fc2, p.map(|l| &l[3]), &h, self.compute);
             x = if train && self.dropout > 0.0 { x + h.dropout(self.dropout, true) } else { x + h };
         }
         if let (Some(c), None) = (cache, at) {
@@ -331,9 +334,11 @@ impl Transformer {
 
     /// A cache for `batch` rows in the weights' dtype, as long as static-shape steps read
     /// ([`MaskSet::cache_len`]: the stream padded to an aligned length).
+    /// On the CPU with f32 weights, the cache also holds the weights packed for decode steps
+    /// ([`DecodePanels`]).
     pub fn new_cache(&self, batch: usize) -> KvCache {
         let t = &self.cfg.transformer;
-        KvCache::new(
+        let mut cache = KvCache::new(
             self.blocks.len(),
             batch,
             t.n_heads,
@@ -341,7 +346,29 @@ impl Transformer {
             t.head_dim,
             self.cache_kind(),
             self.device(),
-        )
+        );
+        if self.compute.is_none() && kernels::applies(self.device(), self.cache_kind()) {
+            // without panels (a weight the kernels refuse), steps use libtorch's products
+            cache.set_panels(tch::no_grad(|| self.panels()).ok());
+        }
+        cache
+    }
+
+    /// Every weight a decode step multiplies by, packed for the CPU's panel products.
+    pub fn panels(&self) -> crate::error::Result<DecodePanels> {
+        let pack = |l: &nn::Linear| PackedLinear::new(&l.ws, l.bs.as_ref());
+        let layers = self
+            .blocks
+            .iter()
+            .map(|b| Ok([pack(&b.attn.qkv)?, pack(&b.attn.out)?, pack(&b.fc1)?, pack(&b.fc2)?]))
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        Ok(DecodePanels { layers, image_head: pack(&self.image_head)? })
+    }
+
+    /// The image logits of the last hidden states `h` [B, d]: by the packed head in a cache that
+    /// holds one.
+    fn image_logits(&self, cache: &KvCache, h: &Tensor) -> Tensor {
+        product(&self.image_head, cache.panels().map(|p| &p.image_head), h, self.compute)
     }
 
     /// Feeds the caption and the first `image.size(1)` image tokens into an empty cache;
@@ -355,7 +382,7 @@ impl Transformer {
         }
         let x = self.embed(text, image, 0, n);
         let h = self.run(x, 0, Some(cache), false, None);
-        dense(&self.image_head, &h.narrow(1, n as i64 - 1, 1).squeeze_dim(1), self.compute)
+        self.image_logits(cache, &h.narrow(1, n as i64 - 1, 1).squeeze_dim(1))
     }
 
     /// Feeds image token `j` ([B]) at its stream position; returns the logits for token j+1.
@@ -364,7 +391,7 @@ impl Transformer {
         debug_assert_eq!(cache.len(), start);
         let x = self.embed_image(&token.view([-1, 1]), j);
         let h = self.run(x, start, Some(cache), false, None);
-        dense(&self.image_head, &h.squeeze_dim(1), self.compute)
+        self.image_logits(cache, &h.squeeze_dim(1))
     }
 
     /// [`Transformer::decode_step`] with the image index `j` held in an Int64 tensor [1] on the
@@ -375,7 +402,7 @@ impl Transformer {
         let x = self.embed_image_at(&token.view([-1, 1]), j);
         let pos = j + (self.cfg.text.text_len + 1) as i64;
         let h = self.run(x, 0, Some(cache), false, Some(&pos));
-        dense(&self.image_head, &h.squeeze_dim(1), self.compute)
+        self.image_logits(cache, &h.squeeze_dim(1))
     }
 
     /// Whether decode steps attend over the whole cache (see [`Transformer::set_decode_mode`]).

@@ -8,6 +8,7 @@ mod common;
 mod faults;
 mod fuzz;
 mod judged;
+mod kernels;
 mod masks;
 mod openai_dvae;
 mod params;

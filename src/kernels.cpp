@@ -1,0 +1,457 @@
+// CPU kernels for decode steps, where a batch of a few rows meets weights and a cache that
+// libtorch's general kernels handle poorly (see `src/kernels.rs` for the measurements):
+//
+// - panel products: a linear layer's weight packed once per sampling run into panels of 16
+//   outputs ([ceil(O/16), I, 16]), so that a step streams it once, in order, and keeps 16 outputs
+//   of up to 8 rows in registers; the result is written row-major, as the next layer reads it.
+// - block attention: one query per row and head against the few keys a sparse layer may read
+//   (the caption's, shared by the rows of a caption group, and the pattern's image keys), the
+//   scores, softmax and weighted values in one pass, straight from the cache.
+//
+// Every row is computed by the same instructions in the same order whatever the batch, so a
+// sample does not depend on the rows beside it. Tensors cross as `at::Tensor*` (tch's handles);
+// errors come back as malloc'd messages, null on success (as in shim.cpp).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+char *kmessage(const std::string &s) {
+  char *out = static_cast<char *>(std::malloc(s.size() + 1));
+  if (out != nullptr) {
+    std::memcpy(out, s.data(), s.size());
+    out[s.size()] = '\0';
+  }
+  return out;
+}
+
+template <typename F> char *kguarded(F f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const c10::Error &e) {
+    return kmessage(e.what_without_backtrace());
+  } catch (const std::exception &e) {
+    return kmessage(e.what());
+  } catch (...) {
+    return kmessage("unknown C++ exception");
+  }
+}
+
+constexpr int64_t LANES = 16;
+// 16 floats; `aligned(4)`: loads and stores at any float address.
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+// Rows r0..r0+RB of y[:, panel] = x·Wᵀ + b over one panel `p` [I, 16]: RB accumulators of 16
+// outputs; `cols` of the 16 are real (the last panel may be partial). `xt` is the input
+// transposed, [I, R], offset to row r0: the RB values a step over `i` reads share a cache line
+// (rows of x a power of two apart would share a cache set and evict each other).
+template <int RB>
+inline __attribute__((always_inline)) void panel_rows(const float *xt, int64_t R, int64_t I,
+                                                      const float *p, const v16 &bias, float *y,
+                                                      int64_t O, int64_t cols) {
+  v16 acc[RB];
+  for (int a = 0; a < RB; ++a) {
+    acc[a] = v16{};
+  }
+  for (int64_t i = 0; i < I; ++i) {
+    const v16 w = *reinterpret_cast<const v16 *>(p + i * LANES);
+    const float *xi = xt + i * R;
+    for (int a = 0; a < RB; ++a) {
+      acc[a] += xi[a] * w;
+    }
+  }
+  for (int a = 0; a < RB; ++a) {
+    const v16 r = acc[a] + bias;
+    if (cols == LANES) {
+      *reinterpret_cast<v16 *>(y + a * O) = r;
+    } else {
+      std::memcpy(y + a * O, &r, sizeof(float) * cols);
+    }
+  }
+}
+
+// Panels ob0..ob1 of y [R, O] for all R rows of `x` (transposed, [I, R]), RB rows at a time.
+template <int RB>
+inline __attribute__((always_inline)) void panels(const float *x, int64_t R, int64_t I,
+                                                  const float *p, const float *b, float *y,
+                                                  int64_t O, int64_t ob0, int64_t ob1) {
+  for (int64_t ob = ob0; ob < ob1; ++ob) {
+    const int64_t o = ob * LANES;
+    const int64_t cols = std::min(LANES, O - o);
+    v16 bias{};
+    if (b != nullptr) {
+      std::memcpy(&bias, b + o, sizeof(float) * cols);
+    }
+    const float *pp = p + ob * I * LANES;
+    int64_t r = 0;
+    for (; r + RB <= R; r += RB) {
+      panel_rows<RB>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+    }
+    if (RB > 8) {
+      for (; r + 8 <= R; r += 8) {
+        panel_rows<8>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+      }
+    }
+    if (RB > 4) {
+      for (; r + 4 <= R; r += 4) {
+        panel_rows<4>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+      }
+    }
+    for (; r + 2 <= R; r += 2) {
+      panel_rows<2>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+    }
+    for (; r < R; ++r) {
+      panel_rows<1>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+    }
+  }
+}
+
+// One build per instruction set, chosen at run time: AVX-512 holds 16 rows' accumulators in
+// registers (a panel is read once for 16 rows), AVX2 (a 16-float vector is two registers) 4.
+__attribute__((target("arch=x86-64-v4"))) void panels_v4(const float *x, int64_t R, int64_t I,
+                                                         const float *p, const float *b,
+                                                         float *y, int64_t O, int64_t ob0,
+                                                         int64_t ob1) {
+  panels<16>(x, R, I, p, b, y, O, ob0, ob1);
+}
+
+__attribute__((target("arch=x86-64-v3"))) void panels_v3(const float *x, int64_t R, int64_t I,
+                                                         const float *p, const float *b,
+                                                         float *y, int64_t O, int64_t ob0,
+                                                         int64_t ob1) {
+  panels<4>(x, R, I, p, b, y, O, ob0, ob1);
+}
+
+void panels_base(const float *x, int64_t R, int64_t I, const float *p, const float *b, float *y,
+                 int64_t O, int64_t ob0, int64_t ob1) {
+  panels<4>(x, R, I, p, b, y, O, ob0, ob1);
+}
+
+int isa() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      return 4;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return 3;
+    }
+    return 0;
+  }();
+  return level;
+}
+
+void check_cpu_float(const at::Tensor &t, const char *what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be f32");
+}
+
+struct AttnArgs {
+  const float *q;  // [B, H, D] contiguous
+  const float *k;  // keys [B, H, L, D] contiguous, values at `vs` after them
+  int64_t vs;      // offset of the values from the keys
+  int64_t B, H, L, D;
+  const int64_t *pos;  // image key positions, n_pos
+  int64_t n_pos;
+  int64_t n_caption;  // caption keys 0..n_caption, read from row caption_src[b]
+  const int64_t *caption_src;
+  float scale;
+  float *out;  // [B, H, D]
+};
+
+// e^x for x ≤ 0 (scores minus the row's largest), lane by lane, within ~2 ulp:
+// x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to degree 7, 2^n from the exponent
+// bits. Below −87 (e^x < 2^−125, beside the largest score's 1) it gives e^−87.
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+inline __attribute__((always_inline)) v16 exp_nonpos(const v16 &xin) {
+  v16 x = xin;
+  const v16 lo = v16{} - 87.0f;
+  x = x < lo ? lo : x;
+  const v16 t = x * 1.44269504088896341f - 0.5f;
+  const v16i n = __builtin_convertvector(t, v16i);  // t < 0: truncation rounds x/ln2 to nearest
+  const v16 nf = __builtin_convertvector(n, v16);
+  const v16 r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
+  v16 e = r * (1.f / 5040.f) + 1.f / 720.f;
+  e = e * r + 1.f / 120.f;
+  e = e * r + 1.f / 24.f;
+  e = e * r + 1.f / 6.f;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  const v16i bits = (n + 127) << 23;
+  return e * reinterpret_cast<const v16 &>(bits);
+}
+
+// The sum of a vector's 16 lanes, halving it three times.
+inline __attribute__((always_inline)) float hsum(const v16 &t) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 lo, hi;
+  std::memcpy(&lo, &t, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char *>(&t) + sizeof lo, sizeof hi);
+  const v8 a = lo + hi;
+  v4 l4, h4;
+  std::memcpy(&l4, &a, sizeof l4);
+  std::memcpy(&h4, reinterpret_cast<const char *>(&a) + sizeof l4, sizeof h4);
+  const v4 b = l4 + h4;
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// Softmax of the scores s[0..n] in place, normalised; `s` has room for n rounded up to 16.
+inline __attribute__((always_inline)) void softmax(float *s, int64_t n, float m) {
+  for (int64_t j = 0; j < n; j += LANES) {
+    v16 x = *reinterpret_cast<const v16 *>(s + j);
+    *reinterpret_cast<v16 *>(s + j) = exp_nonpos(x - m);
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    sum += s[j];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= inv;
+  }
+}
+
+// Query rows bh0..bh1 (index h·B + b: the rows of one head together, so rows sharing a caption
+// find its keys in cache). DV > 0: the head dimension is DV·16, the query and the output held
+// in registers; DV = 0: any head dimension.
+template <int DV>
+inline __attribute__((always_inline)) void attend_range(const AttnArgs &a, int64_t bh0,
+                                                        int64_t bh1) {
+  const int64_t n = a.n_caption + a.n_pos, D = a.D;
+  std::vector<float> scores(static_cast<size_t>((n + LANES - 1) / LANES * LANES));
+  std::vector<float> out(static_cast<size_t>(D));
+  float *s = scores.data();
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t h = bh / a.B, b = bh % a.B;
+    const float *q = a.q + (b * a.H + h) * D;
+    const float *kc = a.k + ((a.caption_src[b] * a.H + h) * a.L) * D;
+    const float *kr = a.k + ((b * a.H + h) * a.L) * D;
+    const auto key = [&](int64_t j) {
+      return j < a.n_caption ? kc + j * D : kr + a.pos[j - a.n_caption] * D;
+    };
+    float m = -INFINITY;
+    if constexpr (DV > 0) {
+      v16 qv[DV];
+      for (int c = 0; c < DV; ++c) {
+        qv[c] = *reinterpret_cast<const v16 *>(q + c * LANES);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float *k = key(j);
+        v16 t = qv[0] * *reinterpret_cast<const v16 *>(k);
+        for (int c = 1; c < DV; ++c) {
+          t += qv[c] * *reinterpret_cast<const v16 *>(k + c * LANES);
+        }
+        s[j] = hsum(t) * a.scale;
+        m = std::max(m, s[j]);
+      }
+      softmax(s, n, m);
+      v16 acc[DV];
+      for (int c = 0; c < DV; ++c) {
+        acc[c] = v16{};
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float *v = key(j) + a.vs;
+        for (int c = 0; c < DV; ++c) {
+          acc[c] += s[j] * *reinterpret_cast<const v16 *>(v + c * LANES);
+        }
+      }
+      for (int c = 0; c < DV; ++c) {
+        *reinterpret_cast<v16 *>(a.out + (b * a.H + h) * D + c * LANES) = acc[c];
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const float *k = key(j);
+        float t = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          t += q[d] * k[d];
+        }
+        s[j] = t * a.scale;
+        m = std::max(m, s[j]);
+      }
+      softmax(s, n, m);
+      std::fill(out.begin(), out.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float *v = key(j) + a.vs;
+        for (int64_t d = 0; d < D; ++d) {
+          out[d] += s[j] * v[d];
+        }
+      }
+      std::memcpy(a.out + (b * a.H + h) * D, out.data(), sizeof(float) * D);
+    }
+  }
+}
+
+// The head dimensions with a register build: 16, 32, 64, 128.
+inline __attribute__((always_inline)) void attend_any(const AttnArgs &a, int64_t bh0,
+                                                      int64_t bh1) {
+  switch (a.D) {
+  case 16:
+    attend_range<1>(a, bh0, bh1);
+    break;
+  case 32:
+    attend_range<2>(a, bh0, bh1);
+    break;
+  case 64:
+    attend_range<4>(a, bh0, bh1);
+    break;
+  case 128:
+    attend_range<8>(a, bh0, bh1);
+    break;
+  default:
+    attend_range<0>(a, bh0, bh1);
+  }
+}
+
+__attribute__((target("arch=x86-64-v4"))) void attend_v4(const AttnArgs &a, int64_t bh0,
+                                                         int64_t bh1) {
+  attend_any(a, bh0, bh1);
+}
+
+__attribute__((target("arch=x86-64-v3"))) void attend_v3(const AttnArgs &a, int64_t bh0,
+                                                         int64_t bh1) {
+  attend_any(a, bh0, bh1);
+}
+
+void attend_base(const AttnArgs &a, int64_t bh0, int64_t bh1) { attend_any(a, bh0, bh1); }
+
+} // namespace
+
+extern "C" {
+
+// The instruction set the kernels run with here: 4 (AVX-512), 3 (AVX2 + FMA) or 0 (baseline).
+int tessera_kernels_isa() { return isa(); }
+
+// Packs a linear layer's weight W [O, I] (f32, CPU) into panels [ceil(O/16), I, 16]: panel
+// `ob` holds outputs 16·ob.. in its lanes, zero past O.
+char *tessera_pack_panels(const at::Tensor *w, at::Tensor **out) {
+  return kguarded([&] {
+    check_cpu_float(*w, "weight");
+    TORCH_CHECK(w->dim() == 2, "weight must be [out, in]");
+    const auto wc = w->contiguous();
+    const int64_t O = wc.size(0), I = wc.size(1), nb = (O + LANES - 1) / LANES;
+    auto p = at::zeros({nb, I, LANES}, wc.options());
+    const float *src = wc.data_ptr<float>();
+    float *dst = p.data_ptr<float>();
+    at::parallel_for(0, nb, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t ob = b0; ob < b1; ++ob) {
+        for (int64_t l = 0; l < LANES && ob * LANES + l < O; ++l) {
+          const float *row = src + (ob * LANES + l) * I;
+          float *col = dst + ob * I * LANES + l;
+          for (int64_t i = 0; i < I; ++i) {
+            col[i * LANES] = row[i];
+          }
+        }
+      }
+    });
+    *out = new at::Tensor(p);
+  });
+}
+
+// y = x·Wᵀ + b for x [R, I] and W packed by tessera_pack_panels for `out_features` outputs;
+// `bias` [O] may be null. Returns y [R, O] (f32, row-major).
+char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const at::Tensor *bias,
+                           int64_t out_features, at::Tensor **out) {
+  return kguarded([&] {
+    check_cpu_float(*x, "input");
+    check_cpu_float(*packed, "packed weight");
+    TORCH_CHECK(x->dim() == 2, "input must be [rows, in]");
+    const int64_t R = x->size(0), I = x->size(1), O = out_features;
+    const int64_t nb = (O + LANES - 1) / LANES;
+    TORCH_CHECK(packed->dim() == 3 && packed->size(0) == nb && packed->size(1) == I &&
+                    packed->size(2) == LANES && packed->is_contiguous(),
+                "packed weight does not match the input and output sizes");
+    at::Tensor bc;
+    if (bias != nullptr) {
+      check_cpu_float(*bias, "bias");
+      TORCH_CHECK(bias->numel() == O, "bias must have one value per output");
+      bc = bias->contiguous();
+    }
+    const auto xc = x->contiguous();
+    auto y = at::empty({R, O}, xc.options());
+    // the input transposed, [I, R] (a plain loop: libtorch's transposing copy of a few rows
+    // costs more than the product of a small layer)
+    auto xt = at::empty({I, R}, xc.options());
+    {
+      const float *src = xc.data_ptr<float>();
+      float *dst = xt.data_ptr<float>();
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t i = 0; i < I; ++i) {
+          dst[i * R + r] = src[r * I + i];
+        }
+      }
+    }
+    const float *xp = xt.data_ptr<float>(), *pp = packed->data_ptr<float>();
+    const float *bp = bias != nullptr ? bc.data_ptr<float>() : nullptr;
+    float *yp = y.data_ptr<float>();
+    // a task of at least ~256 K multiply-adds: small layers stay on one thread
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, LANES * I * R));
+    const int level = isa();
+    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
+      if (level == 4) {
+        panels_v4(xp, R, I, pp, bp, yp, O, b0, b1);
+      } else if (level == 3) {
+        panels_v3(xp, R, I, pp, bp, yp, O, b0, b1);
+      } else {
+        panels_base(xp, R, I, pp, bp, yp, O, b0, b1);
+      }
+    });
+    *out = new at::Tensor(y);
+  });
+}
+
+// Attention of one query per row and head, q [B, H, D], over keys and values of the cache
+// kv [2, B, H, L, D] (f32, CPU, contiguous): the caption's keys 0..n_caption of row
+// caption_src[b] (a row of b's caption group), then the row's own keys at positions
+// pos[0..n_pos]; one softmax over all of them. Returns [B, H, D].
+char *tessera_block_attention(const at::Tensor *q, const at::Tensor *kv, const int64_t *pos,
+                              int64_t n_pos, int64_t n_caption, const int64_t *caption_src,
+                              double scale, at::Tensor **out) {
+  return kguarded([&] {
+    check_cpu_float(*q, "queries");
+    check_cpu_float(*kv, "cache");
+    TORCH_CHECK(kv->dim() == 5 && kv->size(0) == 2 && kv->is_contiguous(),
+                "cache must be contiguous [2, B, H, L, D]");
+    const int64_t B = kv->size(1), H = kv->size(2), L = kv->size(3), D = kv->size(4);
+    TORCH_CHECK(q->dim() == 3 && q->size(0) == B && q->size(1) == H && q->size(2) == D,
+                "queries must be [B, H, D] of the cache's sizes");
+    TORCH_CHECK(n_caption >= 0 && n_caption <= L && n_pos >= 0 && n_caption + n_pos > 0,
+                "no keys to attend to");
+    for (int64_t j = 0; j < n_pos; ++j) {
+      TORCH_CHECK(pos[j] >= 0 && pos[j] < L, "key position out of the cache");
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(caption_src[b] >= 0 && caption_src[b] < B, "caption row out of the batch");
+    }
+    const auto qc = q->contiguous();
+    auto y = at::empty({B, H, D}, qc.options());
+    AttnArgs a{qc.data_ptr<float>(), kv->data_ptr<float>(), B * H * L * D, B, H, L, D, pos,
+               n_pos, n_caption, caption_src, static_cast<float>(scale), y.data_ptr<float>()};
+    const int64_t per_row = (n_caption + n_pos) * D;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_row));
+    const int level = isa();
+    at::parallel_for(0, B * H, grain, [&](int64_t r0, int64_t r1) {
+      if (level == 4) {
+        attend_v4(a, r0, r1);
+      } else if (level == 3) {
+        attend_v3(a, r0, r1);
+      } else {
+        attend_base(a, r0, r1);
+      }
+    });
+    *out = new at::Tensor(y);
+  });
+}
+
+} // extern "C"

@@ -1,0 +1,169 @@
+//! CPU kernels for decode steps (`src/kernels.cpp`), where a step's batch of a few rows meets
+//! the weights and the cache:
+//!
+//! - **Panel products.** A decode step multiplies B rows by every weight once. libtorch's
+//!   products for a few rows repack the weight at every call (on this project's 2-core CPU the
+//!   packing took more time than the arithmetic: P's image head, 8,192 × 256 at 16 rows,
+//!   ~1.0 ms); [`PackedLinear`] packs it once per sampling run into panels of 16 outputs, which a
+//!   step streams in order with 16 outputs of up to 8 rows held in registers, writing the
+//!   result row-major (no transposed copy after).
+//! - **Block attention.** A sparse layer's step reads the caption's keys and a few image keys
+//!   per row and head; in libtorch ops that is a dozen small products, views and copies per
+//!   layer. [`block_attention`] does the scores, softmax and weighted values of every row and
+//!   head in one pass over the cache, reading a caption group's keys from one row.
+//!
+//! Both compute every row with the same instructions in the same order whatever the batch
+//! (a sample does not depend on its neighbours or the batch size), with AVX-512 or AVX2 chosen
+//! at run time and a baseline build for other CPUs. Each returns an error (never panics) when
+//! handed tensors it does not take; callers then use libtorch's ops.
+
+use std::ffi::{c_char, c_void};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+type Handle = *const c_void;
+
+unsafe extern "C" {
+    fn tessera_free_message(m: *mut c_char);
+    fn tessera_kernels_isa() -> i32;
+    fn tessera_pack_panels(w: Handle, out: *mut *mut c_void) -> *mut c_char;
+    fn tessera_panel_linear(
+        x: Handle,
+        packed: Handle,
+        bias: Handle,
+        out_features: i64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn tessera_block_attention(
+        q: Handle,
+        kv: Handle,
+        pos: *const i64,
+        n_pos: i64,
+        n_caption: i64,
+        caption_src: *const i64,
+        scale: f64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+}
+
+/// A new tensor from the shim, or its message as an error naming `what`.
+fn take(what: &str, m: *mut c_char, out: *mut c_void) -> Result<Tensor> {
+    if !m.is_null() {
+        // SAFETY: a non-null message is a NUL-terminated string from malloc, freed here once.
+        let text = unsafe {
+            let s = std::ffi::CStr::from_ptr(m).to_string_lossy().into_owned();
+            tessera_free_message(m);
+            s
+        };
+        return Err(Error::Invalid(format!("{what}: {}", text.lines().next().unwrap_or("failed"))));
+    }
+    if out.is_null() {
+        return Err(Error::Invalid(format!("{what}: no result")));
+    }
+    // SAFETY: on success the shim wrote a tensor it allocated, owned from here on.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// The instruction set the kernels use on this CPU: "avx512", "avx2" or "baseline".
+pub fn isa() -> &'static str {
+    // SAFETY: no arguments; reads the CPU's feature flags.
+    match unsafe { tessera_kernels_isa() } {
+        4 => "avx512",
+        3 => "avx2",
+        _ => "baseline",
+    }
+}
+
+/// Whether the kernels take tensors of this device and dtype (f32 on the CPU).
+pub fn applies(device: Device, kind: Kind) -> bool {
+    device == Device::Cpu && kind == Kind::Float
+}
+
+/// A linear layer's weight packed for [`PackedLinear::forward`] (f32, CPU).
+#[derive(Debug)]
+pub struct PackedLinear {
+    panels: Tensor,
+    bias: Option<Tensor>,
+    out_features: i64,
+    in_features: i64,
+}
+
+impl PackedLinear {
+    /// Packs `weight` [O, I] (and keeps `bias` [O]); the weight is read now, not later.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (o, i) = weight.size2().map_err(|e| Error::Invalid(format!("packing a weight: {e}")))?;
+        let mut out = std::ptr::null_mut();
+        // SAFETY: `weight` is a live tensor for the call; `out` receives one new handle.
+        let m = unsafe { tessera_pack_panels(weight.as_ptr() as Handle, &mut out) };
+        let panels = take("packing a weight", m, out)?;
+        let bias = bias.map(|b| b.detach().copy());
+        Ok(Self { panels, bias, out_features: o, in_features: i })
+    }
+
+    /// `x·Wᵀ + b` for `x` [.., I]: [.., O].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut shape = x.size();
+        if shape.last() != Some(&self.in_features) {
+            return Err(Error::Invalid(format!(
+                "panel product: input {shape:?} for a weight of {} inputs",
+                self.in_features
+            )));
+        }
+        let x2 = x.reshape([-1, self.in_features]);
+        let bias = self.bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr() as Handle);
+        let mut out = std::ptr::null_mut();
+        // SAFETY: every handle is a live tensor borrowed for the call (the bias may be null,
+        // which the shim takes as no bias); `out` receives one new handle.
+        let m = unsafe {
+            tessera_panel_linear(
+                x2.as_ptr() as Handle,
+                self.panels.as_ptr() as Handle,
+                bias,
+                self.out_features,
+                &mut out,
+            )
+        };
+        let y = take("panel product", m, out)?;
+        if let Some(last) = shape.last_mut() {
+            *last = self.out_features;
+        }
+        Ok(y.view(shape.as_slice()))
+    }
+}
+
+/// Attention of one query per row and head, `q` [B, H, D], over keys and values of the cache
+/// `kv` [2, B, H, L, D]: the caption's keys `0..n_caption` read from row `caption_src[b]` (a row
+/// that holds the same caption as row b; b itself when none is shared), then row b's own keys
+/// at `positions`; one softmax over them all, scaled by `1/√D`. Returns [B, H, D].
+pub fn block_attention(
+    q: &Tensor,
+    kv: &Tensor,
+    positions: &[i64],
+    n_caption: usize,
+    caption_src: &[i64],
+) -> Result<Tensor> {
+    let b = kv.size().get(1).copied().unwrap_or(0);
+    if caption_src.len() as i64 != b {
+        return Err(Error::Invalid(format!("block attention: {} caption rows for {b} rows", caption_src.len())));
+    }
+    let d = q.size().last().copied().unwrap_or(1).max(1);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = std::ptr::null_mut();
+    // SAFETY: the tensors are live for the call; the slices' lengths are passed with them (the
+    // shim checks every position and caption row against the cache's sizes).
+    let m = unsafe {
+        tessera_block_attention(
+            q.as_ptr() as Handle,
+            kv.as_ptr() as Handle,
+            positions.as_ptr(),
+            positions.len() as i64,
+            n_caption as i64,
+            caption_src.as_ptr(),
+            scale,
+            &mut out,
+        )
+    };
+    take("block attention", m, out)
+}

@@ -1,0 +1,123 @@
+//! The CPU decode kernels against references computed another way (libtorch in double
+//! precision), and the property sampling relies on: a row's result does not depend on the rows
+//! beside it, bit for bit.
+use tch::{Device, Kind, Tensor};
+use tessera::kernels::{PackedLinear, block_attention};
+
+use crate::common::max_abs_diff;
+
+fn randn(shape: &[i64]) -> Tensor {
+    Tensor::randn(shape, (Kind::Float, Device::Cpu))
+}
+
+#[test]
+fn panel_products_equal_a_double_precision_reference_at_every_batch_size() {
+    tch::manual_seed(11);
+    // outputs a multiple of the 16-wide panels and not, inputs a multiple of 16 and not, and
+    // rows through every register block (16, 8, 4, 2, 1 and their remainders)
+    for (o, i) in [(200i64, 96i64), (16, 16), (37, 24), (300, 256), (64, 1030)] {
+        let w = randn(&[o, i]);
+        let b = randn(&[o]);
+        for bias in [Some(&b), None] {
+            let p = PackedLinear::new(&w, bias).unwrap();
+            let all = randn(&[64, i]);
+            let alone: Vec<Tensor> = (0..64).map(|r| p.forward(&all.narrow(0, r, 1)).unwrap()).collect();
+            for rows in [1i64, 2, 3, 5, 8, 15, 16, 17, 31, 33, 64] {
+                let x = all.narrow(0, 0, rows);
+                let got = p.forward(&x).unwrap();
+                assert_eq!(got.size(), [rows, o]);
+                let mut want = x.to_kind(Kind::Double).matmul(&w.to_kind(Kind::Double).tr());
+                if let Some(b) = bias {
+                    want += b.to_kind(Kind::Double);
+                }
+                let d = max_abs_diff(&got.to_kind(Kind::Double), &want);
+                assert!(
+                    d < 1e-4 * (i as f64 / 64.0).max(1.0),
+                    "{o}×{i}, {rows} rows, bias {}: off by {d}",
+                    bias.is_some()
+                );
+                // every row is the bits it has when multiplied alone
+                for r in 0..rows {
+                    assert!(
+                        got.get(r).equal(&alone[r as usize].get(0)),
+                        "{o}×{i}: row {r} of {rows} differs from the row alone"
+                    );
+                }
+            }
+        }
+    }
+    // leading dimensions are kept; a wrong width and a weight the kernels do not take are errors
+    let w = randn(&[40, 32]);
+    let p = PackedLinear::new(&w, None).unwrap();
+    assert_eq!(p.forward(&randn(&[3, 1, 32])).unwrap().size(), [3, 1, 40]);
+    assert!(p.forward(&randn(&[3, 31])).is_err());
+    assert!(PackedLinear::new(&w.to_kind(Kind::BFloat16), None).is_err());
+    assert!(PackedLinear::new(&randn(&[2, 3, 4]), None).is_err());
+}
+
+/// Row `b`, head `h` of block attention computed in double precision: softmax(q·Kᵀ/√D)·V over
+/// the caption keys of row `src` and the row's own keys at `pos`.
+fn reference(q: &Tensor, kv: &Tensor, b: i64, h: i64, src: i64, n_caption: i64, pos: &[i64]) -> Tensor {
+    let kv = kv.to_kind(Kind::Double);
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    if n_caption > 0 {
+        keys.push(kv.get(0).get(src).get(h).narrow(0, 0, n_caption));
+        values.push(kv.get(1).get(src).get(h).narrow(0, 0, n_caption));
+    }
+    let idx = Tensor::from_slice(pos);
+    keys.push(kv.get(0).get(b).get(h).index_select(0, &idx));
+    values.push(kv.get(1).get(b).get(h).index_select(0, &idx));
+    let (k, v) = (Tensor::cat(&keys, 0), Tensor::cat(&values, 0));
+    let qd = q.get(b).get(h).to_kind(Kind::Double);
+    let d = qd.size()[0] as f64;
+    let p = (k.matmul(&qd) / d.sqrt()).softmax(0, Kind::Double);
+    p.matmul(&v)
+}
+
+#[test]
+fn block_attention_equals_softmax_over_the_picked_keys() {
+    tch::manual_seed(12);
+    let (b, h, l) = (5i64, 3i64, 90i64);
+    // head dimensions with a register build (16, 64) and without (24)
+    for d in [16i64, 64, 24] {
+        let kv = randn(&[2, b, h, l, d]);
+        // scores far apart (large queries) as well as close together
+        for amp in [1.0, 30.0] {
+            let q = randn(&[b, h, d]) * amp;
+            // rows 0–1 share row 0's caption, 2–4 row 2's
+            let src = [0i64, 0, 2, 2, 2];
+            let pos: Vec<i64> = (40..73).chain([75, 79, 83]).collect();
+            for n_caption in [0usize, 1, 17] {
+                let got = block_attention(&q, &kv, &pos, n_caption, &src).unwrap();
+                assert_eq!(got.size(), [b, h, d]);
+                for r in 0..b {
+                    for hh in 0..h {
+                        let want = reference(&q, &kv, r, hh, src[r as usize], n_caption as i64, &pos);
+                        let e = max_abs_diff(&got.get(r).get(hh).to_kind(Kind::Double), &want);
+                        assert!(
+                            e < 2e-5,
+                            "D {d}, amplitude {amp}, {n_caption} caption keys: row {r} head {hh} off by {e}"
+                        );
+                    }
+                }
+                // row 3 alone, in a cache of one row that holds its caption group's keys: the same bits
+                let one = kv.narrow(1, 3, 1).copy();
+                if n_caption > 0 {
+                    one.narrow(3, 0, n_caption as i64).copy_(&kv.narrow(1, 2, 1).narrow(3, 0, n_caption as i64));
+                }
+                let alone = block_attention(&q.narrow(0, 3, 1), &one, &pos, n_caption, &[0]).unwrap();
+                assert!(alone.get(0).equal(&got.get(3)), "D {d}: row 3 differs when attended alone");
+            }
+        }
+    }
+    // keys outside the cache, caption rows outside the batch, mismatched sizes: errors
+    let kv = randn(&[2, 2, 1, 10, 16]);
+    let q = randn(&[2, 1, 16]);
+    assert!(block_attention(&q, &kv, &[3, 10], 2, &[0, 1]).is_err());
+    assert!(block_attention(&q, &kv, &[3], 2, &[0, 2]).is_err());
+    assert!(block_attention(&q, &kv, &[3], 2, &[0]).is_err());
+    assert!(block_attention(&q, &kv, &[], 0, &[0, 1]).is_err());
+    assert!(block_attention(&randn(&[2, 1, 8]), &kv, &[3], 2, &[0, 1]).is_err());
+    assert!(block_attention(&q, &kv, &[3], 11, &[0, 1]).is_err());
+}
