@@ -70,6 +70,9 @@ pub struct BenchReport {
     pub decode: String,
     /// Whether every sampled row had its own caption (else one caption for the batch).
     pub distinct_captions: bool,
+    /// The instruction set of the CPU decode kernels ([`crate::kernels::isa`]; they run for
+    /// f32 sampling on the CPU).
+    pub cpu_kernels: String,
     pub matmul_gflops: f64,
     /// Memory read bandwidth: a sum over a 256 MiB tensor.
     pub memory_read_gbps: f64,
@@ -303,6 +306,7 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
         runs: opts.runs,
         decode: opts.decode.on(opts.device).name().into(),
         distinct_captions: opts.distinct_captions,
+        cpu_kernels: crate::kernels::isa().into(),
         matmul_gflops: peak,
         memory_read_gbps: gbps,
         configs,

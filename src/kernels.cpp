@@ -47,6 +47,8 @@ template <typename F> char *kguarded(F f) {
 }
 
 constexpr int64_t LANES = 16;
+// How many panel rows (of 64 bytes) ahead a panel product asks for its weights.
+constexpr int64_t PREFETCH = 32;
 // 16 floats; `aligned(4)`: loads and stores at any float address.
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
@@ -63,6 +65,11 @@ inline __attribute__((always_inline)) void panel_rows(const float *xt, int64_t R
     acc[a] = v16{};
   }
   for (int64_t i = 0; i < I; ++i) {
+    if (RB >= 8) {
+      // many rows: arithmetic-bound, asking for the weights early pays; with few the
+      // hardware's own prefetching streams them as fast
+      __builtin_prefetch(p + (i + PREFETCH) * LANES);
+    }
     const v16 w = *reinterpret_cast<const v16 *>(p + i * LANES);
     const float *xi = xt + i * R;
     for (int a = 0; a < RB; ++a) {
@@ -136,15 +143,22 @@ void panels_base(const float *x, int64_t R, int64_t I, const float *p, const flo
   panels<4>(x, R, I, p, b, y, O, ob0, ob1);
 }
 
+// The instruction set the kernels run with: the CPU's best, or a lower one that
+// TESSERA_KERNELS_ISA names ("avx2", "baseline"), to check those builds on a newer CPU.
 int isa() {
   static const int level = [] {
+    const char *want = std::getenv("TESSERA_KERNELS_ISA");
+    const int cap = want == nullptr                          ? 4
+                    : std::strcmp(want, "avx2") == 0         ? 3
+                    : std::strcmp(want, "baseline") == 0     ? 0
+                                                             : 4;
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-      return 4;
+      return std::min(cap, 4);
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return 3;
+      return std::min(cap, 3);
     }
     return 0;
   }();
@@ -207,124 +221,227 @@ inline __attribute__((always_inline)) float hsum(const v16 &t) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// Softmax of the scores s[0..n] in place, normalised; `s` has room for n rounded up to 16.
+// The lane sums of 16 vectors t[0..16], as one vector (lane k: the sum of t[k]'s lanes): three
+// rounds of halving, each adding two shuffles of a pair, in a fixed order.
+inline __attribute__((always_inline)) v16 hsum16(const v16 *t) {
+  const v16i lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const v16i hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const v16i lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const v16i hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const v16i lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const v16i hi2 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+  const v16i ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const v16i od = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  v16 u[8], v[4], w[2];
+  for (int i = 0; i < 8; ++i) {
+    u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], lo8) + __builtin_shuffle(t[2 * i], t[2 * i + 1], hi8);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], lo4) + __builtin_shuffle(u[2 * i], u[2 * i + 1], hi4);
+  }
+  for (int i = 0; i < 2; ++i) {
+    w[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo2) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi2);
+  }
+  return __builtin_shuffle(w[0], w[1], ev) + __builtin_shuffle(w[0], w[1], od);
+}
+
+// Softmax of the scores s[0..n] in place, normalised; `s` has room for n rounded up to 16
+// (the room past n is zeroed). The sum runs in 16 lanes, added up in a fixed order.
 inline __attribute__((always_inline)) void softmax(float *s, int64_t n, float m) {
-  for (int64_t j = 0; j < n; j += LANES) {
-    v16 x = *reinterpret_cast<const v16 *>(s + j);
+  const int64_t padded = (n + LANES - 1) / LANES * LANES;
+  for (int64_t j = 0; j < padded; j += LANES) {
+    const v16 x = *reinterpret_cast<const v16 *>(s + j);
     *reinterpret_cast<v16 *>(s + j) = exp_nonpos(x - m);
   }
-  float sum = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    sum += s[j];
+  std::fill(s + n, s + padded, 0.f);
+  v16 lanes{};
+  for (int64_t j = 0; j < padded; j += LANES) {
+    lanes += *reinterpret_cast<const v16 *>(s + j);
   }
-  const float inv = 1.f / sum;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] *= inv;
+  const float inv = 1.f / hsum(lanes);
+  for (int64_t j = 0; j < padded; j += LANES) {
+    *reinterpret_cast<v16 *>(s + j) *= inv;
   }
 }
 
-// Query rows bh0..bh1 (index h·B + b: the rows of one head together, so rows sharing a caption
-// find its keys in cache). DV > 0: the head dimension is DV·16, the query and the output held
-// in registers; DV = 0: any head dimension.
-template <int DV>
-inline __attribute__((always_inline)) void attend_range(const AttnArgs &a, int64_t bh0,
-                                                        int64_t bh1) {
-  const int64_t n = a.n_caption + a.n_pos, D = a.D;
-  std::vector<float> scores(static_cast<size_t>((n + LANES - 1) / LANES * LANES));
-  std::vector<float> out(static_cast<size_t>(D));
-  float *s = scores.data();
-  for (int64_t bh = bh0; bh < bh1; ++bh) {
-    const int64_t h = bh / a.B, b = bh % a.B;
-    const float *q = a.q + (b * a.H + h) * D;
-    const float *kc = a.k + ((a.caption_src[b] * a.H + h) * a.L) * D;
-    const float *kr = a.k + ((b * a.H + h) * a.L) * D;
-    const auto key = [&](int64_t j) {
-      return j < a.n_caption ? kc + j * D : kr + a.pos[j - a.n_caption] * D;
-    };
-    float m = -INFINITY;
-    if constexpr (DV > 0) {
-      v16 qv[DV];
+// Rows b0..b0+RB of head h, which share their caption's keys (caption_src is the same for
+// them): each caption key and value is loaded once for the RB rows, the image keys row by
+// row. Query and output in registers (head dimension DV·16). `s` has room for RB rows of
+// scores, `stride` apart. A row gets exactly the operations, in the same order, at any RB.
+template <int DV, int RB>
+inline __attribute__((always_inline)) void attend_rows(const AttnArgs &a, int64_t h, int64_t b0,
+                                                       float *s, int64_t stride) {
+  const int64_t nc = a.n_caption, n = nc + a.n_pos, D = a.D;
+  const float *kc = a.k + ((a.caption_src[b0] * a.H + h) * a.L) * D;
+  const float *kr[RB];
+  v16 qv[RB][DV];
+  float m[RB];
+  for (int r = 0; r < RB; ++r) {
+    kr[r] = a.k + (((b0 + r) * a.H + h) * a.L) * D;
+    for (int c = 0; c < DV; ++c) {
+      qv[r][c] = *reinterpret_cast<const v16 *>(a.q + ((b0 + r) * a.H + h) * D + c * LANES);
+    }
+    m[r] = -INFINITY;
+  }
+  const auto dot = [&](int r, const float *k) {
+    v16 t = qv[r][0] * *reinterpret_cast<const v16 *>(k);
+    for (int c = 1; c < DV; ++c) {
+      t += qv[r][c] * *reinterpret_cast<const v16 *>(k + c * LANES);
+    }
+    return t;
+  };
+  // keys 16 at a time (their lane sums together), the rest one by one; `key(j)` → its address
+  const auto scores = [&](int r, int64_t j0, int64_t count, auto key) {
+    float *sr = s + r * stride + j0;
+    int64_t j = 0;
+    for (; j + LANES <= count; j += LANES) {
+      v16 t[LANES];
+      for (int k = 0; k < LANES; ++k) {
+        t[k] = dot(r, key(j + k));
+      }
+      const v16 v = hsum16(t) * a.scale;
+      *reinterpret_cast<v16 *>(sr + j) = v;
+      for (int k = 0; k < LANES; ++k) {
+        m[r] = std::max(m[r], v[k]);
+      }
+    }
+    for (; j < count; ++j) {
+      sr[j] = hsum(dot(r, key(j))) * a.scale;
+      m[r] = std::max(m[r], sr[j]);
+    }
+  };
+  for (int r = 0; r < RB; ++r) {
+    scores(r, 0, nc, [&](int64_t j) { return kc + j * D; });
+    scores(r, nc, a.n_pos, [&](int64_t j) { return kr[r] + a.pos[j] * D; });
+    softmax(s + r * stride, n, m[r]);
+  }
+  v16 acc[RB][DV];
+  for (int r = 0; r < RB; ++r) {
+    for (int c = 0; c < DV; ++c) {
+      acc[r][c] = v16{};
+    }
+  }
+  for (int64_t j = 0; j < nc; ++j) {
+    const float *v = kc + a.vs + j * D;
+    for (int r = 0; r < RB; ++r) {
+      const float w = s[r * stride + j];
       for (int c = 0; c < DV; ++c) {
-        qv[c] = *reinterpret_cast<const v16 *>(q + c * LANES);
+        acc[r][c] += w * *reinterpret_cast<const v16 *>(v + c * LANES);
       }
-      for (int64_t j = 0; j < n; ++j) {
-        const float *k = key(j);
-        v16 t = qv[0] * *reinterpret_cast<const v16 *>(k);
-        for (int c = 1; c < DV; ++c) {
-          t += qv[c] * *reinterpret_cast<const v16 *>(k + c * LANES);
-        }
-        s[j] = hsum(t) * a.scale;
-        m = std::max(m, s[j]);
-      }
-      softmax(s, n, m);
-      v16 acc[DV];
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    for (int64_t j = 0; j < a.n_pos; ++j) {
+      const float *v = kr[r] + a.vs + a.pos[j] * D;
+      const float w = s[r * stride + nc + j];
       for (int c = 0; c < DV; ++c) {
-        acc[c] = v16{};
+        acc[r][c] += w * *reinterpret_cast<const v16 *>(v + c * LANES);
       }
-      for (int64_t j = 0; j < n; ++j) {
-        const float *v = key(j) + a.vs;
-        for (int c = 0; c < DV; ++c) {
-          acc[c] += s[j] * *reinterpret_cast<const v16 *>(v + c * LANES);
-        }
-      }
-      for (int c = 0; c < DV; ++c) {
-        *reinterpret_cast<v16 *>(a.out + (b * a.H + h) * D + c * LANES) = acc[c];
-      }
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        const float *k = key(j);
-        float t = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          t += q[d] * k[d];
-        }
-        s[j] = t * a.scale;
-        m = std::max(m, s[j]);
-      }
-      softmax(s, n, m);
-      std::fill(out.begin(), out.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float *v = key(j) + a.vs;
-        for (int64_t d = 0; d < D; ++d) {
-          out[d] += s[j] * v[d];
-        }
-      }
-      std::memcpy(a.out + (b * a.H + h) * D, out.data(), sizeof(float) * D);
+    }
+    for (int c = 0; c < DV; ++c) {
+      *reinterpret_cast<v16 *>(a.out + ((b0 + r) * a.H + h) * D + c * LANES) = acc[r][c];
     }
   }
 }
 
-// The head dimensions with a register build: 16, 32, 64, 128.
-inline __attribute__((always_inline)) void attend_any(const AttnArgs &a, int64_t bh0,
-                                                      int64_t bh1) {
-  switch (a.D) {
-  case 16:
-    attend_range<1>(a, bh0, bh1);
-    break;
-  case 32:
-    attend_range<2>(a, bh0, bh1);
-    break;
-  case 64:
-    attend_range<4>(a, bh0, bh1);
-    break;
-  case 128:
-    attend_range<8>(a, bh0, bh1);
-    break;
-  default:
-    attend_range<0>(a, bh0, bh1);
+// One row of head h for any head dimension (no register build).
+inline __attribute__((always_inline)) void attend_row_any(const AttnArgs &a, int64_t h, int64_t b,
+                                                          float *s, float *out) {
+  const int64_t n = a.n_caption + a.n_pos, D = a.D;
+  const float *q = a.q + (b * a.H + h) * D;
+  const float *kc = a.k + ((a.caption_src[b] * a.H + h) * a.L) * D;
+  const float *kr = a.k + ((b * a.H + h) * a.L) * D;
+  const auto key = [&](int64_t j) {
+    return j < a.n_caption ? kc + j * D : kr + a.pos[j - a.n_caption] * D;
+  };
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    const float *k = key(j);
+    float t = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      t += q[d] * k[d];
+    }
+    s[j] = t * a.scale;
+    m = std::max(m, s[j]);
+  }
+  softmax(s, n, m);
+  std::fill(out, out + D, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float *v = key(j) + a.vs;
+    for (int64_t d = 0; d < D; ++d) {
+      out[d] += s[j] * v[d];
+    }
+  }
+  std::memcpy(a.out + (b * a.H + h) * D, out, sizeof(float) * D);
+}
+
+// Rows sharing a caption taken together: at most this many (their accumulators fill the
+// registers: RB · DV vectors for the output, as many for the scores).
+constexpr int64_t GROUP_ROWS = 4;
+
+template <int DV>
+inline __attribute__((always_inline)) void attend_group(const AttnArgs &a, int64_t h, int64_t b0,
+                                                        int64_t rows, float *s, int64_t stride) {
+  constexpr int MAX = DV > 4 ? 2 : GROUP_ROWS;
+  int64_t r = 0;
+  for (; r + MAX <= rows; r += MAX) {
+    attend_rows<DV, MAX>(a, h, b0 + r, s, stride);
+  }
+  for (; r + 2 <= rows; r += 2) {
+    attend_rows<DV, 2>(a, h, b0 + r, s, stride);
+  }
+  for (; r < rows; ++r) {
+    attend_rows<DV, 1>(a, h, b0 + r, s, stride);
   }
 }
 
-__attribute__((target("arch=x86-64-v4"))) void attend_v4(const AttnArgs &a, int64_t bh0,
-                                                         int64_t bh1) {
-  attend_any(a, bh0, bh1);
+// Tasks t0..t1 of (head, group of rows that share a caption): t = h · groups + g.
+inline __attribute__((always_inline)) void attend_tasks(const AttnArgs &a,
+                                                        const std::vector<int64_t> &groups,
+                                                        int64_t t0, int64_t t1) {
+  const int64_t n = a.n_caption + a.n_pos, ng = static_cast<int64_t>(groups.size()) - 1;
+  const int64_t stride = (n + LANES - 1) / LANES * LANES;
+  std::vector<float> scores(static_cast<size_t>(stride * GROUP_ROWS));
+  std::vector<float> out(static_cast<size_t>(a.D));
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t h = t / ng, g = t % ng;
+    const int64_t b0 = groups[g], rows = groups[g + 1] - b0;
+    switch (a.D) {
+    case 16:
+      attend_group<1>(a, h, b0, rows, scores.data(), stride);
+      break;
+    case 32:
+      attend_group<2>(a, h, b0, rows, scores.data(), stride);
+      break;
+    case 64:
+      attend_group<4>(a, h, b0, rows, scores.data(), stride);
+      break;
+    case 128:
+      attend_group<8>(a, h, b0, rows, scores.data(), stride);
+      break;
+    default:
+      for (int64_t b = b0; b < b0 + rows; ++b) {
+        attend_row_any(a, h, b, scores.data(), out.data());
+      }
+    }
+  }
 }
 
-__attribute__((target("arch=x86-64-v3"))) void attend_v3(const AttnArgs &a, int64_t bh0,
-                                                         int64_t bh1) {
-  attend_any(a, bh0, bh1);
+__attribute__((target("arch=x86-64-v4"))) void attend_v4(const AttnArgs &a,
+                                                         const std::vector<int64_t> &groups,
+                                                         int64_t t0, int64_t t1) {
+  attend_tasks(a, groups, t0, t1);
 }
 
-void attend_base(const AttnArgs &a, int64_t bh0, int64_t bh1) { attend_any(a, bh0, bh1); }
+__attribute__((target("arch=x86-64-v3"))) void attend_v3(const AttnArgs &a,
+                                                         const std::vector<int64_t> &groups,
+                                                         int64_t t0, int64_t t1) {
+  attend_tasks(a, groups, t0, t1);
+}
+
+void attend_base(const AttnArgs &a, const std::vector<int64_t> &groups, int64_t t0, int64_t t1) {
+  attend_tasks(a, groups, t0, t1);
+}
 
 } // namespace
 
@@ -438,16 +555,26 @@ char *tessera_block_attention(const at::Tensor *q, const at::Tensor *kv, const i
     auto y = at::empty({B, H, D}, qc.options());
     AttnArgs a{qc.data_ptr<float>(), kv->data_ptr<float>(), B * H * L * D, B, H, L, D, pos,
                n_pos, n_caption, caption_src, static_cast<float>(scale), y.data_ptr<float>()};
-    const int64_t per_row = (n_caption + n_pos) * D;
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_row));
+    // runs of consecutive rows with one caption source, at most GROUP_ROWS long: groups[g] is
+    // the first row of run g, groups.back() == B
+    std::vector<int64_t> groups{0};
+    for (int64_t b = 1; b < B; ++b) {
+      if (caption_src[b] != caption_src[b - 1] || b - groups.back() == GROUP_ROWS) {
+        groups.push_back(b);
+      }
+    }
+    groups.push_back(B);
+    const int64_t tasks = H * (static_cast<int64_t>(groups.size()) - 1);
+    const int64_t per_task = (n_caption + n_pos) * D * GROUP_ROWS;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_task));
     const int level = isa();
-    at::parallel_for(0, B * H, grain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
       if (level == 4) {
-        attend_v4(a, r0, r1);
+        attend_v4(a, groups, t0, t1);
       } else if (level == 3) {
-        attend_v3(a, r0, r1);
+        attend_v3(a, groups, t0, t1);
       } else {
-        attend_base(a, r0, r1);
+        attend_base(a, groups, t0, t1);
       }
     });
     *out = new at::Tensor(y);
