@@ -71,6 +71,7 @@ fn embed_default_model() {
 fn build_shim(root: &Path, cuda: bool, openmp: bool) {
     println!("cargo:rerun-if-changed=src/shim.cpp");
     println!("cargo:rerun-if-changed=src/kernels.cpp");
+    println!("cargo:rerun-if-changed=src/ffi.h");
     let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     let mut b = cc::Build::new();

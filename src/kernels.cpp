@@ -10,9 +10,11 @@
 //
 // Every row is computed by the same instructions in the same order whatever the batch, so a
 // sample does not depend on the rows beside it. Tensors cross as `at::Tensor*` (tch's handles);
-// errors come back as malloc'd messages, null on success (as in shim.cpp).
+// errors come back as malloc'd messages, null on success (`ffi.h`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include "ffi.h"
 
 #include <algorithm>
 #include <cmath>
@@ -24,27 +26,7 @@
 
 namespace {
 
-char *kmessage(const std::string &s) {
-  char *out = static_cast<char *>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.data(), s.size());
-    out[s.size()] = '\0';
-  }
-  return out;
-}
-
-template <typename F> char *kguarded(F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error &e) {
-    return kmessage(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    return kmessage(e.what());
-  } catch (...) {
-    return kmessage("unknown C++ exception");
-  }
-}
+using tessera_ffi::guarded;
 
 constexpr int64_t LANES = 16;
 // How many panel rows (of 64 bytes) ahead a panel product asks for its weights.
@@ -453,7 +435,7 @@ int tessera_kernels_isa() { return isa(); }
 // Packs a linear layer's weight W [O, I] (f32, CPU) into panels [ceil(O/16), I, 16]: panel
 // `ob` holds outputs 16·ob.. in its lanes, zero past O.
 char *tessera_pack_panels(const at::Tensor *w, at::Tensor **out) {
-  return kguarded([&] {
+  return guarded([&] {
     check_cpu_float(*w, "weight");
     TORCH_CHECK(w->dim() == 2, "weight must be [out, in]");
     const auto wc = w->contiguous();
@@ -480,7 +462,7 @@ char *tessera_pack_panels(const at::Tensor *w, at::Tensor **out) {
 // `bias` [O] may be null. Returns y [R, O] (f32, row-major).
 char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const at::Tensor *bias,
                            int64_t out_features, at::Tensor **out) {
-  return kguarded([&] {
+  return guarded([&] {
     check_cpu_float(*x, "input");
     check_cpu_float(*packed, "packed weight");
     TORCH_CHECK(x->dim() == 2, "input must be [rows, in]");
@@ -535,7 +517,7 @@ char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const 
 char *tessera_block_attention(const at::Tensor *q, const at::Tensor *kv, const int64_t *pos,
                               int64_t n_pos, int64_t n_caption, const int64_t *caption_src,
                               double scale, at::Tensor **out) {
-  return kguarded([&] {
+  return guarded([&] {
     check_cpu_float(*q, "queries");
     check_cpu_float(*kv, "cache");
     TORCH_CHECK(kv->dim() == 5 && kv->size(0) == 2 && kv->is_contiguous(),

@@ -7,6 +7,8 @@
 // null on success.
 #include <ATen/ATen.h>
 
+#include "ffi.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -21,27 +23,8 @@
 
 namespace {
 
-char *message(const std::string &s) {
-  char *out = static_cast<char *>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.data(), s.size());
-    out[s.size()] = '\0';
-  }
-  return out;
-}
-
-template <typename F> char *guarded(F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error &e) {
-    return message(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    return message(e.what());
-  } catch (...) {
-    return message("unknown C++ exception");
-  }
-}
+using tessera_ffi::guarded;
+using tessera_ffi::message;
 
 std::vector<at::Tensor> list(const at::Tensor *const *ts, size_t n) {
   std::vector<at::Tensor> out;

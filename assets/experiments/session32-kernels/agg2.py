@@ -1,3 +1,5 @@
+# agg2.py SCRIPT [N] [all]: perf script output (tid, ip, sym) → main-thread samples by innermost
+# tessera frame and the tch op under it.
 import collections,re,sys
 samples=[];cur=None
 for line in open(sys.argv[1],errors='replace'):
@@ -11,12 +13,13 @@ for line in open(sys.argv[1],errors='replace'):
         p=line.strip().split(None,1); cur['frames'].append(p[1] if len(p)>1 else '?')
 tids=sorted(set(s['tid'] for s in samples))
 main=[s for s in samples if s['tid']==tids[0]]
-samp=[s for s in main if any('Sampler::run' in f or 'Sampler::step' in f for f in s['frames'])]
+# the sampling loop's samples, or every main-thread sample with a third argument 'all'
+samp=main if sys.argv[3:] == ['all'] else [s for s in main if any('Sampler::run' in f or 'Sampler::step' in f for f in s['frames'])]
 def short(s): return re.sub(r'\(.*','',s)[:60]
 c=collections.Counter()
 for s in samp:
     fr=s['frames']
-    tes=[f for f in fr if f.startswith('tessera::')]
+    tes=[f for f in fr if f.startswith('tessera::')] or ['? '+(fr[0] if fr else '')]
     op='-'
     for f in fr:
         if f.startswith('tessera::'): break
