@@ -425,6 +425,90 @@ void attend_base(const AttnArgs &a, const std::vector<int64_t> &groups, int64_t 
   attend_tasks(a, groups, t0, t1);
 }
 
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
+
+// The sum of 16 floats in double precision, in a fixed order.
+inline __attribute__((always_inline)) double dsum16(const v16 &e) {
+  v8d lo, hi;
+  for (int l = 0; l < 8; ++l) {
+    lo[l] = e[l];
+    hi[l] = e[l + 8];
+  }
+  const v8d a = lo + hi;
+  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+// Row draws r0..r1 of `draw_rows`: the token where the running sum of e^(x − max) first
+// exceeds u · the total (sums in double; e^x in f32, ~2 ulp); −∞ logits weigh exactly 0.
+inline __attribute__((always_inline)) void draw_range(const float *logits, int64_t V,
+                                                      const double *u, int64_t *out, int64_t r0,
+                                                      int64_t r1) {
+  const int64_t padded = (V + LANES - 1) / LANES * LANES;
+  std::vector<float> e(static_cast<size_t>(padded));
+  std::vector<double> block(static_cast<size_t>(padded / LANES));
+  for (int64_t r = r0; r < r1; ++r) {
+    std::fill(e.begin() + V, e.end(), -INFINITY);
+    std::memcpy(e.data(), logits + r * V, sizeof(float) * V);
+    v16 mv = v16{} - INFINITY;
+    for (int64_t b = 0; b < padded / LANES; ++b) {
+      const v16 xv = *reinterpret_cast<const v16 *>(e.data() + b * LANES);
+      mv = xv > mv ? xv : mv;
+    }
+    float m = -INFINITY;
+    for (int l = 0; l < LANES; ++l) {
+      m = std::max(m, mv[l]);
+    }
+    double total = 0.0;
+    for (int64_t b = 0; b < padded / LANES; ++b) {
+      const v16 xv = *reinterpret_cast<const v16 *>(e.data() + b * LANES);
+      const v16 ev = xv == -INFINITY ? v16{} : exp_nonpos(xv - m);
+      *reinterpret_cast<v16 *>(e.data() + b * LANES) = ev;
+      block[b] = dsum16(ev);
+      total += block[b];
+    }
+    const double target = u[r] * total;
+    int64_t pick = -1, last = -1;
+    double c = 0.0;
+    for (int64_t b = 0; b < padded / LANES && pick < 0; ++b) {
+      if (block[b] > 0.0) {
+        for (int64_t l = LANES - 1; l >= 0; --l) {
+          if (e[b * LANES + l] > 0.f) {
+            last = b * LANES + l;
+            break;
+          }
+        }
+      }
+      if (c + block[b] <= target) {
+        c += block[b];
+        continue;
+      }
+      for (int64_t j = b * LANES; j < (b + 1) * LANES; ++j) {
+        c += e[j];
+        if (c > target && e[j] > 0.f) {
+          pick = j;
+          break;
+        }
+      }
+    }
+    // rounding left the target past the end: the last token that has any weight
+    out[r] = pick >= 0 ? pick : std::max<int64_t>(last, 0);
+  }
+}
+
+__attribute__((target("arch=x86-64-v4"))) void draw_v4(const float *l, int64_t V, const double *u,
+                                                       int64_t *o, int64_t r0, int64_t r1) {
+  draw_range(l, V, u, o, r0, r1);
+}
+
+__attribute__((target("arch=x86-64-v3"))) void draw_v3(const float *l, int64_t V, const double *u,
+                                                       int64_t *o, int64_t r0, int64_t r1) {
+  draw_range(l, V, u, o, r0, r1);
+}
+
+void draw_base(const float *l, int64_t V, const double *u, int64_t *o, int64_t r0, int64_t r1) {
+  draw_range(l, V, u, o, r0, r1);
+}
+
 } // namespace
 
 extern "C" {
@@ -557,6 +641,36 @@ char *tessera_block_attention(const at::Tensor *q, const at::Tensor *kv, const i
         attend_v3(a, groups, t0, t1);
       } else {
         attend_base(a, groups, t0, t1);
+      }
+    });
+    *out = new at::Tensor(y);
+  });
+}
+
+// One token per row of logits [B, V] (f32, CPU; removed tokens −∞) by inverting the CDF of
+// their softmax at uniforms [B] (f64): the first token whose running probability exceeds u.
+// Returns Int64 [B].
+char *tessera_draw_rows(const at::Tensor *logits, const at::Tensor *uniforms, at::Tensor **out) {
+  return guarded([&] {
+    check_cpu_float(*logits, "logits");
+    TORCH_CHECK(logits->dim() == 2 && logits->size(1) > 0, "logits must be [rows, vocabulary]");
+    const int64_t B = logits->size(0), V = logits->size(1);
+    TORCH_CHECK(uniforms->device().is_cpu() && uniforms->numel() == B,
+                "one uniform per row, on the CPU");
+    const auto lc = logits->contiguous();
+    const auto uc = uniforms->to(at::kDouble).contiguous();
+    auto y = at::empty({B}, lc.options().dtype(at::kLong));
+    const float *lp = lc.data_ptr<float>();
+    const double *up = uc.data_ptr<double>();
+    int64_t *yp = y.data_ptr<int64_t>();
+    const int level = isa();
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / V), [&](int64_t r0, int64_t r1) {
+      if (level == 4) {
+        draw_v4(lp, V, up, yp, r0, r1);
+      } else if (level == 3) {
+        draw_v3(lp, V, up, yp, r0, r1);
+      } else {
+        draw_base(lp, V, up, yp, r0, r1);
       }
     });
     *out = new at::Tensor(y);

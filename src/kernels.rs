@@ -46,6 +46,7 @@ unsafe extern "C" {
         scale: f64,
         out: *mut *mut c_void,
     ) -> *mut c_char;
+    fn tessera_draw_rows(logits: Handle, uniforms: Handle, out: *mut *mut c_void) -> *mut c_char;
 }
 
 /// A new tensor from the shim, or its message as an error naming `what`.
@@ -166,4 +167,15 @@ pub fn block_attention(
         )
     };
     take("block attention", m, out)
+}
+
+/// One token per row of filtered logits [B, V] (f32, CPU; removed tokens −∞) by inverting the
+/// CDF of their softmax at `uniforms` [B] or [B, 1]: the first token whose running probability
+/// exceeds u (running sums in double, e^x in f32). Returns Int64 [B]. One pass over each row
+/// instead of a softmax, a cumulative sum and a search in double over the whole vocabulary.
+pub fn draw_rows(logits: &Tensor, uniforms: &Tensor) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: both tensors are live for the call; `out` receives one new handle.
+    let m = unsafe { tessera_draw_rows(logits.as_ptr() as Handle, uniforms.as_ptr() as Handle, &mut out) };
+    take("draw", m, out)
 }

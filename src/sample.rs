@@ -103,10 +103,16 @@ pub fn draw(logits: &Tensor, uniforms: &[f64], greedy: bool) -> Tensor {
     draw_with(logits, &Tensor::from_slice(uniforms).to_device(logits.device()), greedy)
 }
 
-/// [`draw`] with the uniforms [B] or [B, 1] already on the logits' device (no host copy).
+/// [`draw`] with the uniforms [B] or [B, 1] already on the logits' device (no host copy). On
+/// the CPU in f32, one kernel pass per row ([`crate::kernels::draw_rows`]).
 pub fn draw_with(logits: &Tensor, uniforms: &Tensor, greedy: bool) -> Tensor {
     if greedy {
         return logits.argmax(1, false);
+    }
+    if crate::kernels::applies(logits.device(), logits.kind()) && uniforms.device() == logits.device() {
+        if let Ok(tokens) = crate::kernels::draw_rows(logits, uniforms) {
+            return tokens;
+        }
     }
     let v = logits.size()[1];
     let cdf = logits.softmax(1, Kind::Double).cumsum(1, Kind::Double);

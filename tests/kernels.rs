@@ -2,7 +2,7 @@
 //! precision), and the property sampling relies on: a row's result does not depend on the rows
 //! beside it, bit for bit.
 use tch::{Device, Kind, Tensor};
-use tessera::kernels::{PackedLinear, block_attention};
+use tessera::kernels::{PackedLinear, block_attention, draw_rows};
 
 use crate::common::max_abs_diff;
 
@@ -120,4 +120,38 @@ fn block_attention_equals_softmax_over_the_picked_keys() {
     assert!(block_attention(&q, &kv, &[], 0, &[0, 1]).is_err());
     assert!(block_attention(&randn(&[2, 1, 8]), &kv, &[3], 2, &[0, 1]).is_err());
     assert!(block_attention(&q, &kv, &[3], 11, &[0, 1]).is_err());
+}
+
+#[test]
+fn row_draws_equal_the_cdf_search_in_double_precision() {
+    tch::manual_seed(13);
+    // 4,000 rows of 1,000 logits (a vocabulary not a multiple of 16), every other row with
+    // most tokens removed as top-k leaves them; uniforms spread over [0, 1)
+    let (rows, v) = (4000i64, 1000i64);
+    let logits = randn(&[rows, v]) * 3.0;
+    let removed = Tensor::rand([rows, v], (Kind::Float, Device::Cpu)).lt(0.9);
+    let odd = Tensor::arange(rows, (Kind::Int64, Device::Cpu)).remainder(2).eq(1).unsqueeze(1);
+    let logits = logits.masked_fill(&removed.logical_and(&odd), f64::NEG_INFINITY);
+    let u = Tensor::rand([rows], (Kind::Double, Device::Cpu));
+    let got = draw_rows(&logits, &u).unwrap();
+    let cdf = logits.softmax(1, Kind::Double).cumsum(1, Kind::Double);
+    let want = (u.view([-1, 1]) * cdf.narrow(1, v - 1, 1))
+        .searchsorted(&cdf, false, true, "right", None::<Tensor>)
+        .squeeze_dim(1);
+    let same = got.eq_tensor(&want).sum(Kind::Int64).int64_value(&[]);
+    // the two differ only where u falls within rounding (~1e-7) of a boundary
+    assert!(same >= rows - 1, "{} of {rows} draws differ from the double-precision search", rows - same);
+    // never a removed token
+    let picked = logits.gather(1, &got.view([-1, 1]), false);
+    assert!(picked.isfinite().all().int64_value(&[]) == 1, "a removed token was drawn");
+    // u at the ends: the first and the last token with any weight
+    let row =
+        Tensor::from_slice(&[f32::NEG_INFINITY, 0.5, f32::NEG_INFINITY, 0.2, 1.0, f32::NEG_INFINITY]).view([1, 6]);
+    for (uu, want) in [(0.0, 1i64), (1.0 - 1e-17, 4), (1.0, 4)] {
+        let t = draw_rows(&row, &Tensor::from_slice(&[uu])).unwrap();
+        assert_eq!(t.int64_value(&[0]), want, "u = {uu}");
+    }
+    // a uniform per row, on the logits' device, f32 logits: else an error
+    assert!(draw_rows(&row, &Tensor::from_slice(&[0.5, 0.5])).is_err());
+    assert!(draw_rows(&row.to_kind(Kind::Double), &Tensor::from_slice(&[0.5])).is_err());
 }
