@@ -109,10 +109,11 @@ pub fn draw_with(logits: &Tensor, uniforms: &Tensor, greedy: bool) -> Tensor {
     if greedy {
         return logits.argmax(1, false);
     }
-    if crate::kernels::applies(logits.device(), logits.kind()) && uniforms.device() == logits.device() {
-        if let Ok(tokens) = crate::kernels::draw_rows(logits, uniforms) {
-            return tokens;
-        }
+    if crate::kernels::applies(logits.device(), logits.kind())
+        && uniforms.device() == logits.device()
+        && let Ok(tokens) = crate::kernels::draw_rows(logits, uniforms)
+    {
+        return tokens;
     }
     let v = logits.size()[1];
     let cdf = logits.softmax(1, Kind::Double).cumsum(1, Kind::Double);
