@@ -411,6 +411,11 @@ impl KvCache {
         self.panels.as_ref()
     }
 
+    /// Layer `layer`'s packed weights: qkv, output, MLP first and second.
+    pub fn layer_panels(&self, layer: usize) -> Option<&[PackedLinear; 4]> {
+        self.panels.as_ref().and_then(|p| p.layers.get(layer))
+    }
+
     pub(crate) fn set_panels(&mut self, panels: Option<DecodePanels>) {
         self.panels = panels;
     }
@@ -559,11 +564,8 @@ impl Attention {
     ) -> Tensor {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
         // a decode step's products by the packed weights, when the cache holds them
-        fn packed(cache: Option<&KvCache>, n: i64, layer: usize, i: usize) -> Option<&PackedLinear> {
-            cache.filter(|_| n == 1).and_then(|c| c.panels.as_ref()).and_then(|p| p.layers.get(layer)).map(|l| &l[i])
-        }
-        let layer = cache.as_ref().map_or(0, |(_, l)| *l);
-        let qkv = product(&self.qkv, packed(cache.as_ref().map(|(c, _)| &**c), n, layer, 0), x, compute);
+        let packed = cache.as_ref().filter(|_| n == 1).and_then(|(c, l)| c.layer_panels(*l));
+        let qkv = product(&self.qkv, packed.map(|p| &p[0]), x, compute);
         let qkv = qkv.view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
         let q = qkv.get(0);
         let (k, v, groups, cache) = match cache {
@@ -601,6 +603,7 @@ impl Attention {
                 .unwrap_or_else(|| attend_blocks(&q, &k, &v, blocks, groups)),
         };
         let y = y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]);
-        product(&self.out, packed(cache.map(|(c, _)| c), n, layer, 1), &y, compute)
+        let packed = cache.filter(|_| n == 1).and_then(|(c, l)| c.layer_panels(l));
+        product(&self.out, packed.map(|p| &p[1]), &y, compute)
     }
 }

@@ -147,6 +147,12 @@ int isa() {
   return level;
 }
 
+// Of one kernel's three builds, the one for the instruction set the kernels run with.
+template <typename F> F by_isa(F v4, F v3, F base) {
+  const int level = isa();
+  return level == 4 ? v4 : level == 3 ? v3 : base;
+}
+
 void check_cpu_float(const at::Tensor &t, const char *what) {
   TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
   TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be f32");
@@ -467,17 +473,9 @@ inline __attribute__((always_inline)) void draw_range(const float *logits, int64
       total += block[b];
     }
     const double target = u[r] * total;
-    int64_t pick = -1, last = -1;
+    int64_t pick = -1;
     double c = 0.0;
     for (int64_t b = 0; b < padded / LANES && pick < 0; ++b) {
-      if (block[b] > 0.0) {
-        for (int64_t l = LANES - 1; l >= 0; --l) {
-          if (e[b * LANES + l] > 0.f) {
-            last = b * LANES + l;
-            break;
-          }
-        }
-      }
       if (c + block[b] <= target) {
         c += block[b];
         continue;
@@ -491,7 +489,12 @@ inline __attribute__((always_inline)) void draw_range(const float *logits, int64
       }
     }
     // rounding left the target past the end: the last token that has any weight
-    out[r] = pick >= 0 ? pick : std::max<int64_t>(last, 0);
+    for (int64_t j = V - 1; pick < 0 && j > 0; --j) {
+      if (e[j] > 0.f) {
+        pick = j;
+      }
+    }
+    out[r] = std::max<int64_t>(pick, 0);
   }
 }
 
@@ -580,15 +583,9 @@ char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const 
     float *yp = y.data_ptr<float>();
     // a task of at least ~256 K multiply-adds: small layers stay on one thread
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, LANES * I * R));
-    const int level = isa();
+    const auto kernel = by_isa(panels_v4, panels_v3, panels_base);
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
-      if (level == 4) {
-        panels_v4(xp, R, I, pp, bp, yp, O, b0, b1);
-      } else if (level == 3) {
-        panels_v3(xp, R, I, pp, bp, yp, O, b0, b1);
-      } else {
-        panels_base(xp, R, I, pp, bp, yp, O, b0, b1);
-      }
+      kernel(xp, R, I, pp, bp, yp, O, b0, b1);
     });
     *out = new at::Tensor(y);
   });
@@ -633,15 +630,9 @@ char *tessera_block_attention(const at::Tensor *q, const at::Tensor *kv, const i
     const int64_t tasks = H * (static_cast<int64_t>(groups.size()) - 1);
     const int64_t per_task = (n_caption + n_pos) * D * GROUP_ROWS;
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_task));
-    const int level = isa();
+    const auto kernel = by_isa(attend_v4, attend_v3, attend_base);
     at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-      if (level == 4) {
-        attend_v4(a, groups, t0, t1);
-      } else if (level == 3) {
-        attend_v3(a, groups, t0, t1);
-      } else {
-        attend_base(a, groups, t0, t1);
-      }
+      kernel(a, groups, t0, t1);
     });
     *out = new at::Tensor(y);
   });
@@ -663,15 +654,9 @@ char *tessera_draw_rows(const at::Tensor *logits, const at::Tensor *uniforms, at
     const float *lp = lc.data_ptr<float>();
     const double *up = uc.data_ptr<double>();
     int64_t *yp = y.data_ptr<int64_t>();
-    const int level = isa();
+    const auto kernel = by_isa(draw_v4, draw_v3, draw_base);
     at::parallel_for(0, B, std::max<int64_t>(1, 16384 / V), [&](int64_t r0, int64_t r1) {
-      if (level == 4) {
-        draw_v4(lp, V, up, yp, r0, r1);
-      } else if (level == 3) {
-        draw_v3(lp, V, up, yp, r0, r1);
-      } else {
-        draw_base(lp, V, up, yp, r0, r1);
-      }
+      kernel(lp, V, up, yp, r0, r1);
     });
     *out = new at::Tensor(y);
   });

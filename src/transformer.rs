@@ -281,7 +281,7 @@ impl Transformer {
             let h = blk.attn.forward(&blk.ln1.forward(&x), &masks[m].1, c, start, train, self.compute, keys);
             x = x + h;
             // a decode step's MLP by the packed weights, when the cache holds them
-            let p = cache.as_deref().filter(|_| n == 1).and_then(|c| c.panels()).and_then(|p| p.layers.get(i));
+            let p = cache.as_deref().filter(|_| n == 1).and_then(|c| c.layer_panels(i));
             let h = product(&blk.fc1, p.map(|l| &l[2]), &blk.ln2.forward(&x), self.compute).gelu("none");
             let h = product(&blk.fc2, p.map(|l| &l[3]), &h, self.compute);
             x = if train && self.dropout > 0.0 { x + h.dropout(self.dropout, true) } else { x + h };
