@@ -174,10 +174,10 @@ fn attend_blocks(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &[KeyBlock], groups
     out.unwrap_or_else(|| q.zeros_like())
 }
 
-/// [`attend_blocks`] in one CPU kernel ([`kernels::block_attention`]) over the cache `kv`
-/// [2, B, H, L, D] of the layer: `q` [B, H, 1, D] → [B, H, 1, D].
-fn fused_blocks(q: &Tensor, kv: &Tensor, blocks: &[KeyBlock], groups: &[(i64, i64)]) -> Result<Tensor> {
-    let b = q.size()[0];
+/// What the block kernels take of a decode step's key blocks: the caption's key count (the
+/// first block, when it is the caption's), the other blocks' positions, and for each of the
+/// `b` rows the row whose caption keys it reads (the first of its caption group).
+fn kernel_keys(blocks: &[KeyBlock], groups: &[(i64, i64)], b: i64) -> (usize, Vec<i64>, Vec<i64>) {
     let mut n_caption = 0;
     let mut positions: Vec<i64> = Vec::new();
     for (i, blk) in blocks.iter().enumerate() {
@@ -193,6 +193,13 @@ fn fused_blocks(q: &Tensor, kv: &Tensor, blocks: &[KeyBlock], groups: &[(i64, i6
             src[r as usize] = first;
         }
     }
+    (n_caption, positions, src)
+}
+
+/// [`attend_blocks`] in one CPU kernel ([`kernels::block_attention`]) over the cache `kv`
+/// [2, B, H, L, D] of the layer: `q` [B, H, 1, D] → [B, H, 1, D].
+fn fused_blocks(q: &Tensor, kv: &Tensor, blocks: &[KeyBlock], groups: &[(i64, i64)]) -> Result<Tensor> {
+    let (n_caption, positions, src) = kernel_keys(blocks, groups, q.size()[0]);
     Ok(kernels::block_attention(&q.squeeze_dim(2), kv, &positions, n_caption, &src)?.unsqueeze(2))
 }
 
@@ -566,6 +573,27 @@ impl Attention {
         // a decode step's products by the packed weights, when the cache holds them
         let packed = cache.as_ref().filter(|_| n == 1).and_then(|(c, l)| c.layer_panels(*l));
         let qkv = product(&self.qkv, packed.map(|p| &p[0]), x, compute);
+        let inner = self.n_heads * self.head_dim;
+        // a sparse layer's CPU decode step: the keys written and attended in one kernel
+        if n == 1
+            && matches!(keys, CacheUse::Written)
+            && kernels::applies(qkv.device(), qkv.kind())
+            && let (Some((c, layer)), Mask::Blocks(blocks)) = (cache.as_ref(), mask)
+        {
+            let (n_caption, positions, src) = kernel_keys(blocks, &c.caption_groups, b);
+            let step = kernels::block_attention_step(
+                &qkv.reshape([b, 3 * inner]),
+                &c.kv[*layer],
+                start,
+                &positions,
+                n_caption,
+                &src,
+            );
+            if let Ok(y) = step {
+                let packed = c.layer_panels(*layer);
+                return product(&self.out, packed.map(|p| &p[1]), &y.view([b, n, inner]), compute);
+            }
+        }
         let qkv = qkv.view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
         let q = qkv.get(0);
         let (k, v, groups, cache) = match cache {

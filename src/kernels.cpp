@@ -34,14 +34,51 @@ constexpr int64_t PREFETCH = 32;
 // 16 floats; `aligned(4)`: loads and stores at any float address.
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
-// Rows r0..r0+RB of y[:, panel] = x·Wᵀ + b over one panel `p` [I, 16]: RB accumulators of 16
-// outputs; `cols` of the 16 are real (the last panel may be partial). `xt` is the input
+// e^x for x ≤ 0 (scores minus the row's largest), lane by lane, within ~2 ulp:
+// x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to degree 7, 2^n from the exponent
+// bits. Below −87 (e^x < 2^−125, beside the largest score's 1) it gives e^−87.
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+inline __attribute__((always_inline)) v16 exp_nonpos(const v16 &xin) {
+  v16 x = xin;
+  const v16 lo = v16{} - 87.0f;
+  x = x < lo ? lo : x;
+  const v16 t = x * 1.44269504088896341f - 0.5f;
+  const v16i n = __builtin_convertvector(t, v16i);  // t < 0: truncation rounds x/ln2 to nearest
+  const v16 nf = __builtin_convertvector(n, v16);
+  const v16 r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
+  v16 e = r * (1.f / 5040.f) + 1.f / 720.f;
+  e = e * r + 1.f / 120.f;
+  e = e * r + 1.f / 24.f;
+  e = e * r + 1.f / 6.f;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  const v16i bits = (n + 127) << 23;
+  return e * reinterpret_cast<const v16 &>(bits);
+}
+
+// GELU in its exact form, x·Φ(x), lane by lane: Φ from erfc(|x|/√2) ≈ poly(t)·e^(−x²/2) with
+// t = 1/(1 + p·|x|/√2) (Abramowitz & Stegun 7.1.26, |error| ≤ 1.5e−7, the form libtorch's CPU
+// GELU computes too).
+inline __attribute__((always_inline)) v16 gelu(const v16 &x) {
+  const v16 z = (x < 0.f ? -x : x) * 0.7071067811865476f;
+  const v16 t = 1.f / (1.f + 0.3275911f * z);
+  v16 p = t * 1.061405429f - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const v16 half_erfc = 0.5f * (p * t) * exp_nonpos(-(z * z));
+  return x * (x < 0.f ? half_erfc : 1.f - half_erfc);
+}
+
+// Rows r0..r0+RB of y[:, panel] = x·Wᵀ + b (GELU of it with `act`) over one panel `p` [I, 16]:
+// RB accumulators of 16 outputs; `cols` of the 16 are real (the last panel may be partial). `xt` is the input
 // transposed, [I, R], offset to row r0: the RB values a step over `i` reads share a cache line
 // (rows of x a power of two apart would share a cache set and evict each other).
 template <int RB>
 inline __attribute__((always_inline)) void panel_rows(const float *xt, int64_t R, int64_t I,
                                                       const float *p, const v16 &bias, float *y,
-                                                      int64_t O, int64_t cols) {
+                                                      int64_t O, int64_t cols, bool act) {
   v16 acc[RB];
   for (int a = 0; a < RB; ++a) {
     acc[a] = v16{};
@@ -59,7 +96,7 @@ inline __attribute__((always_inline)) void panel_rows(const float *xt, int64_t R
     }
   }
   for (int a = 0; a < RB; ++a) {
-    const v16 r = acc[a] + bias;
+    const v16 r = act ? gelu(acc[a] + bias) : acc[a] + bias;
     if (cols == LANES) {
       *reinterpret_cast<v16 *>(y + a * O) = r;
     } else {
@@ -72,7 +109,7 @@ inline __attribute__((always_inline)) void panel_rows(const float *xt, int64_t R
 template <int RB>
 inline __attribute__((always_inline)) void panels(const float *x, int64_t R, int64_t I,
                                                   const float *p, const float *b, float *y,
-                                                  int64_t O, int64_t ob0, int64_t ob1) {
+                                                  int64_t O, int64_t ob0, int64_t ob1, bool act) {
   for (int64_t ob = ob0; ob < ob1; ++ob) {
     const int64_t o = ob * LANES;
     const int64_t cols = std::min(LANES, O - o);
@@ -83,23 +120,23 @@ inline __attribute__((always_inline)) void panels(const float *x, int64_t R, int
     const float *pp = p + ob * I * LANES;
     int64_t r = 0;
     for (; r + RB <= R; r += RB) {
-      panel_rows<RB>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+      panel_rows<RB>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
     }
     if (RB > 8) {
       for (; r + 8 <= R; r += 8) {
-        panel_rows<8>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+        panel_rows<8>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
       }
     }
     if (RB > 4) {
       for (; r + 4 <= R; r += 4) {
-        panel_rows<4>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+        panel_rows<4>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
       }
     }
     for (; r + 2 <= R; r += 2) {
-      panel_rows<2>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+      panel_rows<2>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
     }
     for (; r < R; ++r) {
-      panel_rows<1>(x + r, R, I, pp, bias, y + r * O + o, O, cols);
+      panel_rows<1>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
     }
   }
 }
@@ -109,20 +146,20 @@ inline __attribute__((always_inline)) void panels(const float *x, int64_t R, int
 __attribute__((target("arch=x86-64-v4"))) void panels_v4(const float *x, int64_t R, int64_t I,
                                                          const float *p, const float *b,
                                                          float *y, int64_t O, int64_t ob0,
-                                                         int64_t ob1) {
-  panels<16>(x, R, I, p, b, y, O, ob0, ob1);
+                                                         int64_t ob1, bool act) {
+  panels<16>(x, R, I, p, b, y, O, ob0, ob1, act);
 }
 
 __attribute__((target("arch=x86-64-v3"))) void panels_v3(const float *x, int64_t R, int64_t I,
                                                          const float *p, const float *b,
                                                          float *y, int64_t O, int64_t ob0,
-                                                         int64_t ob1) {
-  panels<4>(x, R, I, p, b, y, O, ob0, ob1);
+                                                         int64_t ob1, bool act) {
+  panels<4>(x, R, I, p, b, y, O, ob0, ob1, act);
 }
 
 void panels_base(const float *x, int64_t R, int64_t I, const float *p, const float *b, float *y,
-                 int64_t O, int64_t ob0, int64_t ob1) {
-  panels<4>(x, R, I, p, b, y, O, ob0, ob1);
+                 int64_t O, int64_t ob0, int64_t ob1, bool act) {
+  panels<4>(x, R, I, p, b, y, O, ob0, ob1, act);
 }
 
 // The instruction set the kernels run with: the CPU's best, or a lower one that
@@ -159,8 +196,13 @@ void check_cpu_float(const at::Tensor &t, const char *what) {
 }
 
 struct AttnArgs {
-  const float *q;  // [B, H, D] contiguous
-  const float *k;  // keys [B, H, L, D] contiguous, values at `vs` after them
+  const float *q;  // row b, head h at q + b·q_row + h·D
+  int64_t q_row;
+  // with a step's qkv [B, 3·H·D] as `q`: its keys and values, written into the cache at
+  // write_pos before the row reads it (false: the cache holds them already)
+  bool write;
+  int64_t write_pos;
+  float *k;  // keys [B, H, L, D] contiguous, values at `vs` after them
   int64_t vs;      // offset of the values from the keys
   int64_t B, H, L, D;
   const int64_t *pos;  // image key positions, n_pos
@@ -170,29 +212,6 @@ struct AttnArgs {
   float scale;
   float *out;  // [B, H, D]
 };
-
-// e^x for x ≤ 0 (scores minus the row's largest), lane by lane, within ~2 ulp:
-// x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to degree 7, 2^n from the exponent
-// bits. Below −87 (e^x < 2^−125, beside the largest score's 1) it gives e^−87.
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
-inline __attribute__((always_inline)) v16 exp_nonpos(const v16 &xin) {
-  v16 x = xin;
-  const v16 lo = v16{} - 87.0f;
-  x = x < lo ? lo : x;
-  const v16 t = x * 1.44269504088896341f - 0.5f;
-  const v16i n = __builtin_convertvector(t, v16i);  // t < 0: truncation rounds x/ln2 to nearest
-  const v16 nf = __builtin_convertvector(n, v16);
-  const v16 r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
-  v16 e = r * (1.f / 5040.f) + 1.f / 720.f;
-  e = e * r + 1.f / 120.f;
-  e = e * r + 1.f / 24.f;
-  e = e * r + 1.f / 6.f;
-  e = e * r + 0.5f;
-  e = e * r + 1.f;
-  e = e * r + 1.f;
-  const v16i bits = (n + 127) << 23;
-  return e * reinterpret_cast<const v16 &>(bits);
-}
 
 // The sum of a vector's 16 lanes, halving it three times.
 inline __attribute__((always_inline)) float hsum(const v16 &t) {
@@ -267,7 +286,7 @@ inline __attribute__((always_inline)) void attend_rows(const AttnArgs &a, int64_
   for (int r = 0; r < RB; ++r) {
     kr[r] = a.k + (((b0 + r) * a.H + h) * a.L) * D;
     for (int c = 0; c < DV; ++c) {
-      qv[r][c] = *reinterpret_cast<const v16 *>(a.q + ((b0 + r) * a.H + h) * D + c * LANES);
+      qv[r][c] = *reinterpret_cast<const v16 *>(a.q + (b0 + r) * a.q_row + h * D + c * LANES);
     }
     m[r] = -INFINITY;
   }
@@ -336,7 +355,7 @@ inline __attribute__((always_inline)) void attend_rows(const AttnArgs &a, int64_
 inline __attribute__((always_inline)) void attend_row_any(const AttnArgs &a, int64_t h, int64_t b,
                                                           float *s, float *out) {
   const int64_t n = a.n_caption + a.n_pos, D = a.D;
-  const float *q = a.q + (b * a.H + h) * D;
+  const float *q = a.q + b * a.q_row + h * D;
   const float *kc = a.k + ((a.caption_src[b] * a.H + h) * a.L) * D;
   const float *kr = a.k + ((b * a.H + h) * a.L) * D;
   const auto key = [&](int64_t j) {
@@ -383,6 +402,27 @@ inline __attribute__((always_inline)) void attend_group(const AttnArgs &a, int64
   }
 }
 
+// Asks for the image keys and values of task t's rows ahead of their use: they sit in rows
+// of the cache written many steps ago (a column's keys a grid row apart), so each is a
+// separate trip to memory, and the task before gives the time for it.
+inline __attribute__((always_inline)) void prefetch_task(const AttnArgs &a,
+                                                         const std::vector<int64_t> &groups,
+                                                         int64_t t) {
+  const int64_t ng = static_cast<int64_t>(groups.size()) - 1, h = t / ng, g = t % ng;
+  const int64_t bytes = a.D * static_cast<int64_t>(sizeof(float));
+  for (int64_t b = groups[g]; b < groups[g + 1]; ++b) {
+    const char *kr = reinterpret_cast<const char *>(a.k + ((b * a.H + h) * a.L) * a.D);
+    const int64_t vs = a.vs * static_cast<int64_t>(sizeof(float));
+    for (int64_t j = 0; j < a.n_pos; ++j) {
+      const char *k = kr + a.pos[j] * bytes;
+      for (int64_t o = 0; o < bytes; o += 64) {
+        __builtin_prefetch(k + o, 0, 2);
+        __builtin_prefetch(k + vs + o, 0, 2);
+      }
+    }
+  }
+}
+
 // Tasks t0..t1 of (head, group of rows that share a caption): t = h · groups + g.
 inline __attribute__((always_inline)) void attend_tasks(const AttnArgs &a,
                                                         const std::vector<int64_t> &groups,
@@ -391,9 +431,25 @@ inline __attribute__((always_inline)) void attend_tasks(const AttnArgs &a,
   const int64_t stride = (n + LANES - 1) / LANES * LANES;
   std::vector<float> scores(static_cast<size_t>(stride * GROUP_ROWS));
   std::vector<float> out(static_cast<size_t>(a.D));
+  if (t0 < t1) {
+    prefetch_task(a, groups, t0);
+  }
   for (int64_t t = t0; t < t1; ++t) {
+    if (t + 1 < t1) {
+      prefetch_task(a, groups, t + 1);
+    }
     const int64_t h = t / ng, g = t % ng;
     const int64_t b0 = groups[g], rows = groups[g + 1] - b0;
+    if (a.write) {
+      // the task's own rows and head: no other task writes or reads these keys
+      const int64_t HD = a.H * a.D;
+      for (int64_t b = b0; b < b0 + rows; ++b) {
+        float *k = a.k + ((b * a.H + h) * a.L + a.write_pos) * a.D;
+        const float *src = a.q + b * a.q_row + h * a.D;
+        std::memcpy(k, src + HD, sizeof(float) * a.D);
+        std::memcpy(k + a.vs, src + 2 * HD, sizeof(float) * a.D);
+      }
+    }
     switch (a.D) {
     case 16:
       attend_group<1>(a, h, b0, rows, scores.data(), stride);
@@ -546,9 +602,10 @@ char *tessera_pack_panels(const at::Tensor *w, at::Tensor **out) {
 }
 
 // y = x·Wᵀ + b for x [R, I] and W packed by tessera_pack_panels for `out_features` outputs;
-// `bias` [O] may be null. Returns y [R, O] (f32, row-major).
+// `bias` [O] may be null; `act` 1: GELU(y) instead (exact form). Returns y [R, O] (f32,
+// row-major).
 char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const at::Tensor *bias,
-                           int64_t out_features, at::Tensor **out) {
+                           int64_t out_features, int32_t act, at::Tensor **out) {
   return guarded([&] {
     check_cpu_float(*x, "input");
     check_cpu_float(*packed, "packed weight");
@@ -585,11 +642,67 @@ char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const 
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, LANES * I * R));
     const auto kernel = by_isa(panels_v4, panels_v3, panels_base);
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
-      kernel(xp, R, I, pp, bp, yp, O, b0, b1);
+      kernel(xp, R, I, pp, bp, yp, O, b0, b1, act == 1);
     });
     *out = new at::Tensor(y);
   });
 }
+
+} // extern "C"
+
+namespace {
+
+// The work of both block attention entry points: `write` with q a step's qkv [B, 3·H·D].
+void block_attention(const at::Tensor &q, bool write, int64_t write_pos, const at::Tensor &kv,
+                     const int64_t *pos, int64_t n_pos, int64_t n_caption,
+                     const int64_t *caption_src, double scale, at::Tensor **out) {
+  check_cpu_float(q, write ? "qkv" : "queries");
+  check_cpu_float(kv, "cache");
+  TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.is_contiguous(),
+              "cache must be contiguous [2, B, H, L, D]");
+  const int64_t B = kv.size(1), H = kv.size(2), L = kv.size(3), D = kv.size(4);
+  if (write) {
+    TORCH_CHECK(q.dim() == 2 && q.size(0) == B && q.size(1) == 3 * H * D,
+                "qkv must be [B, 3·H·D] of the cache's sizes");
+    TORCH_CHECK(write_pos >= n_caption && write_pos < L,
+                "the step's position must be in the cache, past the caption");
+  } else {
+    TORCH_CHECK(q.dim() == 3 && q.size(0) == B && q.size(1) == H && q.size(2) == D,
+                "queries must be [B, H, D] of the cache's sizes");
+  }
+  TORCH_CHECK(n_caption >= 0 && n_caption <= L && n_pos >= 0 && n_caption + n_pos > 0,
+              "no keys to attend to");
+  for (int64_t j = 0; j < n_pos; ++j) {
+    TORCH_CHECK(pos[j] >= 0 && pos[j] < L, "key position out of the cache");
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(caption_src[b] >= 0 && caption_src[b] < B, "caption row out of the batch");
+  }
+  const auto qc = q.contiguous();
+  auto y = at::empty({B, H, D}, qc.options());
+  AttnArgs a{qc.data_ptr<float>(), write ? 3 * H * D : H * D, write, write_pos,
+             kv.data_ptr<float>(), B * H * L * D, B, H, L, D, pos, n_pos, n_caption,
+             caption_src, static_cast<float>(scale), y.data_ptr<float>()};
+  // runs of consecutive rows with one caption source, at most GROUP_ROWS long: groups[g] is
+  // the first row of run g, groups.back() == B
+  std::vector<int64_t> groups{0};
+  for (int64_t b = 1; b < B; ++b) {
+    if (caption_src[b] != caption_src[b - 1] || b - groups.back() == GROUP_ROWS) {
+      groups.push_back(b);
+    }
+  }
+  groups.push_back(B);
+  const int64_t tasks = H * (static_cast<int64_t>(groups.size()) - 1);
+  const int64_t per_task = (n_caption + n_pos) * D * GROUP_ROWS;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_task));
+  const auto kernel = by_isa(attend_v4, attend_v3, attend_base);
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) { kernel(a, groups, t0, t1); });
+  *out = new at::Tensor(y);
+}
+
+} // namespace
+
+extern "C" {
 
 // Attention of one query per row and head, q [B, H, D], over keys and values of the cache
 // kv [2, B, H, L, D] (f32, CPU, contiguous): the caption's keys 0..n_caption of row
@@ -599,42 +712,18 @@ char *tessera_block_attention(const at::Tensor *q, const at::Tensor *kv, const i
                               int64_t n_pos, int64_t n_caption, const int64_t *caption_src,
                               double scale, at::Tensor **out) {
   return guarded([&] {
-    check_cpu_float(*q, "queries");
-    check_cpu_float(*kv, "cache");
-    TORCH_CHECK(kv->dim() == 5 && kv->size(0) == 2 && kv->is_contiguous(),
-                "cache must be contiguous [2, B, H, L, D]");
-    const int64_t B = kv->size(1), H = kv->size(2), L = kv->size(3), D = kv->size(4);
-    TORCH_CHECK(q->dim() == 3 && q->size(0) == B && q->size(1) == H && q->size(2) == D,
-                "queries must be [B, H, D] of the cache's sizes");
-    TORCH_CHECK(n_caption >= 0 && n_caption <= L && n_pos >= 0 && n_caption + n_pos > 0,
-                "no keys to attend to");
-    for (int64_t j = 0; j < n_pos; ++j) {
-      TORCH_CHECK(pos[j] >= 0 && pos[j] < L, "key position out of the cache");
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(caption_src[b] >= 0 && caption_src[b] < B, "caption row out of the batch");
-    }
-    const auto qc = q->contiguous();
-    auto y = at::empty({B, H, D}, qc.options());
-    AttnArgs a{qc.data_ptr<float>(), kv->data_ptr<float>(), B * H * L * D, B, H, L, D, pos,
-               n_pos, n_caption, caption_src, static_cast<float>(scale), y.data_ptr<float>()};
-    // runs of consecutive rows with one caption source, at most GROUP_ROWS long: groups[g] is
-    // the first row of run g, groups.back() == B
-    std::vector<int64_t> groups{0};
-    for (int64_t b = 1; b < B; ++b) {
-      if (caption_src[b] != caption_src[b - 1] || b - groups.back() == GROUP_ROWS) {
-        groups.push_back(b);
-      }
-    }
-    groups.push_back(B);
-    const int64_t tasks = H * (static_cast<int64_t>(groups.size()) - 1);
-    const int64_t per_task = (n_caption + n_pos) * D * GROUP_ROWS;
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_task));
-    const auto kernel = by_isa(attend_v4, attend_v3, attend_base);
-    at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-      kernel(a, groups, t0, t1);
-    });
-    *out = new at::Tensor(y);
+    block_attention(*q, false, 0, *kv, pos, n_pos, n_caption, caption_src, scale, out);
+  });
+}
+
+// A decode step's attention from its qkv [B, 3·H·D] (each row: queries, keys, values, head
+// by head): writes the keys and values into the cache at write_pos, then attends as
+// tessera_block_attention with the queries. Returns [B, H, D].
+char *tessera_block_attention_step(const at::Tensor *qkv, const at::Tensor *kv, int64_t write_pos,
+                                   const int64_t *pos, int64_t n_pos, int64_t n_caption,
+                                   const int64_t *caption_src, double scale, at::Tensor **out) {
+  return guarded([&] {
+    block_attention(*qkv, true, write_pos, *kv, pos, n_pos, n_caption, caption_src, scale, out);
   });
 }
 

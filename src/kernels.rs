@@ -34,11 +34,23 @@ unsafe extern "C" {
         packed: Handle,
         bias: Handle,
         out_features: i64,
+        act: i32,
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn tessera_block_attention(
         q: Handle,
         kv: Handle,
+        pos: *const i64,
+        n_pos: i64,
+        n_caption: i64,
+        caption_src: *const i64,
+        scale: f64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn tessera_block_attention_step(
+        qkv: Handle,
+        kv: Handle,
+        write_pos: i64,
         pos: *const i64,
         n_pos: i64,
         n_caption: i64,
@@ -105,6 +117,16 @@ impl PackedLinear {
 
     /// `x·Wᵀ + b` for `x` [.., I]: [.., O].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.product(x, false)
+    }
+
+    /// `GELU(x·Wᵀ + b)` (the exact form, x·Φ(x)) for `x` [.., I]: [.., O], the activation
+    /// applied to the outputs while they are still in registers.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.product(x, true)
+    }
+
+    fn product(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         let mut shape = x.size();
         if shape.last() != Some(&self.in_features) {
             return Err(Error::Invalid(format!(
@@ -123,6 +145,7 @@ impl PackedLinear {
                 self.panels.as_ptr() as Handle,
                 bias,
                 self.out_features,
+                i32::from(gelu),
                 &mut out,
             )
         };
@@ -158,6 +181,45 @@ pub fn block_attention(
         tessera_block_attention(
             q.as_ptr() as Handle,
             kv.as_ptr() as Handle,
+            positions.as_ptr(),
+            positions.len() as i64,
+            n_caption as i64,
+            caption_src.as_ptr(),
+            scale,
+            &mut out,
+        )
+    };
+    take("block attention", m, out)
+}
+
+/// A decode step's [`block_attention`] from the step's `qkv` [B, 3·H·D] (each row: the
+/// queries, keys and values, head by head, as the layer's product gives them): writes the keys
+/// and values into the cache `kv` at `write_pos` (past the caption), then attends with the
+/// queries. One call instead of splitting, copying and attending. Returns [B, H, D].
+pub fn block_attention_step(
+    qkv: &Tensor,
+    kv: &Tensor,
+    write_pos: usize,
+    positions: &[i64],
+    n_caption: usize,
+    caption_src: &[i64],
+) -> Result<Tensor> {
+    let size = kv.size();
+    let b = size.get(1).copied().unwrap_or(0);
+    if caption_src.len() as i64 != b {
+        return Err(Error::Invalid(format!("block attention: {} caption rows for {b} rows", caption_src.len())));
+    }
+    let d = size.last().copied().unwrap_or(1).max(1);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = std::ptr::null_mut();
+    // SAFETY: the tensors are live for the call and the cache is written only inside its
+    // bounds (the shim checks the sizes, the write position, every key position and caption
+    // row); the slices' lengths are passed with them.
+    let m = unsafe {
+        tessera_block_attention_step(
+            qkv.as_ptr() as Handle,
+            kv.as_ptr() as Handle,
+            write_pos as i64,
             positions.as_ptr(),
             positions.len() as i64,
             n_caption as i64,

@@ -282,7 +282,11 @@ impl Transformer {
             x = x + h;
             // a decode step's MLP by the packed weights, when the cache holds them
             let p = cache.as_deref().filter(|_| n == 1).and_then(|c| c.layer_panels(i));
-            let h = product(&blk.fc1, p.map(|l| &l[2]), &blk.ln2.forward(&x), self.compute).gelu("none");
+            let l2 = blk.ln2.forward(&x);
+            // the GELU in the packed product's epilogue when the step has packed weights
+            let h = p
+                .and_then(|l| l[2].forward_gelu(&l2).ok())
+                .unwrap_or_else(|| dense(&blk.fc1, &l2, self.compute).gelu("none"));
             let h = product(&blk.fc2, p.map(|l| &l[3]), &h, self.compute);
             x = if train && self.dropout > 0.0 { x + h.dropout(self.dropout, true) } else { x + h };
         }

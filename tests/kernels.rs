@@ -2,7 +2,7 @@
 //! precision), and the property sampling relies on: a row's result does not depend on the rows
 //! beside it, bit for bit.
 use tch::{Device, Kind, Tensor};
-use tessera::kernels::{PackedLinear, block_attention, draw_rows};
+use tessera::kernels::{PackedLinear, block_attention, block_attention_step, draw_rows};
 
 use crate::common::max_abs_diff;
 
@@ -46,6 +46,29 @@ fn panel_products_equal_a_double_precision_reference_at_every_batch_size() {
             }
         }
     }
+    // GELU in the epilogue: the exact form (x·Φ(x), libtorch's double precision) of the same
+    // product's outputs, within the erf approximation's 1.5e−7; rows independent of the batch
+    let w = randn(&[300, 256]);
+    let b = randn(&[300]);
+    let p = PackedLinear::new(&w, Some(&b)).unwrap();
+    let all = randn(&[33, 256]) * 0.3;
+    let alone: Vec<Tensor> = (0..33).map(|r| p.forward_gelu(&all.narrow(0, r, 1)).unwrap()).collect();
+    for rows in [1i64, 5, 16, 33] {
+        let x = all.narrow(0, 0, rows);
+        let pre = p.forward(&x).unwrap().to_kind(Kind::Double);
+        let got = p.forward_gelu(&x).unwrap();
+        let want = pre.gelu("none");
+        let err = (got.to_kind(Kind::Double) - &want).abs() / (pre.abs() + 1.0);
+        let e = err.max().double_value(&[]);
+        assert!(e < 3e-7, "GELU epilogue, {rows} rows: off by {e} (relative to 1 + |x|)");
+        for r in 0..rows {
+            assert!(got.get(r).equal(&alone[r as usize].get(0)), "GELU row {r} of {rows} differs alone");
+        }
+    }
+    // the inputs cover both tails and the middle
+    let pre = p.forward(&all).unwrap();
+    assert!(pre.min().double_value(&[]) < -4.0 && pre.max().double_value(&[]) > 4.0);
+
     // leading dimensions are kept; a wrong width and a weight the kernels do not take are errors
     let w = randn(&[40, 32]);
     let p = PackedLinear::new(&w, None).unwrap();
@@ -120,6 +143,40 @@ fn block_attention_equals_softmax_over_the_picked_keys() {
     assert!(block_attention(&q, &kv, &[], 0, &[0, 1]).is_err());
     assert!(block_attention(&randn(&[2, 1, 8]), &kv, &[3], 2, &[0, 1]).is_err());
     assert!(block_attention(&q, &kv, &[3], 11, &[0, 1]).is_err());
+}
+
+#[test]
+fn a_step_writes_its_keys_then_attends_as_block_attention() {
+    tch::manual_seed(14);
+    let (b, h, l) = (6i64, 4i64, 80i64);
+    for d in [32i64, 24] {
+        let inner = h * d;
+        let kv = randn(&[2, b, h, l, d]);
+        let qkv = randn(&[b, 3 * inner]);
+        let src = [0i64, 0, 0, 3, 3, 5];
+        let (n_caption, at) = (9usize, 50i64);
+        // the pattern's keys include the step's own position
+        let pos: Vec<i64> = (30..=at).step_by(4).chain([at]).collect();
+        // reference: the keys and values written by libtorch, then the query-only kernel
+        let want_kv = kv.copy();
+        let parts = qkv.view([b, 3, h, d]);
+        want_kv.get(0).select(2, at).copy_(&parts.select(1, 1));
+        want_kv.get(1).select(2, at).copy_(&parts.select(1, 2));
+        let want = block_attention(&parts.select(1, 0).contiguous(), &want_kv, &pos, n_caption, &src).unwrap();
+        let got = block_attention_step(&qkv, &kv, at as usize, &pos, n_caption, &src).unwrap();
+        assert!(got.equal(&want), "D {d}: the step's attention differs from writing then attending");
+        assert!(kv.equal(&want_kv), "D {d}: the cache differs from libtorch's writes");
+    }
+    // a write position inside the caption or past the cache, a qkv of the wrong width: errors,
+    // and the cache is left as it was
+    let kv = randn(&[2, 2, 2, 20, 16]);
+    let before = kv.copy();
+    let qkv = randn(&[2, 96]);
+    assert!(block_attention_step(&qkv, &kv, 3, &[3], 4, &[0, 1]).is_err());
+    assert!(block_attention_step(&qkv, &kv, 20, &[3], 4, &[0, 1]).is_err());
+    assert!(block_attention_step(&randn(&[2, 64]), &kv, 10, &[10], 4, &[0, 1]).is_err());
+    assert!(block_attention_step(&qkv, &kv, 10, &[25], 4, &[0, 1]).is_err());
+    assert!(kv.equal(&before), "a refused step wrote into the cache");
 }
 
 #[test]
