@@ -209,6 +209,21 @@ pub fn product(l: &nn::Linear, packed: Option<&PackedLinear>, x: &Tensor, comput
     packed.and_then(|p| p.forward(x).ok()).unwrap_or_else(|| dense(l, x, compute))
 }
 
+/// [`product`] plus `residual` when given, added last (as `residual + h` adds it): in the
+/// packed product's epilogue, so the sum is the same bits either way.
+pub fn product_add(
+    l: &nn::Linear,
+    packed: Option<&PackedLinear>,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    compute: Option<Kind>,
+) -> Tensor {
+    match residual {
+        None => product(l, packed, x, compute),
+        Some(r) => packed.and_then(|p| p.forward_add(x, r).ok()).unwrap_or_else(|| r + dense(l, x, compute)),
+    }
+}
+
 /// For each group of rows that share a caption, `x` [B, H, 1, ·] times the block of the
 /// group's first row of `t` [B, H, L, D]: one product per head for the whole group instead of
 /// one per row. `keys`: `x` is queries and the result scores (`x·Kᵀ`); else `x` is weights
@@ -557,7 +572,8 @@ impl Attention {
     }
 
     /// `x`: [B, n, d] for positions `start..start+n`. With a cache, this layer's keys and
-    /// values are written and read as `keys` says.
+    /// values are written and read as `keys` says. With `residual` [B, n, d], returns it plus
+    /// the attention's output (added in the output product's epilogue on a CPU decode step).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -568,6 +584,7 @@ impl Attention {
         train: bool,
         compute: Option<Kind>,
         keys: CacheUse,
+        residual: Option<&Tensor>,
     ) -> Tensor {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
         // a decode step's products by the packed weights, when the cache holds them
@@ -591,7 +608,7 @@ impl Attention {
             );
             if let Ok(y) = step {
                 let packed = c.layer_panels(*layer);
-                return product(&self.out, packed.map(|p| &p[1]), &y.view([b, n, inner]), compute);
+                return product_add(&self.out, packed.map(|p| &p[1]), &y.view([b, n, inner]), residual, compute);
             }
         }
         let qkv = qkv.view([b, n, 3, self.n_heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
@@ -632,6 +649,6 @@ impl Attention {
         };
         let y = y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]);
         let packed = cache.filter(|_| n == 1).and_then(|(c, l)| c.layer_panels(l));
-        product(&self.out, packed.map(|p| &p[1]), &y, compute)
+        product_add(&self.out, packed.map(|p| &p[1]), &y, residual, compute)
     }
 }

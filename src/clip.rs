@@ -142,7 +142,7 @@ impl Reranker {
         let b = ids.size()[0];
         let mask = Mask::Explicit(valid.view([b, 1, 1, t]));
         for blk in &self.blocks {
-            x = &x + blk.attn.forward(&blk.ln1.forward(&x), &mask, None, 0, false, None, CacheUse::Written);
+            x = blk.attn.forward(&blk.ln1.forward(&x), &mask, None, 0, false, None, CacheUse::Written, Some(&x));
             x = &x + blk.fc2.forward(&blk.fc1.forward(&blk.ln2.forward(&x)).gelu("none"));
         }
         let x = self.ln.forward(&x);

@@ -3,10 +3,13 @@
 //
 // - panel products: a linear layer's weight packed once per sampling run into panels of 16
 //   outputs ([ceil(O/16), I, 16]), so that a step streams it once, in order, and keeps 16 outputs
-//   of up to 8 rows in registers; the result is written row-major, as the next layer reads it.
+//   of up to 16 rows in registers (4 with AVX2); the result is written row-major, as the next layer reads it.
 // - block attention: one query per row and head against the few keys a sparse layer may read
 //   (the caption's, shared by the rows of a caption group, and the pattern's image keys), the
-//   scores, softmax and weighted values in one pass, straight from the cache.
+//   scores, softmax and weighted values in one pass, straight from the cache; a step's own
+//   keys and values written into the cache from its qkv rows first.
+// - epilogues and layer norm: GELU and the residual sum applied to a product's outputs while
+//   they are in registers; a layer norm of a few rows on the calling thread.
 //
 // Every row is computed by the same instructions in the same order whatever the batch, so a
 // sample does not depend on the rows beside it. Tensors cross as `at::Tensor*` (tch's handles);
@@ -71,17 +74,29 @@ inline __attribute__((always_inline)) v16 gelu(const v16 &x) {
   return x * (x < 0.f ? half_erfc : 1.f - half_erfc);
 }
 
-// Rows r0..r0+RB of y[:, panel] = x·Wᵀ + b (GELU of it with `act`) over one panel `p` [I, 16]:
-// RB accumulators of 16 outputs; `cols` of the 16 are real (the last panel may be partial). `xt` is the input
-// transposed, [I, R], offset to row r0: the RB values a step over `i` reads share a cache line
-// (rows of x a power of two apart would share a cache set and evict each other).
+// A panel product's operands: y [R, O] = act(x·Wᵀ + b) + res, with x transposed ([I, R]), W
+// packed in panels `p` ([ceil(O/16), I, 16]); `b` and `res` ([R, O], row-major) may be null.
+struct PanelArgs {
+  const float *x;
+  int64_t R, I;
+  const float *p, *b, *res;
+  float *y;
+  int64_t O;
+  bool gelu;
+};
+
+// Rows r0..r0+RB of one panel `ob` of y: RB accumulators of 16 outputs; `cols` of the 16 are
+// real (the last panel may be partial). The RB values a step over `i` reads are adjacent in the
+// transposed input (rows of x a power of two apart would share a cache set and evict each
+// other).
 template <int RB>
-inline __attribute__((always_inline)) void panel_rows(const float *xt, int64_t R, int64_t I,
-                                                      const float *p, const v16 &bias, float *y,
-                                                      int64_t O, int64_t cols, bool act) {
+inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_t ob, int64_t r0,
+                                                      const v16 &bias, int64_t cols) {
+  const int64_t I = a.I, R = a.R, O = a.O, o = ob * LANES;
+  const float *p = a.p + ob * I * LANES, *xt = a.x + r0;
   v16 acc[RB];
-  for (int a = 0; a < RB; ++a) {
-    acc[a] = v16{};
+  for (int k = 0; k < RB; ++k) {
+    acc[k] = v16{};
   }
   for (int64_t i = 0; i < I; ++i) {
     if (RB >= 8) {
@@ -91,76 +106,72 @@ inline __attribute__((always_inline)) void panel_rows(const float *xt, int64_t R
     }
     const v16 w = *reinterpret_cast<const v16 *>(p + i * LANES);
     const float *xi = xt + i * R;
-    for (int a = 0; a < RB; ++a) {
-      acc[a] += xi[a] * w;
+    for (int k = 0; k < RB; ++k) {
+      acc[k] += xi[k] * w;
     }
   }
-  for (int a = 0; a < RB; ++a) {
-    const v16 r = act ? gelu(acc[a] + bias) : acc[a] + bias;
+  for (int k = 0; k < RB; ++k) {
+    v16 r = a.gelu ? gelu(acc[k] + bias) : acc[k] + bias;
+    float *y = a.y + (r0 + k) * O + o;
+    if (a.res != nullptr) {
+      // the residual added last, as `res + h` would add it
+      v16 res{};
+      std::memcpy(&res, a.res + (r0 + k) * O + o, sizeof(float) * cols);
+      r = res + r;
+    }
     if (cols == LANES) {
-      *reinterpret_cast<v16 *>(y + a * O) = r;
+      *reinterpret_cast<v16 *>(y) = r;
     } else {
-      std::memcpy(y + a * O, &r, sizeof(float) * cols);
+      std::memcpy(y, &r, sizeof(float) * cols);
     }
   }
 }
 
-// Panels ob0..ob1 of y [R, O] for all R rows of `x` (transposed, [I, R]), RB rows at a time.
+// Panels ob0..ob1 of y for all R rows, RB rows at a time.
 template <int RB>
-inline __attribute__((always_inline)) void panels(const float *x, int64_t R, int64_t I,
-                                                  const float *p, const float *b, float *y,
-                                                  int64_t O, int64_t ob0, int64_t ob1, bool act) {
+inline __attribute__((always_inline)) void panels(const PanelArgs &a, int64_t ob0, int64_t ob1) {
   for (int64_t ob = ob0; ob < ob1; ++ob) {
-    const int64_t o = ob * LANES;
-    const int64_t cols = std::min(LANES, O - o);
+    const int64_t cols = std::min(LANES, a.O - ob * LANES);
     v16 bias{};
-    if (b != nullptr) {
-      std::memcpy(&bias, b + o, sizeof(float) * cols);
+    if (a.b != nullptr) {
+      std::memcpy(&bias, a.b + ob * LANES, sizeof(float) * cols);
     }
-    const float *pp = p + ob * I * LANES;
     int64_t r = 0;
-    for (; r + RB <= R; r += RB) {
-      panel_rows<RB>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
+    for (; r + RB <= a.R; r += RB) {
+      panel_rows<RB>(a, ob, r, bias, cols);
     }
     if (RB > 8) {
-      for (; r + 8 <= R; r += 8) {
-        panel_rows<8>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
+      for (; r + 8 <= a.R; r += 8) {
+        panel_rows<8>(a, ob, r, bias, cols);
       }
     }
     if (RB > 4) {
-      for (; r + 4 <= R; r += 4) {
-        panel_rows<4>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
+      for (; r + 4 <= a.R; r += 4) {
+        panel_rows<4>(a, ob, r, bias, cols);
       }
     }
-    for (; r + 2 <= R; r += 2) {
-      panel_rows<2>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
+    for (; r + 2 <= a.R; r += 2) {
+      panel_rows<2>(a, ob, r, bias, cols);
     }
-    for (; r < R; ++r) {
-      panel_rows<1>(x + r, R, I, pp, bias, y + r * O + o, O, cols, act);
+    for (; r < a.R; ++r) {
+      panel_rows<1>(a, ob, r, bias, cols);
     }
   }
 }
 
 // One build per instruction set, chosen at run time: AVX-512 holds 16 rows' accumulators in
 // registers (a panel is read once for 16 rows), AVX2 (a 16-float vector is two registers) 4.
-__attribute__((target("arch=x86-64-v4"))) void panels_v4(const float *x, int64_t R, int64_t I,
-                                                         const float *p, const float *b,
-                                                         float *y, int64_t O, int64_t ob0,
-                                                         int64_t ob1, bool act) {
-  panels<16>(x, R, I, p, b, y, O, ob0, ob1, act);
+__attribute__((target("arch=x86-64-v4"))) void panels_v4(const PanelArgs &a, int64_t ob0,
+                                                         int64_t ob1) {
+  panels<16>(a, ob0, ob1);
 }
 
-__attribute__((target("arch=x86-64-v3"))) void panels_v3(const float *x, int64_t R, int64_t I,
-                                                         const float *p, const float *b,
-                                                         float *y, int64_t O, int64_t ob0,
-                                                         int64_t ob1, bool act) {
-  panels<4>(x, R, I, p, b, y, O, ob0, ob1, act);
+__attribute__((target("arch=x86-64-v3"))) void panels_v3(const PanelArgs &a, int64_t ob0,
+                                                         int64_t ob1) {
+  panels<4>(a, ob0, ob1);
 }
 
-void panels_base(const float *x, int64_t R, int64_t I, const float *p, const float *b, float *y,
-                 int64_t O, int64_t ob0, int64_t ob1, bool act) {
-  panels<4>(x, R, I, p, b, y, O, ob0, ob1, act);
-}
+void panels_base(const PanelArgs &a, int64_t ob0, int64_t ob1) { panels<4>(a, ob0, ob1); }
 
 // The instruction set the kernels run with: the CPU's best, or a lower one that
 // TESSERA_KERNELS_ISA names ("avx2", "baseline"), to check those builds on a newer CPU.
@@ -568,6 +579,61 @@ void draw_base(const float *l, int64_t V, const double *u, int64_t *o, int64_t r
   draw_range(l, V, u, o, r0, r1);
 }
 
+// Layer norm of rows 0..R of x [R, C]: see tessera_layer_norm.
+inline __attribute__((always_inline)) void norm_rows(const float *x, int64_t R, int64_t C,
+                                                     const float *w, const float *b, float eps,
+                                                     float *y) {
+  const int64_t full = C / LANES * LANES;
+  for (int64_t r = 0; r < R; ++r) {
+    const float *xr = x + r * C;
+    float *yr = y + r * C;
+    v16 lanes{};
+    for (int64_t c = 0; c < full; c += LANES) {
+      lanes += *reinterpret_cast<const v16 *>(xr + c);
+    }
+    float sum = hsum(lanes);
+    for (int64_t c = full; c < C; ++c) {
+      sum += xr[c];
+    }
+    const float mean = sum / static_cast<float>(C);
+    lanes = v16{};
+    for (int64_t c = 0; c < full; c += LANES) {
+      const v16 d = *reinterpret_cast<const v16 *>(xr + c) - mean;
+      lanes += d * d;
+    }
+    float sq = hsum(lanes);
+    for (int64_t c = full; c < C; ++c) {
+      sq += (xr[c] - mean) * (xr[c] - mean);
+    }
+    const float inv = 1.f / std::sqrt(sq / static_cast<float>(C) + eps);
+    for (int64_t c = 0; c < full; c += LANES) {
+      const v16 d = *reinterpret_cast<const v16 *>(xr + c) - mean;
+      *reinterpret_cast<v16 *>(yr + c) =
+          d * inv * *reinterpret_cast<const v16 *>(w + c) + *reinterpret_cast<const v16 *>(b + c);
+    }
+    for (int64_t c = full; c < C; ++c) {
+      yr[c] = (xr[c] - mean) * inv * w[c] + b[c];
+    }
+  }
+}
+
+__attribute__((target("arch=x86-64-v4"))) void norm_v4(const float *x, int64_t R, int64_t C,
+                                                       const float *w, const float *b, float eps,
+                                                       float *y) {
+  norm_rows(x, R, C, w, b, eps, y);
+}
+
+__attribute__((target("arch=x86-64-v3"))) void norm_v3(const float *x, int64_t R, int64_t C,
+                                                       const float *w, const float *b, float eps,
+                                                       float *y) {
+  norm_rows(x, R, C, w, b, eps, y);
+}
+
+void norm_base(const float *x, int64_t R, int64_t C, const float *w, const float *b, float eps,
+               float *y) {
+  norm_rows(x, R, C, w, b, eps, y);
+}
+
 } // namespace
 
 extern "C" {
@@ -602,10 +668,11 @@ char *tessera_pack_panels(const at::Tensor *w, at::Tensor **out) {
 }
 
 // y = x·Wᵀ + b for x [R, I] and W packed by tessera_pack_panels for `out_features` outputs;
-// `bias` [O] may be null; `act` 1: GELU(y) instead (exact form). Returns y [R, O] (f32,
-// row-major).
+// `bias` [O] may be null; `act` 1: GELU of it (exact form); `residual` [R, O], when not null,
+// added last. Returns y [R, O] (f32, row-major).
 char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const at::Tensor *bias,
-                           int64_t out_features, int32_t act, at::Tensor **out) {
+                           int64_t out_features, int32_t act, const at::Tensor *residual,
+                           at::Tensor **out) {
   return guarded([&] {
     check_cpu_float(*x, "input");
     check_cpu_float(*packed, "packed weight");
@@ -615,11 +682,17 @@ char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const 
     TORCH_CHECK(packed->dim() == 3 && packed->size(0) == nb && packed->size(1) == I &&
                     packed->size(2) == LANES && packed->is_contiguous(),
                 "packed weight does not match the input and output sizes");
-    at::Tensor bc;
+    at::Tensor bc, rc;
     if (bias != nullptr) {
       check_cpu_float(*bias, "bias");
       TORCH_CHECK(bias->numel() == O, "bias must have one value per output");
       bc = bias->contiguous();
+    }
+    if (residual != nullptr) {
+      check_cpu_float(*residual, "residual");
+      TORCH_CHECK(residual->dim() == 2 && residual->size(0) == R && residual->size(1) == O,
+                  "residual must be [rows, out]");
+      rc = residual->contiguous();
     }
     const auto xc = x->contiguous();
     auto y = at::empty({R, O}, xc.options());
@@ -635,15 +708,40 @@ char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const 
         }
       }
     }
-    const float *xp = xt.data_ptr<float>(), *pp = packed->data_ptr<float>();
-    const float *bp = bias != nullptr ? bc.data_ptr<float>() : nullptr;
-    float *yp = y.data_ptr<float>();
+    const PanelArgs a{xt.data_ptr<float>(),
+                      R,
+                      I,
+                      packed->data_ptr<float>(),
+                      bias != nullptr ? bc.data_ptr<float>() : nullptr,
+                      residual != nullptr ? rc.data_ptr<float>() : nullptr,
+                      y.data_ptr<float>(),
+                      O,
+                      act == 1};
     // a task of at least ~256 K multiply-adds: small layers stay on one thread
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, LANES * I * R));
     const auto kernel = by_isa(panels_v4, panels_v3, panels_base);
-    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
-      kernel(xp, R, I, pp, bp, yp, O, b0, b1, act == 1);
-    });
+    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) { kernel(a, b0, b1); });
+    *out = new at::Tensor(y);
+  });
+}
+
+// Layer norm of each row of x [R, C] (f32, CPU): (x − mean)·(1/√(var + eps))·w + b, the mean
+// and the (biased) variance by two passes in f32 lanes, w and b [C]. One thread: a decode
+// step's few rows cost less than waking another. Returns [R, C].
+char *tessera_layer_norm(const at::Tensor *x, const at::Tensor *w, const at::Tensor *b, double eps,
+                         at::Tensor **out) {
+  return guarded([&] {
+    check_cpu_float(*x, "input");
+    check_cpu_float(*w, "weight");
+    check_cpu_float(*b, "bias");
+    TORCH_CHECK(x->dim() == 2 && x->size(1) > 0, "input must be [rows, features]");
+    const int64_t R = x->size(0), C = x->size(1);
+    TORCH_CHECK(w->numel() == C && b->numel() == C, "weight and bias must have one value per feature");
+    const auto xc = x->contiguous(), wc = w->contiguous(), bc = b->contiguous();
+    auto y = at::empty({R, C}, xc.options());
+    const auto kernel = by_isa(norm_v4, norm_v3, norm_base);
+    kernel(xc.data_ptr<float>(), R, C, wc.data_ptr<float>(), bc.data_ptr<float>(),
+           static_cast<float>(eps), y.data_ptr<float>());
     *out = new at::Tensor(y);
   });
 }

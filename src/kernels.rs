@@ -5,14 +5,21 @@
 //!   products for a few rows repack the weight at every call (on this project's 2-core CPU the
 //!   packing took more time than the arithmetic: P's image head, 8,192 × 256 at 16 rows,
 //!   ~1.0 ms); [`PackedLinear`] packs it once per sampling run into panels of 16 outputs, which a
-//!   step streams in order with 16 outputs of up to 8 rows held in registers, writing the
+//!   step streams in order with 16 outputs of up to 16 rows held in registers, writing the
 //!   result row-major (no transposed copy after).
 //! - **Block attention.** A sparse layer's step reads the caption's keys and a few image keys
 //!   per row and head; in libtorch ops that is a dozen small products, views and copies per
 //!   layer. [`block_attention`] does the scores, softmax and weighted values of every row and
 //!   head in one pass over the cache, reading a caption group's keys from one row.
 //!
-//! Both compute every row with the same instructions in the same order whatever the batch
+//! - **The rest of a step.** A decode step's other work was a libtorch call each, a few
+//!   microseconds of dispatch for a few hundred numbers: the keys and values are written into
+//!   the cache by [`block_attention_step`] (from the qkv product's rows, no split or copy),
+//!   GELU and the residual sums happen in the products' epilogues
+//!   ([`PackedLinear::forward_gelu`], [`PackedLinear::forward_add`]), and [`layer_norm`] runs
+//!   on the calling thread.
+//!
+//! All compute every row with the same instructions in the same order whatever the batch
 //! (a sample does not depend on its neighbours or the batch size), with AVX-512 or AVX2 chosen
 //! at run time and a baseline build for other CPUs. Each returns an error (never panics) when
 //! handed tensors it does not take; callers then use libtorch's ops.
@@ -35,8 +42,10 @@ unsafe extern "C" {
         bias: Handle,
         out_features: i64,
         act: i32,
+        residual: Handle,
         out: *mut *mut c_void,
     ) -> *mut c_char;
+    fn tessera_layer_norm(x: Handle, w: Handle, b: Handle, eps: f64, out: *mut *mut c_void) -> *mut c_char;
     fn tessera_block_attention(
         q: Handle,
         kv: Handle,
@@ -117,17 +126,23 @@ impl PackedLinear {
 
     /// `x·Wᵀ + b` for `x` [.., I]: [.., O].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.product(x, false)
+        self.product(x, false, None)
     }
 
     /// `GELU(x·Wᵀ + b)` (the exact form, x·Φ(x)) for `x` [.., I]: [.., O], the activation
     /// applied to the outputs while they are still in registers.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        self.product(x, true)
+        self.product(x, true, None)
     }
 
-    fn product(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        let mut shape = x.size();
+    /// `residual + (x·Wᵀ + b)` for `x` [.., I] and `residual` [.., O] (a block's residual
+    /// stream): the same bits as adding after the product, without another pass.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.product(x, false, Some(residual))
+    }
+
+    fn product(&self, x: &Tensor, gelu: bool, residual: Option<&Tensor>) -> Result<Tensor> {
+        let shape = x.size();
         if shape.last() != Some(&self.in_features) {
             return Err(Error::Invalid(format!(
                 "panel product: input {shape:?} for a weight of {} inputs",
@@ -135,10 +150,22 @@ impl PackedLinear {
             )));
         }
         let x2 = x.reshape([-1, self.in_features]);
+        let mut want = shape.clone();
+        if let Some(last) = want.last_mut() {
+            *last = self.out_features;
+        }
+        let r2 = match residual {
+            Some(r) if r.size() == want => Some(r.reshape([-1, self.out_features])),
+            Some(r) => {
+                return Err(Error::Invalid(format!("panel product: residual {:?} for an output {want:?}", r.size())));
+            }
+            None => None,
+        };
+        let res = r2.as_ref().map_or(std::ptr::null(), |r| r.as_ptr() as Handle);
         let bias = self.bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr() as Handle);
         let mut out = std::ptr::null_mut();
-        // SAFETY: every handle is a live tensor borrowed for the call (the bias may be null,
-        // which the shim takes as no bias); `out` receives one new handle.
+        // SAFETY: every handle is a live tensor borrowed for the call (the bias and residual
+        // may be null, which the shim takes as none); `out` receives one new handle.
         let m = unsafe {
             tessera_panel_linear(
                 x2.as_ptr() as Handle,
@@ -146,14 +173,11 @@ impl PackedLinear {
                 bias,
                 self.out_features,
                 i32::from(gelu),
+                res,
                 &mut out,
             )
         };
-        let y = take("panel product", m, out)?;
-        if let Some(last) = shape.last_mut() {
-            *last = self.out_features;
-        }
-        Ok(y.view(shape.as_slice()))
+        Ok(take("panel product", m, out)?.view(want.as_slice()))
     }
 }
 
@@ -229,6 +253,22 @@ pub fn block_attention_step(
         )
     };
     take("block attention", m, out)
+}
+
+/// Layer norm over the last dimension of `x` [.., C] with `weight` and `bias` [C] (f32, CPU):
+/// the mean and variance of each row by two passes in f32, on the calling thread (a decode
+/// step's few rows take less time than a libtorch call's dispatch). Returns [.., C].
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let shape = x.size();
+    let c = shape.last().copied().unwrap_or(0);
+    let x2 = x.reshape([-1, c.max(1)]);
+    let mut out = std::ptr::null_mut();
+    // SAFETY: the tensors are live for the call (the shim checks their sizes and dtypes); `out`
+    // receives one new handle.
+    let m = unsafe {
+        tessera_layer_norm(x2.as_ptr() as Handle, weight.as_ptr() as Handle, bias.as_ptr() as Handle, eps, &mut out)
+    };
+    Ok(take("layer norm", m, out)?.view(shape.as_slice()))
 }
 
 /// One token per row of filtered logits [B, V] (f32, CPU; removed tokens −∞) by inverting the

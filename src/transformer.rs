@@ -9,7 +9,9 @@
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{Attention, CacheUse, DecodePanels, KvCache, Mask, MaskSet, StreamShape, dense, product};
+use crate::attention::{
+    Attention, CacheUse, DecodePanels, KvCache, Mask, MaskSet, StreamShape, dense, product, product_add,
+};
 use crate::config::{AttentionKind, Config};
 use crate::kernels::{self, PackedLinear};
 
@@ -226,6 +228,13 @@ impl Transformer {
     /// row and column embeddings.
     fn embed_image(&self, ids: &Tensor, j0: usize) -> Tensor {
         let n = ids.size()[1];
+        if n == 1 {
+            // a decode step: the position's two embedding rows picked on the host (the same
+            // values and sums as the lookups below, in a third of the calls)
+            let g = self.cfg.grid_size() as i64;
+            let pos = self.row_emb.ws.get(j0 as i64 / g) + self.col_emb.ws.get(j0 as i64 % g);
+            return self.image_emb.forward(ids) + pos;
+        }
         self.embed_image_at(ids, &Tensor::arange_start(j0 as i64, j0 as i64 + n, (Kind::Int64, self.device())))
     }
 
@@ -277,23 +286,28 @@ impl Transformer {
                     masks.len() - 1
                 }
             };
+            // a decode step with packed weights (CPU, f32): its layer norms by the kernel, the
+            // residual sums in the products' epilogues, GELU in fc1's
+            let step = n == 1 && cache.as_deref().is_some_and(|c| c.layer_panels(i).is_some());
             let c = cache.as_deref_mut().map(|c| (c, i));
-            let h = blk.attn.forward(&blk.ln1.forward(&x), &masks[m].1, c, start, train, self.compute, keys);
-            x = x + h;
-            // a decode step's MLP by the packed weights, when the cache holds them
+            let l1 = norm(&blk.ln1, &x, step);
+            x = blk.attn.forward(&l1, &masks[m].1, c, start, train, self.compute, keys, Some(&x));
             let p = cache.as_deref().filter(|_| n == 1).and_then(|c| c.layer_panels(i));
-            let l2 = blk.ln2.forward(&x);
-            // the GELU in the packed product's epilogue when the step has packed weights
+            let l2 = norm(&blk.ln2, &x, step);
             let h = p
                 .and_then(|l| l[2].forward_gelu(&l2).ok())
                 .unwrap_or_else(|| dense(&blk.fc1, &l2, self.compute).gelu("none"));
-            let h = product(&blk.fc2, p.map(|l| &l[3]), &h, self.compute);
-            x = if train && self.dropout > 0.0 { x + h.dropout(self.dropout, true) } else { x + h };
+            x = if train && self.dropout > 0.0 {
+                x + product(&blk.fc2, None, &h, self.compute).dropout(self.dropout, true)
+            } else {
+                product_add(&blk.fc2, p.map(|l| &l[3]), &h, Some(&x), self.compute)
+            };
         }
+        let step = n == 1 && cache.as_deref().is_some_and(|c| c.panels().is_some());
         if let (Some(c), None) = (cache, at) {
             c.advance(n);
         }
-        self.ln_f.forward(&x)
+        norm(&self.ln_f, &x, step)
     }
 
     /// Full forward pass: text [B, T] (padded) and image [B, I] tokens → text logits
@@ -413,6 +427,18 @@ impl Transformer {
     pub fn static_decode(&self) -> bool {
         self.decode == DecodeMode::Static
     }
+}
+
+/// Layer norm `ln` of `x`: by the kernel on a decode step with packed weights (`step`: CPU,
+/// f32, a few rows), else (or when the kernel refuses) by libtorch.
+fn norm(ln: &nn::LayerNorm, x: &Tensor, step: bool) -> Tensor {
+    if step
+        && let (Some(w), Some(b)) = (&ln.ws, &ln.bs)
+        && let Ok(y) = kernels::layer_norm(x, w, b, nn::LayerNormConfig::default().eps)
+    {
+        return y;
+    }
+    ln.forward(x)
 }
 
 /// The number of blocks a transformer's weight file holds (from its tensor names), or `None`

@@ -2,7 +2,7 @@
 //! precision), and the property sampling relies on: a row's result does not depend on the rows
 //! beside it, bit for bit.
 use tch::{Device, Kind, Tensor};
-use tessera::kernels::{PackedLinear, block_attention, block_attention_step, draw_rows};
+use tessera::kernels::{PackedLinear, block_attention, block_attention_step, draw_rows, layer_norm};
 
 use crate::common::max_abs_diff;
 
@@ -68,6 +68,16 @@ fn panel_products_equal_a_double_precision_reference_at_every_batch_size() {
     // the inputs cover both tails and the middle
     let pre = p.forward(&all).unwrap();
     assert!(pre.min().double_value(&[]) < -4.0 && pre.max().double_value(&[]) > 4.0);
+
+    // a residual added in the epilogue: the bits of adding it after the product
+    let res = randn(&[33, 300]);
+    for rows in [1i64, 7, 16, 33] {
+        let (x, r) = (all.narrow(0, 0, rows), res.narrow(0, 0, rows));
+        let got = p.forward_add(&x, &r).unwrap();
+        assert!(got.equal(&(&r + p.forward(&x).unwrap())), "residual epilogue, {rows} rows");
+    }
+    assert!(p.forward_add(&all.narrow(0, 0, 2), &res.narrow(0, 0, 3)).is_err());
+    assert!(p.forward_add(&all.narrow(0, 0, 2), &res.narrow(0, 0, 2).narrow(1, 0, 299)).is_err());
 
     // leading dimensions are kept; a wrong width and a weight the kernels do not take are errors
     let w = randn(&[40, 32]);
@@ -143,6 +153,30 @@ fn block_attention_equals_softmax_over_the_picked_keys() {
     assert!(block_attention(&q, &kv, &[], 0, &[0, 1]).is_err());
     assert!(block_attention(&randn(&[2, 1, 8]), &kv, &[3], 2, &[0, 1]).is_err());
     assert!(block_attention(&q, &kv, &[3], 11, &[0, 1]).is_err());
+}
+
+#[test]
+fn layer_norm_equals_libtorch_in_double_precision() {
+    tch::manual_seed(15);
+    // widths a multiple of 16 and not; rows with a large mean beside their spread
+    for c in [256i64, 288, 37] {
+        let w = randn(&[c]);
+        let b = randn(&[c]);
+        let x = randn(&[9, 1, c]) * 3.0 + 20.0;
+        let got = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        assert_eq!(got.size(), [9, 1, c]);
+        let xd = x.to_kind(Kind::Double);
+        let want = xd.layer_norm([c], Some(w.to_kind(Kind::Double)), Some(b.to_kind(Kind::Double)), 1e-5, false);
+        let e = max_abs_diff(&got.to_kind(Kind::Double), &want);
+        assert!(e < 1e-5, "width {c}: off by {e}");
+        // a row alone: the same bits
+        let alone = layer_norm(&x.narrow(0, 4, 1), &w, &b, 1e-5).unwrap();
+        assert!(alone.get(0).equal(&got.get(4)), "width {c}: row 4 differs alone");
+    }
+    // mismatched weight, another dtype: errors
+    let x = randn(&[2, 16]);
+    assert!(layer_norm(&x, &randn(&[15]), &randn(&[16]), 1e-5).is_err());
+    assert!(layer_norm(&x.to_kind(Kind::Double), &randn(&[16]), &randn(&[16]), 1e-5).is_err());
 }
 
 #[test]
