@@ -308,29 +308,50 @@ inline __attribute__((always_inline)) void attend_rows(const AttnArgs &a, int64_
     }
     return t;
   };
-  // keys 16 at a time (their lane sums together), the rest one by one; `key(j)` → its address
-  const auto scores = [&](int r, int64_t j0, int64_t count, auto key) {
-    float *sr = s + r * stride + j0;
-    int64_t j = 0;
-    for (; j + LANES <= count; j += LANES) {
-      v16 t[LANES];
-      for (int k = 0; k < LANES; ++k) {
-        t[k] = dot(r, key(j + k));
-      }
-      const v16 v = hsum16(t) * a.scale;
-      *reinterpret_cast<v16 *>(sr + j) = v;
-      for (int k = 0; k < LANES; ++k) {
-        m[r] = std::max(m[r], v[k]);
-      }
-    }
-    for (; j < count; ++j) {
-      sr[j] = hsum(dot(r, key(j))) * a.scale;
-      m[r] = std::max(m[r], sr[j]);
-    }
-  };
+  // the scores of 16 keys from j (their lane sums together) or of one, for row r; `key(j)` →
+  // its address. The running maxima are kept in lanes (the same maximum either way).
+  v16 mv[RB];
   for (int r = 0; r < RB; ++r) {
-    scores(r, 0, nc, [&](int64_t j) { return kc + j * D; });
-    scores(r, nc, a.n_pos, [&](int64_t j) { return kr[r] + a.pos[j] * D; });
+    mv[r] = v16{} - INFINITY;
+  }
+  const auto sixteen = [&](int r, int64_t j, auto key) {
+    v16 t[LANES];
+    for (int k = 0; k < LANES; ++k) {
+      t[k] = dot(r, key(j + k));
+    }
+    const v16 v = hsum16(t) * a.scale;
+    *reinterpret_cast<v16 *>(s + r * stride + j) = v;
+    mv[r] = v > mv[r] ? v : mv[r];
+  };
+  const auto one = [&](int r, int64_t j, auto key) {
+    const float v = hsum(dot(r, key(j))) * a.scale;
+    s[r * stride + j] = v;
+    m[r] = std::max(m[r], v);
+  };
+  const auto caption_key = [&](int64_t j) { return kc + j * D; };
+  // caption keys 16 at a time for every row of the group: after the first row they are read
+  // from L1
+  const int64_t nc16 = nc / LANES * LANES;
+  for (int64_t j = 0; j < nc16; j += LANES) {
+    for (int r = 0; r < RB; ++r) {
+      sixteen(r, j, caption_key);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    for (int64_t j = nc16; j < nc; ++j) {
+      one(r, j, caption_key);
+    }
+    const auto image_key = [&](int64_t j) { return kr[r] + a.pos[j - nc] * D; };
+    int64_t j = nc;
+    for (; j + LANES <= n; j += LANES) {
+      sixteen(r, j, image_key);
+    }
+    for (; j < n; ++j) {
+      one(r, j, image_key);
+    }
+    for (int k = 0; k < LANES; ++k) {
+      m[r] = std::max(m[r], mv[r][k]);
+    }
     softmax(s + r * stride, n, m[r]);
   }
   v16 acc[RB][DV];
