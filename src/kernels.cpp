@@ -36,41 +36,63 @@ constexpr int64_t LANES = 16;
 constexpr int64_t PREFETCH = 32;
 // 16 floats; `aligned(4)`: loads and stores at any float address.
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+
+// Native vectors of the narrower builds (AVX2: 8 floats, baseline: 4): a 16-float vector
+// there is split by the compiler through memory, so the panel products work in these.
+typedef float vf8 __attribute__((vector_size(32), aligned(4)));
+typedef float vf4 __attribute__((vector_size(16), aligned(4)));
+
+// Loads and stores of a vector type given as a template argument, at any float address (a
+// type's alignment attribute does not survive being a template argument, so a plain
+// dereference could assume the vector's full alignment).
+template <typename V> inline __attribute__((always_inline)) V load(const float *p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V> inline __attribute__((always_inline)) void store(float *p, const V &v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
 // e^x for x ≤ 0 (scores minus the row's largest), lane by lane, within ~2 ulp:
 // x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to degree 7, 2^n from the exponent
-// bits. Below −87 (e^x < 2^−125, beside the largest score's 1) it gives e^−87.
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
-inline __attribute__((always_inline)) v16 exp_nonpos(const v16 &xin) {
-  v16 x = xin;
-  const v16 lo = v16{} - 87.0f;
+// bits. Below −87 (e^x < 2^−125, beside the largest score's 1) it gives e^−87. V: a vector of
+// floats of any width.
+template <typename V> inline __attribute__((always_inline)) V exp_nonpos(const V &xin) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V)), aligned(4)));
+  V x = xin;
+  const V lo = V{} - 87.0f;
   x = x < lo ? lo : x;
-  const v16 t = x * 1.44269504088896341f - 0.5f;
-  const v16i n = __builtin_convertvector(t, v16i);  // t < 0: truncation rounds x/ln2 to nearest
-  const v16 nf = __builtin_convertvector(n, v16);
-  const v16 r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
-  v16 e = r * (1.f / 5040.f) + 1.f / 720.f;
+  const V t = x * 1.44269504088896341f - 0.5f;
+  const VI n = __builtin_convertvector(t, VI);  // t < 0: truncation rounds x/ln2 to nearest
+  const V nf = __builtin_convertvector(n, V);
+  const V r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
+  V e = r * (1.f / 5040.f) + 1.f / 720.f;
   e = e * r + 1.f / 120.f;
   e = e * r + 1.f / 24.f;
   e = e * r + 1.f / 6.f;
   e = e * r + 0.5f;
   e = e * r + 1.f;
   e = e * r + 1.f;
-  const v16i bits = (n + 127) << 23;
-  return e * reinterpret_cast<const v16 &>(bits);
+  const VI bits = (n + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
 }
 
 // GELU in its exact form, x·Φ(x), lane by lane: Φ from erfc(|x|/√2) ≈ poly(t)·e^(−x²/2) with
 // t = 1/(1 + p·|x|/√2) (Abramowitz & Stegun 7.1.26, |error| ≤ 1.5e−7, the form libtorch's CPU
 // GELU computes too).
-inline __attribute__((always_inline)) v16 gelu(const v16 &x) {
-  const v16 z = (x < 0.f ? -x : x) * 0.7071067811865476f;
-  const v16 t = 1.f / (1.f + 0.3275911f * z);
-  v16 p = t * 1.061405429f - 1.453152027f;
+template <typename V> inline __attribute__((always_inline)) V gelu(const V &x) {
+  const V z = (x < 0.f ? -x : x) * 0.7071067811865476f;
+  const V t = 1.f / (1.f + 0.3275911f * z);
+  V p = t * 1.061405429f - 1.453152027f;
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
-  const v16 half_erfc = 0.5f * (p * t) * exp_nonpos(-(z * z));
+  const V half_erfc = 0.5f * (p * t) * exp_nonpos(-(z * z));
   return x * (x < 0.f ? half_erfc : 1.f - half_erfc);
 }
 
@@ -85,18 +107,21 @@ struct PanelArgs {
   bool gelu;
 };
 
-// Rows r0..r0+RB of one panel `ob` of y: RB accumulators of 16 outputs; `cols` of the 16 are
-// real (the last panel may be partial). The RB values a step over `i` reads are adjacent in the
-// transposed input (rows of x a power of two apart would share a cache set and evict each
-// other).
-template <int RB>
+// Rows r0..r0+RB of one panel `ob` of y: RB accumulators of 16 outputs, each NV native vectors
+// V; `cols` of the 16 are real (the last panel may be partial). The RB values a step over `i`
+// reads are adjacent in the transposed input (rows of x a power of two apart would share a
+// cache set and evict each other).
+template <typename V, int RB>
 inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_t ob, int64_t r0,
-                                                      const v16 &bias, int64_t cols) {
+                                                      const float *bias, int64_t cols) {
+  constexpr int W = sizeof(V) / sizeof(float), NV = LANES / W;
   const int64_t I = a.I, R = a.R, O = a.O, o = ob * LANES;
   const float *p = a.p + ob * I * LANES, *xt = a.x + r0;
-  v16 acc[RB];
+  V acc[RB][NV];
   for (int k = 0; k < RB; ++k) {
-    acc[k] = v16{};
+    for (int v = 0; v < NV; ++v) {
+      acc[k][v] = V{};
+    }
   }
   for (int64_t i = 0; i < I; ++i) {
     if (RB >= 8) {
@@ -104,74 +129,81 @@ inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_
       // hardware's own prefetching streams them as fast
       __builtin_prefetch(p + (i + PREFETCH) * LANES);
     }
-    const v16 w = *reinterpret_cast<const v16 *>(p + i * LANES);
+    V w[NV];
+    for (int v = 0; v < NV; ++v) {
+      w[v] = load<V>(p + i * LANES + v * W);
+    }
     const float *xi = xt + i * R;
     for (int k = 0; k < RB; ++k) {
-      acc[k] += xi[k] * w;
+      for (int v = 0; v < NV; ++v) {
+        acc[k][v] += xi[k] * w[v];
+      }
     }
   }
   for (int k = 0; k < RB; ++k) {
-    v16 r = a.gelu ? gelu(acc[k] + bias) : acc[k] + bias;
-    float *y = a.y + (r0 + k) * O + o;
+    float row[LANES] = {};
     if (a.res != nullptr) {
+      std::memcpy(row, a.res + (r0 + k) * O + o, sizeof(float) * cols);
+    }
+    for (int v = 0; v < NV; ++v) {
+      const V b = load<V>(bias + v * W);
+      V r = a.gelu ? gelu(acc[k][v] + b) : acc[k][v] + b;
       // the residual added last, as `res + h` would add it
-      v16 res{};
-      std::memcpy(&res, a.res + (r0 + k) * O + o, sizeof(float) * cols);
-      r = res + r;
+      if (a.res != nullptr) {
+        r = load<V>(row + v * W) + r;
+      }
+      store(row + v * W, r);
     }
-    if (cols == LANES) {
-      *reinterpret_cast<v16 *>(y) = r;
-    } else {
-      std::memcpy(y, &r, sizeof(float) * cols);
-    }
+    std::memcpy(a.y + (r0 + k) * O + o, row, sizeof(float) * cols);
   }
 }
 
-// Panels ob0..ob1 of y for all R rows, RB rows at a time.
-template <int RB>
+// Panels ob0..ob1 of y for all R rows, RB rows at a time, in native vectors V.
+template <typename V, int RB>
 inline __attribute__((always_inline)) void panels(const PanelArgs &a, int64_t ob0, int64_t ob1) {
   for (int64_t ob = ob0; ob < ob1; ++ob) {
     const int64_t cols = std::min(LANES, a.O - ob * LANES);
-    v16 bias{};
+    float bias[LANES] = {};
     if (a.b != nullptr) {
-      std::memcpy(&bias, a.b + ob * LANES, sizeof(float) * cols);
+      std::memcpy(bias, a.b + ob * LANES, sizeof(float) * cols);
     }
     int64_t r = 0;
     for (; r + RB <= a.R; r += RB) {
-      panel_rows<RB>(a, ob, r, bias, cols);
+      panel_rows<V, RB>(a, ob, r, bias, cols);
     }
     if (RB > 8) {
       for (; r + 8 <= a.R; r += 8) {
-        panel_rows<8>(a, ob, r, bias, cols);
+        panel_rows<V, 8>(a, ob, r, bias, cols);
       }
     }
     if (RB > 4) {
       for (; r + 4 <= a.R; r += 4) {
-        panel_rows<4>(a, ob, r, bias, cols);
+        panel_rows<V, 4>(a, ob, r, bias, cols);
       }
     }
     for (; r + 2 <= a.R; r += 2) {
-      panel_rows<2>(a, ob, r, bias, cols);
+      panel_rows<V, 2>(a, ob, r, bias, cols);
     }
     for (; r < a.R; ++r) {
-      panel_rows<1>(a, ob, r, bias, cols);
+      panel_rows<V, 1>(a, ob, r, bias, cols);
     }
   }
 }
 
 // One build per instruction set, chosen at run time: AVX-512 holds 16 rows' accumulators in
-// registers (a panel is read once for 16 rows), AVX2 (a 16-float vector is two registers) 4.
+// registers (a panel is read once for 16 rows), AVX2 4 rows of two 8-float halves, the
+// baseline (SSE2, 16 registers of 4 floats) 2 rows of four quarters.
 __attribute__((target("arch=x86-64-v4"))) void panels_v4(const PanelArgs &a, int64_t ob0,
                                                          int64_t ob1) {
-  panels<16>(a, ob0, ob1);
+  panels<v16, 16>(a, ob0, ob1);
 }
 
 __attribute__((target("arch=x86-64-v3"))) void panels_v3(const PanelArgs &a, int64_t ob0,
                                                          int64_t ob1) {
-  panels<4>(a, ob0, ob1);
+  panels<vf8, 4>(a, ob0, ob1);
 }
 
-void panels_base(const PanelArgs &a, int64_t ob0, int64_t ob1) { panels<4>(a, ob0, ob1); }
+void panels_base(const PanelArgs &a, int64_t ob0, int64_t ob1) { panels<vf4, 2>(a, ob0, ob1); }
 
 // The instruction set the kernels run with: the CPU's best, or a lower one that
 // TESSERA_KERNELS_ISA names ("avx2", "baseline"), to check those builds on a newer CPU.
@@ -224,19 +256,21 @@ struct AttnArgs {
   float *out;  // [B, H, D]
 };
 
-// The sum of a vector's 16 lanes, halving it three times.
-inline __attribute__((always_inline)) float hsum(const v16 &t) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 lo, hi;
-  std::memcpy(&lo, &t, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char *>(&t) + sizeof lo, sizeof hi);
-  const v8 a = lo + hi;
-  v4 l4, h4;
+// The sum of a vector's lanes (16, 8 or 4), halving it down to 4 and adding those pairwise.
+inline __attribute__((always_inline)) float hsum(const vf4 &b) { return (b[0] + b[2]) + (b[1] + b[3]); }
+
+inline __attribute__((always_inline)) float hsum(const vf8 &a) {
+  vf4 l4, h4;
   std::memcpy(&l4, &a, sizeof l4);
   std::memcpy(&h4, reinterpret_cast<const char *>(&a) + sizeof l4, sizeof h4);
-  const v4 b = l4 + h4;
-  return (b[0] + b[2]) + (b[1] + b[3]);
+  return hsum(l4 + h4);
+}
+
+inline __attribute__((always_inline)) float hsum(const v16 &t) {
+  vf8 lo, hi;
+  std::memcpy(&lo, &t, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char *>(&t) + sizeof lo, sizeof hi);
+  return hsum(lo + hi);
 }
 
 // The lane sums of 16 vectors t[0..16], as one vector (lane k: the sum of t[k]'s lanes): three
@@ -264,47 +298,52 @@ inline __attribute__((always_inline)) v16 hsum16(const v16 *t) {
 }
 
 // Softmax of the scores s[0..n] in place, normalised; `s` has room for n rounded up to 16
-// (the room past n is zeroed). The sum runs in 16 lanes, added up in a fixed order.
+// (the room past n is zeroed). The sum runs in the lanes of V, added up in a fixed order.
+template <typename V>
 inline __attribute__((always_inline)) void softmax(float *s, int64_t n, float m) {
+  constexpr int W = sizeof(V) / sizeof(float);
   const int64_t padded = (n + LANES - 1) / LANES * LANES;
-  for (int64_t j = 0; j < padded; j += LANES) {
-    const v16 x = *reinterpret_cast<const v16 *>(s + j);
-    *reinterpret_cast<v16 *>(s + j) = exp_nonpos(x - m);
+  for (int64_t j = 0; j < padded; j += W) {
+    const V x = load<V>(s + j);
+    store(s + j, exp_nonpos(x - m));
   }
   std::fill(s + n, s + padded, 0.f);
-  v16 lanes{};
-  for (int64_t j = 0; j < padded; j += LANES) {
-    lanes += *reinterpret_cast<const v16 *>(s + j);
+  V lanes{};
+  for (int64_t j = 0; j < padded; j += W) {
+    lanes += load<V>(s + j);
   }
   const float inv = 1.f / hsum(lanes);
-  for (int64_t j = 0; j < padded; j += LANES) {
-    *reinterpret_cast<v16 *>(s + j) *= inv;
+  for (int64_t j = 0; j < padded; j += W) {
+    store(s + j, load<V>(s + j) * inv);
   }
 }
 
 // Rows b0..b0+RB of head h, which share their caption's keys (caption_src is the same for
 // them): each caption key and value is loaded once for the RB rows, the image keys row by
-// row. Query and output in registers (head dimension DV·16). `s` has room for RB rows of
-// scores, `stride` apart. A row gets exactly the operations, in the same order, at any RB.
-template <int DV, int RB>
+// row. Query and output in registers: DV native vectors V (head dimension DV·W). `s` has room
+// for RB rows of scores, `stride` apart. A row gets exactly the operations, in the same order,
+// at any RB. With 16-float vectors the scores of 16 keys are summed together (`hsum16`); the
+// narrower builds sum each key's lanes.
+template <typename V, int DV, int RB>
 inline __attribute__((always_inline)) void attend_rows(const AttnArgs &a, int64_t h, int64_t b0,
                                                        float *s, int64_t stride) {
   const int64_t nc = a.n_caption, n = nc + a.n_pos, D = a.D;
   const float *kc = a.k + ((a.caption_src[b0] * a.H + h) * a.L) * D;
   const float *kr[RB];
-  v16 qv[RB][DV];
+  constexpr int W = sizeof(V) / sizeof(float);
+  V qv[RB][DV];
   float m[RB];
   for (int r = 0; r < RB; ++r) {
     kr[r] = a.k + (((b0 + r) * a.H + h) * a.L) * D;
     for (int c = 0; c < DV; ++c) {
-      qv[r][c] = *reinterpret_cast<const v16 *>(a.q + (b0 + r) * a.q_row + h * D + c * LANES);
+      qv[r][c] = load<V>(a.q + (b0 + r) * a.q_row + h * D + c * W);
     }
     m[r] = -INFINITY;
   }
   const auto dot = [&](int r, const float *k) {
-    v16 t = qv[r][0] * *reinterpret_cast<const v16 *>(k);
+    V t = qv[r][0] * load<V>(k);
     for (int c = 1; c < DV; ++c) {
-      t += qv[r][c] * *reinterpret_cast<const v16 *>(k + c * LANES);
+      t += qv[r][c] * load<V>(k + c * W);
     }
     return t;
   };
@@ -315,13 +354,21 @@ inline __attribute__((always_inline)) void attend_rows(const AttnArgs &a, int64_
     mv[r] = v16{} - INFINITY;
   }
   const auto sixteen = [&](int r, int64_t j, auto key) {
-    v16 t[LANES];
-    for (int k = 0; k < LANES; ++k) {
-      t[k] = dot(r, key(j + k));
+    if constexpr (W == LANES) {
+      v16 t[LANES];
+      for (int k = 0; k < LANES; ++k) {
+        t[k] = dot(r, key(j + k));
+      }
+      const v16 v = hsum16(t) * a.scale;
+      *reinterpret_cast<v16 *>(s + r * stride + j) = v;
+      mv[r] = v > mv[r] ? v : mv[r];
+    } else {
+      for (int k = 0; k < LANES; ++k) {
+        const float v = hsum(dot(r, key(j + k))) * a.scale;
+        s[r * stride + j + k] = v;
+        m[r] = std::max(m[r], v);
+      }
     }
-    const v16 v = hsum16(t) * a.scale;
-    *reinterpret_cast<v16 *>(s + r * stride + j) = v;
-    mv[r] = v > mv[r] ? v : mv[r];
   };
   const auto one = [&](int r, int64_t j, auto key) {
     const float v = hsum(dot(r, key(j))) * a.scale;
@@ -349,15 +396,17 @@ inline __attribute__((always_inline)) void attend_rows(const AttnArgs &a, int64_
     for (; j < n; ++j) {
       one(r, j, image_key);
     }
-    for (int k = 0; k < LANES; ++k) {
-      m[r] = std::max(m[r], mv[r][k]);
+    if constexpr (W == LANES) {
+      for (int k = 0; k < LANES; ++k) {
+        m[r] = std::max(m[r], mv[r][k]);
+      }
     }
-    softmax(s + r * stride, n, m[r]);
+    softmax<V>(s + r * stride, n, m[r]);
   }
-  v16 acc[RB][DV];
+  V acc[RB][DV];
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < DV; ++c) {
-      acc[r][c] = v16{};
+      acc[r][c] = V{};
     }
   }
   for (int64_t j = 0; j < nc; ++j) {
@@ -365,7 +414,7 @@ inline __attribute__((always_inline)) void attend_rows(const AttnArgs &a, int64_
     for (int r = 0; r < RB; ++r) {
       const float w = s[r * stride + j];
       for (int c = 0; c < DV; ++c) {
-        acc[r][c] += w * *reinterpret_cast<const v16 *>(v + c * LANES);
+        acc[r][c] += w * load<V>(v + c * W);
       }
     }
   }
@@ -374,16 +423,17 @@ inline __attribute__((always_inline)) void attend_rows(const AttnArgs &a, int64_
       const float *v = kr[r] + a.vs + a.pos[j] * D;
       const float w = s[r * stride + nc + j];
       for (int c = 0; c < DV; ++c) {
-        acc[r][c] += w * *reinterpret_cast<const v16 *>(v + c * LANES);
+        acc[r][c] += w * load<V>(v + c * W);
       }
     }
     for (int c = 0; c < DV; ++c) {
-      *reinterpret_cast<v16 *>(a.out + ((b0 + r) * a.H + h) * D + c * LANES) = acc[r][c];
+      store(a.out + ((b0 + r) * a.H + h) * D + c * W, acc[r][c]);
     }
   }
 }
 
 // One row of head h for any head dimension (no register build).
+template <typename V>
 inline __attribute__((always_inline)) void attend_row_any(const AttnArgs &a, int64_t h, int64_t b,
                                                           float *s, float *out) {
   const int64_t n = a.n_caption + a.n_pos, D = a.D;
@@ -403,7 +453,7 @@ inline __attribute__((always_inline)) void attend_row_any(const AttnArgs &a, int
     s[j] = t * a.scale;
     m = std::max(m, s[j]);
   }
-  softmax(s, n, m);
+  softmax<V>(s, n, m);
   std::fill(out, out + D, 0.f);
   for (int64_t j = 0; j < n; ++j) {
     const float *v = key(j) + a.vs;
@@ -418,19 +468,24 @@ inline __attribute__((always_inline)) void attend_row_any(const AttnArgs &a, int
 // registers: RB · DV vectors for the output, as many for the scores).
 constexpr int64_t GROUP_ROWS = 4;
 
-template <int DV>
+// A head's rows b0..b0+rows of one caption group, as many at a time as the registers hold
+// (with 16-float vectors; the narrower builds' 16 registers hold one row's query).
+template <typename V, int DV>
 inline __attribute__((always_inline)) void attend_group(const AttnArgs &a, int64_t h, int64_t b0,
                                                         int64_t rows, float *s, int64_t stride) {
-  constexpr int MAX = DV > 4 ? 2 : GROUP_ROWS;
+  constexpr bool wide = sizeof(V) == sizeof(v16);
+  constexpr int MAX = !wide ? 1 : DV > 4 ? 2 : GROUP_ROWS;
   int64_t r = 0;
   for (; r + MAX <= rows; r += MAX) {
-    attend_rows<DV, MAX>(a, h, b0 + r, s, stride);
+    attend_rows<V, DV, MAX>(a, h, b0 + r, s, stride);
   }
-  for (; r + 2 <= rows; r += 2) {
-    attend_rows<DV, 2>(a, h, b0 + r, s, stride);
+  if constexpr (MAX > 2) {
+    for (; r + 2 <= rows; r += 2) {
+      attend_rows<V, DV, 2>(a, h, b0 + r, s, stride);
+    }
   }
   for (; r < rows; ++r) {
-    attend_rows<DV, 1>(a, h, b0 + r, s, stride);
+    attend_rows<V, DV, 1>(a, h, b0 + r, s, stride);
   }
 }
 
@@ -455,7 +510,9 @@ inline __attribute__((always_inline)) void prefetch_task(const AttnArgs &a,
   }
 }
 
-// Tasks t0..t1 of (head, group of rows that share a caption): t = h · groups + g.
+// Tasks t0..t1 of (head, group of rows that share a caption): t = h · groups + g, in native
+// vectors V.
+template <typename V>
 inline __attribute__((always_inline)) void attend_tasks(const AttnArgs &a,
                                                         const std::vector<int64_t> &groups,
                                                         int64_t t0, int64_t t1) {
@@ -482,22 +539,23 @@ inline __attribute__((always_inline)) void attend_tasks(const AttnArgs &a,
         std::memcpy(k + a.vs, src + 2 * HD, sizeof(float) * a.D);
       }
     }
+    constexpr int W = sizeof(V) / sizeof(float);
     switch (a.D) {
     case 16:
-      attend_group<1>(a, h, b0, rows, scores.data(), stride);
+      attend_group<V, 16 / W>(a, h, b0, rows, scores.data(), stride);
       break;
     case 32:
-      attend_group<2>(a, h, b0, rows, scores.data(), stride);
+      attend_group<V, 32 / W>(a, h, b0, rows, scores.data(), stride);
       break;
     case 64:
-      attend_group<4>(a, h, b0, rows, scores.data(), stride);
+      attend_group<V, 64 / W>(a, h, b0, rows, scores.data(), stride);
       break;
     case 128:
-      attend_group<8>(a, h, b0, rows, scores.data(), stride);
+      attend_group<V, 128 / W>(a, h, b0, rows, scores.data(), stride);
       break;
     default:
       for (int64_t b = b0; b < b0 + rows; ++b) {
-        attend_row_any(a, h, b, scores.data(), out.data());
+        attend_row_any<V>(a, h, b, scores.data(), out.data());
       }
     }
   }
@@ -506,58 +564,72 @@ inline __attribute__((always_inline)) void attend_tasks(const AttnArgs &a,
 __attribute__((target("arch=x86-64-v4"))) void attend_v4(const AttnArgs &a,
                                                          const std::vector<int64_t> &groups,
                                                          int64_t t0, int64_t t1) {
-  attend_tasks(a, groups, t0, t1);
+  attend_tasks<v16>(a, groups, t0, t1);
 }
 
 __attribute__((target("arch=x86-64-v3"))) void attend_v3(const AttnArgs &a,
                                                          const std::vector<int64_t> &groups,
                                                          int64_t t0, int64_t t1) {
-  attend_tasks(a, groups, t0, t1);
+  attend_tasks<vf8>(a, groups, t0, t1);
 }
 
 void attend_base(const AttnArgs &a, const std::vector<int64_t> &groups, int64_t t0, int64_t t1) {
-  attend_tasks(a, groups, t0, t1);
+  attend_tasks<vf4>(a, groups, t0, t1);
 }
 
 typedef double v8d __attribute__((vector_size(64), aligned(8)));
 
-// The sum of 16 floats in double precision, in a fixed order.
-inline __attribute__((always_inline)) double dsum16(const v16 &e) {
-  v8d lo, hi;
-  for (int l = 0; l < 8; ++l) {
-    lo[l] = e[l];
-    hi[l] = e[l + 8];
+// The sum of 16 floats in double precision, in a fixed order: the pairs l and l + 8, then a
+// tree over the eight pair sums (in lanes of 8 doubles with AVX-512; the same additions one by
+// one in the narrower builds).
+template <typename F> inline __attribute__((always_inline)) double dsum16(const float *e) {
+  if constexpr (sizeof(F) == sizeof(v16)) {
+    v8d lo, hi;
+    for (int l = 0; l < 8; ++l) {
+      lo[l] = e[l];
+      hi[l] = e[l + 8];
+    }
+    const v8d a = lo + hi;
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+  } else {
+    double a[8];
+    for (int l = 0; l < 8; ++l) {
+      a[l] = static_cast<double>(e[l]) + static_cast<double>(e[l + 8]);
+    }
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
   }
-  const v8d a = lo + hi;
-  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
 // Row draws r0..r1 of `draw_rows`: the token where the running sum of e^(x − max) first
 // exceeds u · the total (sums in double; e^x in f32, ~2 ulp); −∞ logits weigh exactly 0.
+// F: the native float vector, blocks of 16 in 16 / its width.
+template <typename F>
 inline __attribute__((always_inline)) void draw_range(const float *logits, int64_t V,
                                                       const double *u, int64_t *out, int64_t r0,
                                                       int64_t r1) {
+  constexpr int W = sizeof(F) / sizeof(float);
   const int64_t padded = (V + LANES - 1) / LANES * LANES;
   std::vector<float> e(static_cast<size_t>(padded));
   std::vector<double> block(static_cast<size_t>(padded / LANES));
   for (int64_t r = r0; r < r1; ++r) {
     std::fill(e.begin() + V, e.end(), -INFINITY);
     std::memcpy(e.data(), logits + r * V, sizeof(float) * V);
-    v16 mv = v16{} - INFINITY;
-    for (int64_t b = 0; b < padded / LANES; ++b) {
-      const v16 xv = *reinterpret_cast<const v16 *>(e.data() + b * LANES);
+    F mv = F{} - INFINITY;
+    for (int64_t j = 0; j < padded; j += W) {
+      const F xv = load<F>(e.data() + j);
       mv = xv > mv ? xv : mv;
     }
     float m = -INFINITY;
-    for (int l = 0; l < LANES; ++l) {
+    for (int l = 0; l < W; ++l) {
       m = std::max(m, mv[l]);
     }
     double total = 0.0;
     for (int64_t b = 0; b < padded / LANES; ++b) {
-      const v16 xv = *reinterpret_cast<const v16 *>(e.data() + b * LANES);
-      const v16 ev = xv == -INFINITY ? v16{} : exp_nonpos(xv - m);
-      *reinterpret_cast<v16 *>(e.data() + b * LANES) = ev;
-      block[b] = dsum16(ev);
+      for (int64_t j = b * LANES; j < (b + 1) * LANES; j += W) {
+        const F xv = load<F>(e.data() + j);
+        store(e.data() + j, xv == -INFINITY ? F{} : exp_nonpos(xv - m));
+      }
+      block[b] = dsum16<F>(e.data() + b * LANES);
       total += block[b];
     }
     const double target = u[r] * total;
@@ -588,38 +660,40 @@ inline __attribute__((always_inline)) void draw_range(const float *logits, int64
 
 __attribute__((target("arch=x86-64-v4"))) void draw_v4(const float *l, int64_t V, const double *u,
                                                        int64_t *o, int64_t r0, int64_t r1) {
-  draw_range(l, V, u, o, r0, r1);
+  draw_range<v16>(l, V, u, o, r0, r1);
 }
 
 __attribute__((target("arch=x86-64-v3"))) void draw_v3(const float *l, int64_t V, const double *u,
                                                        int64_t *o, int64_t r0, int64_t r1) {
-  draw_range(l, V, u, o, r0, r1);
+  draw_range<vf8>(l, V, u, o, r0, r1);
 }
 
 void draw_base(const float *l, int64_t V, const double *u, int64_t *o, int64_t r0, int64_t r1) {
-  draw_range(l, V, u, o, r0, r1);
+  draw_range<vf4>(l, V, u, o, r0, r1);
 }
 
-// Layer norm of rows 0..R of x [R, C]: see tessera_layer_norm.
+// Layer norm of rows 0..R of x [R, C]: see tessera_layer_norm; in native vectors V.
+template <typename V>
 inline __attribute__((always_inline)) void norm_rows(const float *x, int64_t R, int64_t C,
                                                      const float *w, const float *b, float eps,
                                                      float *y) {
-  const int64_t full = C / LANES * LANES;
+  constexpr int W = sizeof(V) / sizeof(float);
+  const int64_t full = C / W * W;
   for (int64_t r = 0; r < R; ++r) {
     const float *xr = x + r * C;
     float *yr = y + r * C;
-    v16 lanes{};
-    for (int64_t c = 0; c < full; c += LANES) {
-      lanes += *reinterpret_cast<const v16 *>(xr + c);
+    V lanes{};
+    for (int64_t c = 0; c < full; c += W) {
+      lanes += load<V>(xr + c);
     }
     float sum = hsum(lanes);
     for (int64_t c = full; c < C; ++c) {
       sum += xr[c];
     }
     const float mean = sum / static_cast<float>(C);
-    lanes = v16{};
-    for (int64_t c = 0; c < full; c += LANES) {
-      const v16 d = *reinterpret_cast<const v16 *>(xr + c) - mean;
+    lanes = V{};
+    for (int64_t c = 0; c < full; c += W) {
+      const V d = load<V>(xr + c) - mean;
       lanes += d * d;
     }
     float sq = hsum(lanes);
@@ -627,10 +701,9 @@ inline __attribute__((always_inline)) void norm_rows(const float *x, int64_t R, 
       sq += (xr[c] - mean) * (xr[c] - mean);
     }
     const float inv = 1.f / std::sqrt(sq / static_cast<float>(C) + eps);
-    for (int64_t c = 0; c < full; c += LANES) {
-      const v16 d = *reinterpret_cast<const v16 *>(xr + c) - mean;
-      *reinterpret_cast<v16 *>(yr + c) =
-          d * inv * *reinterpret_cast<const v16 *>(w + c) + *reinterpret_cast<const v16 *>(b + c);
+    for (int64_t c = 0; c < full; c += W) {
+      const V d = load<V>(xr + c) - mean;
+      store(yr + c, d * inv * load<V>(w + c) + load<V>(b + c));
     }
     for (int64_t c = full; c < C; ++c) {
       yr[c] = (xr[c] - mean) * inv * w[c] + b[c];
@@ -641,18 +714,18 @@ inline __attribute__((always_inline)) void norm_rows(const float *x, int64_t R, 
 __attribute__((target("arch=x86-64-v4"))) void norm_v4(const float *x, int64_t R, int64_t C,
                                                        const float *w, const float *b, float eps,
                                                        float *y) {
-  norm_rows(x, R, C, w, b, eps, y);
+  norm_rows<v16>(x, R, C, w, b, eps, y);
 }
 
 __attribute__((target("arch=x86-64-v3"))) void norm_v3(const float *x, int64_t R, int64_t C,
                                                        const float *w, const float *b, float eps,
                                                        float *y) {
-  norm_rows(x, R, C, w, b, eps, y);
+  norm_rows<vf8>(x, R, C, w, b, eps, y);
 }
 
 void norm_base(const float *x, int64_t R, int64_t C, const float *w, const float *b, float eps,
                float *y) {
-  norm_rows(x, R, C, w, b, eps, y);
+  norm_rows<vf4>(x, R, C, w, b, eps, y);
 }
 
 } // namespace

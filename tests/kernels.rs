@@ -246,3 +246,23 @@ fn row_draws_equal_the_cdf_search_in_double_precision() {
     assert!(draw_rows(&row, &Tensor::from_slice(&[0.5, 0.5])).is_err());
     assert!(draw_rows(&row.to_kind(Kind::Double), &Tensor::from_slice(&[0.5])).is_err());
 }
+
+#[test]
+fn the_avx2_and_baseline_builds_pass_the_kernel_tests() {
+    // the kernels' instruction set is chosen once per process, so the other builds run in a
+    // child: this test binary again, with the kernel tests only, the lower build named
+    if std::env::var_os("TESSERA_KERNELS_ISA").is_some() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    for isa in ["avx2", "baseline"] {
+        let out = std::process::Command::new(&exe)
+            .args(["kernels::", "--skip", "the_avx2_and_baseline_builds", "--test-threads", "2"])
+            .env("TESSERA_KERNELS_ISA", isa)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "the {isa} build failed the kernel tests:\n{text}");
+        assert!(text.contains("5 passed"), "the {isa} build ran other tests than expected:\n{text}");
+    }
+}
