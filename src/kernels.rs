@@ -192,12 +192,7 @@ pub fn block_attention(
     n_caption: usize,
     caption_src: &[i64],
 ) -> Result<Tensor> {
-    let b = kv.size().get(1).copied().unwrap_or(0);
-    if caption_src.len() as i64 != b {
-        return Err(Error::Invalid(format!("block attention: {} caption rows for {b} rows", caption_src.len())));
-    }
-    let d = q.size().last().copied().unwrap_or(1).max(1);
-    let scale = 1.0 / (d as f64).sqrt();
+    let scale = attention_scale(kv, caption_src)?;
     let mut out = std::ptr::null_mut();
     // SAFETY: the tensors are live for the call; the slices' lengths are passed with them (the
     // shim checks every position and caption row against the cache's sizes).
@@ -216,6 +211,18 @@ pub fn block_attention(
     take("block attention", m, out)
 }
 
+/// The scores' scale 1/√D of block attention over the cache `kv` [2, B, H, L, D], once the
+/// caption rows are checked to be one per row of the batch.
+fn attention_scale(kv: &Tensor, caption_src: &[i64]) -> Result<f64> {
+    let size = kv.size();
+    let b = size.get(1).copied().unwrap_or(0);
+    if caption_src.len() as i64 != b {
+        return Err(Error::Invalid(format!("block attention: {} caption rows for {b} rows", caption_src.len())));
+    }
+    let d = size.last().copied().unwrap_or(1).max(1);
+    Ok(1.0 / (d as f64).sqrt())
+}
+
 /// A decode step's [`block_attention`] from the step's `qkv` [B, 3·H·D] (each row: the
 /// queries, keys and values, head by head, as the layer's product gives them): writes the keys
 /// and values into the cache `kv` at `write_pos` (past the caption), then attends with the
@@ -228,13 +235,7 @@ pub fn block_attention_step(
     n_caption: usize,
     caption_src: &[i64],
 ) -> Result<Tensor> {
-    let size = kv.size();
-    let b = size.get(1).copied().unwrap_or(0);
-    if caption_src.len() as i64 != b {
-        return Err(Error::Invalid(format!("block attention: {} caption rows for {b} rows", caption_src.len())));
-    }
-    let d = size.last().copied().unwrap_or(1).max(1);
-    let scale = 1.0 / (d as f64).sqrt();
+    let scale = attention_scale(kv, caption_src)?;
     let mut out = std::ptr::null_mut();
     // SAFETY: the tensors are live for the call and the cache is written only inside its
     // bounds (the shim checks the sizes, the write position, every key position and caption
