@@ -896,26 +896,18 @@ void block_attention(const at::Tensor &q, bool write, int64_t write_pos, const a
 
 extern "C" {
 
-// Attention of one query per row and head, q [B, H, D], over keys and values of the cache
-// kv [2, B, H, L, D] (f32, CPU, contiguous): the caption's keys 0..n_caption of row
-// caption_src[b] (a row of b's caption group), then the row's own keys at positions
-// pos[0..n_pos]; one softmax over all of them. Returns [B, H, D].
-char *tessera_block_attention(const at::Tensor *q, const at::Tensor *kv, const int64_t *pos,
-                              int64_t n_pos, int64_t n_caption, const int64_t *caption_src,
-                              double scale, at::Tensor **out) {
+// Attention of one query per row and head over keys and values of the cache kv [2, B, H, L, D]
+// (f32, CPU, contiguous): the caption's keys 0..n_caption of row caption_src[b] (a row of b's
+// caption group), then the row's own keys at positions pos[0..n_pos]; one softmax over all of
+// them. `write` 0: q is the queries [B, H, D]; 1: q is a decode step's qkv [B, 3·H·D] (each row:
+// queries, keys, values, head by head), whose keys and values are written into the cache at
+// write_pos first. Returns [B, H, D].
+char *tessera_block_attention(const at::Tensor *q, const at::Tensor *kv, int32_t write,
+                              int64_t write_pos, const int64_t *pos, int64_t n_pos,
+                              int64_t n_caption, const int64_t *caption_src, double scale,
+                              at::Tensor **out) {
   return guarded([&] {
-    block_attention(*q, false, 0, *kv, pos, n_pos, n_caption, caption_src, scale, out);
-  });
-}
-
-// A decode step's attention from its qkv [B, 3·H·D] (each row: queries, keys, values, head
-// by head): writes the keys and values into the cache at write_pos, then attends as
-// tessera_block_attention with the queries. Returns [B, H, D].
-char *tessera_block_attention_step(const at::Tensor *qkv, const at::Tensor *kv, int64_t write_pos,
-                                   const int64_t *pos, int64_t n_pos, int64_t n_caption,
-                                   const int64_t *caption_src, double scale, at::Tensor **out) {
-  return guarded([&] {
-    block_attention(*qkv, true, write_pos, *kv, pos, n_pos, n_caption, caption_src, scale, out);
+    block_attention(*q, write == 1, write_pos, *kv, pos, n_pos, n_caption, caption_src, scale, out);
   });
 }
 

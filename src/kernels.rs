@@ -49,16 +49,7 @@ unsafe extern "C" {
     fn tessera_block_attention(
         q: Handle,
         kv: Handle,
-        pos: *const i64,
-        n_pos: i64,
-        n_caption: i64,
-        caption_src: *const i64,
-        scale: f64,
-        out: *mut *mut c_void,
-    ) -> *mut c_char;
-    fn tessera_block_attention_step(
-        qkv: Handle,
-        kv: Handle,
+        write: i32,
         write_pos: i64,
         pos: *const i64,
         n_pos: i64,
@@ -192,14 +183,36 @@ pub fn block_attention(
     n_caption: usize,
     caption_src: &[i64],
 ) -> Result<Tensor> {
-    let scale = attention_scale(kv, caption_src)?;
+    attend(q, kv, None, positions, n_caption, caption_src)
+}
+
+/// Both block attention entry points: `write_pos` given, `q` is a step's qkv whose keys and
+/// values the kernel writes into the cache there first.
+fn attend(
+    q: &Tensor,
+    kv: &Tensor,
+    write_pos: Option<usize>,
+    positions: &[i64],
+    n_caption: usize,
+    caption_src: &[i64],
+) -> Result<Tensor> {
+    let size = kv.size();
+    let b = size.get(1).copied().unwrap_or(0);
+    if caption_src.len() as i64 != b {
+        return Err(Error::Invalid(format!("block attention: {} caption rows for {b} rows", caption_src.len())));
+    }
+    let d = size.last().copied().unwrap_or(1).max(1);
+    let scale = 1.0 / (d as f64).sqrt();
     let mut out = std::ptr::null_mut();
-    // SAFETY: the tensors are live for the call; the slices' lengths are passed with them (the
-    // shim checks every position and caption row against the cache's sizes).
+    // SAFETY: the tensors are live for the call and the cache is written only inside its
+    // bounds (the shim checks the sizes, the write position, every key position and caption
+    // row against the cache); the slices' lengths are passed with them.
     let m = unsafe {
         tessera_block_attention(
             q.as_ptr() as Handle,
             kv.as_ptr() as Handle,
+            i32::from(write_pos.is_some()),
+            write_pos.unwrap_or(0) as i64,
             positions.as_ptr(),
             positions.len() as i64,
             n_caption as i64,
@@ -209,18 +222,6 @@ pub fn block_attention(
         )
     };
     take("block attention", m, out)
-}
-
-/// The scores' scale 1/√D of block attention over the cache `kv` [2, B, H, L, D], once the
-/// caption rows are checked to be one per row of the batch.
-fn attention_scale(kv: &Tensor, caption_src: &[i64]) -> Result<f64> {
-    let size = kv.size();
-    let b = size.get(1).copied().unwrap_or(0);
-    if caption_src.len() as i64 != b {
-        return Err(Error::Invalid(format!("block attention: {} caption rows for {b} rows", caption_src.len())));
-    }
-    let d = size.last().copied().unwrap_or(1).max(1);
-    Ok(1.0 / (d as f64).sqrt())
 }
 
 /// A decode step's [`block_attention`] from the step's `qkv` [B, 3·H·D] (each row: the
@@ -235,25 +236,7 @@ pub fn block_attention_step(
     n_caption: usize,
     caption_src: &[i64],
 ) -> Result<Tensor> {
-    let scale = attention_scale(kv, caption_src)?;
-    let mut out = std::ptr::null_mut();
-    // SAFETY: the tensors are live for the call and the cache is written only inside its
-    // bounds (the shim checks the sizes, the write position, every key position and caption
-    // row); the slices' lengths are passed with them.
-    let m = unsafe {
-        tessera_block_attention_step(
-            qkv.as_ptr() as Handle,
-            kv.as_ptr() as Handle,
-            write_pos as i64,
-            positions.as_ptr(),
-            positions.len() as i64,
-            n_caption as i64,
-            caption_src.as_ptr(),
-            scale,
-            &mut out,
-        )
-    };
-    take("block attention", m, out)
+    attend(qkv, kv, Some(write_pos), positions, n_caption, caption_src)
 }
 
 /// Layer norm over the last dimension of `x` [.., C] with `weight` and `bias` [C] (f32, CPU):
