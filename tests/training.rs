@@ -622,3 +622,29 @@ fn both_kinds_of_contrast_together_match_a_brute_force_softmax() {
         tch::no_grad(|| net.loss_with_image_contrasts(&images, &ids, &valid, &others, &all)).double_value(&[]);
     assert!(both > captions_only && both > pictures_only, "{both} vs {captions_only} / {pictures_only}");
 }
+
+#[test]
+fn the_decoders_upsampling_equals_libtorchs_nearest_upsampling_and_its_gradient() {
+    tch::manual_seed(31);
+    // contiguous and not (a permuted view), odd sizes
+    let a = Tensor::randn([3, 5, 7, 4], (Kind::Float, Device::Cpu));
+    let b = Tensor::randn([3, 4, 7, 5], (Kind::Float, Device::Cpu)).permute([0, 3, 2, 1]);
+    for x in [a, b] {
+        let (_, _, h, w) = x.size4().unwrap();
+        let want = x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0);
+        let got = tessera::dvae::upsample2(&x);
+        assert!(got.equal(&want), "upsampling differs from libtorch's");
+        // the gradient: each input's four copies summed
+        let xg = x.detach().set_requires_grad(true);
+        let g = Tensor::randn(want.size(), (Kind::Float, Device::Cpu));
+        let (gw, gg) = {
+            let y1 = xg.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0);
+            let d1 = Tensor::run_backward(&[(&y1 * &g).sum(Kind::Float)], &[&xg], false, false);
+            let y2 = tessera::dvae::upsample2(&xg);
+            let d2 = Tensor::run_backward(&[(&y2 * &g).sum(Kind::Float)], &[&xg], false, false);
+            (d1[0].shallow_clone(), d2[0].shallow_clone())
+        };
+        let e = (gw - gg).abs().max().double_value(&[]);
+        assert!(e < 1e-5, "gradients differ by {e}");
+    }
+}
