@@ -128,8 +128,10 @@ fn block_attention_equals_softmax_over_the_picked_keys() {
                     for hh in 0..h {
                         let want = reference(&q, &kv, r, hh, src[r as usize], n_caption as i64, &pos);
                         let e = max_abs_diff(&got.get(r).get(hh).to_kind(Kind::Double), &want);
+                        // scores 30× larger carry 30× the rounding (more without fused
+                        // multiply-adds, as in the baseline build)
                         assert!(
-                            e < 2e-5,
+                            e < 2e-5 * amp,
                             "D {d}, amplitude {amp}, {n_caption} caption keys: row {r} head {hh} off by {e}"
                         );
                     }
@@ -250,14 +252,15 @@ fn row_draws_equal_the_cdf_search_in_double_precision() {
 #[test]
 fn the_avx2_and_baseline_builds_pass_the_kernel_tests() {
     // the kernels' instruction set is chosen once per process, so the other builds run in a
-    // child: this test binary again, with the kernel tests only, the lower build named
+    // child: this test binary again, with the kernel tests only, the lower build named; one
+    // test at a time, so that each test's seeded data is the same at every run
     if std::env::var_os("TESSERA_KERNELS_ISA").is_some() {
         return;
     }
     let exe = std::env::current_exe().unwrap();
     for isa in ["avx2", "baseline"] {
         let out = std::process::Command::new(&exe)
-            .args(["kernels::", "--skip", "the_avx2_and_baseline_builds", "--test-threads", "2"])
+            .args(["kernels::", "--skip", "the_avx2_and_baseline_builds", "--test-threads", "1"])
             .env("TESSERA_KERNELS_ISA", isa)
             .output()
             .unwrap();
