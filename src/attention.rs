@@ -14,7 +14,6 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::AttentionKind;
-use crate::error::Result;
 use crate::kernels::{self, PackedLinear};
 
 /// The shape of the stream a mask is built for.
@@ -194,13 +193,6 @@ fn kernel_keys(blocks: &[KeyBlock], groups: &[(i64, i64)], b: i64) -> (usize, Ve
         }
     }
     (n_caption, positions, src)
-}
-
-/// [`attend_blocks`] in one CPU kernel ([`kernels::block_attention`]) over the cache `kv`
-/// [2, B, H, L, D] of the layer: `q` [B, H, 1, D] → [B, H, 1, D].
-fn fused_blocks(q: &Tensor, kv: &Tensor, blocks: &[KeyBlock], groups: &[(i64, i64)]) -> Result<Tensor> {
-    let (n_caption, positions, src) = kernel_keys(blocks, groups, q.size()[0]);
-    Ok(kernels::block_attention(&q.squeeze_dim(2), kv, &positions, n_caption, &src)?.unsqueeze(2))
 }
 
 /// A layer's product: by the packed weight `packed` when given (a CPU decode step), else
@@ -642,10 +634,8 @@ impl Attention {
             Mask::None => sdpa(None, false),
             Mask::Causal => sdpa(None, true),
             Mask::Explicit(m) => sdpa(Some(m), false),
-            Mask::Blocks(blocks) => cache
-                .filter(|_| kernels::applies(q.device(), q.kind()))
-                .and_then(|(c, layer)| fused_blocks(&q, &c.kv[layer], blocks, groups).ok())
-                .unwrap_or_else(|| attend_blocks(&q, &k, &v, blocks, groups)),
+            // (a CPU f32 step took the kernel above)
+            Mask::Blocks(blocks) => attend_blocks(&q, &k, &v, blocks, groups),
         };
         let y = y.transpose(1, 2).reshape([b, n, self.n_heads * self.head_dim]);
         let packed = cache.filter(|_| n == 1).and_then(|(c, l)| c.layer_panels(l));

@@ -267,6 +267,9 @@ impl Transformer {
             None => CacheUse::Written,
         };
         let sparse = self.decode == DecodeMode::Growing && cache.is_some();
+        // a decode step with packed weights (CPU, f32; every layer's or none): its layer norms by
+        // the kernel, the residual sums in the products' epilogues, GELU in fc1's
+        let step = n == 1 && cache.as_deref().is_some_and(|c| c.panels().is_some());
         // one mask per attention kind, shared by the layers of that kind (a decode step selects
         // each row once, not once per layer)
         let mut masks: Vec<(AttentionKind, Mask)> = Vec::with_capacity(3);
@@ -286,13 +289,10 @@ impl Transformer {
                     masks.len() - 1
                 }
             };
-            // a decode step with packed weights (CPU, f32): its layer norms by the kernel, the
-            // residual sums in the products' epilogues, GELU in fc1's
-            let step = n == 1 && cache.as_deref().is_some_and(|c| c.layer_panels(i).is_some());
             let c = cache.as_deref_mut().map(|c| (c, i));
             let l1 = norm(&blk.ln1, &x, step);
             x = blk.attn.forward(&l1, &masks[m].1, c, start, train, self.compute, keys, Some(&x));
-            let p = cache.as_deref().filter(|_| n == 1).and_then(|c| c.layer_panels(i));
+            let p = cache.as_deref().filter(|_| step).and_then(|c| c.layer_panels(i));
             let l2 = norm(&blk.ln2, &x, step);
             let h = p
                 .and_then(|l| l[2].forward_gelu(&l2).ok())
@@ -303,7 +303,6 @@ impl Transformer {
                 product_add(&blk.fc2, p.map(|l| &l[3]), &h, Some(&x), self.compute)
             };
         }
-        let step = n == 1 && cache.as_deref().is_some_and(|c| c.panels().is_some());
         if let (Some(c), None) = (cache, at) {
             c.advance(n);
         }
