@@ -2,8 +2,9 @@
 // libtorch's general kernels handle poorly (see `src/kernels.rs` for the measurements):
 //
 // - panel products: a linear layer's weight packed once per sampling run into panels of 16
-//   outputs ([ceil(O/16), I, 16]), so that a step streams it once, in order, and keeps 16 outputs
-//   of up to 16 rows in registers (4 with AVX2); the result is written row-major, as the next layer reads it.
+//   outputs ([ceil(O/16), I, 16]), so that a step streams it once, in order, and keeps a tile of
+//   48 outputs × 8 rows in registers (16 × 4 with AVX2), reading the input rows as they are;
+//   the result is written row-major, as the next layer reads it.
 // - block attention: one query per row and head against the few keys a sparse layer may read
 //   (the caption's, shared by the rows of a caption group, and the pattern's image keys), the
 //   scores, softmax and weighted values in one pass, straight from the cache; a step's own
@@ -96,7 +97,7 @@ template <typename V> inline __attribute__((always_inline)) V gelu(const V &x) {
   return x * (x < 0.f ? half_erfc : 1.f - half_erfc);
 }
 
-// A panel product's operands: y [R, O] = act(x·Wᵀ + b) + res, with x transposed ([I, R]), W
+// A panel product's operands: y [R, O] = act(x·Wᵀ + b) + res, with x row-major ([R, I]), W
 // packed in panels `p` ([ceil(O/16), I, 16]); `b` and `res` ([R, O], row-major) may be null.
 struct PanelArgs {
   const float *x;
@@ -107,103 +108,125 @@ struct PanelArgs {
   bool gelu;
 };
 
-// Rows r0..r0+RB of one panel `ob` of y: RB accumulators of 16 outputs, each NV native vectors
-// V; `cols` of the 16 are real (the last panel may be partial). The RB values a step over `i`
-// reads are adjacent in the transposed input (rows of x a power of two apart would share a
-// cache set and evict each other).
-template <typename V, int RB>
+// Rows r0..r0+RB of panels ob..ob+NP of y: RB×NP accumulators of 16 outputs, each NV native
+// vectors V; `cols[q]` of panel q's 16 are real (the last panel may be partial). A step over `i`
+// loads NP weight vectors and broadcasts RB inputs, one from each row, for RB·NP multiply-adds.
+// Each output is one chain of multiply-adds over i in order, whatever RB and NP: a row's values
+// do not depend on the tile it falls in.
+template <typename V, int RB, int NP>
 inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_t ob, int64_t r0,
-                                                      const float *bias, int64_t cols) {
+                                                      const float *bias, const int64_t *cols) {
   constexpr int W = sizeof(V) / sizeof(float), NV = LANES / W;
-  const int64_t I = a.I, R = a.R, O = a.O, o = ob * LANES;
-  const float *p = a.p + ob * I * LANES, *xt = a.x + r0;
-  V acc[RB][NV];
+  const int64_t I = a.I, O = a.O;
+  const float *p = a.p + ob * I * LANES, *x = a.x + r0 * I;
+  V acc[RB][NP][NV];
   for (int k = 0; k < RB; ++k) {
-    for (int v = 0; v < NV; ++v) {
-      acc[k][v] = V{};
+    for (int q = 0; q < NP; ++q) {
+      for (int v = 0; v < NV; ++v) {
+        acc[k][q][v] = V{};
+      }
     }
   }
   for (int64_t i = 0; i < I; ++i) {
-    if (RB >= 8) {
-      // many rows: arithmetic-bound, asking for the weights early pays; with few the
-      // hardware's own prefetching streams them as fast
-      __builtin_prefetch(p + (i + PREFETCH) * LANES);
-    }
-    V w[NV];
-    for (int v = 0; v < NV; ++v) {
-      w[v] = load<V>(p + i * LANES + v * W);
-    }
-    const float *xi = xt + i * R;
-    for (int k = 0; k < RB; ++k) {
+    V w[NP][NV];
+    for (int q = 0; q < NP; ++q) {
+      if (RB >= 8 || NP > 1) {
+        // arithmetic-bound: asking for the weights early pays; with a few rows of one panel
+        // the hardware's own prefetching streams them as fast
+        __builtin_prefetch(p + q * I * LANES + (i + PREFETCH) * LANES);
+      }
       for (int v = 0; v < NV; ++v) {
-        acc[k][v] += xi[k] * w[v];
+        w[q][v] = load<V>(p + q * I * LANES + i * LANES + v * W);
+      }
+    }
+    for (int k = 0; k < RB; ++k) {
+      const float xk = x[k * I + i];
+      for (int q = 0; q < NP; ++q) {
+        for (int v = 0; v < NV; ++v) {
+          acc[k][q][v] += xk * w[q][v];
+        }
       }
     }
   }
-  for (int k = 0; k < RB; ++k) {
-    float row[LANES] = {};
-    if (a.res != nullptr) {
-      std::memcpy(row, a.res + (r0 + k) * O + o, sizeof(float) * cols);
-    }
-    for (int v = 0; v < NV; ++v) {
-      const V b = load<V>(bias + v * W);
-      V r = a.gelu ? gelu(acc[k][v] + b) : acc[k][v] + b;
-      // the residual added last, as `res + h` would add it
+  for (int q = 0; q < NP; ++q) {
+    const int64_t o = (ob + q) * LANES;
+    for (int k = 0; k < RB; ++k) {
+      float row[LANES] = {};
       if (a.res != nullptr) {
-        r = load<V>(row + v * W) + r;
+        std::memcpy(row, a.res + (r0 + k) * O + o, sizeof(float) * cols[q]);
       }
-      store(row + v * W, r);
+      for (int v = 0; v < NV; ++v) {
+        const V b = load<V>(bias + q * LANES + v * W);
+        V r = a.gelu ? gelu(acc[k][q][v] + b) : acc[k][q][v] + b;
+        // the residual added last, as `res + h` would add it
+        if (a.res != nullptr) {
+          r = load<V>(row + v * W) + r;
+        }
+        store(row + v * W, r);
+      }
+      std::memcpy(a.y + (r0 + k) * O + o, row, sizeof(float) * cols[q]);
     }
-    std::memcpy(a.y + (r0 + k) * O + o, row, sizeof(float) * cols);
   }
 }
 
-// Panels ob0..ob1 of y for all R rows, RB rows at a time, in native vectors V.
-template <typename V, int RB>
-inline __attribute__((always_inline)) void panels(const PanelArgs &a, int64_t ob0, int64_t ob1) {
-  for (int64_t ob = ob0; ob < ob1; ++ob) {
-    const int64_t cols = std::min(LANES, a.O - ob * LANES);
-    float bias[LANES] = {};
+// Panels ob..ob+NP of y for all R rows: RB rows at a time, then 4, 2 and 1.
+template <typename V, int RB, int NP>
+inline __attribute__((always_inline)) void panel_group(const PanelArgs &a, int64_t ob) {
+  float bias[NP * LANES] = {};
+  int64_t cols[NP];
+  for (int q = 0; q < NP; ++q) {
+    cols[q] = std::min(LANES, a.O - (ob + q) * LANES);
     if (a.b != nullptr) {
-      std::memcpy(bias, a.b + ob * LANES, sizeof(float) * cols);
+      std::memcpy(bias + q * LANES, a.b + (ob + q) * LANES, sizeof(float) * cols[q]);
     }
-    int64_t r = 0;
-    for (; r + RB <= a.R; r += RB) {
-      panel_rows<V, RB>(a, ob, r, bias, cols);
+  }
+  int64_t r = 0;
+  for (; r + RB <= a.R; r += RB) {
+    panel_rows<V, RB, NP>(a, ob, r, bias, cols);
+  }
+  if constexpr (RB > 4) {
+    for (; r + 4 <= a.R; r += 4) {
+      panel_rows<V, 4, NP>(a, ob, r, bias, cols);
     }
-    if (RB > 8) {
-      for (; r + 8 <= a.R; r += 8) {
-        panel_rows<V, 8>(a, ob, r, bias, cols);
-      }
-    }
-    if (RB > 4) {
-      for (; r + 4 <= a.R; r += 4) {
-        panel_rows<V, 4>(a, ob, r, bias, cols);
-      }
-    }
-    for (; r + 2 <= a.R; r += 2) {
-      panel_rows<V, 2>(a, ob, r, bias, cols);
-    }
-    for (; r < a.R; ++r) {
-      panel_rows<V, 1>(a, ob, r, bias, cols);
-    }
+  }
+  for (; r + 2 <= a.R; r += 2) {
+    panel_rows<V, 2, NP>(a, ob, r, bias, cols);
+  }
+  for (; r < a.R; ++r) {
+    panel_rows<V, 1, NP>(a, ob, r, bias, cols);
   }
 }
 
-// One build per instruction set, chosen at run time: AVX-512 holds 16 rows' accumulators in
-// registers (a panel is read once for 16 rows), AVX2 4 rows of two 8-float halves, the
-// baseline (SSE2, 16 registers of 4 floats) 2 rows of four quarters.
+// Panels ob0..ob1 of y for all R rows, NP panels at a time (the rest one by one), in native
+// vectors V.
+template <typename V, int RB, int NP>
+inline __attribute__((always_inline)) void panels(const PanelArgs &a, int64_t ob0, int64_t ob1) {
+  int64_t ob = ob0;
+  if constexpr (NP > 1) {
+    for (; ob + NP <= ob1; ob += NP) {
+      panel_group<V, RB, NP>(a, ob);
+    }
+  }
+  for (; ob < ob1; ++ob) {
+    panel_group<V, RB, 1>(a, ob);
+  }
+}
+
+// One build per instruction set, chosen at run time: AVX-512 holds 3 panels × 8 rows of
+// accumulators (24 of its 32 registers; a step over i loads 3 weight vectors and 8 inputs for
+// 24 multiply-adds), AVX2 4 rows of a panel's two 8-float halves, the baseline (SSE2, 16
+// registers of 4 floats) 2 rows of four quarters.
 __attribute__((target("arch=x86-64-v4"))) void panels_v4(const PanelArgs &a, int64_t ob0,
                                                          int64_t ob1) {
-  panels<v16, 16>(a, ob0, ob1);
+  panels<v16, 8, 3>(a, ob0, ob1);
 }
 
 __attribute__((target("arch=x86-64-v3"))) void panels_v3(const PanelArgs &a, int64_t ob0,
                                                          int64_t ob1) {
-  panels<vf8, 4>(a, ob0, ob1);
+  panels<vf8, 4, 1>(a, ob0, ob1);
 }
 
-void panels_base(const PanelArgs &a, int64_t ob0, int64_t ob1) { panels<vf4, 2>(a, ob0, ob1); }
+void panels_base(const PanelArgs &a, int64_t ob0, int64_t ob1) { panels<vf4, 2, 1>(a, ob0, ob1); }
 
 // The instruction set the kernels run with: the CPU's best, or a lower one that
 // TESSERA_KERNELS_ISA names ("avx2", "baseline"), to check those builds on a newer CPU.
@@ -790,19 +813,7 @@ char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const 
     }
     const auto xc = x->contiguous();
     auto y = at::empty({R, O}, xc.options());
-    // the input transposed, [I, R] (a plain loop: libtorch's transposing copy of a few rows
-    // costs more than the product of a small layer)
-    auto xt = at::empty({I, R}, xc.options());
-    {
-      const float *src = xc.data_ptr<float>();
-      float *dst = xt.data_ptr<float>();
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t i = 0; i < I; ++i) {
-          dst[i * R + r] = src[r * I + i];
-        }
-      }
-    }
-    const PanelArgs a{xt.data_ptr<float>(),
+    const PanelArgs a{xc.data_ptr<float>(),
                       R,
                       I,
                       packed->data_ptr<float>(),

@@ -5,8 +5,8 @@
 //!   products for a few rows repack the weight at every call (on this project's 2-core CPU the
 //!   packing took more time than the arithmetic: P's image head, 8,192 × 256 at 16 rows,
 //!   ~1.0 ms); [`PackedLinear`] packs it once per sampling run into panels of 16 outputs, which a
-//!   step streams in order with 16 outputs of up to 16 rows held in registers, writing the
-//!   result row-major (no transposed copy after).
+//!   step streams in order with a tile of 48 outputs × 8 rows held in registers, reading the
+//!   input rows in place and writing the result row-major (no transposed copy before or after).
 //! - **Block attention.** A sparse layer's step reads the caption's keys and a few image keys
 //!   per row and head; in libtorch ops that is a dozen small products, views and copies per
 //!   layer. [`block_attention`] does the scores, softmax and weighted values of every row and

@@ -13,8 +13,9 @@ fn randn(shape: &[i64]) -> Tensor {
 #[test]
 fn panel_products_equal_a_double_precision_reference_at_every_batch_size() {
     tch::manual_seed(11);
-    // outputs a multiple of the 16-wide panels and not, inputs a multiple of 16 and not, and
-    // rows through every register block (16, 8, 4, 2, 1 and their remainders)
+    // outputs a multiple of the 16-wide panels and not (in groups of three panels and alone,
+    // a partial panel inside a group: 37, 200), inputs a multiple of 16 and not, and rows
+    // through every register block (8, 4, 2, 1 and their remainders)
     for (o, i) in [(200i64, 96i64), (16, 16), (37, 24), (300, 256), (64, 1030)] {
         let w = randn(&[o, i]);
         let b = randn(&[o]);
