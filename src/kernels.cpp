@@ -822,8 +822,11 @@ char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const 
                       y.data_ptr<float>(),
                       O,
                       act == 1};
-    // a task of at least ~256 K multiply-adds: small layers stay on one thread
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, LANES * I * R));
+    // a task of at least ~256 K multiply-adds, a panel counted as 8 rows at least: at fewer
+    // rows its cost is the weights' reads, which two threads share too (a 1-row step on one
+    // thread took 1.4x as long); small layers stay on one thread
+    const int64_t rows = std::max<int64_t>(R, 8);
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, LANES * I * rows));
     const auto kernel = by_isa(panels_v4, panels_v3, panels_base);
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) { kernel(a, b0, b1); });
     *out = new at::Tensor(y);

@@ -265,7 +265,7 @@ fn bf16_sampling_tracks_f32() {
 }
 
 #[test]
-fn a_batch_out_of_memory_is_halved_and_gives_the_same_images() {
+fn a_batch_out_of_memory_is_halved_and_set_batches_give_the_same_images() {
     let mut model = tiny_model(None, 6);
     let opts = SampleOptions::default();
     let whole = model.generate("a red circle", 12, 40, None, &opts, |_| true).unwrap();
@@ -286,6 +286,25 @@ fn a_batch_out_of_memory_is_halved_and_gives_the_same_images() {
     for (a, b) in whole.iter().zip(&halved) {
         assert_eq!((a.seed, &a.tokens, &a.rgb), (b.seed, &b.tokens, &b.rgb), "seed {} changed", a.seed);
     }
+    // a set batch size: 12 samples in 5, 5 and 2, the same images
+    model.inject_oom_above = None;
+    model.sample_batch = Some(5);
+    let mut firsts = Vec::new();
+    let chunked = model
+        .generate("a red circle", 12, 40, None, &opts, |s| {
+            if s.progress().done == 1 {
+                firsts.push(s.tokens().size()[0]);
+            }
+            true
+        })
+        .unwrap();
+    assert_eq!(firsts, [5, 5, 2]);
+    for (a, b) in whole.iter().zip(&chunked) {
+        assert_eq!((a.seed, &a.tokens, &a.rgb), (b.seed, &b.tokens, &b.rgb), "seed {} changed in batches of 5", a.seed);
+    }
+    // on the CPU, batches of CPU_SAMPLE_BATCH unless set
+    model.sample_batch = None;
+    assert_eq!(model.sample_batch_limit(), tessera::model::CPU_SAMPLE_BATCH);
     // a batch of one that fails is an error, not an endless retry
     model.inject_oom_above = Some(0);
     let err = model.generate("a red circle", 2, 40, None, &opts, |_| true).unwrap_err();
