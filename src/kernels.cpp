@@ -97,12 +97,16 @@ template <typename V> inline __attribute__((always_inline)) V gelu(const V &x) {
   return x * (x < 0.f ? half_erfc : 1.f - half_erfc);
 }
 
-// A panel product's operands: y [R, O] = act(x·Wᵀ + b) + res, with x row-major ([R, I]), W
-// packed in panels `p` ([ceil(O/16), I, 16]); `b` and `res` ([R, O], row-major) may be null.
+// A panel product's operands: y [R, O] = act(x·Wᵀ + b) + res, with x row-major ([R, I]) and W
+// packed in panels, either f32 (`p`: [ceil(O/16), I, 16]) or bf16 (`h`: [ceil(O/16),
+// ceil(I/2), 16, 2], inputs i and i+1 of an output side by side); `b` and `res` ([R, O],
+// row-major) may be null.
 struct PanelArgs {
   const float *x;
   int64_t R, I;
-  const float *p, *b, *res;
+  const float *p;
+  const uint16_t *h;
+  const float *b, *res;
   float *y;
   int64_t O;
   bool gelu;
@@ -112,13 +116,17 @@ struct PanelArgs {
 // vectors V; `cols[q]` of panel q's 16 are real (the last panel may be partial). A step over `i`
 // loads NP weight vectors and broadcasts RB inputs, one from each row, for RB·NP multiply-adds.
 // Each output is one chain of multiply-adds over i in order, whatever RB and NP: a row's values
-// do not depend on the tile it falls in.
-template <typename V, int RB, int NP>
+// do not depend on the tile it falls in. With bf16 panels (BF) a load brings two inputs'
+// weights, widened to f32 by a shift and a mask: the same values and the same chain as f32
+// panels holding those weights, half the bytes.
+template <typename V, int RB, int NP, bool BF>
 inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_t ob, int64_t r0,
                                                       const float *bias, const int64_t *cols) {
   constexpr int W = sizeof(V) / sizeof(float), NV = LANES / W;
-  const int64_t I = a.I, O = a.O;
+  typedef uint32_t VU __attribute__((vector_size(sizeof(V))));
+  const int64_t I = a.I, O = a.O, pairs = (I + 1) / 2;
   const float *p = a.p + ob * I * LANES, *x = a.x + r0 * I;
+  const uint16_t *h = a.h + ob * pairs * 2 * LANES;
   V acc[RB][NP][NV];
   for (int k = 0; k < RB; ++k) {
     for (int q = 0; q < NP; ++q) {
@@ -127,18 +135,7 @@ inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_
       }
     }
   }
-  for (int64_t i = 0; i < I; ++i) {
-    V w[NP][NV];
-    for (int q = 0; q < NP; ++q) {
-      if (RB >= 8 || NP > 1) {
-        // arithmetic-bound: asking for the weights early pays; with a few rows of one panel
-        // the hardware's own prefetching streams them as fast
-        __builtin_prefetch(p + q * I * LANES + (i + PREFETCH) * LANES);
-      }
-      for (int v = 0; v < NV; ++v) {
-        w[q][v] = load<V>(p + q * I * LANES + i * LANES + v * W);
-      }
-    }
+  const auto madd = [&](int64_t i, const V (&w)[NP][NV]) {
     for (int k = 0; k < RB; ++k) {
       const float xk = x[k * I + i];
       for (int q = 0; q < NP; ++q) {
@@ -146,6 +143,43 @@ inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_
           acc[k][q][v] += xk * w[q][v];
         }
       }
+    }
+  };
+  if constexpr (BF) {
+    for (int64_t j = 0; j < pairs; ++j) {
+      V w0[NP][NV], w1[NP][NV];
+      for (int q = 0; q < NP; ++q) {
+        const uint16_t *hq = h + q * pairs * 2 * LANES + j * 2 * LANES;
+        if (RB >= 8 || NP > 1) {
+          __builtin_prefetch(hq + PREFETCH * 2 * LANES);
+        }
+        for (int v = 0; v < NV; ++v) {
+          VU u;
+          std::memcpy(&u, hq + v * 2 * W, sizeof u);
+          const VU even = u << 16, odd = u & 0xFFFF0000u;
+          std::memcpy(&w0[q][v], &even, sizeof(V));
+          std::memcpy(&w1[q][v], &odd, sizeof(V));
+        }
+      }
+      madd(2 * j, w0);
+      if (2 * j + 1 < I) {
+        madd(2 * j + 1, w1);
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < I; ++i) {
+      V w[NP][NV];
+      for (int q = 0; q < NP; ++q) {
+        if (RB >= 8 || NP > 1) {
+          // arithmetic-bound: asking for the weights early pays; with a few rows of one panel
+          // the hardware's own prefetching streams them as fast
+          __builtin_prefetch(p + q * I * LANES + (i + PREFETCH) * LANES);
+        }
+        for (int v = 0; v < NV; ++v) {
+          w[q][v] = load<V>(p + q * I * LANES + i * LANES + v * W);
+        }
+      }
+      madd(i, w);
     }
   }
   for (int q = 0; q < NP; ++q) {
@@ -170,7 +204,7 @@ inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_
 }
 
 // Panels ob..ob+NP of y for all R rows: RB rows at a time, then 4, 2 and 1.
-template <typename V, int RB, int NP>
+template <typename V, int RB, int NP, bool BF>
 inline __attribute__((always_inline)) void panel_group(const PanelArgs &a, int64_t ob) {
   float bias[NP * LANES] = {};
   int64_t cols[NP];
@@ -182,33 +216,42 @@ inline __attribute__((always_inline)) void panel_group(const PanelArgs &a, int64
   }
   int64_t r = 0;
   for (; r + RB <= a.R; r += RB) {
-    panel_rows<V, RB, NP>(a, ob, r, bias, cols);
+    panel_rows<V, RB, NP, BF>(a, ob, r, bias, cols);
   }
   if constexpr (RB > 4) {
     for (; r + 4 <= a.R; r += 4) {
-      panel_rows<V, 4, NP>(a, ob, r, bias, cols);
+      panel_rows<V, 4, NP, BF>(a, ob, r, bias, cols);
     }
   }
   for (; r + 2 <= a.R; r += 2) {
-    panel_rows<V, 2, NP>(a, ob, r, bias, cols);
+    panel_rows<V, 2, NP, BF>(a, ob, r, bias, cols);
   }
   for (; r < a.R; ++r) {
-    panel_rows<V, 1, NP>(a, ob, r, bias, cols);
+    panel_rows<V, 1, NP, BF>(a, ob, r, bias, cols);
   }
 }
 
 // Panels ob0..ob1 of y for all R rows, NP panels at a time (the rest one by one), in native
 // vectors V.
-template <typename V, int RB, int NP>
-inline __attribute__((always_inline)) void panels(const PanelArgs &a, int64_t ob0, int64_t ob1) {
+template <typename V, int RB, int NP, bool BF>
+inline __attribute__((always_inline)) void panels_of(const PanelArgs &a, int64_t ob0, int64_t ob1) {
   int64_t ob = ob0;
   if constexpr (NP > 1) {
     for (; ob + NP <= ob1; ob += NP) {
-      panel_group<V, RB, NP>(a, ob);
+      panel_group<V, RB, NP, BF>(a, ob);
     }
   }
   for (; ob < ob1; ++ob) {
-    panel_group<V, RB, 1>(a, ob);
+    panel_group<V, RB, 1, BF>(a, ob);
+  }
+}
+
+template <typename V, int RB, int NP>
+inline __attribute__((always_inline)) void panels(const PanelArgs &a, int64_t ob0, int64_t ob1) {
+  if (a.h != nullptr) {
+    panels_of<V, RB, NP, true>(a, ob0, ob1);
+  } else {
+    panels_of<V, RB, NP, false>(a, ob0, ob1);
   }
 }
 
@@ -758,16 +801,41 @@ extern "C" {
 // The instruction set the kernels run with here: 4 (AVX-512), 3 (AVX2 + FMA) or 0 (baseline).
 int tessera_kernels_isa() { return isa(); }
 
-// Packs a linear layer's weight W [O, I] (f32, CPU) into panels [ceil(O/16), I, 16]: panel
-// `ob` holds outputs 16·ob.. in its lanes, zero past O.
-char *tessera_pack_panels(const at::Tensor *w, at::Tensor **out) {
+// Packs a linear layer's weight W [O, I] (f32, CPU) into panels: f32 [ceil(O/16), I, 16] (panel
+// `ob` holds outputs 16·ob.. in its lanes, zero past O), or, with `narrow` 1 and every value of
+// W a bf16 (its low 16 bits zero, as weights stored in bf16 and widened are), bf16 panels
+// [ceil(O/16), ceil(I/2), 16, 2] (Int16; pair j holds inputs 2j and 2j+1 of each output side by
+// side, zero past O and I): half the bytes a step reads, the same products.
+char *tessera_pack_panels(const at::Tensor *w, int32_t narrow, at::Tensor **out) {
   return guarded([&] {
     check_cpu_float(*w, "weight");
     TORCH_CHECK(w->dim() == 2, "weight must be [out, in]");
     const auto wc = w->contiguous();
     const int64_t O = wc.size(0), I = wc.size(1), nb = (O + LANES - 1) / LANES;
-    auto p = at::zeros({nb, I, LANES}, wc.options());
     const float *src = wc.data_ptr<float>();
+    bool bf16 = narrow == 1;
+    for (int64_t e = 0; bf16 && e < O * I; ++e) {
+      uint32_t bits;
+      std::memcpy(&bits, src + e, sizeof bits);
+      bf16 = (bits & 0xFFFFu) == 0;
+    }
+    if (bf16) {
+      const int64_t pairs = (I + 1) / 2;
+      auto p = at::zeros({nb, pairs, LANES, 2}, wc.options().dtype(at::kShort));
+      int16_t *dst = p.data_ptr<int16_t>();
+      for (int64_t o = 0; o < O; ++o) {
+        const int64_t ob = o / LANES, l = o % LANES;
+        for (int64_t i = 0; i < I; ++i) {
+          uint32_t bits;
+          std::memcpy(&bits, src + o * I + i, sizeof bits);
+          const uint16_t hi = static_cast<uint16_t>(bits >> 16);
+          std::memcpy(dst + ((ob * pairs + i / 2) * LANES + l) * 2 + i % 2, &hi, sizeof hi);
+        }
+      }
+      *out = new at::Tensor(p);
+      return;
+    }
+    auto p = at::zeros({nb, I, LANES}, wc.options());
     float *dst = p.data_ptr<float>();
     at::parallel_for(0, nb, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t ob = b0; ob < b1; ++ob) {
@@ -784,7 +852,8 @@ char *tessera_pack_panels(const at::Tensor *w, at::Tensor **out) {
   });
 }
 
-// y = x·Wᵀ + b for x [R, I] and W packed by tessera_pack_panels for `out_features` outputs;
+// y = x·Wᵀ + b for x [R, I] and W packed by tessera_pack_panels (f32 or bf16 panels, as the
+// packed tensor's dtype says) for `out_features` outputs;
 // `bias` [O] may be null; `act` 1: GELU of it (exact form); `residual` [R, O], when not null,
 // added last. Returns y [R, O] (f32, row-major).
 char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const at::Tensor *bias,
@@ -792,13 +861,21 @@ char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const 
                            at::Tensor **out) {
   return guarded([&] {
     check_cpu_float(*x, "input");
-    check_cpu_float(*packed, "packed weight");
     TORCH_CHECK(x->dim() == 2, "input must be [rows, in]");
     const int64_t R = x->size(0), I = x->size(1), O = out_features;
     const int64_t nb = (O + LANES - 1) / LANES;
-    TORCH_CHECK(packed->dim() == 3 && packed->size(0) == nb && packed->size(1) == I &&
-                    packed->size(2) == LANES && packed->is_contiguous(),
-                "packed weight does not match the input and output sizes");
+    TORCH_CHECK(packed->device().is_cpu(), "packed weight must be on the CPU");
+    const bool bf = packed->scalar_type() == at::kShort;
+    if (bf) {
+      TORCH_CHECK(packed->dim() == 4 && packed->size(0) == nb && packed->size(1) == (I + 1) / 2 &&
+                      packed->size(2) == LANES && packed->size(3) == 2 && packed->is_contiguous(),
+                  "packed weight does not match the input and output sizes");
+    } else {
+      check_cpu_float(*packed, "packed weight");
+      TORCH_CHECK(packed->dim() == 3 && packed->size(0) == nb && packed->size(1) == I &&
+                      packed->size(2) == LANES && packed->is_contiguous(),
+                  "packed weight does not match the input and output sizes");
+    }
     at::Tensor bc, rc;
     if (bias != nullptr) {
       check_cpu_float(*bias, "bias");
@@ -816,7 +893,8 @@ char *tessera_panel_linear(const at::Tensor *x, const at::Tensor *packed, const 
     const PanelArgs a{xc.data_ptr<float>(),
                       R,
                       I,
-                      packed->data_ptr<float>(),
+                      bf ? nullptr : packed->data_ptr<float>(),
+                      bf ? reinterpret_cast<const uint16_t *>(packed->data_ptr<int16_t>()) : nullptr,
                       bias != nullptr ? bc.data_ptr<float>() : nullptr,
                       residual != nullptr ? rc.data_ptr<float>() : nullptr,
                       y.data_ptr<float>(),

@@ -35,7 +35,7 @@ type Handle = *const c_void;
 unsafe extern "C" {
     fn tessera_free_message(m: *mut c_char);
     fn tessera_kernels_isa() -> i32;
-    fn tessera_pack_panels(w: Handle, out: *mut *mut c_void) -> *mut c_char;
+    fn tessera_pack_panels(w: Handle, narrow: i32, out: *mut *mut c_void) -> *mut c_char;
     fn tessera_panel_linear(
         x: Handle,
         packed: Handle,
@@ -94,7 +94,10 @@ pub fn applies(device: Device, kind: Kind) -> bool {
     device == Device::Cpu && kind == Kind::Float
 }
 
-/// A linear layer's weight packed for [`PackedLinear::forward`] (f32, CPU).
+/// A linear layer's weight packed for [`PackedLinear::forward`] (f32 inputs and outputs, CPU):
+/// in bf16 panels when every value of the weight is a bf16 (as weights stored in bf16 are,
+/// the embedded default model's among them) — half the bytes a decode step reads, widened in
+/// registers to the same f32 values, so the same products bit for bit — else in f32 panels.
 #[derive(Debug)]
 pub struct PackedLinear {
     panels: Tensor,
@@ -106,13 +109,28 @@ pub struct PackedLinear {
 impl PackedLinear {
     /// Packs `weight` [O, I] (and keeps `bias` [O]); the weight is read now, not later.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Self::pack(weight, bias, true)
+    }
+
+    /// [`PackedLinear::new`] in f32 panels whatever the weight's values (the reference the
+    /// bf16 panels are checked against).
+    pub fn new_f32(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Self::pack(weight, bias, false)
+    }
+
+    fn pack(weight: &Tensor, bias: Option<&Tensor>, narrow: bool) -> Result<Self> {
         let (o, i) = weight.size2().map_err(|e| Error::Invalid(format!("packing a weight: {e}")))?;
         let mut out = std::ptr::null_mut();
         // SAFETY: `weight` is a live tensor for the call; `out` receives one new handle.
-        let m = unsafe { tessera_pack_panels(weight.as_ptr() as Handle, &mut out) };
+        let m = unsafe { tessera_pack_panels(weight.as_ptr() as Handle, i32::from(narrow), &mut out) };
         let panels = take("packing a weight", m, out)?;
         let bias = bias.map(|b| b.detach().copy());
         Ok(Self { panels, bias, out_features: o, in_features: i })
+    }
+
+    /// Whether the weight sits in bf16 panels.
+    pub fn is_bf16(&self) -> bool {
+        self.panels.kind() == Kind::Int16
     }
 
     /// `x·Wᵀ + b` for `x` [.., I]: [.., O].

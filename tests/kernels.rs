@@ -11,6 +11,47 @@ fn randn(shape: &[i64]) -> Tensor {
 }
 
 #[test]
+fn bf16_panels_give_the_f32_panels_products_bit_for_bit() {
+    // Weights whose values are all bf16 (as stored weights widened to f32 are) go into bf16
+    // panels, widened in registers: every product, epilogue and row count the same bits as f32
+    // panels of the same weights. Odd input counts leave a pair half empty.
+    tch::manual_seed(12);
+    for (o, i) in [(200i64, 96i64), (37, 25), (300, 256), (64, 1031)] {
+        let w = randn(&[o, i]).to_kind(Kind::BFloat16).to_kind(Kind::Float);
+        let b = randn(&[o]);
+        let narrow = PackedLinear::new(&w, Some(&b)).unwrap();
+        let wide = PackedLinear::new_f32(&w, Some(&b)).unwrap();
+        assert!(narrow.is_bf16() && !wide.is_bf16(), "{o}×{i}: packed as {} / {}", narrow.is_bf16(), wide.is_bf16());
+        let all = randn(&[33, i]);
+        let res = randn(&[33, o]);
+        for rows in [1i64, 2, 3, 4, 5, 8, 16, 17, 33] {
+            let x = all.narrow(0, 0, rows);
+            let r = res.narrow(0, 0, rows);
+            assert!(narrow.forward(&x).unwrap().equal(&wide.forward(&x).unwrap()), "{o}×{i}, {rows} rows");
+            assert!(narrow.forward_gelu(&x).unwrap().equal(&wide.forward_gelu(&x).unwrap()), "{o}×{i} GELU");
+            assert!(narrow.forward_add(&x, &r).unwrap().equal(&wide.forward_add(&x, &r).unwrap()), "{o}×{i} add");
+        }
+        // and both against libtorch in double precision
+        let x = all.narrow(0, 0, 5);
+        let want = x.to_kind(Kind::Double).matmul(&w.to_kind(Kind::Double).tr()) + b.to_kind(Kind::Double);
+        let d = max_abs_diff(&narrow.forward(&x).unwrap().to_kind(Kind::Double), &want);
+        assert!(d < 1e-4 * (i as f64).sqrt(), "{o}×{i}: bf16 panels off by {d}");
+    }
+    // one value that is not a bf16: f32 panels
+    let w = randn(&[40, 24]).to_kind(Kind::BFloat16).to_kind(Kind::Float);
+    let _ = w.get(7).get(3).fill_(0.1f64);
+    assert!(!PackedLinear::new(&w, None).unwrap().is_bf16());
+}
+
+#[test]
+fn the_default_models_decode_steps_read_bf16_panels() {
+    // its weights are stored in bf16: every packed product of a step is in bf16 panels
+    let model = tessera::model::Model::load_embedded_default(Device::Cpu).unwrap();
+    let panels = tch::no_grad(|| model.transformer.net.panels()).unwrap();
+    assert!(panels.layers.iter().flatten().chain([&panels.image_head]).all(PackedLinear::is_bf16));
+}
+
+#[test]
 fn panel_products_equal_a_double_precision_reference_at_every_batch_size() {
     tch::manual_seed(11);
     // outputs a multiple of the 16-wide panels and not (in groups of three panels and alone,
@@ -259,6 +300,13 @@ fn the_avx2_and_baseline_builds_pass_the_kernel_tests() {
         return;
     }
     let exe = std::env::current_exe().unwrap();
+    // the kernel tests the child should run: this module's, but this one
+    let list = std::process::Command::new(&exe).args(["kernels::", "--list"]).output().unwrap();
+    let n = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|l| l.starts_with("kernels::") && l.ends_with(": test") && !l.contains("the_avx2_and_baseline_builds"))
+        .count();
+    assert!(n >= 7, "found {n} kernel tests");
     for isa in ["avx2", "baseline"] {
         let out = std::process::Command::new(&exe)
             .args(["kernels::", "--skip", "the_avx2_and_baseline_builds", "--test-threads", "1"])
@@ -267,6 +315,9 @@ fn the_avx2_and_baseline_builds_pass_the_kernel_tests() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "the {isa} build failed the kernel tests:\n{text}");
-        assert!(text.contains("5 passed"), "the {isa} build ran other tests than expected:\n{text}");
+        assert!(
+            text.contains(&format!("{n} passed")),
+            "the {isa} build ran other tests than the {n} expected:\n{text}"
+        );
     }
 }
