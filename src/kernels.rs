@@ -7,6 +7,8 @@
 //!   ~1.0 ms); [`PackedLinear`] packs it once per sampling run into panels of 16 outputs, which a
 //!   step streams in order with a tile of 48 outputs × 8 rows held in registers, reading the
 //!   input rows in place and writing the result row-major (no transposed copy before or after).
+//!   A weight whose values are all bf16 (a stored model's) is packed in bf16 panels and widened
+//!   in registers: the same products, half the bytes.
 //! - **Block attention.** A sparse layer's step reads the caption's keys and a few image keys
 //!   per row and head; in libtorch ops that is a dozen small products, views and copies per
 //!   layer. [`block_attention`] does the scores, softmax and weighted values of every row and
