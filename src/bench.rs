@@ -28,6 +28,9 @@ pub struct BenchOptions {
     /// Sample every row from its own caption (as `eval` does) instead of one caption for the
     /// batch (as `generate` and the app do).
     pub distinct_captions: bool,
+    /// Round the random transformer weights to bf16 values, as a model stored in bf16 holds
+    /// (the embedded default model): CPU f32 decode steps then read bf16 panels.
+    pub bf16_weights: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,6 +73,9 @@ pub struct BenchReport {
     pub decode: String,
     /// Whether every sampled row had its own caption (else one caption for the batch).
     pub distinct_captions: bool,
+    /// Whether the transformer's weights were rounded to bf16 values (as stored models'):
+    /// CPU f32 decode steps read them as bf16.
+    pub bf16_weights: bool,
     /// The instruction set of the CPU decode kernels ([`crate::kernels::isa`]; they run for
     /// f32 sampling on the CPU).
     pub cpu_kernels: String,
@@ -139,7 +145,8 @@ pub fn read_gbps(device: Device, runs: usize) -> Result<f64> {
 /// positions: the whole cache for static steps, every key written for masked growing ones, the
 /// pattern's keys in sparse layers for growing ones, the caption's once for the batch when its
 /// rows share one (`shared_caption`).
-fn decode_bytes(cfg: &Config, b: usize, kind: Kind, mode: DecodeMode, device: Device, shared_caption: bool) -> f64 {
+fn decode_bytes(cfg: &Config, opts: &BenchOptions, shared_caption: bool) -> f64 {
+    let (b, kind, mode, device) = (opts.sample_batch, opts.kind, opts.decode, opts.device);
     use crate::attention::{StreamShape, decode_blocks, padded_len};
     let counts = params::count(cfg);
     let part = |name: &str| counts.transformer_parts.iter().find(|p| p.0 == name).map(|p| p.1).unwrap_or(0);
@@ -170,12 +177,22 @@ fn decode_bytes(cfg: &Config, b: usize, kind: Kind, mode: DecodeMode, device: De
     }
     let keys = (b * per_row + per_batch) as f64 / steps as f64;
     let kv = (2 * t.inner_dim()) as f64 * keys;
-    (weights as f64 + kv) * kind.elt_size_in_bytes() as f64
+    // bf16-valued weights are read as bf16 by the CPU's f32 steps
+    let weight_kind = if opts.bf16_weights && crate::kernels::applies(device, kind) { Kind::BFloat16 } else { kind };
+    weights as f64 * weight_kind.elt_size_in_bytes() as f64 + kv * kind.elt_size_in_bytes() as f64
 }
 
 fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) -> Result<ConfigBench> {
     let dev = opts.device;
     let mut model = Model::random_init(cfg, dev, 0)?;
+    if opts.bf16_weights {
+        tch::no_grad(|| {
+            for mut v in model.transformer.vs.trainable_variables() {
+                let r = v.to_kind(Kind::BFloat16).to_kind(v.kind());
+                v.copy_(&r);
+            }
+        });
+    }
     model.set_dtype(opts.kind)?;
     model.transformer.net.set_decode_mode(opts.decode);
     let counts = params::count(cfg);
@@ -262,7 +279,7 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
         (t_train, t_optim, t_unfused, t_optim_unfused)
     };
     let step_flops = 3.0 * params::transformer_forward_flops(cfg) * tb as f64;
-    let bytes = decode_bytes(cfg, b, opts.kind, opts.decode, dev, !opts.distinct_captions && b > 1);
+    let bytes = decode_bytes(cfg, opts, !opts.distinct_captions && b > 1);
     Ok(ConfigBench {
         params: counts.total,
         transformer_params: counts.transformer,
@@ -306,6 +323,7 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
         runs: opts.runs,
         decode: opts.decode.on(opts.device).name().into(),
         distinct_captions: opts.distinct_captions,
+        bf16_weights: opts.bf16_weights,
         cpu_kernels: crate::kernels::isa().into(),
         matmul_gflops: peak,
         memory_read_gbps: gbps,

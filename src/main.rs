@@ -694,6 +694,10 @@ struct BenchArgs {
     /// for the batch (as `generate` and the app do).
     #[arg(long)]
     distinct_captions: bool,
+    /// Round the random transformer weights to bf16 values, as a model stored in bf16 holds
+    /// (the embedded default model's): CPU f32 decode steps then read them as bf16.
+    #[arg(long)]
+    bf16_weights: bool,
 }
 
 fn main() {
@@ -1036,6 +1040,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         train_batch: a.train_batch,
         decode: DecodeMode::parse(&a.decode)?,
         distinct_captions: a.distinct_captions,
+        bf16_weights: a.bf16_weights,
     };
     let report = bench::run(&opts, |m| eprintln!("bench: {m}"))?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -115,6 +115,29 @@ fn info_reports_parameter_counts_as_json() {
     assert_eq!(v["layer_attention"][63], "conv");
 }
 
+#[test]
+fn bench_with_bf16_weights_counts_half_the_weight_bytes() {
+    // tiny's weights rounded to bf16 values are read as bf16 by CPU f32 steps: the step's
+    // bytes drop by half the weights' f32 bytes, the cache's stay
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bench", "--configs", "tiny", "--sample-batch", "2", "--train-batch", "0", "--runs", "1"];
+        args.extend_from_slice(extra);
+        let o = tessera().args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let (f32w, bf16w) = (run(&[]), run(&["--bf16-weights"]));
+    assert_eq!((f32w["bf16_weights"].as_bool(), bf16w["bf16_weights"].as_bool()), (Some(false), Some(true)));
+    let bytes = |v: &serde_json::Value| v["configs"]["tiny"]["sample_bytes_per_step"].as_f64().unwrap();
+    let info = tessera().args(["info", "--preset", "tiny", "--json"]).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let transformer = info["params"]["transformer"].as_u64().unwrap() as f64;
+    let saved = bytes(&f32w) - bytes(&bf16w);
+    // the step's weights (all but the embeddings) at 2 bytes instead of 4
+    assert!(saved > 0.0 && saved < 2.0 * transformer, "saved {saved} bytes of {transformer} parameters");
+    assert!(bf16w["configs"]["tiny"]["sample_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
 /// Every preset the library knows is named wherever a command takes one, so a user reading
 /// `--help` learns of all of them (the lists are written by hand and drifted once).
 #[test]
