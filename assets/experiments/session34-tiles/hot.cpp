@@ -6,7 +6,7 @@ int main(int argc, char** argv) {
   int64_t R = atoi(argv[1]), O = atoi(argv[2]), I = atoi(argv[3]); int T = atoi(argv[4]);
   at::set_num_threads(T);
   auto w = at::randn({O, I}), b = at::randn({O}), x = at::randn({R, I});
-  at::Tensor* p; tessera_pack_panels(&w, &p);
+  at::Tensor* p; tessera_pack_panels(&w, 0, &p);
   int reps = std::max<int64_t>(10, int64_t(2e9 / (2.0 * R * O * I)));
   auto tm = [&](auto f) { std::vector<double> v; for (int k = 0; k < 7; k++) { auto t0 = std::chrono::steady_clock::now(); for (int r = 0; r < reps; r++) f(); v.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps); } std::sort(v.begin(), v.end()); return 2.0 * R * O * I / v[3] / 1e9; };
   double gp = tm([&] { at::Tensor* y; tessera_panel_linear(&x, p, &b, O, 0, nullptr, &y); delete y; });

@@ -12,7 +12,7 @@ int main(int argc, char** argv) {
   ls.push_back({8192, 256, 0});
   std::vector<at::Tensor> packed, bias, xs;
   for (auto& l : ls) {
-    auto w = at::randn({l.o, l.i}); at::Tensor* p; tessera_pack_panels(&w, &p); packed.push_back(*p); delete p;
+    auto w = at::randn({l.o, l.i}); at::Tensor* p; tessera_pack_panels(&w, 0, &p); packed.push_back(*p); delete p;
     bias.push_back(at::randn({l.o})); xs.push_back(at::randn({R, l.i}));
   }
   std::vector<double> v;
