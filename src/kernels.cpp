@@ -125,8 +125,7 @@ inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_
   constexpr int W = sizeof(V) / sizeof(float), NV = LANES / W;
   typedef uint32_t VU __attribute__((vector_size(sizeof(V))));
   const int64_t I = a.I, O = a.O, pairs = (I + 1) / 2;
-  const float *p = a.p + ob * I * LANES, *x = a.x + r0 * I;
-  const uint16_t *h = a.h + ob * pairs * 2 * LANES;
+  const float *x = a.x + r0 * I;
   V acc[RB][NP][NV];
   for (int k = 0; k < RB; ++k) {
     for (int q = 0; q < NP; ++q) {
@@ -146,6 +145,7 @@ inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_
     }
   };
   if constexpr (BF) {
+    const uint16_t *h = a.h + ob * pairs * 2 * LANES;
     for (int64_t j = 0; j < pairs; ++j) {
       V w0[NP][NV], w1[NP][NV];
       for (int q = 0; q < NP; ++q) {
@@ -167,6 +167,7 @@ inline __attribute__((always_inline)) void panel_rows(const PanelArgs &a, int64_
       }
     }
   } else {
+    const float *p = a.p + ob * I * LANES;
     for (int64_t i = 0; i < I; ++i) {
       V w[NP][NV];
       for (int q = 0; q < NP; ++q) {
