@@ -2,7 +2,8 @@
 # Builds the C++ timing harnesses against the project's kernels and libtorch (run from the
 # repository root after the first build, which fetches libtorch into .libtorch):
 #   att   B THREADS FLUSH_MB  — P's four attention patterns over a cache of B rows, per step
-#   step  R                   — P's 17 decode products at R rows, each weight its own (cold)
+#   step  R [bf16]            — P's 17 decode products at R rows, each weight its own (cold);
+#                               bf16: bf16-valued weights in f32 and in bf16 panels
 # KERNELS=path/to/kernels.cpp builds against another version of the kernels.
 set -eu
 L=$(readlink -f .libtorch)
