@@ -814,25 +814,32 @@ char *tessera_pack_panels(const at::Tensor *w, int32_t narrow, at::Tensor **out)
     const auto wc = w->contiguous();
     const int64_t O = wc.size(0), I = wc.size(1), nb = (O + LANES - 1) / LANES;
     const float *src = wc.data_ptr<float>();
-    bool bf16 = narrow == 1;
-    for (int64_t e = 0; bf16 && e < O * I; ++e) {
-      uint32_t bits;
-      std::memcpy(&bits, src + e, sizeof bits);
-      bf16 = (bits & 0xFFFFu) == 0;
+    uint32_t low = 0;  // the low 16 bits of every value, or-ed: 0 when all are bf16
+    if (narrow == 1) {
+      for (int64_t e = 0; e < O * I; ++e) {
+        uint32_t bits;
+        std::memcpy(&bits, src + e, sizeof bits);
+        low |= bits & 0xFFFFu;
+      }
     }
-    if (bf16) {
+    if (narrow == 1 && low == 0) {
       const int64_t pairs = (I + 1) / 2;
       auto p = at::zeros({nb, pairs, LANES, 2}, wc.options().dtype(at::kShort));
       int16_t *dst = p.data_ptr<int16_t>();
-      for (int64_t o = 0; o < O; ++o) {
-        const int64_t ob = o / LANES, l = o % LANES;
-        for (int64_t i = 0; i < I; ++i) {
-          uint32_t bits;
-          std::memcpy(&bits, src + o * I + i, sizeof bits);
-          const uint16_t hi = static_cast<uint16_t>(bits >> 16);
-          std::memcpy(dst + ((ob * pairs + i / 2) * LANES + l) * 2 + i % 2, &hi, sizeof hi);
+      at::parallel_for(0, nb, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t ob = b0; ob < b1; ++ob) {
+          for (int64_t l = 0; l < LANES && ob * LANES + l < O; ++l) {
+            const float *row = src + (ob * LANES + l) * I;
+            int16_t *col = dst + ob * pairs * 2 * LANES + l * 2;
+            for (int64_t i = 0; i < I; ++i) {
+              uint32_t bits;
+              std::memcpy(&bits, row + i, sizeof bits);
+              const uint16_t hi = static_cast<uint16_t>(bits >> 16);
+              std::memcpy(col + (i / 2) * 2 * LANES + i % 2, &hi, sizeof hi);
+            }
+          }
         }
-      }
+      });
       *out = new at::Tensor(p);
       return;
     }
