@@ -1,11 +1,12 @@
 //! Build-time settings for every binary of the crate (the CLI, tests, benches):
-//! - an rpath to libtorch so no `LD_LIBRARY_PATH` is needed, and `libtorch_cuda` kept as a
-//!   real dependency (rustc links with `--as-needed`, which would drop it because nothing
-//!   references it directly, and then libtorch never registers its CUDA backend);
-//! - `src/shim.cpp`, what tch does not bind (fused AdamW, foreach kernels, CUDA graphs),
-//!   compiled against the same libtorch headers; its CUDA half only where libtorch has CUDA
-//!   and the CUDA runtime headers are found beside it; and `src/kernels.cpp`, the CPU decode
-//!   kernels (see `src/kernels.rs`);
+//! - an rpath to libtorch so no `LD_LIBRARY_PATH` is needed. `libtorch_cuda` is not linked
+//!   (rustc links with `--as-needed`, which drops it): `src/shim.cpp` opens it at start where an
+//!   NVIDIA driver is installed, so CPU machines never map the CUDA libraries;
+//! - `src/shim.cpp`, what tch does not bind (fused AdamW, foreach kernels) and that loading,
+//!   compiled against the same libtorch headers; `src/shim_cuda.cpp`, CUDA graphs, compiled into
+//!   a small shared library linked to libtorch_cuda (where libtorch has CUDA and the CUDA runtime
+//!   headers are found beside it) and carried inside the binary; and `src/kernels.cpp`, the CPU
+//!   decode kernels (see `src/kernels.rs`);
 //! - the embedded default model: every file of `assets/models/default/` is compiled into the
 //!   binary (`$OUT_DIR/default_model.rs`), so the app and `generate` work from any directory.
 use std::path::{Path, PathBuf};
@@ -30,16 +31,10 @@ fn main() {
     // in our own code, so it is compiled with OpenMP and linked to that same runtime (one pool
     // of threads; without it the kernels run on one thread)
     let openmp = lib.join("libgomp.so.1").exists();
-    build_shim(Path::new(&root), cuda, openmp);
+    build_shim(Path::new(&root), &lib, cuda, openmp);
     if openmp {
         println!("cargo:rustc-link-search=native={}", lib.display());
         println!("cargo:rustc-link-arg=-l:libgomp.so.1");
-    }
-    if cuda {
-        println!("cargo:rustc-link-search=native={}", lib.display());
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
 }
 
@@ -66,10 +61,12 @@ fn embed_default_model() {
     }
 }
 
-/// Compiles `src/shim.cpp` and `src/kernels.cpp`; `cuda`: libtorch has its CUDA library;
-/// `openmp`: its OpenMP runtime.
-fn build_shim(root: &Path, cuda: bool, openmp: bool) {
+/// Compiles `src/shim.cpp` and `src/kernels.cpp` (and, with `cuda`, `src/shim_cuda.cpp` into
+/// the shared library that shim.cpp carries); `lib`: libtorch's library folder; `cuda`: libtorch
+/// has its CUDA library; `openmp`: its OpenMP runtime.
+fn build_shim(root: &Path, lib: &Path, cuda: bool, openmp: bool) {
     println!("cargo:rerun-if-changed=src/shim.cpp");
+    println!("cargo:rerun-if-changed=src/shim_cuda.cpp");
     println!("cargo:rerun-if-changed=src/kernels.cpp");
     println!("cargo:rerun-if-changed=src/ffi.h");
     let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
@@ -103,14 +100,57 @@ fn build_shim(root: &Path, cuda: bool, openmp: bool) {
     let runtime =
         headers.into_iter().find(|d| d.join("cuda_runtime_api.h").is_file() && d.join("crt/host_config.h").is_file());
     match runtime {
-        Some(dir) if cuda => {
-            b.define("TESSERA_CUDA", None).include(dir);
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-            println!("cargo:rustc-link-arg=-lc10_cuda");
-            println!("cargo:rustc-link-arg=-Wl,--as-needed");
-        }
+        Some(dir) if cuda => match build_cuda_shim(&root, lib, &dir, &abi) {
+            Ok(header_dir) => {
+                b.define("TESSERA_CUDA_SHIM", None).include(header_dir);
+            }
+            Err(e) => println!("cargo:warning=CUDA graphs left out: {e}"),
+        },
         _ if cuda => println!("cargo:warning=CUDA runtime headers not found: CUDA graphs left out"),
         _ => {}
     }
     b.compile("tessera_shim");
+}
+
+/// Builds `$OUT_DIR/libtessera_cuda.so` from `src/shim_cuda.cpp`, linked to libtorch_cuda, and
+/// writes the header through which shim.cpp includes its bytes. Returns the header's folder.
+fn build_cuda_shim(root: &Path, lib: &Path, cuda_headers: &Path, abi: &str) -> Result<PathBuf, String> {
+    let out = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?);
+    let so = out.join("libtessera_cuda.so");
+    let mut cmd = cc::Build::new().cpp(true).warnings(false).get_compiler().to_command();
+    cmd.args(["-shared", "-fPIC", "-O2", "-g0", "-std=c++17", "-DGLOG_USE_GLOG_EXPORT", "-w"])
+        .arg(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg("-I")
+        .arg(root.join("include/torch/csrc/api/include"))
+        .arg("-I")
+        .arg(cuda_headers)
+        .arg("-I")
+        .arg("src")
+        .arg("src/shim_cuda.cpp")
+        .arg("-o")
+        .arg(&so)
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .args([
+            "-Wl,-s",
+            "-Wl,--no-as-needed",
+            "-ltorch_cuda",
+            "-lc10_cuda",
+            "-Wl,--as-needed",
+            "-ltorch_cpu",
+            "-lc10",
+        ]);
+    let status = cmd.status().map_err(|e| format!("cannot run the C++ compiler: {e}"))?;
+    if !status.success() {
+        return Err(format!("compiling src/shim_cuda.cpp failed ({status})"));
+    }
+    // the assembler string, then the C string around it
+    let asm_path = so.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+    let directive = format!(".incbin \"{asm_path}\"");
+    let c_string = directive.replace('\\', "\\\\").replace('"', "\\\"");
+    let header = format!("#define TESSERA_CUDA_SHIM_INCBIN \"{c_string}\\n\"\n");
+    std::fs::write(out.join("tessera_cuda_shim.h"), header).map_err(|e| e.to_string())?;
+    Ok(out)
 }

@@ -79,6 +79,8 @@ pub struct BenchReport {
     /// The instruction set of the CPU decode kernels ([`crate::kernels::isa`]; they run for
     /// f32 sampling on the CPU).
     pub cpu_kernels: String,
+    /// What loading libtorch's CUDA libraries found ([`crate::shim::cuda_libraries`]).
+    pub cuda_libraries: crate::shim::CudaLibraries,
     pub matmul_gflops: f64,
     /// Memory read bandwidth: a sum over a 256 MiB tensor.
     pub memory_read_gbps: f64,
@@ -325,6 +327,7 @@ pub fn run(opts: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport
         distinct_captions: opts.distinct_captions,
         bf16_weights: opts.bf16_weights,
         cpu_kernels: crate::kernels::isa().into(),
+        cuda_libraries: crate::shim::cuda_libraries(),
         matmul_gflops: peak,
         memory_read_gbps: gbps,
         configs,

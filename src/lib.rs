@@ -39,6 +39,10 @@ pub use sample::{SampleOptions, Sampler};
 
 /// Picks the compute device from a name: `cpu`, `cuda`, `cuda:N` or `auto`.
 pub fn parse_device(name: &str) -> Result<tch::Device> {
+    // the CUDA libraries are loaded before `main`; this also loads them in a binary whose
+    // start-up hook did not run
+    let cuda = shim::cuda_libraries();
+    let unavailable = || format!("no CUDA device is available (CUDA libraries: {})", cuda.note);
     match name {
         "auto" => Ok(tch::Device::cuda_if_available()),
         "cpu" => Ok(tch::Device::Cpu),
@@ -46,12 +50,17 @@ pub fn parse_device(name: &str) -> Result<tch::Device> {
             if tch::Cuda::is_available() {
                 Ok(tch::Device::Cuda(0))
             } else {
-                Err(Error::Invalid("CUDA was asked for but no CUDA device is available".into()))
+                Err(Error::Invalid(format!("CUDA was asked for but {}", unavailable())))
             }
         }
         other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(i) if (i as i64) < tch::Cuda::device_count() => Ok(tch::Device::Cuda(i)),
-            _ => Err(Error::Invalid(format!("unknown or unavailable device {other:?}"))),
+            Some(_) => Err(Error::Invalid(format!(
+                "device {other:?} is not available: {} CUDA device(s) (CUDA libraries: {})",
+                tch::Cuda::device_count(),
+                cuda.note
+            ))),
+            None => Err(Error::Invalid(format!("unknown device {other:?} (cpu, cuda, cuda:N or auto)"))),
         },
     }
 }

@@ -154,7 +154,7 @@ struct Counted {
 /// decode steps, in a build with graph support, unless `TESSERA_CUDA_GRAPHS=0`.
 pub fn cuda_graphs_enabled(model: &Transformer) -> bool {
     let off = std::env::var("TESSERA_CUDA_GRAPHS").is_ok_and(|v| v == "0");
-    model.device().is_cuda() && model.static_decode() && crate::shim::cuda_graphs_built() && !off
+    model.device().is_cuda() && model.static_decode() && crate::shim::cuda_graphs_available() && !off
 }
 
 /// A stepwise sampler over a batch of captions.

@@ -1,6 +1,9 @@
 // What tch 0.24 does not bind, over libtorch's C++ API: the fused AdamW update and the
 // multi-tensor ("foreach") kernels that training uses to touch every parameter in a few
-// launches, and CUDA graph capture and replay for decoding (built when libtorch has CUDA).
+// launches; and the loading of libtorch's CUDA libraries, which the binary does not link: they
+// are opened at start only where an NVIDIA driver is installed (a machine without one never
+// maps their ~350 MB), with the CUDA half of this shim (`src/shim_cuda.cpp`: CUDA graph
+// capture and replay for decoding), a small shared library carried inside the binary.
 //
 // Tensors cross as tch's handles, which are `at::Tensor*`. Every function catches C++
 // exceptions and returns them as a message (malloc'd; free with tessera_free_message), or
@@ -15,10 +18,27 @@
 #include <string>
 #include <vector>
 
-#ifdef TESSERA_CUDA
-#include <ATen/cuda/CUDAGraph.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAStream.h>
+#include <dlfcn.h>
+#include <mutex>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#ifdef TESSERA_CUDA_SHIM
+// `libtessera_cuda.so`, built by build.rs from src/shim_cuda.cpp; the generated header holds
+// the assembler directive that includes its bytes (`.incbin "PATH"`), so the path needs no
+// escaping here.
+#include "tessera_cuda_shim.h"
+asm(".pushsection .rodata\n"
+    ".balign 64\n"
+    ".hidden tessera_cuda_shim_start\n"
+    ".global tessera_cuda_shim_start\n"
+    "tessera_cuda_shim_start:\n" TESSERA_CUDA_SHIM_INCBIN
+    ".hidden tessera_cuda_shim_end\n"
+    ".global tessera_cuda_shim_end\n"
+    "tessera_cuda_shim_end:\n"
+    ".popsection\n");
+extern "C" const unsigned char tessera_cuda_shim_start[];
+extern "C" const unsigned char tessera_cuda_shim_end[];
 #endif
 
 namespace {
@@ -34,6 +54,173 @@ std::vector<at::Tensor> list(const at::Tensor *const *ts, size_t n) {
   }
   return out;
 }
+
+// ---- libtorch's CUDA libraries, opened at start where they can work ----
+
+using Fn1 = char *(*)(void *);
+using FnOut = char *(*)(void **);
+using FnEnter = char *(*)(int, void **);
+
+struct Cuda {
+  std::string note = "not loaded yet";
+  FnEnter stream_enter = nullptr;
+  Fn1 stream_exit = nullptr;
+  FnOut graph_new = nullptr;
+  Fn1 graph_begin = nullptr;
+  Fn1 graph_end = nullptr;
+  Fn1 graph_replay = nullptr;
+  Fn1 graph_free = nullptr;
+};
+
+Cuda &cuda() {
+  static Cuda state;
+  return state;
+}
+
+std::string dl_error(const char *fallback) {
+  const char *e = dlerror();
+  return e != nullptr ? e : fallback;
+}
+
+// The folder libtorch_cpu was loaded from (with its trailing slash): its CUDA library lies
+// beside it, whether found through the binary's rpath or LD_LIBRARY_PATH.
+std::string torch_lib_dir() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void *>(&at::globalContext), &info) != 0 && info.dli_fname != nullptr) {
+    std::string f = info.dli_fname;
+    auto slash = f.rfind('/');
+    if (slash != std::string::npos) {
+      return f.substr(0, slash + 1);
+    }
+  }
+  return "";
+}
+
+// Opens the CUDA half of the shim from the bytes carried in the binary: an anonymous in-memory
+// file where the kernel has them, else a temporary file removed once opened. Its symbols stay
+// local; it finds libtorch_cuda and the CUDA runtime already loaded.
+void *open_cuda_shim(std::string &err) {
+#ifdef TESSERA_CUDA_SHIM
+  const size_t size = static_cast<size_t>(tessera_cuda_shim_end - tessera_cuda_shim_start);
+  auto write_all = [&](int fd) {
+    size_t done = 0;
+    while (done < size) {
+      ssize_t n = write(fd, tessera_cuda_shim_start + done, size - done);
+      if (n <= 0) {
+        return false;
+      }
+      done += static_cast<size_t>(n);
+    }
+    return true;
+  };
+  int fd = memfd_create("tessera-cuda-shim", MFD_CLOEXEC);
+  if (fd >= 0) {
+    void *h = nullptr;
+    if (write_all(fd)) {
+      h = dlopen(("/proc/self/fd/" + std::to_string(fd)).c_str(), RTLD_NOW | RTLD_LOCAL);
+      if (h == nullptr) {
+        err = dl_error("cannot open the CUDA shim");
+      }
+    } else {
+      err = "cannot write the CUDA shim to memory";
+    }
+    close(fd);
+    if (h != nullptr) {
+      return h;
+    }
+  }
+  const char *tmp = std::getenv("TMPDIR");
+  std::string path = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/tessera-cuda-XXXXXX";
+  std::vector<char> name(path.begin(), path.end());
+  name.push_back('\0');
+  fd = mkstemp(name.data());
+  if (fd < 0) {
+    err += err.empty() ? "" : "; ";
+    err += "cannot create a temporary file for the CUDA shim";
+    return nullptr;
+  }
+  bool ok = write_all(fd);
+  close(fd);
+  void *h = ok ? dlopen(name.data(), RTLD_NOW | RTLD_LOCAL) : nullptr;
+  if (h == nullptr) {
+    err += err.empty() ? "" : "; ";
+    err += ok ? dl_error("cannot open the CUDA shim") : "cannot write the CUDA shim";
+  }
+  unlink(name.data());
+  return h;
+#else
+  err = "built without the CUDA runtime headers";
+  return nullptr;
+#endif
+}
+
+// TESSERA_CUDA=0 (or off) keeps CUDA unloaded; TESSERA_CUDA=force loads it without a driver
+// (the tests check the loading on machines without a GPU that way).
+void load_cuda() {
+  auto &s = cuda();
+  const char *env = std::getenv("TESSERA_CUDA");
+  const std::string mode = env != nullptr ? env : "";
+  if (mode == "0" || mode == "off") {
+    s.note = "not loaded (TESSERA_CUDA=" + mode + ")";
+    return;
+  }
+  if (dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD) == nullptr) {
+    // without the driver's library the CUDA runtime cannot start, so nothing is lost
+    if (mode != "force" && dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+      s.note = "not loaded: no NVIDIA driver (libcuda.so.1 not found)";
+      return;
+    }
+    const std::string dir = torch_lib_dir();
+    void *h = dir.empty() ? nullptr : dlopen((dir + "libtorch_cuda.so").c_str(), RTLD_NOW | RTLD_GLOBAL);
+    if (h == nullptr) {
+      h = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_GLOBAL);
+    }
+    if (h == nullptr) {
+      s.note = "not loaded: " + dl_error("libtorch_cuda.so not found");
+      return;
+    }
+  }
+  std::string err;
+  void *shim = open_cuda_shim(err);
+  if (shim == nullptr) {
+    s.note = "loaded; CUDA graphs unavailable: " + err;
+    return;
+  }
+  auto sym = [&](const char *name) { return dlsym(shim, name); };
+  s.stream_enter = reinterpret_cast<FnEnter>(sym("tessera_cuda_stream_enter"));
+  s.stream_exit = reinterpret_cast<Fn1>(sym("tessera_cuda_stream_exit"));
+  s.graph_new = reinterpret_cast<FnOut>(sym("tessera_cuda_graph_new"));
+  s.graph_begin = reinterpret_cast<Fn1>(sym("tessera_cuda_graph_begin"));
+  s.graph_end = reinterpret_cast<Fn1>(sym("tessera_cuda_graph_end"));
+  s.graph_replay = reinterpret_cast<Fn1>(sym("tessera_cuda_graph_replay"));
+  s.graph_free = reinterpret_cast<Fn1>(sym("tessera_cuda_graph_free"));
+  if (s.stream_enter == nullptr || s.stream_exit == nullptr || s.graph_new == nullptr ||
+      s.graph_begin == nullptr || s.graph_end == nullptr || s.graph_replay == nullptr ||
+      s.graph_free == nullptr) {
+    s = Cuda{};
+    s.note = "loaded; CUDA graphs unavailable: the CUDA shim lacks a function";
+    return;
+  }
+  s.note = "loaded, with CUDA graphs";
+}
+
+std::once_flag cuda_once;
+
+void load_cuda_once() {
+  std::call_once(cuda_once, [] {
+    try {
+      load_cuda();
+    } catch (...) {
+      cuda().note = "not loaded: unexpected error";
+    }
+  });
+}
+
+// Before main: libtorch decides once, at its first CUDA query, whether it has CUDA, so the
+// libraries must be in the process before any code asks.
+[[maybe_unused]] const bool cuda_loaded_at_start = (load_cuda_once(), true);
+
+char *unavailable() { return message("CUDA graphs unavailable: " + cuda().note); }
 
 } // namespace
 
@@ -78,77 +265,58 @@ char *tessera_foreach_lerp(const at::Tensor *const *self, const at::Tensor *cons
   return guarded([&] { at::_foreach_lerp_(list(self, n), list(other, n), w); });
 }
 
-int tessera_cuda_graphs_built() {
-#ifdef TESSERA_CUDA
-  return 1;
-#else
-  return 0;
-#endif
-}
-
-#ifdef TESSERA_CUDA
-
-// A side stream made current for as long as it lives (graph capture cannot run on the
-// default stream). The device is synchronised on entry and exit, so work queued before and
-// after keeps its order; this happens once per sampling run, not per step. (No stream guard
-// class: its inline event code would tie the binary to the CUDA runtime directly.)
-struct TesseraStream {
-  c10::cuda::CUDAStream prev;
-};
-
-char *tessera_stream_enter(int device, TesseraStream **out) {
-  return guarded([&] {
-    auto dev = static_cast<c10::DeviceIndex>(device);
-    auto prev = c10::cuda::getCurrentCUDAStream(dev);
-    c10::cuda::device_synchronize();
-    c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, dev));
-    *out = new TesseraStream{prev};
-  });
-}
-
-// Waits for the side stream's work, makes the previous stream current again and frees `s`
-// (also when waiting fails).
-char *tessera_stream_exit(TesseraStream *s) {
-  char *err = guarded([&] { c10::cuda::device_synchronize(); });
-  char *err2 = guarded([&] { c10::cuda::setCurrentCUDAStream(s->prev); });
-  delete s;
-  if (err == nullptr) {
-    return err2;
+// What loading CUDA found: `*loaded` = libtorch_cuda is in the process, `*registered` = its
+// backend answers libtorch's queries, `*graphs` = the graph functions were found. Returns a
+// line for people (static storage). Loads on the first call if the start-up hook did not.
+const char *tessera_cuda_status(int *loaded, int *registered, int *graphs) {
+  load_cuda_once();
+  const auto &s = cuda();
+  *loaded = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD) != nullptr ? 1 : 0;
+  *registered = 0;
+  if (*loaded != 0) {
+    try {
+      *registered = at::detail::getCUDAHooks().hasCUDART() ? 1 : 0;
+    } catch (...) {
+    }
   }
-  std::free(err2);
-  return err;
+  *graphs = s.graph_replay != nullptr ? 1 : 0;
+  return s.note.c_str();
 }
 
-char *tessera_graph_new(at::cuda::CUDAGraph **out) {
-  return guarded([&] { *out = new at::cuda::CUDAGraph(); });
+char *tessera_stream_enter(int device, void **out) {
+  const auto &s = cuda();
+  return s.stream_enter != nullptr ? s.stream_enter(device, out) : unavailable();
 }
 
-char *tessera_graph_begin(at::cuda::CUDAGraph *g) {
-  return guarded([&] { g->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal); });
+char *tessera_stream_exit(void *st) {
+  const auto &s = cuda();
+  return s.stream_exit != nullptr ? s.stream_exit(st) : nullptr;
 }
 
-char *tessera_graph_end(at::cuda::CUDAGraph *g) {
-  return guarded([&] { g->capture_end(); });
+char *tessera_graph_new(void **out) {
+  const auto &s = cuda();
+  return s.graph_new != nullptr ? s.graph_new(out) : unavailable();
 }
 
-char *tessera_graph_replay(at::cuda::CUDAGraph *g) {
-  return guarded([&] { g->replay(); });
+char *tessera_graph_begin(void *g) {
+  const auto &s = cuda();
+  return s.graph_begin != nullptr ? s.graph_begin(g) : unavailable();
 }
 
-char *tessera_graph_free(at::cuda::CUDAGraph *g) {
-  return guarded([&] { delete g; });
+char *tessera_graph_end(void *g) {
+  const auto &s = cuda();
+  return s.graph_end != nullptr ? s.graph_end(g) : unavailable();
 }
 
-#else
-
-struct TesseraStream;
-char *tessera_stream_enter(int, TesseraStream **) { return message("built without CUDA"); }
-char *tessera_stream_exit(TesseraStream *) { return nullptr; }
-char *tessera_graph_new(void **) { return message("built without CUDA"); }
-char *tessera_graph_begin(void *) { return message("built without CUDA"); }
-char *tessera_graph_end(void *) { return message("built without CUDA"); }
-char *tessera_graph_replay(void *) { return message("built without CUDA"); }
-char *tessera_graph_free(void *) { return nullptr; }
-
-#endif
+char *tessera_graph_replay(void *g) {
+  const auto &s = cuda();
+  return s.graph_replay != nullptr ? s.graph_replay(g) : unavailable();
 }
+
+char *tessera_graph_free(void *g) {
+  const auto &s = cuda();
+  return s.graph_free != nullptr ? s.graph_free(g) : nullptr;
+}
+
+} // extern "C"
+

@@ -1,7 +1,9 @@
 //! What tch 0.24 does not bind, from `src/shim.cpp` (compiled by build.rs against the same
 //! libtorch): the fused AdamW update and multi-tensor ("foreach") kernels, which update every
 //! parameter in a few launches instead of several per tensor, and CUDA graph capture and
-//! replay, which turn a decode step's hundreds of kernel launches into one.
+//! replay, which turn a decode step's hundreds of kernel launches into one. The binary does not
+//! link libtorch's CUDA libraries: the shim opens them before `main` where an NVIDIA driver is
+//! installed ([`cuda_libraries`] says what it found).
 //!
 //! Tensors cross as tch's handles (`at::Tensor*`); every C++ exception comes back as an
 //! [`Error::Invalid`] naming the operation.
@@ -32,7 +34,7 @@ unsafe extern "C" {
     fn tessera_foreach_norm(ts: *const Handle, n: usize, out: *mut *mut c_void) -> *mut c_char;
     fn tessera_foreach_mul_tensor(ts: *const Handle, n: usize, k: Handle) -> *mut c_char;
     fn tessera_foreach_lerp(a: *const Handle, b: *const Handle, n: usize, w: f64) -> *mut c_char;
-    fn tessera_cuda_graphs_built() -> i32;
+    fn tessera_cuda_status(loaded: *mut i32, registered: *mut i32, graphs: *mut i32) -> *const c_char;
     fn tessera_stream_enter(device: i32, out: *mut *mut c_void) -> *mut c_char;
     fn tessera_stream_exit(s: *mut c_void) -> *mut c_char;
     fn tessera_graph_new(out: *mut *mut c_void) -> *mut c_char;
@@ -138,11 +140,37 @@ pub fn foreach_lerp_<T: std::borrow::Borrow<Tensor>>(a: &[T], b: &[T], w: f64) -
     check("foreach lerp", unsafe { tessera_foreach_lerp(ha.as_ptr(), hb.as_ptr(), ha.len(), w) })
 }
 
-/// Whether this build can capture CUDA graphs (libtorch with CUDA and its headers at build
-/// time); a GPU must still be present to use them.
-pub fn cuda_graphs_built() -> bool {
-    // SAFETY: reads a constant.
-    unsafe { tessera_cuda_graphs_built() != 0 }
+/// What the start-up loading of libtorch's CUDA libraries found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CudaLibraries {
+    /// libtorch_cuda is in the process.
+    pub loaded: bool,
+    /// libtorch's CUDA backend is registered (its queries answer; a device need not exist).
+    pub registered: bool,
+    /// The CUDA graph functions were found (the CUDA half of the shim).
+    pub graphs: bool,
+    /// One line for people: what was loaded, or why not.
+    pub note: String,
+}
+
+/// What the start-up loading of libtorch's CUDA libraries found. They are opened before `main`
+/// where `libcuda.so.1` (the NVIDIA driver) can be opened, never on a machine without one;
+/// `TESSERA_CUDA=0` keeps them out, `TESSERA_CUDA=force` loads them without a driver.
+pub fn cuda_libraries() -> CudaLibraries {
+    let (mut loaded, mut registered, mut graphs) = (0, 0, 0);
+    // SAFETY: writes three ints; the note is a NUL-terminated string that lives as long as the
+    // process (it is set once, before any caller can see it).
+    let note = unsafe {
+        let p = tessera_cuda_status(&mut loaded, &mut registered, &mut graphs);
+        if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
+    };
+    CudaLibraries { loaded: loaded != 0, registered: registered != 0, graphs: graphs != 0, note }
+}
+
+/// Whether CUDA graphs can be captured: the CUDA half of the shim was built and loaded (a GPU
+/// must still be present to use them).
+pub fn cuda_graphs_available() -> bool {
+    cuda_libraries().graphs
 }
 
 /// A CUDA side stream made the current stream of this thread for as long as the value lives

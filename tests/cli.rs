@@ -138,6 +138,67 @@ fn bench_with_bf16_weights_counts_half_the_weight_bytes() {
     assert!(bf16w["configs"]["tiny"]["sample_tokens_per_s"].as_f64().unwrap() > 0.0);
 }
 
+/// libtorch's CUDA libraries (~350 MB mapped, ~0.13 s of start) are not linked: they are opened
+/// before `main` only where the NVIDIA driver is, or when forced. Forced on a machine without a
+/// GPU they load and register libtorch's CUDA backend (with the CUDA graph functions), CPU
+/// pictures stay the same bytes, and asking for CUDA names why it is unavailable.
+#[test]
+fn cuda_libraries_load_only_where_a_driver_is_and_change_no_cpu_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |mode: Option<&str>, args: &[&str]| {
+        let mut c = tessera();
+        c.args(args);
+        match mode {
+            Some(m) => c.env("TESSERA_CUDA", m),
+            None => c.env_remove("TESSERA_CUDA"),
+        };
+        c.output().unwrap()
+    };
+    let status = |mode: Option<&str>| {
+        let o = with(mode, &["bench", "--configs", "tiny", "--sample-batch", "1", "--train-batch", "0", "--runs", "1"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        serde_json::from_value::<tessera::shim::CudaLibraries>(v["cuda_libraries"].clone()).unwrap()
+    };
+    let off = status(Some("0"));
+    assert!(!off.loaded && !off.registered && !off.graphs, "{off:?}");
+    assert!(off.note.contains("TESSERA_CUDA=0"), "{off:?}");
+    let forced = status(Some("force"));
+    assert!(forced.loaded && forced.registered, "{forced:?}");
+    // graphs come with every build whose libtorch has CUDA and its runtime headers
+    assert!(forced.graphs || forced.note.contains("built without"), "{forced:?}");
+    // by default: loaded exactly where the driver is
+    let default = status(None);
+    let no_driver = default.note.contains("no NVIDIA driver");
+    assert_eq!(default.loaded, !no_driver, "{default:?}");
+    // the same CPU pictures with and without the CUDA libraries in the process
+    let mut pictures = Vec::new();
+    for mode in ["0", "force"] {
+        let out = dir.path().join(mode);
+        let o = tessera()
+            .env("TESSERA_CUDA", mode)
+            .args(["generate", "--random-init", "tiny", "--prompt", "a red circle", "-n", "2", "--seed", "3"])
+            .args(["--device", "cpu", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        pictures.push([3, 4].map(|s| std::fs::read(out.join(format!("sample-{s}.png"))).unwrap()));
+    }
+    assert!(pictures[0] == pictures[1], "loading the CUDA libraries changed a CPU picture");
+    // asking for CUDA where it cannot be is a clear error that says why
+    let o = tessera()
+        .env("TESSERA_CUDA", "0")
+        .args(["generate", "--random-init", "tiny", "--prompt", "a red circle", "--device", "cuda", "--out"])
+        .arg(dir.path().join("cuda"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("CUDA was asked for") && err.contains("TESSERA_CUDA=0"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// Every preset the library knows is named wherever a command takes one, so a user reading
 /// `--help` learns of all of them (the lists are written by hand and drifted once).
 #[test]
