@@ -428,19 +428,14 @@ impl Model {
             return Err(Error::Invalid("the number of samples must be at least 1".into()));
         }
         let mut out = Vec::with_capacity(n);
-        let mut batch = n.min(self.sample_batch_limit());
-        while out.len() < n {
-            let (done, m) = (out.len(), batch.min(n - out.len()));
+        in_batches(n, self.sample_batch_limit(), |first, m| {
             // a prefix of one row serves every batch; one of n rows is cut with the batch
             let rows =
-                prefix.map(|p| if p.size()[0] > 1 { p.narrow(0, done as i64, m as i64) } else { p.shallow_clone() });
-            let batch_seed = seed.wrapping_add(done as u64);
-            match catch_torch(|| self.generate_batch(prompt, m, batch_seed, rows.as_ref(), opts, &mut on_step)) {
-                Ok(v) => out.extend(v),
-                Err(e) if m > 1 && is_out_of_memory(&e) => batch = m / 2,
-                Err(e) => return Err(e),
-            }
-        }
+                prefix.map(|p| if p.size()[0] > 1 { p.narrow(0, first as i64, m as i64) } else { p.shallow_clone() });
+            let batch_seed = seed.wrapping_add(first as u64);
+            out.extend(self.generate_batch(prompt, m, batch_seed, rows.as_ref(), opts, &mut on_step)?);
+            Ok(false)
+        })?;
         Ok(out)
     }
 
@@ -497,6 +492,24 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     } else {
         "unknown panic".into()
     }
+}
+
+/// Runs `f(first, m)` over samples `0..n` in batches of at most `batch`, in order: a batch that
+/// runs out of memory (an error or a libtorch panic) is halved and retried from its first
+/// sample, so `f` must start a batch afresh (a sample depends on its seed alone: the same
+/// images at any batch). `f` returns whether to stop early; so does this.
+pub fn in_batches(n: usize, batch: usize, mut f: impl FnMut(usize, usize) -> Result<bool>) -> Result<bool> {
+    let (mut first, mut batch) = (0, batch.clamp(1, n.max(1)));
+    while first < n {
+        let m = batch.min(n - first);
+        match catch_torch(|| f(first, m)) {
+            Ok(true) => return Ok(true),
+            Ok(false) => first += m,
+            Err(e) if m > 1 && is_out_of_memory(&e) => batch = m / 2,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
 }
 
 /// Whether an error is the device (or the host) running out of memory.

@@ -497,12 +497,33 @@ fn an_out_of_memory_job_is_a_notice_and_the_next_job_runs() {
     assert!(matches!(h.state().jobs.last().unwrap().status, JobStatus::Failed), "{:?}", h.state().jobs.last());
     assert!(h.state().errors().any(|n| n.text.contains("out of memory")), "no notice");
     assert!(h.state().gallery.is_empty());
-    // batches above 1 fail: the job halves down to batches that fit and completes
+    // batches above 1 fail: the job halves down to batches that fit and completes, its
+    // progress counted once per token (a retried chunk starts its count again)
     h.state_mut().inject_oom_for_test(Some(1));
     let id = h.state_mut().generate().unwrap();
     step_until(&mut h, "the halved job", |a| job_done(a, id));
-    assert_eq!(h.state().jobs.last().unwrap().status, JobStatus::Done);
+    let job = h.state().jobs.last().unwrap();
+    assert_eq!(job.status, JobStatus::Done);
+    assert_eq!(job.done, job.total, "{job:?}");
     assert_eq!(h.state().gallery.len(), 4);
+    // the same seeds in one chunk of 4: the same pictures
+    h.state_mut().inject_oom_for_test(None);
+    let id2 = h.state_mut().generate().unwrap();
+    step_until(&mut h, "the unhalved job", |a| job_done(a, id2));
+    let pictures = |job: u64| {
+        let mut v: Vec<(u64, Vec<u8>)> = h
+            .state()
+            .gallery
+            .iter()
+            .filter(|g| g.job == job)
+            .map(|g| (g.params.seed, g.rgb.as_ref().unwrap().to_vec()))
+            .collect();
+        v.sort();
+        v
+    };
+    let (halved, whole) = (pictures(id), pictures(id2));
+    assert_eq!(halved.len(), 4);
+    assert!(halved == whole, "halving the chunks changed the pictures");
 }
 
 #[test]

@@ -442,25 +442,13 @@ impl WorkerState {
             _ => None,
         };
         let total = job.n * (image_len - kept);
-        let mut done = 0usize;
-        let mut first = 0usize;
-        let mut chunk = job.chunk.max(1);
-        while first < job.n {
-            let m = chunk.min(job.n - first);
-            let done_before = done;
+        // chunks that run out of memory are halved: the same seeds, the same images
+        crate::model::in_batches(job.n, job.chunk, |first, m| {
             let c = Chunk { first, m, kept, total, start, prefix: prefix.as_ref() };
-            match crate::model::catch_torch(|| self.sample_chunk(model, job, &c, &mut done)) {
-                Ok(true) => return Ok(true),
-                Ok(false) => first += m,
-                // the same seeds at half the batch: the same images, just more chunks
-                Err(e) if m > 1 && crate::model::is_out_of_memory(&e) => {
-                    done = done_before;
-                    chunk = m / 2;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(false)
+            // the tokens of the chunks before (a retried chunk counts from its start again)
+            let mut done = first * (image_len - kept);
+            self.sample_chunk(model, job, &c, &mut done)
+        })
     }
 
     /// Samples one chunk of a job, emitting progress, previews and the finished samples;
