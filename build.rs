@@ -133,7 +133,9 @@ fn build_cuda_shim(root: &Path, lib: &Path, cuda_headers: &Path, abi: &str) -> R
         .arg(&so)
         .arg(format!("-L{}", lib.display()))
         .arg(format!("-Wl,-rpath,{}", lib.display()))
+        // every symbol resolved now: a missing one fails the build, not the GPU machine's run
         .args([
+            "-Wl,-z,defs",
             "-Wl,-s",
             "-Wl,--no-as-needed",
             "-ltorch_cuda",

@@ -12,6 +12,7 @@
 
 #include "ffi.h"
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -63,6 +64,9 @@ using FnEnter = char *(*)(int, void **);
 
 struct Cuda {
   std::string note = "not loaded yet";
+  // found once loading is over: libtorch_cuda in the process, its backend registered
+  bool loaded = false;
+  bool registered = false;
   FnEnter stream_enter = nullptr;
   Fn1 stream_exit = nullptr;
   FnOut graph_new = nullptr;
@@ -113,8 +117,18 @@ void *open_cuda_shim(std::string &err) {
     }
     return true;
   };
-  int fd = memfd_create("tessera-cuda-shim", MFD_CLOEXEC);
-  if (fd >= 0) {
+  // executable memory files must say so where the kernel restricts them (vm.memfd_noexec);
+  // kernels before 6.3 do not know the flag and refuse it
+#ifndef MFD_EXEC
+#define MFD_EXEC 0x0010U
+#endif
+  int fd = memfd_create("tessera-cuda-shim", MFD_CLOEXEC | MFD_EXEC);
+  if (fd < 0 && errno == EINVAL) {
+    fd = memfd_create("tessera-cuda-shim", MFD_CLOEXEC);
+  }
+  if (fd < 0) {
+    err = std::string("no in-memory file (") + std::strerror(errno) + ")";
+  } else {
     void *h = nullptr;
     if (write_all(fd)) {
       h = dlopen(("/proc/self/fd/" + std::to_string(fd)).c_str(), RTLD_NOW | RTLD_LOCAL);
@@ -136,7 +150,8 @@ void *open_cuda_shim(std::string &err) {
   fd = mkstemp(name.data());
   if (fd < 0) {
     err += err.empty() ? "" : "; ";
-    err += "cannot create a temporary file for the CUDA shim";
+    err += "cannot create a temporary file for the CUDA shim in " + path.substr(0, path.rfind('/')) +
+           " (" + std::strerror(errno) + ")";
     return nullptr;
   }
   bool ok = write_all(fd);
@@ -149,7 +164,7 @@ void *open_cuda_shim(std::string &err) {
   unlink(name.data());
   return h;
 #else
-  err = "built without the CUDA runtime headers";
+  err = "built without it (CUDA runtime headers not found, or its compilation failed: see the build's warnings)";
   return nullptr;
 #endif
 }
@@ -170,13 +185,23 @@ void load_cuda() {
       s.note = "not loaded: no NVIDIA driver (libcuda.so.1 not found)";
       return;
     }
+    // beside libtorch_cpu first, then by name (LD_LIBRARY_PATH, the binary's rpath); both
+    // errors are kept (the first names a missing dependency, say)
     const std::string dir = torch_lib_dir();
-    void *h = dir.empty() ? nullptr : dlopen((dir + "libtorch_cuda.so").c_str(), RTLD_NOW | RTLD_GLOBAL);
+    std::string first;
+    void *h = nullptr;
+    if (!dir.empty()) {
+      h = dlopen((dir + "libtorch_cuda.so").c_str(), RTLD_NOW | RTLD_GLOBAL);
+      if (h == nullptr) {
+        first = dl_error("libtorch_cuda.so not found beside libtorch_cpu.so");
+      }
+    }
     if (h == nullptr) {
       h = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_GLOBAL);
     }
     if (h == nullptr) {
-      s.note = "not loaded: " + dl_error("libtorch_cuda.so not found");
+      const std::string second = dl_error("libtorch_cuda.so not found");
+      s.note = "not loaded: " + (first.empty() || first == second ? second : first + "; " + second);
       return;
     }
   }
@@ -208,10 +233,19 @@ std::once_flag cuda_once;
 
 void load_cuda_once() {
   std::call_once(cuda_once, [] {
+    auto &s = cuda();
     try {
       load_cuda();
     } catch (...) {
-      cuda().note = "not loaded: unexpected error";
+      s.note = "not loaded: unexpected error";
+    }
+    s.loaded = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD) != nullptr;
+    if (s.loaded) {
+      // (asked only once the libraries are in: libtorch settles its CUDA hooks at the first query)
+      try {
+        s.registered = at::detail::getCUDAHooks().hasCUDART();
+      } catch (...) {
+      }
     }
   });
 }
@@ -271,14 +305,8 @@ char *tessera_foreach_lerp(const at::Tensor *const *self, const at::Tensor *cons
 const char *tessera_cuda_status(int *loaded, int *registered, int *graphs) {
   load_cuda_once();
   const auto &s = cuda();
-  *loaded = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD) != nullptr ? 1 : 0;
-  *registered = 0;
-  if (*loaded != 0) {
-    try {
-      *registered = at::detail::getCUDAHooks().hasCUDART() ? 1 : 0;
-    } catch (...) {
-    }
-  }
+  *loaded = s.loaded ? 1 : 0;
+  *registered = s.registered ? 1 : 0;
   *graphs = s.graph_replay != nullptr ? 1 : 0;
   return s.note.c_str();
 }

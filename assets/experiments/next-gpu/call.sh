@@ -45,7 +45,7 @@ DVAE_DATA=${DVAE_DATA:-world-dense}
 EVAL_SAMPLING=${EVAL_SAMPLING:-$(python3 -c 'import json, sys
 s = json.load(open(sys.argv[1])).get("sampling", {})
 print(" ".join("--" + k.replace("_", "-") + " " + str(v) for k, v in s.items()))' "$D/config.json")}
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
+export LD_LIBRARY_PATH="/opt/torch/.venv/lib/python3.12/site-packages/torch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date; } >/tmp/info.txt 2>&1
 nvidia-smi dmon -s u -c 30 -d 10 >/tmp/util.txt 2>&1 &
