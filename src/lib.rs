@@ -65,6 +65,16 @@ pub fn parse_device(name: &str) -> Result<tch::Device> {
     }
 }
 
+/// A device's name for people: `CPU`, `CUDA` or `CUDA:N` (device N > 0).
+pub fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cpu => "CPU".into(),
+        tch::Device::Cuda(0) => "CUDA".into(),
+        tch::Device::Cuda(i) => format!("CUDA:{i}"),
+        other => format!("{other:?}"),
+    }
+}
+
 /// Whether `device` computes bf16 matrix products and convolutions natively: a CUDA device
 /// (taken to be Ampere or newer; on older ones give `--dtype f32`), or an x86-64 CPU with
 /// AVX-512 BF16 instructions (README, "Measured figures": on this project's 2-core machine

@@ -946,7 +946,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
         "time: model load {load_s:.3}s, sampling and decoding {sample_s:.3}s, reranking {rerank_s:.3}s, writing {:.3}s",
         t_write.elapsed().as_secs_f64()
     );
-    eprintln!("{} images in {:.1}s on {:?}{how}", samples.len(), t0.elapsed().as_secs_f64(), device);
+    eprintln!(
+        "{} image{} in {:.1}s on {}{how}",
+        samples.len(),
+        if samples.len() == 1 { "" } else { "s" },
+        t0.elapsed().as_secs_f64(),
+        tessera::device_name(device)
+    );
     Ok(())
 }
 
