@@ -365,7 +365,7 @@ impl WorkerState {
                     image_size: model.config.dvae.image_size,
                     grid: model.config.grid_size(),
                     text_len: model.config.text.text_len,
-                    device: if device.is_cuda() { "CUDA".into() } else { "CPU".into() },
+                    device: crate::device_name(device),
                     dtype: if device.is_cuda() { "bf16".into() } else { "f32".into() },
                     has_reranker: model.reranker.is_some(),
                     params: crate::params::count(&model.config).total as usize,
