@@ -252,39 +252,49 @@ pub struct MaskSet {
     masks: HashMap<AttentionKind, Tensor>,
     /// Plain causal attention as an explicit mask, for static-shape decode steps.
     causal: Tensor,
-    /// Per kind and dtype (f32, bf16), the mask of static-shape decode steps as the additive
-    /// bias the fused kernels take ([L, padded_len(L)]: 0 where a query may attend, −∞
-    /// elsewhere and on the padding keys): a step hands a row of it over as it is, with no
-    /// conversion from boolean and no padding inside the attention call. Empty when
+    /// The kinds the model uses, each once, in the order of its layers: the order of the
+    /// kinds in [`MaskSet::additive`]'s rows.
+    kinds: Vec<AttentionKind>,
+    /// Per dtype (f32, bf16), the masks of static-shape decode steps as the additive bias the
+    /// fused kernels take, every kind's row of a query side by side ([L, kinds · cache_len]:
+    /// 0 where a query may attend, −∞ elsewhere and on the padding keys). A step hands a row
+    /// over as it is, with no conversion from boolean and no padding inside the attention
+    /// call, and selects the rows of all kinds with one call. Empty when
     /// `TESSERA_STATIC_MASKS=bool` asks for boolean rows over an unpadded cache (to measure
     /// the difference).
-    additive: Vec<(AttentionKind, Kind, Tensor)>,
+    additive: Vec<(Kind, Tensor)>,
 }
 
 impl MaskSet {
     pub fn new(kinds: &[AttentionKind], shape: StreamShape, device: Device) -> Self {
         let mut masks = HashMap::new();
+        let mut distinct = Vec::new();
         for &k in kinds {
+            if !distinct.contains(&k) {
+                distinct.push(k);
+            }
             if k != AttentionKind::Full {
                 masks.entry(k).or_insert_with(|| build_mask(k, shape, device));
             }
         }
-        let mut set =
-            Self { shape, device, masks, causal: build_mask(AttentionKind::Full, shape, device), additive: Vec::new() };
-        if std::env::var("TESSERA_STATIC_MASKS").is_ok_and(|v| v == "bool") {
+        let mut set = Self {
+            shape,
+            device,
+            masks,
+            causal: build_mask(AttentionKind::Full, shape, device),
+            kinds: distinct,
+            additive: Vec::new(),
+        };
+        if std::env::var("TESSERA_STATIC_MASKS").is_ok_and(|v| v == "bool") || set.kinds.is_empty() {
             return set;
         }
-        let (l, lp) = (shape.seq_len() as i64, padded_len(shape.seq_len()) as i64);
-        for &kind in kinds {
-            if set.additive.iter().any(|(k, _, _)| *k == kind) {
-                continue;
-            }
-            let allowed = set.with_mask(kind, |m| hide_padding(m, lp as usize));
-            for dtype in [Kind::Float, Kind::BFloat16] {
-                let bias =
-                    Tensor::zeros([l, lp], (dtype, device)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
-                set.additive.push((kind, dtype, bias));
-            }
+        let lp = padded_len(shape.seq_len());
+        let allowed: Vec<Tensor> = set.kinds.iter().map(|&kind| set.with_mask(kind, |m| hide_padding(m, lp))).collect();
+        let allowed = Tensor::cat(&allowed, 1);
+        for dtype in [Kind::Float, Kind::BFloat16] {
+            let bias =
+                Tensor::zeros(allowed.size(), (dtype, device)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+            set.additive.push((dtype, bias));
         }
         set
     }
@@ -304,28 +314,55 @@ impl MaskSet {
         }
     }
 
+    /// The additive bias table of `dtype`, if one was built.
+    fn bias_table(&self, dtype: Kind) -> Option<&Tensor> {
+        self.additive.iter().find(|(d, _)| *d == dtype).map(|(_, t)| t)
+    }
+
+    /// `kind`'s row of rows from [`MaskSet::static_rows_at`] (or of any rows of a bias table:
+    /// every kind's side by side).
+    pub fn kind_row(&self, rows: &Tensor, kind: AttentionKind) -> Option<Mask> {
+        let i = self.kinds.iter().position(|&k| k == kind)?;
+        let lc = self.cache_len() as i64;
+        Some(Mask::Explicit(rows.view([-1, self.kinds.len() as i64, lc]).select(1, i as i64)))
+    }
+
     /// The mask of a static-shape decode step: query `pos` over every key of the cache
     /// (`[1, cache_len]`), for attention computed in `dtype`. Keys past `pos` are masked, so the
     /// cache positions not yet written (and the padding) are never read, and every step has the
     /// same shapes whatever `pos` is. An additive bias in `dtype` when one was built for it,
     /// else boolean.
     pub fn static_row(&self, kind: AttentionKind, pos: usize, dtype: Kind) -> Mask {
-        self.with_static_table(kind, dtype, |m| Mask::Explicit(m.narrow(0, pos as i64, 1)))
-    }
-
-    /// [`MaskSet::static_row`] at the stream position held by `pos` (an Int64 tensor [1] on the
-    /// device): the same row, chosen on the device, so a captured CUDA graph replays it for
-    /// whatever position the tensor holds then.
-    pub fn static_row_at(&self, kind: AttentionKind, pos: &Tensor, dtype: Kind) -> Mask {
-        self.with_static_table(kind, dtype, |m| Mask::Explicit(m.index_select(0, pos)))
-    }
-
-    /// The [L, cache_len] table static rows are taken from: the additive bias of (`kind`,
-    /// `dtype`), or the boolean mask padded with hidden keys when there is none.
-    fn with_static_table<R>(&self, kind: AttentionKind, dtype: Kind, f: impl FnOnce(&Tensor) -> R) -> R {
-        if let Some((_, _, bias)) = self.additive.iter().find(|(k, d, _)| *k == kind && *d == dtype) {
-            return f(bias);
+        if let Some(m) = self.bias_table(dtype).and_then(|t| self.kind_row(&t.narrow(0, pos as i64, 1), kind)) {
+            return m;
         }
+        self.with_bool_table(kind, |m| Mask::Explicit(m.narrow(0, pos as i64, 1)))
+    }
+
+    /// [`MaskSet::static_row`] of the image token whose index the Int64 tensor `j` [1] holds
+    /// on the device (stream position `text_len + 1 + j`): the same row, chosen on the device,
+    /// so a captured CUDA graph replays it for whatever index the tensor holds then.
+    pub fn static_row_at(&self, kind: AttentionKind, j: &Tensor, dtype: Kind) -> Mask {
+        if let Some(m) = self.static_rows_at(j, dtype).and_then(|rows| self.kind_row(&rows, kind)) {
+            return m;
+        }
+        self.with_bool_table(kind, |m| Mask::Explicit(self.image_rows(m).index_select(0, j)))
+    }
+
+    /// The rows of every kind at the image index `j` (as [`MaskSet::static_row_at`]) with one
+    /// selection, for [`MaskSet::kind_row`]; `None` where `dtype` has no bias table.
+    pub fn static_rows_at(&self, j: &Tensor, dtype: Kind) -> Option<Tensor> {
+        self.bias_table(dtype).map(|t| self.image_rows(t).index_select(0, j))
+    }
+
+    /// The rows of a table for the image tokens' queries (stream positions from `text_len + 1`).
+    fn image_rows(&self, table: &Tensor) -> Tensor {
+        let first = self.shape.text_len as i64 + 1;
+        table.narrow(0, first, table.size()[0] - first)
+    }
+
+    /// The boolean [L, cache_len] mask of `kind`, padded with hidden keys to the cache.
+    fn with_bool_table<R>(&self, kind: AttentionKind, f: impl FnOnce(&Tensor) -> R) -> R {
         let lc = self.cache_len();
         self.with_mask(kind, |m| if lc == self.shape.seq_len() { f(m) } else { f(&hide_padding(m, lc)) })
     }
@@ -390,6 +427,9 @@ pub struct KvCache {
     caption_groups: Vec<(i64, i64)>,
     /// The weights packed for CPU decode steps, when the model's are f32 on the CPU.
     panels: Option<DecodePanels>,
+    /// Row plus column embedding of every image position [grid², d], summed once for a
+    /// sampling run: a decode step adds one row of it to its token's embedding.
+    image_positions: Option<Tensor>,
 }
 
 /// A transformer's weights packed for CPU decode steps ([`PackedLinear`]), held by a sampling
@@ -417,7 +457,17 @@ impl KvCache {
             len: 0,
             caption_groups: Vec::new(),
             panels: None,
+            image_positions: None,
         }
+    }
+
+    /// The summed row and column embeddings of the image positions, when the model set them.
+    pub fn image_positions(&self) -> Option<&Tensor> {
+        self.image_positions.as_ref()
+    }
+
+    pub(crate) fn set_image_positions(&mut self, table: Tensor) {
+        self.image_positions = Some(table);
     }
 
     /// The packed weights decode steps multiply by, if any.
@@ -535,10 +585,11 @@ pub enum CacheUse<'a> {
     /// shapes; the mask must hide the positions not yet written, as
     /// [`MaskSet::static_row`] does).
     Whole,
-    /// One position, written where the Int64 tensor [1] says (the stream position, held on the
-    /// device); attention over the whole cache. No host value enters the step, so a CUDA graph
-    /// of it replays at every position.
-    WholeAt(&'a Tensor),
+    /// One image token, whose index the Int64 tensor [1] holds on the device, written at stream
+    /// position `first + index` (`first`: the stream position of image token 0); attention over
+    /// the whole cache. No host value enters the step, so a CUDA graph of it replays at every
+    /// position.
+    WholeAt(&'a Tensor, usize),
 }
 
 /// Multi-head self-attention with a fused kernel.
@@ -611,8 +662,9 @@ impl Attention {
                 // keys and values, [2, B, H, n, D], written with one copy
                 let new_kv = qkv.narrow(0, 1, 2);
                 let kv = &mut c.kv[layer];
-                if let CacheUse::WholeAt(pos) = keys {
-                    let _ = kv.index_copy_(3, pos, &new_kv);
+                if let CacheUse::WholeAt(j, first) = keys {
+                    let (first, len) = (first as i64, kv.size()[3]);
+                    let _ = kv.narrow(3, first, len - first).index_copy_(3, j, &new_kv);
                 } else {
                     kv.narrow(3, start as i64, n).copy_(&new_kv);
                 }

@@ -47,6 +47,12 @@ pub struct ConfigBench {
     /// `sample_bytes_per_step` per step time, against the measured read bandwidth.
     pub sample_bandwidth_utilisation: f64,
     pub decode_ms_per_image: f64,
+    /// ATen operations one decode step calls from Rust (a middle step; with static decoding,
+    /// the step a CUDA graph captures, run eagerly).
+    pub sample_ops_per_step: usize,
+    /// Of those and what they call, the operations that do work (no views, no allocations):
+    /// on a GPU about the kernels a step launches ([`crate::shim::working_ops`]).
+    pub sample_kernels_per_step: usize,
     pub train_batch: usize,
     pub train_tokens_per_s: f64,
     pub train_ms_per_step: f64,
@@ -232,6 +238,7 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
     for _ in 0..opts.runs {
         run(true)?;
     }
+    let (sample_ops_per_step, sample_kernels_per_step) = step_ops(net, &text, b)?;
     let t_sample = median(sample_times.clone());
     let t_both = median(sample_times.iter().zip(&decode_times).map(|(a, b)| a + b).collect());
     let tokens = (b * image_len) as f64;
@@ -292,6 +299,8 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
         sample_bytes_per_step: bytes,
         sample_bandwidth_utilisation: bytes / (t_sample / image_len as f64) / (gbps * 1e9),
         decode_ms_per_image: 1e3 * median(decode_times) / b as f64,
+        sample_ops_per_step,
+        sample_kernels_per_step,
         train_batch: tb,
         train_tokens_per_s: (tb * cfg.seq_len()) as f64 / t_train,
         train_ms_per_step: if tb == 0 { 0.0 } else { 1e3 * t_train },
@@ -302,6 +311,23 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
         train_ms_per_step_unfused: 1e3 * t_unfused,
         optimizer_ms_per_step_unfused: 1e3 * t_optim_unfused,
     })
+}
+
+/// The ATen operations of one middle decode step of a batch of `b` rows of `text`: those
+/// called from Rust, and those that do work ([`crate::shim::working_ops`]). With static decode
+/// steps, the step with positions on the device (what a CUDA graph captures) run eagerly.
+pub fn step_ops(net: &crate::transformer::Transformer, text: &Tensor, b: usize) -> Result<(usize, usize)> {
+    let mut sampler = Sampler::new(net, text, None, &batch_seeds(1, b), &SampleOptions::default())?;
+    if net.static_decode() {
+        sampler = sampler.with_device_positions();
+    }
+    for _ in 0..2 {
+        let _ = sampler.step();
+    }
+    let (_, calls) = crate::shim::record_ops(|| sampler.step())?;
+    let top = calls.iter().filter(|c| c.depth == 0).count();
+
+    Ok((top, crate::shim::working_ops(&calls).len()))
 }
 
 /// Runs the benchmark and returns its report.

@@ -136,10 +136,9 @@ pub struct Progress {
 /// Decode steps driven by positions held on the device (see the module notes).
 #[derive(Debug)]
 struct Counted {
-    /// Image index of the token the next step draws, Int64 [1].
+    /// Image index of the token the next step draws, Int64 [1]; also the column of the
+    /// uniforms it reads.
     j: Tensor,
-    /// Column of the uniforms that step reads, Int64 [1].
-    k: Tensor,
     /// The captured step, replayed for every later one.
     graph: Option<CudaGraph>,
     /// Capture the step once it has run eagerly (CUDA only).
@@ -163,8 +162,9 @@ pub struct Sampler<'a> {
     model: &'a Transformer,
     cache: crate::attention::KvCache,
     opts: SampleOptions,
-    /// Every uniform the run will draw, [B, steps] f64 on the device: row b is the stream of
-    /// sample b's seed, one per step, made once up front so that no step copies from the host.
+    /// Every uniform the run will draw, [B, I] f64 on the device: row b is the stream of
+    /// sample b's seed, one per step, made once up front so that no step copies from the host;
+    /// the token at image index j reads column j (the columns of a given prefix are unused).
     uniforms: Tensor,
     tokens: Tensor,
     logits: Option<Tensor>,
@@ -238,13 +238,13 @@ impl<'a> Sampler<'a> {
         } else {
             None
         };
-        let steps = image_len - p;
-        let mut u = Vec::with_capacity(b * steps);
+        let mut u = Vec::with_capacity(b * image_len);
         for &s in seeds {
             let mut r = SeedRng::new(s);
-            u.extend((0..steps).map(|_| r.next_f64()));
+            u.extend(std::iter::repeat_n(0.0, p));
+            u.extend((p..image_len).map(|_| r.next_f64()));
         }
-        let uniforms = Tensor::from_slice(&u).view([b as i64, steps as i64]).to_device(dev);
+        let uniforms = Tensor::from_slice(&u).view([b as i64, image_len as i64]).to_device(dev);
         let mut s = Self {
             model,
             cache,
@@ -273,8 +273,7 @@ impl<'a> Sampler<'a> {
         let dev = self.model.device();
         let at = |v: usize| Tensor::from_slice(&[v as i64]).to_device(dev);
         if self.pos == self.prefix {
-            self.counted =
-                Some(Counted { j: at(self.pos), k: at(0), graph: None, capture: false, warmed: false, _stream: None });
+            self.counted = Some(Counted { j: at(self.pos), graph: None, capture: false, warmed: false, _stream: None });
         }
         self
     }
@@ -301,7 +300,7 @@ impl<'a> Sampler<'a> {
             return Tensor::zeros([0], (Kind::Int64, self.tokens.device()));
         };
         let b = self.tokens.size()[0];
-        let u = self.uniforms.index_select(1, &c.k);
+        let u = self.uniforms.index_select(1, &c.j);
         let greedy = self.opts.temperature == 0.0;
         let tok = draw_with(&filter_logits(&self.mix(logits), &self.opts), &u, greedy);
         let _ = self.tokens.index_copy_(1, &c.j, &tok.view([b, 1]));
@@ -319,7 +318,6 @@ impl<'a> Sampler<'a> {
         let next = self.model.decode_step_at(&mut self.cache, &feed, &c.j);
         logits.shallow_clone().copy_(&next);
         let _ = c.j.shallow_clone().g_add_scalar_(1);
-        let _ = c.k.shallow_clone().g_add_scalar_(1);
     }
 
     /// [`Sampler::step`] with device-held positions: eager, captured, or replayed.
@@ -399,7 +397,7 @@ impl<'a> Sampler<'a> {
         let b = self.tokens.size()[0];
         let logits = self.mix(&logits);
         let greedy = self.opts.temperature == 0.0;
-        let u = self.uniforms.narrow(1, (self.pos - self.prefix) as i64, 1);
+        let u = self.uniforms.narrow(1, self.pos as i64, 1);
         let tok = tch::no_grad(|| draw_with(&filter_logits(&logits, &self.opts), &u, greedy));
         let j = self.pos;
         self.tokens.narrow(1, j as i64, 1).copy_(&tok.view([b, 1]));

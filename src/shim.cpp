@@ -9,13 +9,16 @@
 // exceptions and returns them as a message (malloc'd; free with tessera_free_message), or
 // null on success.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include "ffi.h"
 
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -256,6 +259,32 @@ void load_cuda_once() {
 
 char *unavailable() { return message("CUDA graphs unavailable: " + cuda().note); }
 
+// ---- the ATen operations a piece of work calls (how many kernels a step launches) ----
+
+// One recording on one thread: each operation's name and how deep it was called (0: by us;
+// 1: by an operation of depth 0, as `linear` calls `addmm`).
+struct OpRecording {
+  at::CallbackHandle handle = 0;
+  std::string lines;
+  int depth = 0;
+};
+
+thread_local OpRecording *recording = nullptr;
+
+std::unique_ptr<at::ObserverContext> op_enter(const at::RecordFunction &fn) {
+  if (recording != nullptr) {
+    recording->lines += std::to_string(recording->depth) + " " + fn.name() + "\n";
+    recording->depth += 1;
+  }
+  return nullptr;
+}
+
+void op_leave(const at::RecordFunction &, at::ObserverContext *) {
+  if (recording != nullptr && recording->depth > 0) {
+    recording->depth -= 1;
+  }
+}
+
 } // namespace
 
 extern "C" {
@@ -339,6 +368,33 @@ char *tessera_graph_end(void *g) {
 char *tessera_graph_replay(void *g) {
   const auto &s = cuda();
   return s.graph_replay != nullptr ? s.graph_replay(g) : unavailable();
+}
+
+// Starts recording the ATen operations this thread calls (one recording at a time per thread).
+char *tessera_ops_begin() {
+  return guarded([&] {
+    if (recording != nullptr) {
+      throw std::runtime_error("operations are already being recorded on this thread");
+    }
+    auto r = std::make_unique<OpRecording>();
+    r->handle = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(op_enter, op_leave).scopes({at::RecordScope::FUNCTION}));
+    recording = r.release();
+  });
+}
+
+// Ends this thread's recording; `*out` receives its lines ("DEPTH NAME\n" per operation,
+// malloc'd; free with tessera_free_message).
+char *tessera_ops_end(char **out) {
+  return guarded([&] {
+    if (recording == nullptr) {
+      throw std::runtime_error("no recording of operations on this thread");
+    }
+    std::unique_ptr<OpRecording> r(recording);
+    recording = nullptr;
+    at::removeCallback(r->handle);
+    *out = message(r->lines);
+  });
 }
 
 char *tessera_graph_free(void *g) {

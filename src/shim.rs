@@ -42,6 +42,8 @@ unsafe extern "C" {
     fn tessera_graph_end(g: *mut c_void) -> *mut c_char;
     fn tessera_graph_replay(g: *mut c_void) -> *mut c_char;
     fn tessera_graph_free(g: *mut c_void) -> *mut c_char;
+    fn tessera_ops_begin() -> *mut c_char;
+    fn tessera_ops_end(out: *mut *mut c_char) -> *mut c_char;
 }
 
 /// Turns the shim's returned message (null = success) into a result.
@@ -165,6 +167,135 @@ pub fn cuda_libraries() -> CudaLibraries {
         if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
     };
     CudaLibraries { loaded: loaded != 0, registered: registered != 0, graphs: graphs != 0, note }
+}
+
+/// One ATen operation that [`record_ops`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpCall {
+    /// 0 for an operation called from Rust, 1 for one that such an operation called, and so on.
+    pub depth: usize,
+    /// libtorch's name, as `aten::addmm`.
+    pub name: String,
+}
+
+/// Runs `f` and returns what it returned with the ATen operations it called on this thread, in
+/// order (libtorch's record-function hooks; nothing is recorded on other threads). On a GPU
+/// nearly every operation of depth 0 that is not a view launches a kernel, so this counts the
+/// launches of a step on any device. Recordings do not nest.
+pub fn record_ops<R>(f: impl FnOnce() -> R) -> Result<(R, Vec<OpCall>)> {
+    /// Ends the recording if `f` unwinds, so that the thread can record again.
+    struct Recording(bool);
+    impl Recording {
+        fn end(&mut self) -> Result<String> {
+            self.0 = false;
+            let mut out = std::ptr::null_mut();
+            // SAFETY: `out` receives a malloc'd NUL-terminated string on success, freed here.
+            check("recording operations", unsafe { tessera_ops_end(&mut out) })?;
+            if out.is_null() {
+                return Ok(String::new());
+            }
+            // SAFETY: as above; freed once.
+            Ok(unsafe {
+                let s = CStr::from_ptr(out).to_string_lossy().into_owned();
+                tessera_free_message(out);
+                s
+            })
+        }
+    }
+    impl Drop for Recording {
+        fn drop(&mut self) {
+            if self.0 {
+                let _ = self.end();
+            }
+        }
+    }
+    // SAFETY: no arguments; the message, if any, is freed by `check`.
+    check("recording operations", unsafe { tessera_ops_begin() })?;
+    let mut recording = Recording(true);
+    let r = f();
+    let text = recording.end()?;
+    let calls = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(d, n)| OpCall { depth: d.parse().unwrap_or(0), name: n.to_string() })
+        .collect();
+    Ok((r, calls))
+}
+
+/// Operations that only make a new view of a tensor, an uninitialised one, or nothing: no work.
+const NO_WORK: &[&str] = &[
+    "aten::view",
+    "aten::_reshape_alias",
+    "aten::_unsafe_view",
+    "aten::as_strided",
+    "aten::narrow",
+    "aten::slice",
+    "aten::select",
+    "aten::squeeze",
+    "aten::unsqueeze",
+    "aten::transpose",
+    "aten::permute",
+    "aten::expand",
+    "aten::expand_as",
+    "aten::view_as",
+    "aten::flatten",
+    "aten::unflatten",
+    "aten::t",
+    "aten::detach",
+    "aten::alias",
+    "aten::lift_fresh",
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::empty_like",
+    "aten::resize_",
+    "aten::unbind",
+    "aten::split",
+    "aten::chunk",
+    "aten::result_type",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::_has_compatible_shallow_copy_type",
+];
+
+/// Operations that do their work by calling others (which the recording shows under them).
+const COMPOSITE: &[&str] = &[
+    "aten::linear",
+    "aten::matmul",
+    "aten::embedding",
+    "aten::layer_norm",
+    "aten::scaled_dot_product_attention",
+    "aten::clone",
+    "aten::_to_copy",
+    "aten::to",
+    "aten::contiguous",
+    "aten::reshape",
+    "aten::softmax",
+    "aten::log_softmax",
+    "aten::dropout",
+    "aten::repeat",
+    "aten::masked_fill",
+    "aten::zeros",
+    "aten::zeros_like",
+    "aten::full",
+    "aten::full_like",
+    "aten::ones_like",
+    "aten::new_zeros",
+];
+
+/// The operations of a recording that launch work: neither views, allocations, nor composites
+/// that only call others (a composite such as `linear` counts as the `addmm` it calls), nor an
+/// overload that calls its namesake (`add` of a scalar calling `add` of a tensor). On a GPU each
+/// is about one kernel launch.
+pub fn working_ops(calls: &[OpCall]) -> Vec<&OpCall> {
+    calls
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| {
+            let wrapper = calls.get(i + 1).is_some_and(|n| n.depth == c.depth + 1 && n.name == c.name);
+            !wrapper && !NO_WORK.contains(&c.name.as_str()) && !COMPOSITE.contains(&c.name.as_str())
+        })
+        .map(|(_, c)| c)
+        .collect()
 }
 
 /// Whether CUDA graphs can be captured: the CUDA half of the shim was built and loaded (a GPU

@@ -246,7 +246,8 @@ impl Transformer {
     }
 
     /// Runs the blocks over positions `start..start+n` (embedded in `x`), or over the one
-    /// position that `at` holds on the device (an Int64 tensor [1]; `start` is then unused).
+    /// image token whose index `at` holds on the device (an Int64 tensor [1]; `start` is then
+    /// unused).
     // The residual sums stay out of place: autograd needs the block inputs unchanged.
     #[allow(clippy::assign_op_pattern)]
     fn run(
@@ -262,7 +263,7 @@ impl Transformer {
             x = x.dropout(self.dropout, true);
         }
         let keys = match at {
-            Some(pos) => CacheUse::WholeAt(pos),
+            Some(j) => CacheUse::WholeAt(j, self.cfg.text.text_len + 1),
             None if self.decode == DecodeMode::Static && n == 1 && cache.is_some() => CacheUse::Whole,
             None => CacheUse::Written,
         };
@@ -273,12 +274,20 @@ impl Transformer {
         // one mask per attention kind, shared by the layers of that kind (a decode step selects
         // each row once, not once per layer)
         let mut masks: Vec<(AttentionKind, Mask)> = Vec::with_capacity(3);
+        // at a device-held image index, every kind's row with one selection
+        let rows = match keys {
+            CacheUse::WholeAt(j, _) => self.masks.static_rows_at(j, self.cache_kind()),
+            _ => None,
+        };
         for (i, blk) in self.blocks.iter().enumerate() {
             let m = match masks.iter().position(|(k, _)| *k == blk.kind) {
                 Some(m) => m,
                 None => {
                     let mask = match keys {
-                        CacheUse::WholeAt(pos) => self.masks.static_row_at(blk.kind, pos, self.cache_kind()),
+                        CacheUse::WholeAt(j, _) => rows
+                            .as_ref()
+                            .and_then(|r| self.masks.kind_row(r, blk.kind))
+                            .unwrap_or_else(|| self.masks.static_row_at(blk.kind, j, self.cache_kind())),
                         CacheUse::Whole => self.masks.static_row(blk.kind, start, self.cache_kind()),
                         CacheUse::Written if n == 1 && sparse && blk.kind != AttentionKind::Full => {
                             self.masks.blocks(blk.kind, start)
@@ -364,6 +373,11 @@ impl Transformer {
             self.cache_kind(),
             self.device(),
         );
+        // every image position's row plus column embedding, summed once for the run
+        let g = self.cfg.grid_size() as i64;
+        let table = tch::no_grad(|| (self.row_emb.ws.unsqueeze(1) + self.col_emb.ws.unsqueeze(0)).flatten(0, 1));
+        debug_assert_eq!(table.size()[0], g * g);
+        cache.set_image_positions(table);
         if self.compute.is_none() && kernels::applies(self.device(), self.cache_kind()) {
             // without panels (a weight the kernels refuse), steps use libtorch's products
             cache.set_panels(tch::no_grad(|| self.panels()).ok());
@@ -406,7 +420,11 @@ impl Transformer {
     pub fn decode_step(&self, cache: &mut KvCache, token: &Tensor, j: usize) -> Tensor {
         let start = self.cfg.text.text_len + 1 + j;
         debug_assert_eq!(cache.len(), start);
-        let x = self.embed_image(&token.view([-1, 1]), j);
+        let ids = token.view([-1, 1]);
+        let x = match cache.image_positions() {
+            Some(t) => self.image_emb.forward(&ids) + t.get(j as i64),
+            None => self.embed_image(&ids, j),
+        };
         let h = self.run(x, start, Some(cache), false, None);
         self.image_logits(cache, &h.squeeze_dim(1))
     }
@@ -416,9 +434,12 @@ impl Transformer {
     /// position. Attention runs over the whole cache (static shapes) whatever
     /// [`Transformer::set_decode_mode`] says; the cache's host-side length is not advanced.
     pub fn decode_step_at(&self, cache: &mut KvCache, token: &Tensor, j: &Tensor) -> Tensor {
-        let x = self.embed_image_at(&token.view([-1, 1]), j);
-        let pos = j + (self.cfg.text.text_len + 1) as i64;
-        let h = self.run(x, 0, Some(cache), false, Some(&pos));
+        let ids = token.view([-1, 1]);
+        let x = match cache.image_positions() {
+            Some(t) => self.image_emb.forward(&ids) + t.index_select(0, j).unsqueeze(0),
+            None => self.embed_image_at(&ids, j),
+        };
+        let h = self.run(x, 0, Some(cache), false, Some(j));
         self.image_logits(cache, &h.squeeze_dim(1))
     }
 

@@ -391,3 +391,55 @@ fn few_row_products_equal_a_double_precision_reference() {
         }
     }
 }
+
+#[test]
+fn recorded_operations_name_the_work_they_launch() {
+    use tessera::shim::{record_ops, working_ops};
+    let a = Tensor::ones([3, 4], (Kind::Float, Device::Cpu));
+    let b = Tensor::ones([4, 2], (Kind::Float, Device::Cpu));
+    let c = Tensor::ones([3, 2], (Kind::Float, Device::Cpu));
+    let (y, calls) = record_ops(|| (a.matmul(&b) + &c).transpose(0, 1)).unwrap();
+    assert_eq!(Vec::<f32>::try_from(y.flatten(0, -1)).unwrap(), vec![5.0; 6]);
+    let top: Vec<&str> = calls.iter().filter(|c| c.depth == 0).map(|c| c.name.as_str()).collect();
+    assert_eq!(top, ["aten::matmul", "aten::add", "aten::transpose"], "{calls:?}");
+    // the product is counted as the kernel `matmul` calls, the view not at all
+    let work: Vec<&str> = working_ops(&calls).iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(work, ["aten::mm", "aten::add"], "{calls:?}");
+    // recordings do not nest, and one that unwinds leaves the thread free to record again
+    let nested = record_ops(|| record_ops(|| a.sum(Kind::Float)).map(|_| ())).unwrap().0;
+    assert!(nested.is_err());
+    let unwound = std::panic::catch_unwind(|| record_ops(|| panic!("inside")));
+    assert!(unwound.is_err());
+    let (_, again) = record_ops(|| a.sum(Kind::Float)).unwrap();
+    assert!(again.iter().any(|c| c.depth == 0 && c.name == "aten::sum"), "{again:?}");
+}
+
+#[test]
+fn a_device_held_step_calls_the_same_operations_at_every_position() {
+    // what a CUDA graph captures must not depend on the position: the same operations on the
+    // same shapes at every step (every kind's mask row chosen with one selection)
+    use tessera::shim::{record_ops, working_ops};
+    for kind in [Some(AttentionKind::Full), None] {
+        let mut model = tiny_model(kind, 3);
+        model.transformer.net.set_decode_mode(DecodeMode::Static);
+        model.set_dtype(Kind::BFloat16).unwrap(); // libtorch's operations (no CPU panel kernels)
+        let net = &model.transformer.net;
+        let (text, _) = random_batch(&model, 2, 5);
+        let mut s = Sampler::new(net, &text, None, &batch_seeds(1, 2), &SampleOptions::default())
+            .unwrap()
+            .with_device_positions();
+        let mut steps = Vec::new();
+        for _ in 0..4 {
+            let (_, calls) = record_ops(|| s.step()).unwrap();
+            steps.push(calls.into_iter().map(|c| (c.depth, c.name)).collect::<Vec<_>>());
+        }
+        for (i, st) in steps.iter().enumerate().skip(1) {
+            assert_eq!(st, &steps[0], "{kind:?}: step {i} calls other operations than step 0");
+        }
+        let calls: Vec<tessera::shim::OpCall> =
+            steps[0].iter().map(|(d, n)| tessera::shim::OpCall { depth: *d, name: n.clone() }).collect();
+        let selects = working_ops(&calls).iter().filter(|c| c.name == "aten::index_select").count();
+        // the uniforms, the token embedding, the position table and the mask rows: one each
+        assert_eq!(selects, 4, "{kind:?}: {calls:?}");
+    }
+}
