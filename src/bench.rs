@@ -319,7 +319,7 @@ fn bench_config(cfg: &Config, opts: &BenchOptions, peak_gflops: f64, gbps: f64) 
 pub fn step_ops(net: &crate::transformer::Transformer, text: &Tensor, b: usize) -> Result<(usize, usize)> {
     let mut sampler = Sampler::new(net, text, None, &batch_seeds(1, b), &SampleOptions::default())?;
     if net.static_decode() {
-        sampler = sampler.with_device_positions();
+        sampler = sampler.with_device_positions().without_capture();
     }
     for _ in 0..2 {
         let _ = sampler.step();

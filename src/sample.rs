@@ -272,8 +272,17 @@ impl<'a> Sampler<'a> {
     pub fn with_device_positions(mut self) -> Self {
         let dev = self.model.device();
         let at = |v: usize| Tensor::from_slice(&[v as i64]).to_device(dev);
-        if self.pos == self.prefix {
+        if self.pos == self.prefix && self.counted.is_none() {
             self.counted = Some(Counted { j: at(self.pos), graph: None, capture: false, warmed: false, _stream: None });
+        }
+        self
+    }
+
+    /// Runs the device-held steps eagerly, never capturing them (on CUDA, on the side stream
+    /// the run began on): to look at the work a capture would hold.
+    pub fn without_capture(mut self) -> Self {
+        if let Some(c) = &mut self.counted {
+            c.capture = false;
         }
         self
     }

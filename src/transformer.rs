@@ -354,7 +354,7 @@ impl Transformer {
 
     /// The dtype of the cache and of the attention in sampling: the compute precision, or the
     /// weights'.
-    fn cache_kind(&self) -> Kind {
+    pub fn cache_kind(&self) -> Kind {
         self.compute.unwrap_or(self.text_head.ws.kind())
     }
 

@@ -352,8 +352,10 @@ impl WorkerState {
                 ModelSource::Dir(d) => Model::load(d, device)?,
                 ModelSource::Random(p) => Model::random_init(&crate::Config::preset(p)?, device, 0)?,
             };
-            if device.is_cuda() {
-                m.set_dtype(Kind::BFloat16)?;
+            // as `generate --dtype auto` samples, so that a seed draws the same picture in both
+            let kind = crate::parse_dtype("auto", device)?;
+            if kind != Kind::Float {
+                m.set_dtype(kind)?;
             }
             Ok(m)
         }));
@@ -366,7 +368,7 @@ impl WorkerState {
                     grid: model.config.grid_size(),
                     text_len: model.config.text.text_len,
                     device: crate::device_name(device),
-                    dtype: if device.is_cuda() { "bf16".into() } else { "f32".into() },
+                    dtype: crate::compute_name(Some(model.transformer.net.cache_kind())).into(),
                     has_reranker: model.reranker.is_some(),
                     params: crate::params::count(&model.config).total as usize,
                     tokenizer: Arc::new(model.tokenizer.clone()),
