@@ -325,6 +325,9 @@ pub fn step_ops(net: &crate::transformer::Transformer, text: &Tensor, b: usize) 
         let _ = sampler.step();
     }
     let (_, calls) = crate::shim::record_ops(|| sampler.step())?;
+    if calls.is_empty() {
+        eprintln!("bench: a decode step recorded no operations (this libtorch runs no operation hooks)");
+    }
     let top = calls.iter().filter(|c| c.depth == 0).count();
 
     Ok((top, crate::shim::working_ops(&calls).len()))

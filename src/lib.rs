@@ -119,9 +119,10 @@ pub fn parse_train_dtype(name: &str, device: tch::Device) -> Result<tch::Kind> {
 
 /// Picks the sampling dtype from a name: `f32`, `bf16`, or `auto`: f32 everywhere. On the CPU
 /// the decode kernels are f32; on CUDA, with static-shape steps replayed as graphs, f32 was
-/// measured faster than bf16 (an H200, 64 samples of the default model: 0.72 against 0.96 s of
-/// sampling), the small products of a decode step being launch-bound rather than
-/// compute-bound. `generate` and the app both sample in this dtype.
+/// measured faster than bf16 (an H200, 64 unguided samples of the default model: 0.72 against
+/// 0.96 s of sampling; not yet measured with guidance or on a smaller GPU), the small products
+/// of a decode step being launch-bound rather than compute-bound. `generate` and the app both
+/// sample in this dtype.
 pub fn parse_dtype(name: &str, _device: tch::Device) -> Result<tch::Kind> {
     match name {
         "auto" => Ok(tch::Kind::Float),

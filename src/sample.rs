@@ -317,7 +317,7 @@ impl<'a> Sampler<'a> {
     }
 
     /// One whole step at the device-held position: draw, write, feed the token back, the next
-    /// logits into the logits buffer, both positions advanced. The work a CUDA graph captures.
+    /// logits into the logits buffer, the image index advanced. The work a CUDA graph captures.
     fn counted_body(&mut self) {
         let tok = self.counted_draw();
         let (Some(c), Some(logits)) = (&self.counted, &self.logits) else {

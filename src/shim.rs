@@ -280,6 +280,12 @@ const COMPOSITE: &[&str] = &[
     "aten::full_like",
     "aten::ones_like",
     "aten::new_zeros",
+    "aten::zero_",
+    // the attention back ends that call their kernel as another operation (CUDA's flash and
+    // memory-efficient attention) or only compose others (the math one)
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_attention_math",
 ];
 
 /// The operations of a recording that launch work: neither views, allocations, nor composites
