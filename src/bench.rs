@@ -329,7 +329,6 @@ pub fn step_ops(net: &crate::transformer::Transformer, text: &Tensor, b: usize) 
         eprintln!("bench: a decode step recorded no operations (this libtorch runs no operation hooks)");
     }
     let top = calls.iter().filter(|c| c.depth == 0).count();
-
     Ok((top, crate::shim::working_ops(&calls).len()))
 }
 

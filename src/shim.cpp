@@ -370,6 +370,11 @@ char *tessera_graph_replay(void *g) {
   return s.graph_replay != nullptr ? s.graph_replay(g) : unavailable();
 }
 
+char *tessera_graph_free(void *g) {
+  const auto &s = cuda();
+  return s.graph_free != nullptr ? s.graph_free(g) : nullptr;
+}
+
 // Starts recording the ATen operations this thread calls (one recording at a time per thread).
 char *tessera_ops_begin() {
   return guarded([&] {
@@ -395,11 +400,6 @@ char *tessera_ops_end(char **out) {
     at::removeCallback(r->handle);
     *out = message(r->lines);
   });
-}
-
-char *tessera_graph_free(void *g) {
-  const auto &s = cuda();
-  return s.graph_free != nullptr ? s.graph_free(g) : nullptr;
 }
 
 } // extern "C"

@@ -46,18 +46,25 @@ unsafe extern "C" {
     fn tessera_ops_end(out: *mut *mut c_char) -> *mut c_char;
 }
 
-/// Turns the shim's returned message (null = success) into a result.
-fn check(what: &str, m: *mut c_char) -> Result<()> {
+/// The text of a string the shim malloc'd (a message, a recording), freed here; `None` for null.
+fn take_string(m: *mut c_char) -> Option<String> {
     if m.is_null() {
-        return Ok(());
+        return None;
     }
-    // SAFETY: a non-null message is a NUL-terminated string from malloc, freed here once.
-    let text = unsafe {
+    // SAFETY: a non-null string from the shim is NUL-terminated and from malloc, freed here once.
+    Some(unsafe {
         let s = CStr::from_ptr(m).to_string_lossy().into_owned();
         tessera_free_message(m);
         s
-    };
-    Err(Error::Invalid(format!("{what}: {}", text.lines().next().unwrap_or("failed"))))
+    })
+}
+
+/// Turns the shim's returned message (null = success) into a result.
+fn check(what: &str, m: *mut c_char) -> Result<()> {
+    match take_string(m) {
+        None => Ok(()),
+        Some(text) => Err(Error::Invalid(format!("{what}: {}", text.lines().next().unwrap_or("failed")))),
+    }
 }
 
 fn handles<T: std::borrow::Borrow<Tensor>>(ts: &[T]) -> Vec<Handle> {
@@ -179,9 +186,8 @@ pub struct OpCall {
 }
 
 /// Runs `f` and returns what it returned with the ATen operations it called on this thread, in
-/// order (libtorch's record-function hooks; nothing is recorded on other threads). On a GPU
-/// nearly every operation of depth 0 that is not a view launches a kernel, so this counts the
-/// launches of a step on any device. Recordings do not nest.
+/// order (libtorch's record-function hooks; nothing is recorded on other threads).
+/// [`working_ops`] picks those that launch work. Recordings do not nest.
 pub fn record_ops<R>(f: impl FnOnce() -> R) -> Result<(R, Vec<OpCall>)> {
     /// Ends the recording if `f` unwinds, so that the thread can record again.
     struct Recording(bool);
@@ -189,17 +195,9 @@ pub fn record_ops<R>(f: impl FnOnce() -> R) -> Result<(R, Vec<OpCall>)> {
         fn end(&mut self) -> Result<String> {
             self.0 = false;
             let mut out = std::ptr::null_mut();
-            // SAFETY: `out` receives a malloc'd NUL-terminated string on success, freed here.
+            // SAFETY: `out` receives a malloc'd NUL-terminated string on success.
             check("recording operations", unsafe { tessera_ops_end(&mut out) })?;
-            if out.is_null() {
-                return Ok(String::new());
-            }
-            // SAFETY: as above; freed once.
-            Ok(unsafe {
-                let s = CStr::from_ptr(out).to_string_lossy().into_owned();
-                tessera_free_message(out);
-                s
-            })
+            Ok(take_string(out).unwrap_or_default())
         }
     }
     impl Drop for Recording {
